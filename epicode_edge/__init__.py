@@ -1,0 +1,25 @@
+"""epicode-edge: EpiCoDe (model extrapolation + contrastive decoding) on llama.cpp and MLX.
+
+Public API:
+    extrapolate(finetuned, inferior, mu, out)   the extrapolated HF checkpoint alone
+    convert(finetuned, inferior, out, mu, ...)  a bundle (GGUF and/or MLX and/or HF)
+    load(bundle, backend="auto", ...)           a Runtime with stream(), generate(), chat()
+
+Engines (llama_cpp, mlx) are imported lazily, on first use.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "convert", "extrapolate", "load", "Runtime"]
+
+
+def __getattr__(name):
+    if name in ("convert", "extrapolate"):
+        from .converters import convert as _convert_mod
+
+        return getattr(_convert_mod, name)
+    if name in ("load", "Runtime"):
+        from . import runtime as _runtime
+
+        return getattr(_runtime, name)
+    raise AttributeError(f"module 'epicode_edge' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Applications built on decoding/ and the Runtime: chat, batch, eval, tune, demo."""

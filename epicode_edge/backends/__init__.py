@@ -1,0 +1,1 @@
+"""Engines behind the Backend protocol (base.py): llama.cpp and MLX, imported lazily."""

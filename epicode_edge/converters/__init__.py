@@ -1,0 +1,1 @@
+"""Offline work: read checkpoints, extrapolate, export GGUF / MLX / HF, write bundles."""

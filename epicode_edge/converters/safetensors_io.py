@@ -1,0 +1,194 @@
+"""Safetensors read/write in plain numpy, bfloat16 included (no torch, no ml_dtypes).
+
+bfloat16 tensors travel as uint16 arrays holding the raw bits, tagged "BF16"; `bf16_to_f32` and
+`f32_to_bf16` (round to nearest even, as torch does) convert. Reading is lazy: the header is parsed
+once and each tensor is a view on a read-only memory map, so a tensor costs memory only while used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+# safetensors dtype tag -> numpy storage dtype (BF16 is stored as its raw uint16 bits)
+STORAGE = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "F64": np.dtype("<f8"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+FLOAT_TAGS = ("F32", "F16", "BF16")
+_HEADER_LIMIT = 100 * 1024 * 1024
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bits -> float32 (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> uint16 bfloat16 bits, rounding to nearest even; NaN stays NaN."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
+
+
+def to_f32(array: np.ndarray, tag: str) -> np.ndarray:
+    """A stored tensor (tagged F32/F16/BF16) as float32."""
+    if tag == "BF16":
+        return bf16_to_f32(array)
+    return array.astype(np.float32, copy=False)
+
+
+def from_f32(x: np.ndarray, tag: str) -> np.ndarray:
+    """float32 -> storage array for tag (F32/F16/BF16)."""
+    if tag == "BF16":
+        return f32_to_bf16(x)
+    return x.astype(STORAGE[tag], copy=False)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str  # safetensors tag: "F32", "F16", "BF16", ...
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class SafetensorsFile:
+    """One .safetensors file, opened lazily: header now, tensors on demand (memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: truncated safetensors file (no header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > _HEADER_LIMIT or 8 + n > size:
+                    raise CheckpointError(f"{self.path}: corrupted safetensors header (length {n})")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{self.path}: corrupted safetensors header (not JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupted safetensors header")
+        self.metadata: dict = header.pop("__metadata__", None) or {}
+        base = 8 + n
+        self.entries: dict[str, TensorEntry] = {}
+        for name, h in header.items():
+            try:
+                tag, shape, (s, e) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: corrupted header entry for tensor {name!r}") from None
+            if tag not in STORAGE:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {tag}")
+            count = int(np.prod(shape, dtype=np.int64))
+            if e - s != count * STORAGE[tag].itemsize or s < 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r} byte range does not match its shape")
+            if base + e > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor {name!r} ends at byte {base + e}, file has {size}"
+                )
+            self.entries[name] = TensorEntry(name, tag, shape, base + s, base + e)
+        self._mmap = None
+
+    def _map(self) -> np.memmap:
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._mmap
+
+    def read(self, name: str) -> np.ndarray:
+        """The stored array (read-only view; BF16 as uint16 bits)."""
+        e = self.entries[name]
+        if e.nbytes == 0:
+            return np.zeros(e.shape, dtype=STORAGE[e.dtype])
+        raw = self._map()[e.start : e.end]
+        return raw.view(STORAGE[e.dtype]).reshape(e.shape)
+
+    def close(self) -> None:
+        self._mmap = None
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict | None = None) -> None:
+    """Write {name: (array, tag)} to path. Arrays are storage arrays (BF16 as uint16 bits)."""
+    with SafetensorsWriter(path, [(n, t, a.shape) for n, (a, t) in tensors.items()], metadata) as w:
+        for name, (array, _) in tensors.items():
+            w.write(name, array)
+
+
+class SafetensorsWriter:
+    """Streams tensors into one .safetensors file whose tensor list is known up front.
+
+    Use as a context manager; `write(name, array)` in the declared order. The header is written first,
+    so memory holds one tensor at a time.
+    """
+
+    def __init__(self, path, specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
+        self.path = Path(path)
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        self._order = []
+        for name, tag, shape in specs:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * STORAGE[tag].itemsize
+            header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, tag, tuple(shape), nbytes))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        want, tag, shape, nbytes = self._order[self._next]
+        if name != want:
+            raise ValueError(f"tensor {name!r} written out of order (expected {want!r})")
+        a = np.ascontiguousarray(array, dtype=STORAGE[tag])
+        if a.shape != shape:
+            raise ValueError(f"tensor {name!r}: shape {a.shape} != declared {shape}")
+        self._f.write(a.tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        self._f.close()
+        if self._next != len(self._order):
+            raise ValueError(f"{self.path}: {len(self._order) - self._next} declared tensors never written")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()

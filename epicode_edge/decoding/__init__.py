@@ -1,0 +1,1 @@
+"""Contrastive decoding: pure numpy functions and the streaming loop. Imports no engine."""

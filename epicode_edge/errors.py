@@ -1,0 +1,44 @@
+"""The error hierarchy. Library code raises these; only cli.py turns them into messages.
+
+Every message is one line that names the file, tensor or field at fault.
+"""
+
+
+class EpicodeError(Exception):
+    """Base class of every error epicode-edge raises on purpose."""
+
+
+class InputError(EpicodeError):
+    """A path, file or value given by the user is missing, unreadable or malformed."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint (HF folder or GGUF file) cannot be read or is corrupt."""
+
+
+class MismatchError(EpicodeError):
+    """Two models that must agree (architecture, tensors, tokenizer, vocabulary) do not."""
+
+
+class UnsupportedError(EpicodeError):
+    """An architecture, dtype, quant type or option that is not supported."""
+
+
+class NumericError(EpicodeError):
+    """The extrapolation produced NaN or Inf."""
+
+
+class BundleError(EpicodeError):
+    """A bundle folder is missing, incomplete, or its manifest is invalid."""
+
+
+class ParameterError(EpicodeError, ValueError):
+    """A decoding or conversion parameter is out of range."""
+
+
+class BackendError(EpicodeError):
+    """An engine (llama.cpp, MLX) failed to load a model or to run it."""
+
+
+class ContextFullError(EpicodeError):
+    """The prompt (or prompt plus generation) does not fit the context window."""
