@@ -218,3 +218,64 @@ def make_pair(root: Path, arch: str = "llama", dtype: str = "float32", shards: i
            for n, a in ft.items()}
     return (write_hf(root / "finetuned", cfg, ft, tok, dtype, shards),
             write_hf(root / "inferior", cfg, inf, tok, dtype, shards))
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_lora_adapter(out: Path, base_dir: Path, rank: int = 4, seed: int = 0, alpha: float | None = None,
+                      strength: float = 0.1, target_modules=LORA_TARGETS, dtype: str = "float32",
+                      like: Path | None = None, drift: float = 0.5) -> Path:
+    """One PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for the HF model
+    in base_dir. Each targeted W (out, in) gets dW = (alpha / r) * B @ A with entries about
+    strength * std(W). With `like` (another adapter folder of the same shapes), the new adapter is an
+    "earlier checkpoint" of it: A, B = (1 - drift) * theirs + noise."""
+    from epicode_edge.converters.safetensors_io import SafetensorsFile, to_f32
+
+    out, base_dir = Path(out), Path(base_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((base_dir / "config.json").read_text())
+    alpha = float(2 * rank if alpha is None else alpha)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim", h // cfg["num_attention_heads"])
+    nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"q_proj": (nq, h), "k_proj": (nkv, h), "v_proj": (nkv, h), "o_proj": (h, nq),
+              "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+    group = {m: ("self_attn" if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp") for m in shapes}
+    prev = None
+    if like is not None:
+        f = SafetensorsFile(Path(like) / "adapter_model.safetensors")
+        prev = {n: to_f32(f.read(n), f.entries[n].dtype) for n in f.entries}
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(cfg["num_hidden_layers"]):
+        for m in target_modules:
+            o, n_in = shapes[m]
+            p = f"base_model.model.model.layers.{i}.{group[m]}.{m}"
+            # (r, in) rows of norm ~1; (out, r) sized so that (alpha / r) * B @ A ~ strength / sqrt(in)
+            a = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32)
+            b = (rng.standard_normal((o, rank)) * strength * np.sqrt(rank) / alpha).astype(np.float32)
+            if prev is not None:
+                a = ((1 - drift) * prev[p + ".lora_A.weight"] + drift * a).astype(np.float32)
+                b = ((1 - drift) * prev[p + ".lora_B.weight"] + drift * b).astype(np.float32)
+            tensors[p + ".lora_A.weight"] = a
+            tensors[p + ".lora_B.weight"] = b
+    tag = _TAG[dtype]
+    write_safetensors(out / "adapter_model.safetensors", {n: (from_f32(t, tag), tag) for n, t in tensors.items()},
+                      {"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": list(target_modules), "base_model_name_or_path": str(base_dir), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+    }, indent=2))
+    return out
+
+
+def make_lora_pair(root: Path, base_dir: Path, rank: int = 4, seed: int = 0, **kw) -> tuple[Path, Path]:
+    """(finetuned, inferior) PEFT adapters over one base: root/finetuned, root/inferior, where inferior is
+    an "earlier checkpoint" of finetuned (same targets and rank, drifted weights)."""
+    root = Path(root)
+    ft = make_lora_adapter(root / "finetuned", base_dir, rank=rank, seed=seed, **kw)
+    inf = make_lora_adapter(root / "inferior", base_dir, rank=rank, seed=seed + 1000, like=ft, **kw)
+    return ft, inf
