@@ -116,23 +116,23 @@ class SafetensorsFile:
                     f"{self.path}: truncated: tensor {name!r} ends at byte {base + e}, file has {size}"
                 )
             self.entries[name] = TensorEntry(name, tag, shape, base + s, base + e)
-        self._mmap = None
-
-    def _map(self) -> np.memmap:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mmap
 
     def read(self, name: str) -> np.ndarray:
-        """The stored array (read-only view; BF16 as uint16 bits)."""
+        """The stored array (read-only, memory-mapped; BF16 as uint16 bits).
+
+        Each tensor gets its own map, released when the array is dropped: streaming a checkpoint
+        never keeps more than the tensors in use mapped (RSS stays low, not only private memory).
+        """
         e = self.entries[name]
         if e.nbytes == 0:
             return np.zeros(e.shape, dtype=STORAGE[e.dtype])
-        raw = self._map()[e.start : e.end]
-        return raw.view(STORAGE[e.dtype]).reshape(e.shape)
+        try:
+            return np.memmap(self.path, dtype=STORAGE[e.dtype], mode="r", offset=e.start, shape=e.shape)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({err})") from None
 
     def close(self) -> None:
-        self._mmap = None
+        pass
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict | None = None) -> None:
@@ -174,7 +174,7 @@ class SafetensorsWriter:
         a = np.ascontiguousarray(array, dtype=STORAGE[tag])
         if a.shape != shape:
             raise ValueError(f"tensor {name!r}: shape {a.shape} != declared {shape}")
-        self._f.write(a.tobytes())
+        self._f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")  # no copy of the tensor
         self._next += 1
 
     def close(self) -> None:
