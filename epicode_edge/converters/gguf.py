@@ -1,0 +1,485 @@
+"""HF checkpoint (or GGUF) -> GGUF, streamed, with gguf-py's writer and llama.cpp's own quantizer.
+
+    hf_to_gguf(hf_dir, "model-Q8_0.gguf", quant="Q8_0")          # one folder -> one file
+
+    sink = GGUFSink(out, config=cfg, tensors={name: (shape, "BF16"), ...}, tokenizer_dir=hf_dir, quant="Q4_K_M")
+    for name in tensors:                # any order; one tensor in memory at a time
+        sink.write(name, f32_array)     # HF names, numpy shapes
+    sink.close()                        # or sink.abort() (also on an exception inside `with sink:`)
+
+The header (metadata + tensor infos) is written first, then each tensor's bytes at its planned offset as it
+arrives. Direct types (F32, F16, BF16, Q8_0) are encoded here with gguf.quants, as convert_hf_to_gguf.py
+does; the llama.cpp-only types (Q6_K, Q5_K_M, Q4_K_M, Q4_0) go through an intermediate GGUF in the source
+precision next to the output, then `llama_cpp.llama_model_quantize` (which picks per-tensor types and falls
+back for rows that are not a multiple of the block size, as llama-quantize does). 1-D tensors and norms stay
+F32. Output files appear under their final name only when complete.
+
+`GGUFCopySink` is the same for GGUF inputs: metadata copied from the source GGUF, tensors in GGUF naming.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+import gguf
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType as FT
+
+from epicode_edge.converters.tokenizer_meta import read_tokenizer
+from epicode_edge.errors import BackendError, InputError, UnsupportedError
+
+# HF model_type -> gguf-py architecture. Mistral, Deepseek-LLM and TinyLlama are Llama in llama.cpp.
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA,
+         "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+SUPPORTED_ARCHS = tuple(ARCHS)
+
+# quant -> (file type, tensor type written here; None = written in source precision, then llama.cpp quantizes)
+QUANTS = {
+    "F32": (FT.ALL_F32, Q.F32),
+    "F16": (FT.MOSTLY_F16, Q.F16),
+    "BF16": (FT.MOSTLY_BF16, Q.BF16),
+    "Q8_0": (FT.MOSTLY_Q8_0, Q.Q8_0),
+    "Q6_K": (FT.MOSTLY_Q6_K, None),
+    "Q5_K_M": (FT.MOSTLY_Q5_K_M, None),
+    "Q4_K_M": (FT.MOSTLY_Q4_K_M, None),
+    "Q4_0": (FT.MOSTLY_Q4_0, None),
+}
+SUPPORTED_QUANTS = tuple(QUANTS)
+_SOURCE_TYPE = {"F32": (Q.F32, FT.ALL_F32), "F16": (Q.F16, FT.MOSTLY_F16), "BF16": (Q.BF16, FT.MOSTLY_BF16)}
+_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_quant(quant: str) -> str:
+    """The canonical quant name (case-insensitive), or UnsupportedError listing the supported ones."""
+    q = str(quant).upper()
+    if q not in QUANTS:
+        raise UnsupportedError(f"unknown quant type {quant!r}; supported: {', '.join(SUPPORTED_QUANTS)}")
+    return q
+
+
+def check_arch(config: dict, where: str = "config.json") -> gguf.MODEL_ARCH:
+    arch = config.get("model_type")
+    if arch not in ARCHS:
+        raise UnsupportedError(
+            f"{where}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
+    return ARCHS[arch]
+
+
+# --------------------------------------------------------------------------------------------- sinks
+
+class _StreamingGGUF:
+    """A GGUFWriter whose header is written up front; tensor bytes are then written at their offsets.
+
+    plan: gguf name -> (numpy shape, ggml type) in file order. Subclasses add the metadata.
+    """
+
+    def __init__(self, out_path, arch_name: str, quant: str):
+        self.out_path = Path(out_path)
+        self.quant = check_quant(quant)
+        self.file_type, self.direct_type = QUANTS[self.quant]
+        self._part = self.out_path.with_name(self.out_path.name + ".part")
+        self._inter = self.out_path.with_name(self.out_path.name + ".unquantized.part")
+        self._path = self._inter if self.direct_type is None else self._part
+        self.writer = gguf.GGUFWriter(self._path, arch_name)
+        self.plan: dict[str, tuple[tuple[int, ...], Q]] = {}
+        self._written: set[str] = set()
+        self._offsets: dict[str, int] = {}
+        self._closed = False
+
+    # -- planning
+    def _tensor_type(self, gguf_name: str, shape: tuple[int, ...], source_tag: str) -> Q:
+        """As convert_hf_to_gguf: 1-D tensors and norms F32; else the quant's type, F16 if rows don't fit."""
+        if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+            return Q.F32
+        qtype = self.direct_type if self.direct_type is not None else _SOURCE_TYPE.get(source_tag, _SOURCE_TYPE["F16"])[0]
+        block, _ = gguf.GGML_QUANT_SIZES[qtype]
+        return qtype if shape[-1] % block == 0 else Q.F16
+
+    def _begin(self) -> None:
+        """Write header, metadata and tensor infos; remember where each tensor's bytes go."""
+        w = self.writer
+        ft = self.file_type if self.direct_type is not None else self._intermediate_file_type()
+        w.add_file_type(int(ft))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        offset = 0
+        for name, (shape, qtype) in self.plan.items():
+            nbytes = _nbytes(shape, qtype)
+            w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            self._offsets[name] = offset
+            offset += gguf.GGUFWriter.ggml_pad(nbytes, w.data_alignment)
+        self._data_bytes = offset
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            fout = w.fout[0]
+            w.write_padding(fout, fout.tell())
+            self._data_start = fout.tell()
+        except OSError as e:
+            self.abort()
+            raise InputError(f"{self._path}: cannot write ({e.strerror or e})") from None
+
+    def _intermediate_file_type(self) -> FT:
+        types = {q for _, q in self.plan.values() if q != Q.F32}
+        for q, ft in ((Q.BF16, FT.MOSTLY_BF16), (Q.F16, FT.MOSTLY_F16)):
+            if q in types:
+                return ft
+        return FT.ALL_F32
+
+    # -- data
+    def _write_gguf(self, gguf_name: str, x: np.ndarray) -> None:
+        shape, qtype = self.plan[gguf_name]
+        if gguf_name in self._written:
+            raise InputError(f"tensor {gguf_name!r} written twice to {self.out_path.name}")
+        if tuple(x.shape) != tuple(shape):
+            raise InputError(f"tensor {gguf_name!r}: shape {tuple(x.shape)} != planned {tuple(shape)}")
+        data = gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), qtype)
+        fout = self.writer.fout[0]
+        fout.seek(self._data_start + self._offsets[gguf_name])
+        data.tofile(fout)
+        self._written.add(gguf_name)
+
+    def close(self) -> Path:
+        """Finish the file (quantize with llama.cpp if asked) and move it to its final name."""
+        if self._closed:
+            return self.out_path
+        missing = [n for n in self.plan if n not in self._written]
+        if missing:
+            self.abort()
+            raise InputError(f"{self.out_path.name}: {len(missing)} tensor(s) never written, first {missing[0]!r}")
+        fout = self.writer.fout[0]
+        fout.seek(self._data_start + self._data_bytes)
+        fout.truncate()
+        self.writer.close()
+        try:
+            if self.direct_type is None:
+                llama_quantize(self._inter, self._part, self.file_type)
+                self._inter.unlink()
+            os.replace(self._part, self.out_path)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.out_path
+
+    def abort(self) -> None:
+        """Drop everything written so far (partial files removed; the final name is never created)."""
+        self._closed = True
+        self.writer.close()
+        for p in (self._part, self._inter):
+            p.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+        return False
+
+
+class GGUFSink(_StreamingGGUF):
+    """Streaming HF -> GGUF writer for one model.
+
+    config: the HF config.json dict; tensors: HF name -> (numpy shape, source dtype tag "F32"|"F16"|"BF16") in
+    checkpoint order; tokenizer_dir: the folder with tokenizer.json / tokenizer.model / tokenizer_config.json;
+    quant: one of SUPPORTED_QUANTS. `write(hf_name, f32_array)` once per tensor, in any order; names that GGUF
+    does not keep (lm_head of tied embeddings, rotary inv_freq) are accepted and dropped. `close() -> Path`.
+    """
+
+    def __init__(self, out_path, *, config: dict, tensors: dict, tokenizer_dir, quant: str = "F32",
+                 name: str | None = None):
+        self.config = config
+        self.model_arch = check_arch(config)
+        super().__init__(out_path, gguf.MODEL_ARCH_NAMES[self.model_arch], quant)
+        self.hp = hparams(config)
+        self.tensor_map = gguf.get_tensor_name_map(self.model_arch, self.hp["n_layer"])
+        self.names: dict[str, str | None] = {}  # HF name -> GGUF name (None: dropped)
+        try:
+            extra = self._plan(tensors)
+            add_hparams(self.writer, self.hp, self.model_arch, name)
+            read_tokenizer(tokenizer_dir, self.hp["n_vocab"], config.get("model_type")).add_to(self.writer)
+        except BaseException:
+            self.abort()
+            raise
+        self._begin()
+        for gname, x in extra.items():
+            self._write_gguf(gname, x)
+
+    def _plan(self, tensors: dict) -> dict[str, np.ndarray]:
+        """Map every HF tensor to its GGUF name and type; returns the extra tensors GGUF needs (rope_freqs)."""
+        extra = {}
+        freqs = llama3_rope_factors(self.config, self.hp)
+        if freqs is not None:
+            extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = freqs
+            self.plan[next(iter(extra))] = (freqs.shape, Q.F32)
+        for hf_name, (shape, tag) in tensors.items():
+            gname = self._gguf_name(hf_name)
+            self.names[hf_name] = gname
+            if gname is not None:
+                self.plan[gname] = (tuple(int(d) for d in shape), self._tensor_type(gname, tuple(shape), tag))
+        if not any(n.startswith("token_embd") for n in self.plan):
+            raise InputError("checkpoint has no token embedding tensor (model.embed_tokens.weight)")
+        return extra
+
+    def _gguf_name(self, hf_name: str) -> str | None:
+        if hf_name.endswith(_SKIP_SUFFIXES) or (hf_name == "lm_head.weight" and self.hp["tied"]):
+            return None
+        gname = self.tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise UnsupportedError(
+                f"tensor {hf_name!r} has no GGUF name for architecture {self.config.get('model_type')}")
+        return gname
+
+    def write(self, hf_name: str, x: np.ndarray) -> None:
+        """Write one tensor given by its HF name as a float32 array of its HF shape."""
+        if hf_name not in self.names:
+            raise InputError(f"tensor {hf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
+        gname = self.names[hf_name]
+        if gname is None:
+            return
+        if self.model_arch == gguf.MODEL_ARCH.LLAMA:
+            x = self._llama_permute(hf_name, x)
+        self._write_gguf(gname, x)
+
+    def _llama_permute(self, hf_name: str, x: np.ndarray) -> np.ndarray:
+        """q/k rows reordered from HF's rotate-half layout to llama.cpp's interleaved rope (LlamaModel.permute)."""
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            return permute_qk(x, self.hp["n_head"])
+        if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            return permute_qk(x, self.hp["n_head_kv"])
+        return x
+
+
+class GGUFCopySink(_StreamingGGUF):
+    """Streaming GGUF -> GGUF writer: all metadata copied from `source` (a .gguf path), tensors given in
+    GGUF naming and numpy shape order (as GGUFReader-based readers return them, reversed ggml dims):
+    tensors: gguf name -> (numpy shape, source tag); `write(gguf_name, f32_array)`; quant as GGUFSink."""
+
+    def __init__(self, out_path, *, source, tensors: dict, quant: str = "F32"):
+        reader = _open_reader(source)
+        arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
+        if arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
+            raise UnsupportedError(
+                f"{source}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
+        super().__init__(out_path, arch, quant)
+        try:
+            copy_metadata(reader, self.writer)
+            for name, (shape, tag) in tensors.items():
+                self.plan[name] = (tuple(int(d) for d in shape), self._tensor_type(name, tuple(shape), tag))
+        except BaseException:
+            self.abort()
+            raise
+        self._begin()
+
+    def write(self, gguf_name: str, x: np.ndarray) -> None:
+        if gguf_name not in self.plan:
+            raise InputError(f"tensor {gguf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
+        self._write_gguf(gguf_name, x)
+
+
+def gguf_sink_for(checkpoint, out_path, quant: str):
+    """The right sink for a Checkpoint (converters.checkpoint): GGUFSink for HF folders, GGUFCopySink for GGUF."""
+    tensors = {n: (t.shape, t.dtype) for n, t in checkpoint.tensors.items()}
+    if checkpoint.format == "gguf":
+        return GGUFCopySink(out_path, source=checkpoint.path, tensors=tensors, quant=quant)
+    return GGUFSink(out_path, config=checkpoint.config, tensors=tensors, tokenizer_dir=checkpoint.tokenizer_dir,
+                    quant=quant, name=Path(checkpoint.path).name)
+
+
+# ------------------------------------------------------------------------------------ convenience
+
+def hf_to_gguf(hf_dir, out_path, quant: str = "F32") -> Path:
+    """Convert one HF folder (config.json, safetensors single or sharded, tokenizer) to one GGUF file."""
+    from epicode_edge.converters.safetensors_io import SafetensorsFile, to_f32
+
+    hf_dir = Path(hf_dir)
+    config = read_config(hf_dir)
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{hf_dir}: no *.safetensors files")
+    opened = [SafetensorsFile(f) for f in files]
+    try:
+        tensors, where = {}, {}
+        for f in opened:
+            for n, e in f.entries.items():
+                tensors[n], where[n] = (e.shape, e.dtype), f
+        with GGUFSink(out_path, config=config, tensors=tensors, tokenizer_dir=hf_dir, quant=quant,
+                      name=hf_dir.name) as sink:
+            for n, (_, tag) in tensors.items():
+                sink.write(n, to_f32(where[n].read(n), tag))
+    finally:
+        for f in opened:
+            f.close()
+    return Path(out_path)
+
+
+def read_config(hf_dir: Path) -> dict:
+    import json
+
+    path = Path(hf_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+# ----------------------------------------------------------------------------------- hyperparameters
+
+def _need(config: dict, *keys: str):
+    for k in keys:
+        if config.get(k) is not None:
+            return config[k]
+    raise InputError(f"config.json missing {keys[0]}")
+
+
+def hparams(config: dict) -> dict:
+    """The hyperparameters llama.cpp needs, from an HF config.json dict (one-line error for a missing field)."""
+    n_embd = int(_need(config, "hidden_size", "n_embd"))
+    n_head = int(_need(config, "num_attention_heads", "n_head"))
+    rope = dict(config.get("rope_parameters") or {})  # transformers >= 5 keeps theta and scaling here
+    scaling = config.get("rope_scaling") or {}
+    rope.update(scaling)
+    if "rope_type" not in rope and "type" in rope:
+        rope["rope_type"] = rope["type"]
+    if n_embd % n_head and config.get("head_dim") is None:
+        raise InputError(f"config.json hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
+    return {
+        "n_vocab": int(_need(config, "vocab_size")),
+        "n_ctx": int(_need(config, "max_position_embeddings", "n_positions", "n_ctx")),
+        "n_embd": n_embd,
+        "n_layer": int(_need(config, "num_hidden_layers", "n_layer")),
+        "n_ff": int(_need(config, "intermediate_size", "n_inner")),
+        "n_head": n_head,
+        "n_head_kv": int(config.get("num_key_value_heads") or n_head),
+        "head_dim": int(config.get("head_dim") or n_embd // n_head),
+        "explicit_head_dim": config.get("head_dim") is not None,
+        "rope_theta": config.get("rope_theta", rope.get("rope_theta")),
+        "rope": rope if rope.get("rope_type") not in (None, "default") else {},
+        "rms_eps": float(_need(config, "rms_norm_eps")),
+        "tied": bool(config.get("tie_word_embeddings", False)),
+    }
+
+
+def add_hparams(w: gguf.GGUFWriter, hp: dict, arch: gguf.MODEL_ARCH, name: str | None) -> None:
+    """The architecture keys, as convert_hf_to_gguf's TextModel / LlamaModel / Qwen2Model write them."""
+    if name:
+        w.add_name(name)
+    w.add_context_length(hp["n_ctx"])
+    w.add_embedding_length(hp["n_embd"])
+    w.add_block_count(hp["n_layer"])
+    w.add_feed_forward_length(hp["n_ff"])
+    w.add_head_count(hp["n_head"])
+    w.add_head_count_kv(hp["n_head_kv"])
+    if hp["rope_theta"] is not None:
+        w.add_rope_freq_base(float(hp["rope_theta"]))
+    w.add_layer_norm_rms_eps(hp["rms_eps"])
+    if hp["explicit_head_dim"]:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+    if arch == gguf.MODEL_ARCH.LLAMA:
+        w.add_vocab_size(hp["n_vocab"])
+        w.add_rope_dimension_count(hp["head_dim"])
+    rope = hp["rope"]
+    kind = rope.get("rope_type")
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif kind not in (None, "llama3"):
+        raise UnsupportedError(f"config.json rope_scaling type {kind!r} is not supported (linear, yarn, llama3)")
+
+
+def llama3_rope_factors(config: dict, hp: dict) -> np.ndarray | None:
+    """The rope_freqs tensor that llama.cpp uses for Llama 3.1+ rope scaling (as convert_hf_to_gguf makes it)."""
+    rope = hp["rope"]
+    if rope.get("rope_type") != "llama3":
+        return None
+    base, dim = float(hp["rope_theta"] or 10000.0), hp["head_dim"]
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)  # (head_dim/2,)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """(n_head*head_dim, ...) rows: per head, [x0..x{d/2-1}, y0..] -> [x0, y0, x1, y1, ...]."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+# ------------------------------------------------------------------------------------ GGUF helpers
+
+def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape, dtype=np.int64))
+    return n // block * type_size
+
+
+def _open_reader(path) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read GGUF ({e})") from None
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    f = reader.get_field(key)
+    return None if f is None else f.contents()
+
+
+# keys the writer sets itself (header counts, file type, quant version, alignment)
+_OWN_KEYS = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
+             gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.ALIGNMENT}
+
+
+def copy_metadata(reader: gguf.GGUFReader, w: gguf.GGUFWriter) -> None:
+    """Every key/value of the source GGUF except the header pseudo-fields and the ones the writer owns."""
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in _OWN_KEYS:
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        if sub == gguf.GGUFValueType.STRING:
+            value = [bytes(field.parts[i]) for i in field.data]
+        elif vtype == gguf.GGUFValueType.STRING:
+            value = bytes(field.parts[-1])
+        else:
+            value = field.contents()
+        w.add_key_value(key, value, vtype, sub_type=sub)
+
+
+def llama_quantize(src: Path, dst: Path, file_type: FT, nthread: int = 0) -> None:
+    """llama.cpp's quantizer (llama_model_quantize) from src GGUF to dst GGUF."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise BackendError(f"quantizing {dst.name} needs llama-cpp-python ({e})") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(file_type)
+    params.nthread = nthread or (os.cpu_count() or 1)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise BackendError(f"llama.cpp failed to quantize {src.name} to {file_type.name} (code {rc})")
