@@ -20,6 +20,7 @@ adapter.type = "lora", adapter.lora.alpha, and per target the tensors `<gguf nam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -29,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, InputError, MismatchError, UnsupportedError
-from .safetensors_io import SafetensorsFile, to_f32
+from .checkpoint import Checkpoint
+from .safetensors_io import SafetensorsFile, from_f32, to_f32
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -165,3 +167,340 @@ def _peft_scale(config: dict, target: str, rank: int) -> float:
     alpha = _pattern_value(config.get("alpha_pattern"), target)
     alpha = float(config["lora_alpha"] if alpha is None else alpha)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+# ------------------------------------------------------------------------------------------------
+# checks
+# ------------------------------------------------------------------------------------------------
+
+def check_against_base(adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]], base_path) -> None:
+    """Every target of the adapter is a 2-D weight of the base with the adapter's (out, in)."""
+    for target in adapter.targets:
+        shape = base_shapes.get(target)
+        if shape is None:
+            raise MismatchError(f"{adapter.path}: adapter targets tensor {target!r}, which base {base_path} "
+                                "does not have (adapter made for another base model?)")
+        if tuple(shape) != adapter.shape(target):
+            raise MismatchError(f"{adapter.path}: tensor {target!r}: adapter is for shape "
+                                f"{list(adapter.shape(target))}, base {base_path} has {list(shape)} "
+                                "(adapter made for another base model?)")
+
+
+def check_same_base(finetuned: LoraAdapter, inferior: LoraAdapter) -> None:
+    """The two adapters name the same base model (when both name one)."""
+    a, b = finetuned.base_model, inferior.base_model
+    if a and b and _norm_base(a) != _norm_base(b):
+        raise MismatchError(f"base_model_name_or_path differs: finetuned {finetuned.path} names {a!r}, "
+                            f"inferior {inferior.path} names {b!r}")
+
+
+def _norm_base(name: str) -> str:
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name.rstrip("/")
+
+
+# ------------------------------------------------------------------------------------------------
+# merged weights: base + sum(coef * delta) as a checkpoint
+# ------------------------------------------------------------------------------------------------
+
+class MergedCheckpoint(Checkpoint):
+    """A base checkpoint with LoRA deltas merged in, read lazily tensor by tensor:
+
+        W' = W + sum_k coef_k * scale_k * B_k @ A_k        (f32, stored back in W's dtype)
+
+    `terms` is [(adapter, coef), ...]; finetuned = [(ft, 1)], expert = [(ft, 1 + mu), (inf, -mu)].
+    It behaves like the HF checkpoint PEFT's merge_and_unload() + save_pretrained() would write, so the
+    normal convert pipeline takes it as finetuned or inferior.
+    """
+
+    def __init__(self, base: Checkpoint, terms: list[tuple[LoraAdapter, float]], label: str | None = None):
+        if base.format != "hf":
+            raise UnsupportedError(f"{base.path}: the base model of LoRA adapters must be an HF folder")
+        shapes = {n: t.shape for n, t in base.tensors.items()}
+        for adapter, _ in terms:
+            check_against_base(adapter, shapes, base.path)
+        self.base, self.terms = base, [(a, float(c)) for a, c in terms if c != 0]
+        self.path = Path(label) if label else base.path
+        self.format, self.arch, self.config = base.format, base.arch, base.config
+        self.tensors, self.tokenizer_dir = base.tensors, base.tokenizer_dir
+
+    def read_f32(self, name: str) -> np.ndarray:
+        w = self.base.read_f32(name)  # (out, in)
+        terms = [(a, c) for a, c in self.terms if name in a.targets]
+        if not terms:
+            return w
+        w = np.array(w, dtype=np.float32)  # own copy: the base read may be a read-only view
+        for adapter, coef in terms:
+            d = adapter.delta(name)  # (out, in)
+            w += d if coef == 1.0 else np.float32(coef) * d
+        if self.base.tensors[name].dtype in ("F16", "BF16"):
+            w = to_f32(from_f32(w, self.base.tensors[name].dtype), self.base.tensors[name].dtype)
+        return w
+
+    def read(self, name: str) -> np.ndarray:
+        if not any(name in a.targets for a, _ in self.terms):
+            return self.base.read(name)
+        return from_f32(self.read_f32(name), self.base.tensors[name].dtype)
+
+    def tokenizer_digests(self) -> dict[str, str]:
+        return self.base.tokenizer_digests()
+
+    def content_hash(self) -> str:
+        """Hash of the base content plus the adapters' files and coefficients (cheap, no merging)."""
+        h = hashlib.sha256(self.base.content_hash().encode())
+        for adapter, coef in self.terms:
+            h.update(f"{adapter_hash(adapter)}*{coef!r}\n".encode())
+        return h.hexdigest()
+
+    def close(self) -> None:
+        pass  # base and adapters belong to the caller
+
+
+def adapter_hash(adapter: LoraAdapter) -> str:
+    """sha256 over adapter_config.json and adapter_model.safetensors."""
+    h = hashlib.sha256()
+    for f in (adapter.path / CONFIG_FILE, adapter.path / WEIGHTS_FILE):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF LoRA files (llama.cpp's convert_lora_to_gguf.py layout)
+# ------------------------------------------------------------------------------------------------
+
+def write_lora_gguf(adapter: LoraAdapter, out: str | Path, config: dict) -> Path:
+    """Write one adapter as a GGUF LoRA file for the base model with HF `config`, atomically.
+
+    Tensors stay float32: `<gguf name>.lora_a` (r, in) and `<gguf name>.lora_b` (out, r), the rows of
+    lora_b permuted like the base's q/k weights where the GGUF export permutes those (llama rotary).
+    llama.cpp scales each pair by adapter.lora.alpha / r; a PEFT scale that differs from that
+    (rsLoRA, alpha_pattern) is folded into lora_b.
+    """
+    import gguf
+
+    out = Path(out)
+    name_of, permute_rows = _gguf_mapping(config)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), _gguf_arch(config))
+    try:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
+        for target in adapter.targets:
+            a, b = adapter.read_ab(target)  # (r, in), (out, r)
+            fold = adapter.scales[target] / (adapter.alpha / a.shape[0])
+            if fold != 1.0:
+                b = b * np.float32(fold)
+            name = name_of(target)
+            writer.add_tensor(name + ".lora_a", np.ascontiguousarray(a, dtype=np.float32))
+            writer.add_tensor(name + ".lora_b", np.ascontiguousarray(permute_rows(target, b), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _gguf_arch(config: dict) -> str:
+    import gguf
+
+    from .gguf import check_arch
+
+    return gguf.MODEL_ARCH_NAMES[check_arch(config)]
+
+
+def _gguf_mapping(config: dict):
+    """(hf name -> gguf name, (hf name, rows) -> rows as the base's GGUF export orders them).
+
+    The names come from the export's table (gguf-py's tensor map for the arch); the rows of q/k are
+    permuted as GGUFSink permutes the base's q/k weights (llama only), so B @ A lines up with W.
+    """
+    import gguf
+
+    from .gguf import check_arch, hparams, permute_qk
+
+    arch, hp = check_arch(config), hparams(config)
+    table = gguf.get_tensor_name_map(arch, hp["n_layer"])
+
+    def name_of(target: str) -> str:
+        name = table.get_name(target, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UnsupportedError(f"LoRA target {target!r} has no GGUF name for architecture {config['model_type']}")
+        return name
+
+    def permute_rows(target: str, rows: np.ndarray) -> np.ndarray:
+        if arch != gguf.MODEL_ARCH.LLAMA:
+            return rows
+        if target.endswith("q_proj.weight"):
+            return permute_qk(rows, hp["n_head"])
+        if target.endswith("k_proj.weight"):
+            return permute_qk(rows, hp["n_head_kv"])
+        return rows
+
+    return name_of, permute_rows
+
+
+# ------------------------------------------------------------------------------------------------
+# the shared-base bundle
+# ------------------------------------------------------------------------------------------------
+
+LAYOUT = "shared-base"
+
+
+def lora_relpath(which: str) -> str:
+    return f"lora/{which}.gguf"
+
+
+def role_scales(mu: float) -> dict[str, dict[str, float]]:
+    """Adapter scales per role: expert = ft x (1 + mu) + inf x (-mu); amateur = ft x 1; inferior = inf x 1.
+    A zero scale is left out, so mu = 0 gives the amateur's own adapter list."""
+    roles = {"expert": {"finetuned": 1.0 + mu, "inferior": -mu},
+             "amateur": {"finetuned": 1.0}, "inferior": {"inferior": 1.0}}
+    return {r: {a: s for a, s in per.items() if s != 0} for r, per in roles.items()}
+
+
+def open_adapters(base, finetuned, inferior):
+    """(base checkpoint, finetuned adapter, inferior adapter), checked: HF base, both adapters fit it,
+    both name the same base model."""
+    from .checkpoint import open_checkpoint
+
+    ft, inf = read_adapter(finetuned), read_adapter(inferior)
+    check_same_base(ft, inf)
+    base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    if base_ckpt.format != "hf":
+        raise UnsupportedError(f"{base_ckpt.path}: the base model of LoRA adapters must be an HF folder")
+    shapes = {n: t.shape for n, t in base_ckpt.tensors.items()}
+    check_against_base(ft, shapes, base_ckpt.path)
+    check_against_base(inf, shapes, base_ckpt.path)
+    return base_ckpt, ft, inf
+
+
+def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: bool = False,
+                 lam: float = 0.5, alpha: float = 0.1, force: bool = False, progress=None, **convert_kw):
+    """A bundle from two PEFT LoRA adapters (finetuned, inferior) over one HF base model.
+
+    merge=False: a shared-base bundle: gguf/base-<QUANT>.gguf per quant, lora/finetuned.gguf,
+    lora/inferior.gguf (float32), and the role scales in the manifest (layout "shared-base").
+    merge=True: the adapters merged into full finetuned and inferior weights, then the normal
+    convert (expert and amateur files; other keyword arguments go to convert()).
+    progress(stage, done, total), if given, is called as files are written.
+    """
+    from .extrapolate import check_mu
+
+    mu = check_mu(mu)
+    quants = _quant_list(quant)
+    base_ckpt, ft, inf = open_adapters(base, finetuned, inferior)
+    if merge:
+        from .convert import convert
+
+        return convert(MergedCheckpoint(base_ckpt, [(ft, 1.0)], label=str(ft.path)),
+                       MergedCheckpoint(base_ckpt, [(inf, 1.0)], label=str(inf.path)), out,
+                       mu=mu, quant=tuple(quants), lam=lam, alpha=alpha, force=force, progress=progress,
+                       **convert_kw)
+    if convert_kw.get("to") not in (None, "gguf", ("gguf",), ["gguf"]):
+        raise UnsupportedError("a shared-base (LoRA) bundle is GGUF only; use merge=True for other formats")
+    return _write_shared_base(base_ckpt, ft, inf, out, mu=mu, quants=quants, lam=lam, alpha=alpha,
+                              force=force, progress=progress)
+
+
+def _quant_list(quant) -> list[str]:
+    from .gguf import check_quant
+
+    qs = [quant] if isinstance(quant, str) else list(quant)
+    if not qs:
+        raise UnsupportedError("no quant type given")
+    return [check_quant(q) for q in qs]
+
+
+def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force, progress):
+    import time
+
+    from .. import __version__
+    from .bundle import FORMAT_VERSION, BundleWriter, file_entry, gguf_relpath
+
+    report = progress or (lambda stage, done, total: None)
+    files: dict = {"gguf": {}, "lora": {}}
+    hasher = base_ckpt.content_hasher()
+    with BundleWriter(out, force) as bw:
+        for i, q in enumerate(quants):
+            rel = gguf_relpath("base", q)
+            _write_base_gguf(base_ckpt, bw.path(rel), q, lambda d, t, q=q: report(f"base {q}", d, t),
+                             hasher if i == 0 else None)
+            files["gguf"][q] = {"base": file_entry(bw.tmp, rel)}
+        for which, adapter in (("finetuned", ft), ("inferior", inf)):
+            rel = lora_relpath(which)
+            write_lora_gguf(adapter, bw.path(rel), base_ckpt.config)
+            files["lora"][which] = file_entry(bw.tmp, rel, r=adapter.r, lora_alpha=adapter.alpha,
+                                              targets=len(adapter.targets))
+            report(f"lora {which}", 1, 1)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "layout": LAYOUT,
+            "mu": mu,
+            "defaults": {"lambda": float(lam), "alpha": float(alpha)},
+            "arch": base_ckpt.arch,
+            "tokenizer_hash": base_ckpt.tokenizer_hash(),
+            "files": files,
+            "lora": {"scales": role_scales(mu)},
+            "sources": {
+                "base": {"path": str(base_ckpt.path), "format": "hf", "content_sha256": hasher.hexdigest()},
+                "finetuned": {"path": str(ft.path), "format": "peft-lora", "content_sha256": adapter_hash(ft)},
+                "inferior": {"path": str(inf.path), "format": "peft-lora", "content_sha256": adapter_hash(inf)},
+            },
+            "tool_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        return bw.commit(manifest)
+
+
+def _write_base_gguf(base_ckpt, path: Path, quant: str, progress, hasher=None) -> None:
+    from .gguf import gguf_sink_for
+
+    names = list(base_ckpt.tensors)
+    with gguf_sink_for(base_ckpt, path, quant) as sink:
+        for i, name in enumerate(names):
+            stored = base_ckpt.read(name)
+            if hasher is not None:
+                hasher.update(base_ckpt.tensors[name], stored)
+            sink.write(name, to_f32(stored, base_ckpt.tensors[name].dtype))
+            progress(i + 1, len(names))
+
+
+def is_shared_base(bundle) -> bool:
+    """Whether a Bundle (converters.bundle) is a shared-base LoRA bundle."""
+    return bundle.manifest.get("layout") == LAYOUT
+
+
+def shared_base_roles(bundle, quant: str | None = None) -> tuple[Path, dict[str, list[tuple[Path, float]]]]:
+    """(base GGUF path, role -> [(adapter GGUF path, scale), ...]) of a shared-base bundle, checked."""
+    from ..errors import BundleError
+
+    m = bundle.manifest
+    if not is_shared_base(bundle):
+        raise BundleError(f"{bundle.path}: not a shared-base (LoRA) bundle")
+    base = bundle.gguf("base", quant)
+    lora_files = m["files"].get("lora")
+    scales = (m.get("lora") or {}).get("scales")
+    if not isinstance(lora_files, dict) or not isinstance(scales, dict):
+        raise BundleError(f"{bundle.path}: invalid manifest (shared-base bundle without 'files.lora' or 'lora.scales')")
+    roles = {}
+    for role, per in scales.items():
+        roles[role] = []
+        for which, scale in per.items():
+            entry = lora_files.get(which)
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+                raise BundleError(f"{bundle.path}: invalid manifest (no lora file {which!r} for role {role})")
+            p = bundle.path / entry["path"]
+            if not p.is_file():
+                raise BundleError(f"{p}: missing (listed in epicode.json for lora {which})")
+            if "bytes" in entry and p.stat().st_size != entry["bytes"]:
+                raise BundleError(f"{p}: size {p.stat().st_size} != {entry['bytes']} listed in epicode.json")
+            roles[role].append((p, float(scale)))
+    return base, roles
