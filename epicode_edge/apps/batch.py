@@ -1,0 +1,444 @@
+"""The JSONL batch runner: one request per input line, one result record per output line.
+
+    summary = run_batch(runtime, "in.jsonl", "out.jsonl", compare=False, max_tokens=128)
+
+Input lines are `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [{"role", "content"}, ...]}`
+with optional per-line overrides of the defaults: max_tokens, lambda, alpha, temp, top_p, top_k, min_p,
+seed, stop, system. Blank lines are ignored; any other key is an error (it catches typos like
+"temperature").
+
+Output records (one JSON object per line, UTF-8):
+    {"id", "line", "text", "finish_reason", "prompt_tokens", "completion_tokens", "changed_tokens",
+     "timings"[, "finetuned_text"]}               a request that ran (finetuned_text with compare=True)
+    {"id", "line", "error"}                       a malformed line or a failed request (id null when the
+                                                  line has none; `line` is the 1-based input line)
+
+Order: records are appended in completion order. Run one at a time (parallel=1) that is input order;
+with parallel > 1 requests finish out of order, so sort by "line" to restore input order.
+
+Durability and resume: each record is written and flushed as its request finishes. A rerun with the
+same output skips every request whose id (or, for a line without id, whose line number) already has a
+record, so after any number of interrupted runs each id appears exactly once. A crash can leave a
+truncated last line: it is cut off before appending (complete records are never touched). Error records
+count as done unless retry_errors=True, which drops them from the output (atomic rewrite) and runs
+those requests again. Duplicate ids in the input: the first occurrence runs, later ones are reported in
+Summary.duplicates and skipped.
+
+Library code: never prints; progress is a callback progress(done, total, record_or_None).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..errors import EpicodeError, InputError
+
+# JSON field -> Python keyword of Runtime.generate / Runtime.stream
+OVERRIDES = {
+    "max_tokens": "max_tokens", "lambda": "lam", "alpha": "alpha", "temp": "temp", "top_p": "top_p",
+    "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop", "system": "system",
+}
+_NUMBER = (int, float)
+_TYPES = {  # JSON field -> (accepted Python types, description)
+    "max_tokens": ((int,), "an integer"), "lambda": (_NUMBER, "a number"), "alpha": (_NUMBER, "a number"),
+    "temp": (_NUMBER, "a number"), "top_p": (_NUMBER, "a number"), "top_k": ((int,), "an integer"),
+    "min_p": (_NUMBER, "a number"), "seed": ((int,), "an integer"), "stop": ((str, list), "a string or a list"),
+    "system": ((str,), "a string"),
+}
+_ROLES = ("system", "user", "assistant")
+
+Progress = Callable[[int, int, "dict | None"], None]
+
+
+@dataclass
+class Request:
+    """One parsed input line."""
+
+    id: Any
+    line: int
+    prompt: str | None = None  # (exactly one of prompt / messages)
+    messages: list[dict] | None = None
+    settings: dict = field(default_factory=dict)  # Python keywords (lam, not lambda)
+
+    @property
+    def key(self) -> str:
+        return _key(self.id, self.line)
+
+
+@dataclass
+class Job:
+    """What a run has to do, worked out before any model is loaded (so bad paths fail fast)."""
+
+    input_path: Path
+    output_path: Path
+    total: int  # requests and bad lines in the input, duplicates excluded
+    pending: list  # Request or error record (dict), input order
+    skipped: int  # already done in the output
+    duplicates: list[tuple[Any, int, int]]  # (id, line, line of its first occurrence)
+    repaired: str | None = None  # what was fixed in the output, if anything
+
+
+@dataclass
+class Summary:
+    n_ok: int = 0
+    n_errors: int = 0
+    n_skipped: int = 0
+    duplicates: list = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    output_path: Path | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        parts = [f"{self.n_ok} ok", f"{self.n_errors} errors"]
+        if self.n_skipped:
+            parts.append(f"{self.n_skipped} already done")
+        if self.duplicates:
+            parts.append(f"{len(self.duplicates)} duplicate ids skipped")
+        parts.append(f"{self.completion_tokens} tokens in {self.seconds:.1f} s ({self.tokens_per_s:.1f} tok/s)")
+        return ", ".join(parts) + (f" -> {self.output_path}" if self.output_path else "")
+
+
+def _key(id_: Any, line: int) -> str:
+    """Identity of a request across runs: its id, or its line number when it has none."""
+    return "id:" + json.dumps(id_, sort_keys=True) if id_ is not None else f"line:{line}"
+
+
+# ---------------------------------------------------------------------------------------------
+# input
+# ---------------------------------------------------------------------------------------------
+
+
+def read_input(path: Path) -> bytes:
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"cannot read {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"cannot read {path}: it is a directory") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def parse_line(raw: bytes, line: int) -> Request | dict | None:
+    """One input line -> a Request, an error record, or None for a blank line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _error(None, line, f"line {line}: not UTF-8 ({e.reason} at byte {e.start})")
+    text = text.strip().lstrip("\ufeff")
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return _error(None, line, f"line {line}: not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict):
+        return _error(None, line, f"line {line}: expected a JSON object, got {type(obj).__name__}")
+    id_ = obj.get("id")
+    try:
+        return _request(obj, line)
+    except InputError as e:
+        return _error(id_ if _valid_id(id_) else None, line, str(e))
+
+
+def _valid_id(id_: Any) -> bool:
+    return isinstance(id_, (str, int)) and not isinstance(id_, bool)
+
+
+def _request(obj: dict, line: int) -> Request:
+    where = f"line {line}"
+    if "id" not in obj:
+        raise InputError(f"{where}: missing field 'id'")
+    id_ = obj["id"]
+    if not _valid_id(id_):
+        raise InputError(f"{where}: field 'id' must be a string or an integer")
+    unknown = sorted(set(obj) - {"id", "prompt", "messages"} - set(OVERRIDES))
+    if unknown:
+        raise InputError(f"{where}: unknown field {unknown[0]!r} (allowed: id, prompt, messages, "
+                         f"{', '.join(OVERRIDES)})")
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        raise InputError(f"{where}: give exactly one of 'prompt' or 'messages'")
+    req = Request(id=id_, line=line)
+    if has_prompt:
+        if not isinstance(obj["prompt"], str):
+            raise InputError(f"{where}: field 'prompt' must be a string")
+        req.prompt = obj["prompt"]
+    else:
+        req.messages = _messages(obj["messages"], where)
+    for name, py in OVERRIDES.items():
+        if name in obj:
+            req.settings[py] = _override(name, obj[name], where)
+    return req
+
+
+def _messages(msgs: Any, where: str) -> list[dict]:
+    if not isinstance(msgs, list) or not msgs:
+        raise InputError(f"{where}: field 'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in _ROLES:
+            raise InputError(f"{where}: messages[{i}] must be {{\"role\": system|user|assistant, "
+                             f"\"content\": string}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _override(name: str, value: Any, where: str) -> Any:
+    types, what = _TYPES[name]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise InputError(f"{where}: field {name!r} must be {what}")
+    if name == "stop" and isinstance(value, list) and not all(isinstance(s, str) for s in value):
+        raise InputError(f"{where}: field 'stop' must be a string or a list of strings")
+    return value
+
+
+def _error(id_: Any, line: int, message: str) -> dict:
+    return {"id": id_, "line": line, "error": message}
+
+
+def parse_input(data: bytes) -> tuple[list, list[tuple[Any, int, int]]]:
+    """All lines -> (items in input order: Request or error record, duplicates (id, line, first line))."""
+    items, first, dups = [], {}, []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        item = parse_line(raw, n)
+        if item is None:
+            continue
+        id_ = item.id if isinstance(item, Request) else item["id"]
+        if id_ is not None:
+            k = _key(id_, n)
+            if k in first:
+                dups.append((id_, n, first[k]))
+                continue
+            first[k] = n
+        items.append(item)
+    return items, dups
+
+
+# ---------------------------------------------------------------------------------------------
+# output: repair, resume
+# ---------------------------------------------------------------------------------------------
+
+
+def check_output(path: Path, input_path: Path) -> None:
+    """Fail early (before loading models) when the output cannot be written."""
+    path = Path(path)
+    if path.resolve() == Path(input_path).resolve():
+        raise InputError(f"cannot write {path}: it is the input file")
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a directory")
+    parent = path.parent
+    if not parent.exists():
+        raise InputError(f"cannot write {path}: no such directory {parent}")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: {parent} is not a directory")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise InputError(f"cannot write {path}: permission denied")
+
+
+def scan_output(path: Path) -> tuple[list[dict], int | None, bool]:
+    """Read an existing output -> (complete records, byte offset to cut a truncated tail at or None,
+    whether the last complete record lacks its newline). A bad line before the last one means the
+    file is not ours: refuse rather than append to it."""
+    path = Path(path)
+    if not path.exists():
+        return [], None, False
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    records, pos, lines = [], 0, data.split(b"\n")
+    for n, raw in enumerate(lines, start=1):
+        last = n == len(lines)
+        rec = _record(raw)
+        if rec is None and raw.strip():
+            if last:  # a crash mid-write: cut it off
+                return records, pos, False
+            raise InputError(f"{path} line {n} is not a result record; refusing to append to it "
+                             f"(choose another output file)")
+        if rec is not None:
+            records.append(rec)
+        pos += len(raw) + 1
+    needs_newline = bool(data) and not data.endswith(b"\n")
+    return records, None, needs_newline
+
+
+def _record(raw: bytes) -> dict | None:
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) and "id" in rec and ("text" in rec or "error" in rec) else None
+
+
+def _repair(path: Path, cut: int | None, needs_newline: bool) -> str | None:
+    if cut is not None:
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        return f"dropped a truncated last line of {path}"
+    if needs_newline:
+        with open(path, "ab") as f:
+            f.write(b"\n")
+        return f"completed the last line of {path}"
+    return None
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    """Replace the output atomically with `records` (a temp file in the same folder, then rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(_dumps(rec))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _dumps(rec: dict) -> str:
+    return json.dumps(rec, ensure_ascii=False) + "\n"
+
+
+def prepare(input_path, output_path, *, retry_errors: bool = False) -> Job:
+    """Read and parse the input, check and repair the output, and work out what is left to do."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    data = read_input(input_path)
+    check_output(output_path, input_path)
+    items, dups = parse_input(data)
+    records, cut, needs_newline = scan_output(output_path)
+    repaired = _repair(output_path, cut, needs_newline)
+    if retry_errors and any("error" in r for r in records):
+        records = [r for r in records if "error" not in r]
+        _rewrite(output_path, records)
+    done = {_key(r.get("id"), r.get("line", 0)) for r in records}
+    pending = [it for it in items if _item_key(it) not in done]
+    return Job(input_path, output_path, total=len(items), pending=pending, skipped=len(items) - len(pending),
+               duplicates=dups, repaired=repaired)
+
+
+def _item_key(item) -> str:
+    return item.key if isinstance(item, Request) else _key(item["id"], item["line"])
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+
+
+def run_batch(runtime, input_path, output_path, *, compare: bool = False, progress: Progress | None = None,
+              parallel: int = 1, retry_errors: bool = False, **defaults) -> Summary:
+    """Run every pending request of input_path through runtime, appending records to output_path."""
+    job = prepare(input_path, output_path, retry_errors=retry_errors)
+    return run_job(runtime, job, compare=compare, progress=progress, parallel=parallel, **defaults)
+
+
+def run_job(runtime, job: Job, *, compare: bool = False, progress: Progress | None = None,
+            parallel: int = 1, **defaults) -> Summary:
+    summary = Summary(n_skipped=job.skipped, duplicates=list(job.duplicates), output_path=job.output_path)
+    done, total = job.skipped, job.total
+    t0 = time.perf_counter()
+    if progress:
+        progress(done, total, None)
+    try:
+        out = open(job.output_path, "a", encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot write {job.output_path}: {e.strerror or e}") from None
+    with out:
+        for rec in _records(runtime, job.pending, defaults, compare, parallel):
+            out.write(_dumps(rec))
+            out.flush()
+            _count(summary, rec)
+            done += 1
+            summary.seconds = time.perf_counter() - t0
+            if progress:
+                progress(done, total, rec)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _count(summary: Summary, rec: dict) -> None:
+    if "error" in rec:
+        summary.n_errors += 1
+        return
+    summary.n_ok += 1
+    summary.prompt_tokens += rec.get("prompt_tokens") or 0
+    summary.completion_tokens += rec.get("completion_tokens") or 0
+
+
+def _records(runtime, items: list, defaults: dict, compare: bool, parallel: int) -> Iterator[dict]:
+    """Records in completion order. Error records of bad lines come out where their line is."""
+    for item in items:
+        if not isinstance(item, Request):
+            yield item
+            continue
+        yield run_request(runtime, item, defaults, compare)
+
+
+def request_input(req: Request, defaults: dict) -> tuple[Any, dict]:
+    """(prompt or messages, settings) for the runtime: per-line overrides over the defaults."""
+    settings = {k: v for k, v in defaults.items() if v is not None}
+    settings.update(req.settings)
+    system = settings.pop("system", None)
+    if req.prompt is not None:
+        messages = [{"role": "user", "content": req.prompt}]
+    else:
+        messages = list(req.messages)
+    if system is not None:
+        if messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": system}
+        else:
+            messages.insert(0, {"role": "system", "content": system})
+    return messages, settings
+
+
+def run_request(runtime, req: Request, defaults: dict, compare: bool) -> dict:
+    """One request -> its record; any failure becomes an error record (Ctrl-C still stops the run)."""
+    messages, settings = request_input(req, defaults)
+    try:
+        result = runtime.generate(messages, **settings)
+        rec = result_record(req, result)
+        if compare:
+            rec["finetuned_text"] = runtime.compare(messages, **settings).text
+    except EpicodeError as e:
+        return _error(req.id, req.line, _one_line(e))
+    except Exception as e:  # a bug in one request must not lose the rest of the run
+        return _error(req.id, req.line, f"{type(e).__name__}: {_one_line(e)}")
+    return rec
+
+
+def result_record(req: Request, result) -> dict:
+    return {
+        "id": req.id, "line": req.line, "text": result.text, "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+        "changed_tokens": result.changed_tokens, "timings": _timings(result.timings),
+    }
+
+
+def _timings(t) -> dict:
+    if t is None:
+        return {}
+    if isinstance(t, dict):
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.items()}
+    from dataclasses import asdict, is_dataclass
+
+    return _timings(asdict(t)) if is_dataclass(t) else {"value": t}
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
