@@ -1,0 +1,325 @@
+"""`convert` and `extrapolate`: the offline half of EpiCoDe, as library calls.
+
+    bundle = convert("ft/", "ep1/", "bundle/", mu=0.3, to=("gguf", "mlx"), quant=("Q8_0", "Q4_K_M"))
+    expert_dir = extrapolate("ft/", "ep1/", "expert/", mu=0.3)
+
+Everything is validated (parameters, output path, inputs, architecture, quant names) before any output
+is written. Then ONE pass over the input tensors feeds every sink: the expert HF folder (also the MLX
+source), and one GGUF sink per role and quant (K-quants are finished by llama.cpp when the sink closes).
+MLX folders are made afterwards from HF folders (expert: the one just written; amateur / inferior: the
+input folders). The bundle appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .. import __version__
+from ..errors import ParameterError, UnsupportedError
+from .bundle import FORMAT_VERSION, Bundle, BundleWriter, file_entry, gguf_relpath, hf_relpath, mlx_relpath, open_bundle
+from .checkpoint import Checkpoint, open_checkpoint
+from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, validate_pair
+from .hf import MAX_SHARD_BYTES, HFSink
+from .safetensors_io import to_f32
+
+FORMATS = ("gguf", "mlx", "hf")
+MLX_BITS = (4, 8)
+MLX_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a progress callback receives, after each tensor and at each later stage."""
+
+    stage: str  # "extrapolate" (the pass), "finish" (closing sinks: K-quants), "mlx", "hash"
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int  # input bytes read so far (finetuned + inferior)
+    bytes_total: int
+    name: str = ""  # the tensor just done, or what the stage works on
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def check_formats(to) -> list[str]:
+    formats = [f.lower() for f in _as_list(to)]
+    for f in formats:
+        if f not in FORMATS:
+            raise UnsupportedError(f"unknown output format {f!r}; supported: {', '.join(FORMATS)}")
+    if not formats:
+        raise ParameterError(f"no output format given; choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def check_quants(quant) -> list[str]:
+    from .gguf import check_quant
+
+    quants = [check_quant(q) for q in _as_list(quant)]
+    if not quants:
+        raise ParameterError("no GGUF quant type given (e.g. Q8_0)")
+    return list(dict.fromkeys(quants))
+
+
+def check_decoding_defaults(lam, alpha) -> tuple[float, float]:
+    if not (isinstance(lam, (int, float)) and lam >= 0):
+        raise ParameterError(f"lambda must be a number >= 0 (got {lam})")
+    if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
+        raise ParameterError(f"alpha must be in (0, 1] (got {alpha})")
+    return float(lam), float(alpha)
+
+
+def check_mlx(bits, group_size) -> None:
+    if bits is not None and bits not in MLX_BITS:
+        raise ParameterError(f"mlx_bits must be one of {', '.join(map(str, MLX_BITS))} or None (got {bits})")
+    if group_size not in MLX_GROUP_SIZES:
+        raise ParameterError(f"mlx_group_size must be one of {', '.join(map(str, MLX_GROUP_SIZES))} (got {group_size})")
+
+
+def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
+    """The architecture and input format can be exported to every requested format."""
+    if ckpt.format == "gguf":
+        if set(formats) - {"gguf"}:
+            raise UnsupportedError(f"{ckpt.path}: GGUF inputs can only be converted to GGUF (use --to gguf, "
+                                   "or give HF folders for mlx/hf outputs)")
+        from .gguf import ARCHS, SUPPORTED_ARCHS
+        import gguf
+
+        if ckpt.arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
+            raise UnsupportedError(f"{ckpt.path}: architecture {ckpt.arch!r} is not supported for GGUF; "
+                                   f"supported: {', '.join(SUPPORTED_ARCHS)}")
+        return
+    if "gguf" in formats:
+        from .gguf import check_arch
+
+        check_arch(ckpt.config, where=str(ckpt.path / "config.json"))
+    if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{ckpt.arch}") is None:
+        raise UnsupportedError(f"{ckpt.path}/config.json: architecture {ckpt.arch!r} is not supported by mlx_lm")
+    if {"gguf", "mlx"} & set(formats) and not any((ckpt.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise UnsupportedError(f"{ckpt.path}: no tokenizer.json or tokenizer.model (needed for GGUF/MLX export)")
+
+
+# ----------------------------------------------------------------------------------------------
+# the one pass
+# ----------------------------------------------------------------------------------------------
+
+
+class _Sinks:
+    """The writers fed by the pass; closed (or aborted) together."""
+
+    def __init__(self):
+        self.hf: HFSink | None = None
+        self.gguf: dict[str, list] = {"expert": [], "amateur": [], "inferior": []}
+
+    def all(self) -> list:
+        return ([self.hf] if self.hf else []) + [s for group in self.gguf.values() for s in group]
+
+    def write(self, t) -> None:
+        if self.hf is not None:
+            self.hf.write(t.name, t.expert)
+        for role, array in (("expert", t.expert), ("amateur", t.finetuned), ("inferior", t.inferior)):
+            if self.gguf[role]:
+                x = to_f32(array, t.tag)  # (shape) f32, one role at a time
+                for sink in self.gguf[role]:
+                    sink.write(t.name, x)
+                del x
+
+    def abort(self) -> None:
+        for sink in self.all():
+            try:
+                sink.abort()
+            except Exception:  # noqa: BLE001 - best effort while another error propagates
+                pass
+
+
+def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quants, with_inferior,
+                max_shard_bytes, sinks: _Sinks) -> Path | None:
+    """Create the sinks inside the temporary bundle; returns the expert HF folder (None without hf/mlx)."""
+    hf_dir = None
+    if "hf" in formats or "mlx" in formats:
+        hf_dir = bw.path(hf_relpath("expert") if "hf" in formats else ".work/hf-expert")
+        sinks.hf = HFSink(hf_dir, ft.config, ft.tensors, ft.tokenizer_dir, max_shard_bytes)
+    if "gguf" in formats:
+        from .gguf import gguf_sink_for
+
+        roles = [("expert", ft), ("amateur", ft)] + ([("inferior", inf)] if with_inferior else [])
+        for role, source in roles:
+            for q in quants:
+                sinks.gguf[role].append(gguf_sink_for(source, bw.path(gguf_relpath(role, q)), q))
+    return hf_dir
+
+
+def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progress: ProgressFn | None):
+    hashers = (ft.content_hasher(), inf.content_hasher())
+    total = ft.nbytes + inf.nbytes
+    n, done = len(ft.tensors), 0
+    for i, t in enumerate(iter_expert(ft, inf, mu, hashers=hashers)):
+        sinks.write(t)
+        name = t.name
+        done += ft.tensors[name].nbytes + inf.tensors[name].nbytes
+        del t  # release this tensor's arrays and maps before the next one
+        if progress:
+            progress(Progress("extrapolate", i + 1, n, done, total, name))
+    return hashers[0].hexdigest(), hashers[1].hexdigest()
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",), quant: Iterable[str] | str = ("Q8_0",),
+            mlx_bits: int | None = None, mlx_group_size: int = 64, with_inferior: bool = False, force: bool = False,
+            lam: float = 0.5, alpha: float = 0.1, progress: ProgressFn | None = None,
+            max_shard_bytes: int = MAX_SHARD_BYTES) -> Bundle:
+    """Extrapolate finetuned/inferior with mu and write a bundle at `out` (DESIGN.md section 3).
+
+    to: formats among gguf, mlx, hf (list or comma string); quant: GGUF quant types (one file per role and
+    quant); mlx_bits None|4|8 and mlx_group_size for the MLX folders; with_inferior adds the inferior model
+    (for a contrastive-only comparison); lam and alpha are stored as the bundle's decoding defaults.
+    progress(Progress) is called after each tensor and at each later stage. Warnings (large mu, identical
+    checkpoints) are issued as ExtrapolationWarning. Returns the opened Bundle; its .summary holds sizes,
+    time and peak memory.
+    """
+    t0 = time.perf_counter()
+    formats = check_formats(to)
+    quants = check_quants(quant) if "gguf" in formats else []
+    mu = check_mu(mu)
+    lam, alpha = check_decoding_defaults(lam, alpha)
+    if "mlx" in formats:
+        check_mlx(mlx_bits, mlx_group_size)
+    bw = BundleWriter(out, force)  # checks the target; writes nothing yet
+    with open_checkpoint(finetuned) as ft, open_checkpoint(inferior) as inf:
+        notes = validate_pair(ft, inf, mu)
+        check_support(ft, formats)
+        for note in notes:
+            warnings.warn(note, ExtrapolationWarning, stacklevel=2)
+        with bw:
+            sinks = _Sinks()
+            try:
+                hf_dir = _open_sinks(bw, ft, inf, formats, quants, with_inferior, max_shard_bytes, sinks)
+                digests = _run_pass(ft, inf, mu, sinks, progress)
+                for i, sink in enumerate(sinks.all()):
+                    if progress:
+                        progress(Progress("finish", i, len(sinks.all()), 0, 0, Path(getattr(sink, "out_path", hf_dir)).name))
+                    sink.close()
+            except BaseException:
+                sinks.abort()
+                raise
+            if digests[0] == digests[1] and ft.path.resolve() != inf.path.resolve():
+                note = "finetuned and inferior have identical weights: the expert equals finetuned"
+                notes.append(note)
+                warnings.warn(note, ExtrapolationWarning, stacklevel=2)
+            if "mlx" in formats:
+                _export_mlx_all(bw, ft, inf, hf_dir, with_inferior, mlx_bits, mlx_group_size, progress)
+            if "hf" not in formats and hf_dir is not None:
+                import shutil
+
+                shutil.rmtree(bw.tmp / ".work")
+            if progress:
+                progress(Progress("hash", 0, 0, 0, 0, "manifest"))
+            files = _file_entries(bw.tmp, formats, quants, with_inferior, mlx_bits, mlx_group_size)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "tool": "epicode-edge",
+                "tool_version": __version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "mu": mu,
+                "defaults": {"lambda": lam, "alpha": alpha},
+                "arch": ft.arch,
+                "tokenizer_hash": ft.tokenizer_hash(),
+                "sources": {
+                    "finetuned": {"path": str(ft.path.absolute()), "format": ft.format, "content_sha256": digests[0]},
+                    "inferior": {"path": str(inf.path.absolute()), "format": inf.format, "content_sha256": digests[1]},
+                },
+                "files": files,
+                "warnings": notes,
+                "summary": {
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "tensors": len(ft.tensors),
+                    "input_bytes": ft.nbytes + inf.nbytes,
+                    "output_bytes": _total_bytes(files),
+                    "peak_rss_bytes": _peak_rss_bytes(),
+                },
+            }
+            bw.commit(manifest)
+    return open_bundle(bw.out)
+
+
+def _export_mlx_all(bw, ft, inf, hf_dir, with_inferior, bits, group_size, progress) -> None:
+    from .mlx import export_mlx
+
+    sources = [("expert", hf_dir), ("amateur", ft.path)] + ([("inferior", inf.path)] if with_inferior else [])
+    for i, (role, src) in enumerate(sources):
+        if progress:
+            progress(Progress("mlx", i, len(sources), 0, 0, role))
+        export_mlx(src, bw.path(mlx_relpath(role)), bits=bits, group_size=group_size)
+
+
+def _file_entries(root: Path, formats, quants, with_inferior, mlx_bits, mlx_group_size) -> dict:
+    roles = ["expert", "amateur"] + (["inferior"] if with_inferior else [])
+    files: dict = {}
+    if "gguf" in formats:
+        files["gguf"] = {q: {r: file_entry(root, gguf_relpath(r, q)) for r in roles} for q in quants}
+    if "mlx" in formats:
+        files["mlx"] = {r: file_entry(root, mlx_relpath(r), bits=mlx_bits, group_size=mlx_group_size) for r in roles}
+    if "hf" in formats:
+        files["hf"] = {"expert": file_entry(root, hf_relpath("expert"))}
+    return files
+
+
+def _total_bytes(files: dict) -> int:
+    total = sum(e["bytes"] for per_role in files.get("gguf", {}).values() for e in per_role.values())
+    return total + sum(e["bytes"] for fmt in ("mlx", "hf") for e in files.get(fmt, {}).values())
+
+
+def extrapolate(finetuned, inferior, out, *, mu, force: bool = False, progress: ProgressFn | None = None,
+                max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write the expert alone as an HF folder at `out` (sharded safetensors, config, tokenizer), atomically.
+
+    Inputs are HF folders; the same validation as convert. Returns the folder.
+    """
+    mu = check_mu(mu)
+    bw = BundleWriter(out, force, marker="config.json")
+    with open_checkpoint(finetuned) as ft, open_checkpoint(inferior) as inf:
+        notes = validate_pair(ft, inf, mu)
+        if ft.format != "hf":
+            raise UnsupportedError(f"{ft.path}: extrapolate writes an HF folder from HF folders; "
+                                   "for GGUF inputs use convert --to gguf")
+        for note in notes:
+            warnings.warn(note, ExtrapolationWarning, stacklevel=2)
+        with bw:
+            sinks = _Sinks()
+            try:
+                sinks.hf = HFSink(bw.tmp, ft.config, ft.tensors, ft.tokenizer_dir, max_shard_bytes)
+                _run_pass(ft, inf, mu, sinks, progress)
+                sinks.hf.close()
+            except BaseException:
+                sinks.abort()
+                raise
+            return bw.commit(None)
