@@ -19,6 +19,7 @@ F32. Output files appear under their final name only when complete.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -480,6 +481,12 @@ def llama_quantize(src: Path, dst: Path, file_type: FT, nthread: int = 0) -> Non
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)
     params.nthread = nthread or (os.cpu_count() or 1)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    log = logging.getLogger("llama-cpp-python")  # gates llama.cpp's own log lines (llama_cpp._logger)
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    finally:
+        log.setLevel(old)
     if rc != 0:
         raise BackendError(f"llama.cpp failed to quantize {src.name} to {file_type.name} (code {rc})")

@@ -14,7 +14,9 @@ Special token ids, add_bos/add_eos (as the HF tokenizer behaves) and the chat te
 from __future__ import annotations
 
 import json
+import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -134,7 +136,8 @@ def _bpe_vocab(tok_dir: Path, tj: dict, vocab_size: int, arch: str) -> Tokenizer
     extra = [i for i in list(by_id) + list(added) if i >= vocab_size]
     if extra:
         raise InputError(f"{tok_dir / 'tokenizer.json'}: token id {max(extra)} >= config.json vocab_size {vocab_size}")
-    merges = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=vocab_size).merges
+    with _quiet_gguf():
+        merges = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=vocab_size).merges
     return TokenizerMeta("gpt2", _pre_tokenizer(tok_dir, tj, arch), tokens, types, merges=merges)
 
 
@@ -252,8 +255,9 @@ def _added_tokens(tok_dir: Path, tj: dict | None) -> dict[int, dict]:
 # -------------------------------------------------------------------------------------- specials
 
 def _add_specials(meta: TokenizerMeta, tok_dir: Path, vocab_size: int, tj: dict | None) -> None:
-    sv = gguf.SpecialVocab(tok_dir, load_merges=False, n_vocab=vocab_size,
-                           special_token_types=("bos", "eos", "unk", "pad"))
+    with _quiet_gguf():
+        sv = gguf.SpecialVocab(tok_dir, load_merges=False, n_vocab=vocab_size,
+                               special_token_types=("bos", "eos", "unk", "pad"))
     meta.special_ids = dict(sv.special_token_ids)
     for text in EOT_TEXTS:
         if text in meta.tokens:
@@ -287,3 +291,14 @@ def _load_json(path: Path) -> dict:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+@contextmanager
+def _quiet_gguf():
+    """gguf-py logs warnings about unusual post-processors; library code stays silent."""
+    log = logging.getLogger("gguf.vocab")
+    old, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = old
