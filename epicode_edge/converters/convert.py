@@ -12,8 +12,10 @@ input folders). The bundle appears under its final name only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import resource
+import shutil
 import sys
 import time
 import warnings
@@ -25,14 +27,12 @@ from typing import Callable, Iterable
 from .. import __version__
 from ..errors import ParameterError, UnsupportedError
 from .bundle import FORMAT_VERSION, Bundle, BundleWriter, file_entry, gguf_relpath, hf_relpath, mlx_relpath, open_bundle
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
 from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, validate_pair
 from .hf import MAX_SHARD_BYTES, HFSink
 from .safetensors_io import to_f32
 
 FORMATS = ("gguf", "mlx", "hf")
-MLX_BITS = (4, 8)
-MLX_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,8 @@ def check_decoding_defaults(lam, alpha) -> tuple[float, float]:
 
 
 def check_mlx(bits, group_size) -> None:
+    from .mlx import MLX_BITS, MLX_GROUP_SIZES
+
     if bits is not None and bits not in MLX_BITS:
         raise ParameterError(f"mlx_bits must be one of {', '.join(map(str, MLX_BITS))} or None (got {bits})")
     if group_size not in MLX_GROUP_SIZES:
@@ -115,8 +117,9 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
         check_arch(ckpt.config, where=str(ckpt.path / "config.json"))
     if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{ckpt.arch}") is None:
         raise UnsupportedError(f"{ckpt.path}/config.json: architecture {ckpt.arch!r} is not supported by mlx_lm")
-    if {"gguf", "mlx"} & set(formats) and not any((ckpt.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise UnsupportedError(f"{ckpt.path}: no tokenizer.json or tokenizer.model (needed for GGUF/MLX export)")
+    tok = Path(ckpt.tokenizer_dir or ckpt.path)
+    if {"gguf", "mlx"} & set(formats) and not any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise UnsupportedError(f"{tok}: no tokenizer.json or tokenizer.model (needed for GGUF/MLX export)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,19 +128,19 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
 
 
 class _Sinks:
-    """The writers fed by the pass; closed (or aborted) together."""
+    """The writers fed by the pass, per role; closed (or aborted) together."""
 
     def __init__(self):
-        self.hf: HFSink | None = None
-        self.gguf: dict[str, list] = {"expert": [], "amateur": [], "inferior": []}
+        self.hf: dict[str, HFSink] = {}  # role -> HF folder writer (storage arrays)
+        self.gguf: dict[str, list] = {"expert": [], "amateur": [], "inferior": []}  # role -> GGUF sinks (f32)
 
     def all(self) -> list:
-        return ([self.hf] if self.hf else []) + [s for group in self.gguf.values() for s in group]
+        return list(self.hf.values()) + [s for group in self.gguf.values() for s in group]
 
     def write(self, t) -> None:
-        if self.hf is not None:
-            self.hf.write(t.name, t.expert)
         for role, array in (("expert", t.expert), ("amateur", t.finetuned), ("inferior", t.inferior)):
+            if role in self.hf:
+                self.hf[role].write(t.name, array)
             if self.gguf[role]:
                 x = to_f32(array, t.tag)  # (shape) f32, one role at a time
                 for sink in self.gguf[role]:
@@ -152,13 +155,28 @@ class _Sinks:
                 pass
 
 
+def _roles(with_inferior: bool) -> list[str]:
+    return ["expert", "amateur"] + (["inferior"] if with_inferior else [])
+
+
 def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quants, with_inferior,
-                max_shard_bytes, sinks: _Sinks) -> Path | None:
-    """Create the sinks inside the temporary bundle; returns the expert HF folder (None without hf/mlx)."""
-    hf_dir = None
-    if "hf" in formats or "mlx" in formats:
-        hf_dir = bw.path(hf_relpath("expert") if "hf" in formats else ".work/hf-expert")
-        sinks.hf = HFSink(hf_dir, ft.config, ft.tensors, ft.tokenizer_dir, max_shard_bytes)
+                max_shard_bytes, sinks: _Sinks) -> dict[str, Path]:
+    """Create the sinks inside the temporary bundle; returns role -> HF folder for the MLX export.
+
+    The expert's HF folder is written by the pass (hf/expert, or a work folder without hf); amateur and
+    inferior use their input folders, unless the input is not a plain HF folder (then the pass writes one).
+    """
+    hf_dirs: dict[str, Path] = {}
+    wanted = ["expert"] if "hf" in formats else []
+    if "mlx" in formats:
+        wanted = _roles(with_inferior)
+    for role in wanted:
+        source = inf if role == "inferior" else ft
+        if role != "expert" and type(source) is HFCheckpoint:
+            hf_dirs[role] = source.path
+            continue
+        hf_dirs[role] = bw.path(hf_relpath(role) if role == "expert" and "hf" in formats else f".work/hf-{role}")
+        sinks.hf[role] = HFSink(hf_dirs[role], source.config, source.tensors, source.tokenizer_dir, max_shard_bytes)
     if "gguf" in formats:
         from .gguf import gguf_sink_for
 
@@ -166,7 +184,7 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
         for role, source in roles:
             for q in quants:
                 sinks.gguf[role].append(gguf_sink_for(source, bw.path(gguf_relpath(role, q)), q))
-    return hf_dir
+    return hf_dirs
 
 
 def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progress: ProgressFn | None):
@@ -181,6 +199,13 @@ def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progres
         if progress:
             progress(Progress("extrapolate", i + 1, n, done, total, name))
     return hashers[0].hexdigest(), hashers[1].hexdigest()
+
+
+def _open(source):
+    """A path is opened (and closed after); a Checkpoint object (e.g. a merged LoRA) is used as is."""
+    if isinstance(source, Checkpoint):
+        return contextlib.nullcontext(source)
+    return open_checkpoint(source)
 
 
 def _peak_rss_bytes() -> int:
@@ -214,7 +239,7 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
     if "mlx" in formats:
         check_mlx(mlx_bits, mlx_group_size)
     bw = BundleWriter(out, force)  # checks the target; writes nothing yet
-    with open_checkpoint(finetuned) as ft, open_checkpoint(inferior) as inf:
+    with _open(finetuned) as ft, _open(inferior) as inf:
         notes = validate_pair(ft, inf, mu)
         check_support(ft, formats)
         for note in notes:
@@ -222,11 +247,11 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
         with bw:
             sinks = _Sinks()
             try:
-                hf_dir = _open_sinks(bw, ft, inf, formats, quants, with_inferior, max_shard_bytes, sinks)
+                hf_dirs = _open_sinks(bw, ft, inf, formats, quants, with_inferior, max_shard_bytes, sinks)
                 digests = _run_pass(ft, inf, mu, sinks, progress)
                 for i, sink in enumerate(sinks.all()):
                     if progress:
-                        progress(Progress("finish", i, len(sinks.all()), 0, 0, Path(getattr(sink, "out_path", hf_dir)).name))
+                        progress(Progress("finish", i, len(sinks.all()), 0, 0, _sink_name(sink)))
                     sink.close()
             except BaseException:
                 sinks.abort()
@@ -236,11 +261,8 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
                 notes.append(note)
                 warnings.warn(note, ExtrapolationWarning, stacklevel=2)
             if "mlx" in formats:
-                _export_mlx_all(bw, ft, inf, hf_dir, with_inferior, mlx_bits, mlx_group_size, progress)
-            if "hf" not in formats and hf_dir is not None:
-                import shutil
-
-                shutil.rmtree(bw.tmp / ".work")
+                _export_mlx_all(bw, hf_dirs, mlx_bits, mlx_group_size, progress)
+            shutil.rmtree(bw.tmp / ".work", ignore_errors=True)
             if progress:
                 progress(Progress("hash", 0, 0, 0, 0, "manifest"))
             files = _file_entries(bw.tmp, formats, quants, with_inferior, mlx_bits, mlx_group_size)
@@ -271,18 +293,21 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
     return open_bundle(bw.out)
 
 
-def _export_mlx_all(bw, ft, inf, hf_dir, with_inferior, bits, group_size, progress) -> None:
+def _sink_name(sink) -> str:
+    return Path(getattr(sink, "out_path", None) or sink.out_dir).name
+
+
+def _export_mlx_all(bw, hf_dirs: dict[str, Path], bits, group_size, progress) -> None:
     from .mlx import export_mlx
 
-    sources = [("expert", hf_dir), ("amateur", ft.path)] + ([("inferior", inf.path)] if with_inferior else [])
-    for i, (role, src) in enumerate(sources):
+    for i, (role, src) in enumerate(hf_dirs.items()):
         if progress:
-            progress(Progress("mlx", i, len(sources), 0, 0, role))
+            progress(Progress("mlx", i, len(hf_dirs), 0, 0, role))
         export_mlx(src, bw.path(mlx_relpath(role)), bits=bits, group_size=group_size)
 
 
 def _file_entries(root: Path, formats, quants, with_inferior, mlx_bits, mlx_group_size) -> dict:
-    roles = ["expert", "amateur"] + (["inferior"] if with_inferior else [])
+    roles = _roles(with_inferior)
     files: dict = {}
     if "gguf" in formats:
         files["gguf"] = {q: {r: file_entry(root, gguf_relpath(r, q)) for r in roles} for q in quants}
@@ -306,7 +331,7 @@ def extrapolate(finetuned, inferior, out, *, mu, force: bool = False, progress: 
     """
     mu = check_mu(mu)
     bw = BundleWriter(out, force, marker="config.json")
-    with open_checkpoint(finetuned) as ft, open_checkpoint(inferior) as inf:
+    with _open(finetuned) as ft, _open(inferior) as inf:
         notes = validate_pair(ft, inf, mu)
         if ft.format != "hf":
             raise UnsupportedError(f"{ft.path}: extrapolate writes an HF folder from HF folders; "
@@ -316,9 +341,9 @@ def extrapolate(finetuned, inferior, out, *, mu, force: bool = False, progress: 
         with bw:
             sinks = _Sinks()
             try:
-                sinks.hf = HFSink(bw.tmp, ft.config, ft.tensors, ft.tokenizer_dir, max_shard_bytes)
+                sinks.hf["expert"] = HFSink(bw.tmp, ft.config, ft.tensors, ft.tokenizer_dir, max_shard_bytes)
                 _run_pass(ft, inf, mu, sinks, progress)
-                sinks.hf.close()
+                sinks.hf["expert"].close()
             except BaseException:
                 sinks.abort()
                 raise
