@@ -57,12 +57,13 @@ def extrapolate_tensor(ft: np.ndarray, inf: np.ndarray, mu: float, tag: str) -> 
     mu32 = np.float32(mu)
     out = np.empty(ft.shape, dtype=from_f32(np.zeros(1, np.float32), tag).dtype)  # (shape) storage
     flat_ft, flat_inf, flat_out = ft.reshape(-1), inf.reshape(-1), out.reshape(-1)
-    for s in range(0, flat_ft.size, CHUNK):
-        f = to_f32(np.asarray(flat_ft[s : s + CHUNK]), tag)  # (c,) f32
-        e = f - to_f32(np.asarray(flat_inf[s : s + CHUNK]), tag)  # (c,) ft - inf
-        e *= mu32
-        e += f  # ft + mu * (ft - inf), each step rounded to f32
-        flat_out[s : s + CHUNK] = from_f32(e, tag)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow shows as Inf: iter_expert reports it
+        for s in range(0, flat_ft.size, CHUNK):
+            f = to_f32(np.asarray(flat_ft[s : s + CHUNK]), tag)  # (c,) f32
+            e = f - to_f32(np.asarray(flat_inf[s : s + CHUNK]), tag)  # (c,) ft - inf
+            e *= mu32
+            e += f  # ft + mu * (ft - inf), each step rounded to f32
+            flat_out[s : s + CHUNK] = from_f32(e, tag)
     return out
 
 
