@@ -1,0 +1,188 @@
+"""llama.cpp with one base model shared by the roles, each role its own context with LoRA adapters.
+
+A shared-base bundle (converters/lora.py) holds one base GGUF and two GGUF LoRA adapters. The base is
+loaded once (one llama_model, weights memory-mapped once); each role gets its own llama_context (own KV
+cache) over that model, with adapters attached at run time with a scale each:
+
+    expert   = base + finetuned x (1 + mu) + inferior x (-mu)      (= finetuned + mu * (finetuned - inferior))
+    amateur  = base + finetuned x 1
+    inferior = base + inferior x 1                                   (for eval's CD-only row)
+
+llama.cpp computes W x + sum_k scale_k * (alpha_k / r_k) * B_k (A_k x) for every adapted matmul
+(`llama_set_adapters_lora`), so the roles equal the merged-weights models up to float error.
+
+    shared = SharedBase("bundle/gguf/base-Q8_0.gguf", n_ctx=2048)
+    expert = shared.role([(ft_path, 1.5), (inf_path, -0.5)])
+    amateur = shared.role([(ft_path, 1.0)])
+    ...                           # both are Backends (backends/base.py); the decoding loop runs unchanged
+    expert.close(); amateur.close()   # the model is freed with the last role
+
+or, from a bundle: `open_roles(bundle, roles=("expert", "amateur"), quant=None, n_ctx=...)`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import BackendError, InputError, ParameterError
+from .llamacpp import KV_TYPES, LlamaCppBackend
+
+
+class SharedBase:
+    """One base GGUF loaded once; LoRA adapters loaded once each against it; roles made on demand."""
+
+    def __init__(self, path, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 n_batch: int = 512, kv_type: str = "f16"):
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: GGUF base model file not found")
+        if kv_type not in KV_TYPES:
+            raise ParameterError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.path = path
+        try:
+            # The model and a first context (used by the first role made).
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads,
+                n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=False, verbose=False,
+                type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
+        except (ValueError, RuntimeError, OSError) as e:
+            raise BackendError(f"{path}: llama.cpp cannot load the model ({' '.join(str(e).split())})") from None
+        self._adapters: dict[Path, object] = {}
+        self._first_context_free = True
+        self._roles = 0
+        self._closed = False
+
+    def adapter(self, path) -> object:
+        """The llama_adapter_lora pointer of a GGUF LoRA file, loaded once (never NULL)."""
+        path = Path(path)
+        if path not in self._adapters:
+            if not path.is_file():
+                raise InputError(f"{path}: GGUF LoRA adapter file not found")
+            ptr = self._lib.llama_adapter_lora_init(self.llm._model.model, str(path).encode("utf-8"))
+            if not ptr:  # NULL: llama.cpp logged why (arch mismatch, shapes, not an adapter)
+                raise BackendError(f"{path}: llama.cpp cannot load this LoRA adapter for base {self.path.name} "
+                                   "(not a GGUF LoRA file, or made for another architecture/shape)")
+            self._adapters[path] = ptr
+        return self._adapters[path]
+
+    def role(self, adapters: Sequence[tuple[object, float]], label: str | None = None) -> "LoraRoleBackend":
+        """A Backend over the shared model with its own context and KV cache and these (path, scale) adapters."""
+        if self._closed:
+            raise BackendError(f"{self.path}: shared base model already closed")
+        pointers = [(self.adapter(p), float(s)) for p, s in adapters if float(s) != 0.0]
+        own = self._first_context_free
+        backend = LoraRoleBackend(self, pointers, own_context=own, label=label)
+        self._first_context_free = False
+        self._roles += 1
+        return backend
+
+    def _new_context(self):
+        from llama_cpp import _internals
+
+        llm = self.llm
+        try:
+            ctx = _internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=False)
+            batch = _internals.LlamaBatch(n_tokens=llm.n_batch, embd=0, n_seq_max=1, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise BackendError(f"{self.path}: llama.cpp cannot make a context ({' '.join(str(e).split())})") from None
+        return ctx, batch
+
+    def _release(self) -> None:
+        self._roles -= 1
+        if self._roles <= 0:
+            self.close()
+
+    def close(self) -> None:
+        """Free the model (its contexts and adapters go with it)."""
+        if not self._closed:
+            self._closed = True
+            self._adapters.clear()
+            self.llm.close()
+
+
+class LoraRoleBackend(LlamaCppBackend):
+    """One role of a shared-base bundle: LlamaCppBackend's tokenizer and forward pass on its own context
+    of the shared model, with LoRA adapters set on that context."""
+
+    def __init__(self, shared: SharedBase, adapters: list[tuple[object, float]], own_context: bool,
+                 label: str | None = None):
+        llm = shared.llm
+        self._lib, self._llm, self._shared = shared._lib, llm, shared
+        if own_context:
+            self._ctx_obj, self._batch_obj = None, None
+            ctx, batch = llm._ctx.ctx, llm._batch
+        else:
+            self._ctx_obj, self._batch_obj = shared._new_context()
+            ctx, batch = self._ctx_obj.ctx, self._batch_obj
+        path = shared.path if label is None else shared.path.with_name(f"{shared.path.name}+{label}")
+        super(LlamaCppBackend, self).__init__(path, llm.n_ctx())
+        self._ctx, self._batch, self._n_batch = ctx, batch, llm.n_batch
+        self._vocab = llm._model.vocab
+        self._mem = self._lib.llama_get_memory(self._ctx)
+        self.vocab_size = int(self._lib.llama_vocab_n_tokens(self._vocab))
+        self._piece = ctypes.create_string_buffer(256)
+        self._texts = None
+        self._read_metadata()
+        self.adapters = [s for _, s in adapters]  # scales, for display
+        self._set_adapters(adapters)
+
+    def _set_adapters(self, adapters: list[tuple[object, float]]) -> None:
+        if not adapters:  # a fresh context has none; never hand llama.cpp a NULL adapter
+            return
+        lib = self._lib
+        n = len(adapters)
+        if hasattr(lib, "llama_set_adapters_lora"):
+            arr = (lib.llama_adapter_lora_p_ctypes * n)(*[p for p, _ in adapters])
+            scales = (ctypes.c_float * n)(*[s for _, s in adapters])
+            rc = lib.llama_set_adapters_lora(self._ctx, arr, n, scales)
+        else:  # older llama-cpp-python: one call per adapter, each adds to the context's set
+            rc = 0
+            for p, s in adapters:
+                rc = rc or lib.llama_set_adapter_lora(self._ctx, p, s)
+        if rc != 0:
+            raise BackendError(f"{self.path}: llama.cpp refused the LoRA adapters (code {rc})")
+
+    def _trim(self, n: int) -> None:
+        if not self._lib.llama_memory_seq_rm(self._mem, -1, n, -1):
+            raise BackendError(f"{self.path}: this model's cache cannot drop positions")
+
+    def close(self) -> None:
+        shared, self._shared = getattr(self, "_shared", None), None
+        if shared is None:
+            return
+        for obj in (self._batch_obj, self._ctx_obj):
+            if obj is not None:
+                obj.close()
+        self._batch_obj = self._ctx_obj = None
+        self._llm = None
+        shared._release()
+
+
+def open_roles(bundle, roles: Sequence[str] = ("expert", "amateur"), quant: str | None = None,
+               n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0, n_batch: int = 512,
+               kv_type: str = "f16") -> dict[str, LoraRoleBackend]:
+    """Backends for the roles of a shared-base bundle (converters.bundle.Bundle), over one loaded base."""
+    from ..converters.lora import shared_base_roles
+    from ..errors import BundleError
+
+    base, per_role = shared_base_roles(bundle, quant)
+    missing = [r for r in roles if r not in per_role]
+    if missing:
+        raise BundleError(f"{bundle.path}: shared-base bundle has no role {missing[0]!r} (has {', '.join(per_role)})")
+    shared = SharedBase(base, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
+                        kv_type=kv_type)
+    out: dict[str, LoraRoleBackend] = {}
+    try:
+        for r in roles:
+            out[r] = shared.role(per_role[r], label=r)
+    except BaseException:
+        for b in out.values():
+            b.close()
+        shared.close()
+        raise
+    return out
