@@ -279,3 +279,55 @@ def make_lora_pair(root: Path, base_dir: Path, rank: int = 4, seed: int = 0, **k
     ft = make_lora_adapter(root / "finetuned", base_dir, rank=rank, seed=seed, **kw)
     inf = make_lora_adapter(root / "inferior", base_dir, rank=rank, seed=seed + 1000, like=ft, **kw)
     return ft, inf
+
+
+SPM_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def make_spm_tokenizer(out: Path, vocab_size: int = 512, files: tuple[str, ...] = ("model", "json")) -> Path:
+    """A Llama-2 style SentencePiece tokenizer folder: BPE with byte fallback, <unk>=0 <s>=1 </s>=2,
+    a user-defined <|eot_id|>=3, add_bos. files: "model" writes tokenizer.model, "json" writes the
+    tokenizer.json that transformers converts from it (as HF repos ship both). Deterministic."""
+    import io
+
+    import sentencepiece as spm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 4), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        split_digits=True, allow_whitespace_only_pieces=True, user_defined_symbols=["<|eot_id|>"],
+        num_threads=1, minloglevel=2, hard_vocab_limit=False)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    cfg = {
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": True, "model_max_length": 512,
+        "clean_up_tokenization_spaces": False, "chat_template": SPM_CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    if "json" in files:
+        from transformers import AutoTokenizer
+
+        conv = out / ".converted"
+        AutoTokenizer.from_pretrained(str(out)).save_pretrained(str(conv))
+        tj = json.loads((conv / "tokenizer.json").read_text())
+        shutil.rmtree(conv)
+        # The layout Llama 2 / Mistral / TinyLlama repos ship (sentencepiece's own behaviour): a dummy
+        # prefix "▁" before the text and spaces as "▁", no pre-tokenizer.
+        tj["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+        tj["pre_tokenizer"] = None
+        tj["decoder"] = {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+        (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    if "model" not in files:
+        (out / "tokenizer.model").unlink()
+    return out

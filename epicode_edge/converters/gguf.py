@@ -481,11 +481,14 @@ def llama_quantize(src: Path, dst: Path, file_type: FT, nthread: int = 0) -> Non
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)
     params.nthread = nthread or (os.cpu_count() or 1)
-    log = logging.getLogger("llama-cpp-python")  # gates llama.cpp's own log lines (llama_cpp._logger)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    log = logging.getLogger("llama-cpp-python")  # gates llama.cpp's log callback (llama_cpp._logger)
     old = log.level
     log.setLevel(logging.ERROR)
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        with suppress_stdout_stderr(disable=False):  # per-tensor fallback notes go straight to stderr
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     finally:
         log.setLevel(old)
     if rc != 0:

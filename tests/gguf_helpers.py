@@ -1,0 +1,46 @@
+"""Engine helpers shared by the GGUF / MLX export tests: last-token logits from llama.cpp and mlx_lm."""
+
+from __future__ import annotations
+
+import numpy as np
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: what is 17 + 25? Answer:",
+    "Café crème, 東京 😀 <|eot_id|> done",
+]
+
+
+def llama_model(path, n_ctx: int = 128, vocab_only: bool = False):
+    """A llama.cpp model with an F32 KV cache (the default F16 cache alone costs ~1e-2 on these logits)."""
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    return Llama(str(path), n_ctx=n_ctx, logits_all=False, verbose=False, vocab_only=vocab_only,
+                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_threads=2)
+
+
+def llama_last_logits(llm, ids: list[int]) -> np.ndarray:
+    """(V,) float32 logits of the last position after evaluating ids from an empty cache."""
+    import llama_cpp
+
+    llm.reset()
+    llm.eval(ids)
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
+def mlx_last_logits(model, ids: list[int]) -> np.ndarray:
+    import mlx.core as mx
+
+    out = model(mx.array([ids]))[0, -1].astype(mx.float32)  # (V,)
+    return np.array(out)
+
+
+def mlx_load_f32(path):
+    """mlx_lm model and tokenizer, weights upcast to float32 (so f16/bf16 sources compute like llama.cpp F32)."""
+    import mlx.core as mx
+    import mlx_lm
+
+    model, tok = mlx_lm.load(str(path))
+    model.set_dtype(mx.float32)
+    return model, tok
