@@ -390,7 +390,7 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
     lora/inferior.gguf (float32), and the role scales in the manifest (layout "shared-base").
     merge=True: the adapters merged into full finetuned and inferior weights, then the normal
     convert (expert and amateur files; other keyword arguments go to convert()).
-    progress(stage, done, total), if given, is called as files are written.
+    progress(convert.Progress), if given, is called as files are written. Returns the opened Bundle.
     """
     from .extrapolate import check_mu
 
@@ -421,56 +421,74 @@ def _quant_list(quant) -> list[str]:
 
 def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force, progress):
     import time
+    from datetime import datetime, timezone
 
     from .. import __version__
-    from .bundle import FORMAT_VERSION, BundleWriter, file_entry, gguf_relpath
+    from .bundle import FORMAT_VERSION, BundleWriter, file_entry, gguf_relpath, open_bundle
+    from .convert import Progress, _peak_rss_bytes, check_decoding_defaults
 
-    report = progress or (lambda stage, done, total: None)
+    t0 = time.perf_counter()
+    lam, alpha = check_decoding_defaults(lam, alpha)
     files: dict = {"gguf": {}, "lora": {}}
     hasher = base_ckpt.content_hasher()
     with BundleWriter(out, force) as bw:
         for i, q in enumerate(quants):
             rel = gguf_relpath("base", q)
-            _write_base_gguf(base_ckpt, bw.path(rel), q, lambda d, t, q=q: report(f"base {q}", d, t),
-                             hasher if i == 0 else None)
+            _write_base_gguf(base_ckpt, bw.path(rel), q, progress, hasher if i == 0 else None, (i, len(quants)))
             files["gguf"][q] = {"base": file_entry(bw.tmp, rel)}
         for which, adapter in (("finetuned", ft), ("inferior", inf)):
             rel = lora_relpath(which)
+            if progress:
+                progress(Progress("lora", 0, 0, 0, 0, which))
             write_lora_gguf(adapter, bw.path(rel), base_ckpt.config)
             files["lora"][which] = file_entry(bw.tmp, rel, r=adapter.r, lora_alpha=adapter.alpha,
                                               targets=len(adapter.targets))
-            report(f"lora {which}", 1, 1)
+        out_bytes = sum(e["bytes"] for per in files["gguf"].values() for e in per.values())
+        out_bytes += sum(e["bytes"] for e in files["lora"].values())
+        in_bytes = base_ckpt.nbytes + sum(a.file.path.stat().st_size for a in (ft, inf))
         manifest = {
             "format_version": FORMAT_VERSION,
+            "tool": "epicode-edge",
+            "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "layout": LAYOUT,
             "mu": mu,
-            "defaults": {"lambda": float(lam), "alpha": float(alpha)},
+            "defaults": {"lambda": lam, "alpha": alpha},
             "arch": base_ckpt.arch,
             "tokenizer_hash": base_ckpt.tokenizer_hash(),
+            "sources": {
+                "base": {"path": str(Path(base_ckpt.path).absolute()), "format": "hf",
+                         "content_sha256": hasher.hexdigest()},
+                "finetuned": {"path": str(ft.path.absolute()), "format": "peft-lora", "content_sha256": adapter_hash(ft)},
+                "inferior": {"path": str(inf.path.absolute()), "format": "peft-lora", "content_sha256": adapter_hash(inf)},
+            },
             "files": files,
             "lora": {"scales": role_scales(mu)},
-            "sources": {
-                "base": {"path": str(base_ckpt.path), "format": "hf", "content_sha256": hasher.hexdigest()},
-                "finetuned": {"path": str(ft.path), "format": "peft-lora", "content_sha256": adapter_hash(ft)},
-                "inferior": {"path": str(inf.path), "format": "peft-lora", "content_sha256": adapter_hash(inf)},
-            },
-            "tool_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "warnings": [],
+            "summary": {"seconds": round(time.perf_counter() - t0, 3), "tensors": len(base_ckpt.tensors),
+                        "input_bytes": in_bytes, "output_bytes": out_bytes, "peak_rss_bytes": _peak_rss_bytes()},
         }
-        return bw.commit(manifest)
+        path = bw.commit(manifest)
+    return open_bundle(path)
 
 
-def _write_base_gguf(base_ckpt, path: Path, quant: str, progress, hasher=None) -> None:
+def _write_base_gguf(base_ckpt, path: Path, quant: str, progress, hasher=None, part=(0, 1)) -> None:
+    """One base GGUF; progress counts the input bytes over all parts (one part per quant)."""
+    from .convert import Progress
     from .gguf import gguf_sink_for
 
     names = list(base_ckpt.tensors)
+    total, done = base_ckpt.nbytes * part[1], base_ckpt.nbytes * part[0]
     with gguf_sink_for(base_ckpt, path, quant) as sink:
         for i, name in enumerate(names):
+            info = base_ckpt.tensors[name]
             stored = base_ckpt.read(name)
             if hasher is not None:
-                hasher.update(base_ckpt.tensors[name], stored)
-            sink.write(name, to_f32(stored, base_ckpt.tensors[name].dtype))
-            progress(i + 1, len(names))
+                hasher.update(info, stored)
+            sink.write(name, to_f32(stored, info.dtype))
+            done += info.nbytes
+            if progress:
+                progress(Progress("extrapolate", i + 1, len(names), done, total, f"base {quant}: {name}"))
 
 
 def is_shared_base(bundle) -> bool:
