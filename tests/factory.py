@@ -31,6 +31,12 @@ CORPUS = [
     "0123456789 3.14159 -42 1e10 100%",
 ]
 
+# The split regexes of Llama 3 and Qwen2 tokenizer.json files.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 CHAT_TEMPLATE = (
@@ -42,15 +48,25 @@ CHAT_TEMPLATE = (
 ARCHS = ("llama", "qwen2", "qwen3")
 
 
-def make_tokenizer(out: Path, vocab_size: int = 384, add_bos: bool = True) -> Path:
+def make_tokenizer(out: Path, vocab_size: int = 384, add_bos: bool = True, split_regex: str | None = None) -> Path:
     """A byte-level BPE tokenizer folder (tokenizer.json + tokenizer_config.json) with Llama-3 style
-    special tokens and a chat template. Deterministic for a given vocab_size."""
+    special tokens and a chat template. Deterministic for a given vocab_size.
+
+    split_regex: pre-split with this regex before the byte-level step, as Llama 3 / Qwen2 tokenizers do
+    (LLAMA3_SPLIT, QWEN2_SPLIT); None keeps GPT-2's built-in ByteLevel regex."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_regex is not None:
+        from tokenizers import Regex
+
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
