@@ -1,0 +1,223 @@
+"""The Backend protocol: one engine holding one model and its KV cache (DESIGN.md sec. 4).
+
+A backend keeps the token ids it has cached (`tokens`, `n_past`). `prefill(ids)` appends ids after the cached
+positions and returns the logits of the last one; `step(id)` is prefill of one token; `truncate(n)` drops
+cached positions after n (chat history reuse). Logits come back as a float32 numpy vector (V,) that may be a
+view into the engine's buffer: valid until the next call on that backend, so copy it to keep it.
+
+`counters` lets callers (and tests) see the work done: tokens prefilled and stepped, forward calls, seconds.
+`BaseBackend` holds the bookkeeping; an engine implements `_forward(ids) -> logits` and `_trim(n)`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from ..errors import ContextFullError, MismatchError, ParameterError
+
+# End-of-turn / end-of-text tokens that stop generation when the vocabulary has them as single tokens, on
+# every engine alike (a superset of llama.cpp's own end-of-generation list).
+END_OF_TURN_TEXTS = (
+    "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+    "<EOT>", "_<EOT>", "<|EOT|>", "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>", "</s>",
+)
+
+
+@dataclass
+class Counters:
+    """Work done by one backend since load (or since `reset_counters`)."""
+
+    prefill_calls: int = 0   # prefill() calls with at least one token (each one forward call or a few chunks)
+    prefill_tokens: int = 0  # tokens fed through prefill()
+    step_calls: int = 0      # step() calls (one token each)
+    forward_seconds: float = 0.0  # wall time inside the engine's forward passes
+    truncations: int = 0     # truncate() calls that dropped positions
+
+    @property
+    def forward_calls(self) -> int:
+        return self.prefill_calls + self.step_calls
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.step_calls
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the decoding loop and the runtime need from an engine."""
+
+    name: str                   # "llama.cpp" | "mlx"
+    path: Path
+    vocab_size: int             # length of the logits vector
+    bos_id: int | None
+    eos_ids: frozenset          # EOS and end-of-turn ids: generation stops on them
+    add_bos: bool               # whether the model's tokenizer adds BOS to a raw prompt by default
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    n_ctx: int
+    counters: Counters
+
+    @property
+    def n_past(self) -> int: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    def tokenize(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]: ...
+    def detokenize(self, ids: Sequence[int]) -> bytes: ...
+    def token_bytes(self, token_id: int) -> bytes: ...
+    def token_texts(self) -> list[str]: ...
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed ids after the cached positions; logits (V,) of the last one."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ParameterError(f"{self.path.name}: prefill needs at least one token")
+        logits = self._run(ids)
+        self.counters.prefill_calls += 1
+        self.counters.prefill_tokens += len(ids)
+        return logits
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Feed one token; logits (V,) of it."""
+        logits = self._run([int(token_id)])
+        self.counters.step_calls += 1
+        return logits
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        self._check_room(len(ids))
+        if self._dirty:  # a forward was interrupted (Ctrl-C) after the engine cached it: drop those positions
+            self._trim(self.n_past)
+        self._dirty = True
+        t = time.perf_counter()
+        logits = self._forward(ids)
+        self.counters.forward_seconds += time.perf_counter() - t
+        self._tokens.extend(ids)
+        self._dirty = False
+        return logits
+
+    def truncate(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class BaseBackend:
+    """Bookkeeping shared by the engines: cached tokens, context limit, counters."""
+
+    name = "base"
+
+    def __init__(self, path, n_ctx: int):
+        self.path = Path(path)
+        self.n_ctx = int(n_ctx)
+        self.counters = Counters()
+        self._tokens: list[int] = []
+        self._dirty = False  # True while a forward runs: the engine may hold more positions than _tokens
+
+    # -- cache state -------------------------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids whose keys/values are cached, in order (a copy)."""
+        return list(self._tokens)
+
+    def reset_counters(self) -> None:
+        self.counters = Counters()
+
+    # -- forward -----------------------------------------------------------------------------------
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed ids after the cached positions; logits (V,) of the last one."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ParameterError(f"{self.path.name}: prefill needs at least one token")
+        self._check_room(len(ids))
+        t = time.perf_counter()
+        logits = self._forward(ids)
+        self.counters.forward_seconds += time.perf_counter() - t
+        self.counters.prefill_calls += 1
+        self.counters.prefill_tokens += len(ids)
+        self._tokens.extend(ids)
+        return logits
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Feed one token; logits (V,) of it."""
+        self._check_room(1)
+        t = time.perf_counter()
+        logits = self._forward([token_id])
+        self.counters.forward_seconds += time.perf_counter() - t
+        self.counters.step_calls += 1
+        self._tokens.append(token_id)
+        return logits
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n cached positions, drop the rest."""
+        if not 0 <= n <= self.n_past:
+            raise ParameterError(f"{self.path.name}: cannot truncate to {n} of {self.n_past} cached tokens")
+        if n == self.n_past and not self._dirty:
+            return
+        self._trim(n)
+        self._dirty = False
+        if n < self.n_past:
+            del self._tokens[n:]
+            self.counters.truncations += 1
+
+    def _check_room(self, n: int) -> None:
+        if self.n_past + n > self.n_ctx:
+            raise ContextFullError(
+                f"{self.path.name}: {self.n_past} cached + {n} new tokens exceed the context of {self.n_ctx} "
+                f"(raise n_ctx)")
+
+    # -- engine hooks ------------------------------------------------------------------------------
+    def _forward(self, ids: list[int]) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _trim(self, n: int) -> None:  # pragma: no cover - abstract
+        """Make the engine's cache hold exactly the first n positions (whatever it holds now)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.path} n_ctx={self.n_ctx} n_past={self.n_past}>"
+
+
+def end_of_turn_ids(text_to_id) -> set[int]:
+    """Ids of END_OF_TURN_TEXTS that the vocabulary has as single tokens. text_to_id(text) -> id or None."""
+    out = set()
+    for t in END_OF_TURN_TEXTS:
+        i = text_to_id(t)
+        if i is not None:
+            out.add(int(i))
+    return out
+
+
+def check_same_vocab(expert: Backend, amateur: Backend) -> None:
+    """Refuse a pair that does not share the vocabulary (size, special ids, token texts), as llama.cpp's
+    speculative example does for a draft model. Raises MismatchError naming the first difference."""
+    e, a = expert, amateur
+    where = f"expert {e.path} vs amateur {a.path}"
+    if e.vocab_size != a.vocab_size:
+        raise MismatchError(f"vocabulary size differs: {e.vocab_size} vs {a.vocab_size} ({where})")
+    for field_name in ("bos_id", "eos_ids", "add_bos"):
+        ve, va = getattr(e, field_name), getattr(a, field_name)
+        if ve != va:
+            raise MismatchError(f"{field_name} differs: {_show(ve)} vs {_show(va)} ({where})")
+    texts_e, texts_a = e.token_texts(), a.token_texts()
+    if texts_e != texts_a:
+        i = next(i for i, (te, ta) in enumerate(zip(texts_e, texts_a)) if te != ta)
+        raise MismatchError(f"token {i} differs: {texts_e[i]!r} vs {texts_a[i]!r} ({where})")
+
+
+def _show(v):
+    return sorted(v) if isinstance(v, (set, frozenset)) else v

@@ -1,0 +1,94 @@
+"""Contrastive decoding (Li et al. 2023, as used by EpiCoDe): the method in a page of pure functions.
+
+    le = log_softmax(expert_logits)            la = log_softmax(amateur_logits)
+    keep v  iff  le[v] >= log(alpha) + max(le)                      (plausibility mask)
+    s[v] = (1 + lam) * le[v] - lam * la[v]  on kept v,  -inf elsewhere
+
+`contrastive_scores` is the definition over the full vocabulary (the reference). The decoding loop uses the
+candidate form: `plausible_ids` (the mask is usually a handful of tokens) and `candidate_scores` on those ids
+only, with no full-vocabulary sort. Both are exact:
+
+- the mask is shift invariant, so it is computed on the raw logits (`x >= max(x) + log(alpha)`), which is the
+  same set as on log-probs without the rounding of subtracting the log-normaliser;
+- with `normalize=False` the candidate scores are `(1 + lam) * x - lam * y`, which differ from the paper's
+  scores by one constant for all candidates: greedy picks and every softmax-based sampler (temperature,
+  top-k, top-p, min-p) are unchanged; `normalize=True` gives the paper's values (needed by processors that are
+  not shift invariant, such as the sign-aware repetition penalty).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import ParameterError
+
+
+def check_lam(lam: float) -> float:
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
+        raise ParameterError(f"lambda must be a finite number >= 0, got {lam!r}")
+    return float(lam)
+
+
+def check_alpha(alpha: float) -> float:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (0 < alpha <= 1):
+        raise ParameterError(f"alpha must be in (0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log-probabilities of a logits vector (V,) -> (V,), float32, stable."""
+    x = np.asarray(logits, dtype=np.float32)
+    return x - logsumexp(x)
+
+
+def logsumexp(x: np.ndarray) -> np.float32:
+    m = x.max()
+    return m + np.log(np.exp(x - m).sum(dtype=np.float32))
+
+
+def plausible_ids(expert_logits: np.ndarray, alpha: float) -> np.ndarray:
+    """Token ids the plausibility mask keeps, ascending: le[v] >= log(alpha) + max(le).  (V,) -> (K,) int64.
+
+    Works on logits or log-probs alike (the test is shift invariant). Never empty: the argmax is always kept.
+    """
+    x = expert_logits
+    return np.flatnonzero(x >= x.max() + math.log(alpha))
+
+
+def plausibility_mask(le: np.ndarray, alpha: float) -> np.ndarray:
+    """Boolean mask (V,) of the kept tokens, the paper's form on log-probs."""
+    check_alpha(alpha)
+    return le >= math.log(alpha) + le.max()
+
+
+def contrastive_scores(le: np.ndarray, la: np.ndarray, lam: float, alpha: float) -> np.ndarray:
+    """The paper's scores over the full vocabulary: (1 + lam) * le - lam * la on kept tokens, -inf elsewhere.
+
+    le, la: log-probs (V,) of expert and amateur.  Returns (V,) float32.
+    """
+    lam, alpha = check_lam(lam), check_alpha(alpha)
+    if le.shape != la.shape:
+        raise ParameterError(f"expert and amateur logits differ in shape: {le.shape} vs {la.shape}")
+    keep = plausibility_mask(le, alpha)
+    s = np.full(le.shape, -np.inf, dtype=np.float32)
+    s[keep] = (1 + lam) * le[keep] - lam * la[keep]
+    return s
+
+
+def candidate_scores(expert_logits: np.ndarray, amateur_logits: np.ndarray | None, ids: np.ndarray,
+                     lam: float, normalize: bool = False) -> np.ndarray:
+    """Contrastive scores of the candidate ids only.  (V,), (V,), (K,) -> (K,) float32.
+
+    normalize=False: (1 + lam) * x - lam * y on raw logits (paper's scores minus one constant).
+    normalize=True: the paper's values, with log-softmax over the full vocabulary.
+    With lam == 0 the amateur is not read (it may be None): the scores are the expert's own.
+    """
+    x = expert_logits
+    xe = x[ids] - logsumexp(x) if normalize else x[ids]  # (K,)
+    if lam == 0:
+        return xe.astype(np.float32, copy=False)
+    y = amateur_logits
+    ya = y[ids] - logsumexp(y) if normalize else y[ids]  # (K,)
+    return ((1 + lam) * xe - lam * ya).astype(np.float32, copy=False)

@@ -1,0 +1,302 @@
+"""The decoding loop: one generator at the bottom, one streaming layer above it (mlx-lm's generate shape).
+
+    generate_step(expert, amateur, prompt, ...)  -> Step per picked token (forever; the caller stops it)
+    stream_generate(expert, amateur, prompt, ...) -> Event per token (text delta, UTF-8 safe), then a final
+                                                     Event with finish_reason and Stats
+
+Lazy amateur (exact): when the expert's plausibility mask keeps a single token, contrastive decoding picks it
+whatever the amateur says, so the amateur's forward is skipped; the tokens it has not seen wait in `pending`
+and are fed in one batched prefill when its logits are next needed. With lam == 0 the amateur is never needed.
+Both paths call the sampler the same way (one call, hence one random draw, per pick), so greedy and seeded
+sampling give the same tokens as the naive loop (lazy=False), which steps the amateur on every token.
+
+Cache reuse: each model keeps what it has cached; a new prompt is compared with it and only the tokens after
+the common prefix are fed (chat turns prefill only their new tokens; the amateur catches up lazily).
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import ContextFullError, ParameterError
+from .contrastive import candidate_scores, check_alpha, check_lam, plausible_ids
+from .sampling import Sampler, greedy
+
+
+@dataclass
+class Step:
+    """One pick of the bottom generator."""
+
+    token: int
+    changed: bool      # the contrastive pick differs from the expert's own (same settings, same random draw)
+    skipped: bool      # no amateur forward was needed for this pick (forced pick, or lam == 0)
+    n_candidates: int  # tokens the plausibility mask kept
+
+
+@dataclass
+class Stats:
+    """Counts and timings of one request (the final Event carries it)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0       # tokens in the answer (the terminating EOS / end-of-turn excluded)
+    picks: int = 0                   # tokens picked, the terminating EOS included
+    changed: int = 0                 # picks where contrastive decoding changed the expert's choice
+    amateur_skipped: int = 0         # picks that needed no amateur forward
+    expert_prefill_tokens: int = 0   # tokens the expert prefilled (the rest of the prompt came from its cache)
+    amateur_prefill_tokens: int = 0  # tokens the amateur prefilled (prompt + catch-up of skipped tokens)
+    expert_forwards: int = 0
+    amateur_forwards: int = 0
+    ttft_s: float = 0.0              # start to first pick (prefill + first step)
+    decode_s: float = 0.0            # first pick to the end
+    total_s: float = 0.0
+    expert_forward_s: float = 0.0    # time inside the engines' forward passes
+    amateur_forward_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: picks after the first, per second of decoding."""
+        return (self.picks - 1) / self.decode_s if self.picks > 1 and self.decode_s > 0 else 0.0
+
+    @property
+    def skip_rate(self) -> float:
+        return self.amateur_skipped / self.picks if self.picks else 0.0
+
+    @property
+    def loop_overhead_s(self) -> float:
+        """Wall time outside the engines' forward passes (masking, scoring, sampling, detokenizing)."""
+        return max(0.0, self.total_s - self.expert_forward_s - self.amateur_forward_s)
+
+    @property
+    def overhead_us_per_token(self) -> float:
+        return 1e6 * self.loop_overhead_s / self.picks if self.picks else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d.update(tokens_per_s=self.tokens_per_s, skip_rate=self.skip_rate, loop_overhead_s=self.loop_overhead_s,
+                 overhead_us_per_token=self.overhead_us_per_token)
+        return d
+
+
+@dataclass
+class Event:
+    """What stream_generate yields: one per answer token, then a final one with finish_reason and stats."""
+
+    text: str = ""                    # new text (may be "" while bytes or a possible stop string are held)
+    token: int | None = None          # the picked token id (None on the final event)
+    changed: bool = False
+    skipped: bool = False
+    finish_reason: str | None = None  # final event only: "stop" (EOS/end-of-turn or stop string) | "length"
+    stopped_by: str | None = None     # final event only: "eos" | "stop_string" | "max_tokens" | "context_full"
+    stats: Stats | None = field(default=None, repr=False)
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def timings(self) -> dict | None:
+        """The final event's counts and timings as a flat dict (None before)."""
+        return self.stats.as_dict() if self.stats is not None else None
+
+
+# ----------------------------------------------------------------------------------------------
+# the bottom generator
+# ----------------------------------------------------------------------------------------------
+
+
+def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
+                  sampler: Sampler = greedy, processors: Sequence = (), lazy: bool = True) -> Iterator[Step]:
+    """Yield one Step per picked token, forever (close the generator to stop).
+
+    expert, amateur: Backends (amateur may be None when lam == 0: one model alone). The expert is stepped
+    with a pick only when the next pick is asked for, so stopping after a pick wastes no forward pass.
+    """
+    if amateur is None and (lam != 0 or not lazy):
+        raise ParameterError("an amateur model is needed when lambda > 0")
+    prompt = [int(t) for t in prompt]
+    history = list(prompt) if processors else None  # (T,) ids the processors look back on
+    x = expert.prefill(_reuse_cache(expert, prompt))  # (V,) expert logits
+    pending = _reuse_cache(amateur, prompt) if amateur is not None else []  # ids the amateur has not seen
+    y = None  # (V,) amateur logits, current when pending is empty
+    normalize = bool(processors)
+    while True:
+        ids = plausible_ids(x, alpha)  # (K,) ascending
+        forced = len(ids) == 1
+        need = not lazy or (lam > 0 and not forced)
+        if need and pending:
+            y = amateur.step(pending[0]) if len(pending) == 1 else amateur.prefill(pending)
+            pending = []
+        # a skipped amateur leaves one candidate: its score is irrelevant, the pick (and the draw) the same
+        s = _scores(x, y, ids, lam if need else 0.0, normalize, processors, history)  # (K,)
+        if lam > 0 and not forced:
+            own = _scores(x, None, ids, 0.0, normalize, processors, history)  # (K,) the expert alone
+            k, k_own = sampler(s, own)
+        else:
+            (k,), k_own = sampler(s), None
+        token = int(ids[k])
+        yield Step(token, k_own is not None and k != k_own, not need, len(ids))
+        if history is not None:
+            history.append(token)
+        if amateur is not None:
+            pending.append(token)
+        x = expert.step(token)
+
+
+def _scores(x, y, ids, lam, normalize, processors, history) -> np.ndarray:
+    s = candidate_scores(x, y, ids, lam, normalize)  # (K,)
+    for proc in processors:
+        s = proc(history, ids, s)
+    return s
+
+
+def _reuse_cache(backend, prompt: list[int]) -> list[int]:
+    """Truncate the backend's cache to its common prefix with prompt (at most len - 1, so that at least one
+    token is fed and gives logits); return the ids still to feed."""
+    k = common_prefix(backend.tokens, prompt[:-1])
+    backend.truncate(k)
+    return prompt[k:]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+# ----------------------------------------------------------------------------------------------
+# the streaming layer: text, stops, limits, timings
+# ----------------------------------------------------------------------------------------------
+
+
+def check_prompt(prompt: Sequence[int], expert) -> list[int]:
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ParameterError("the prompt is empty (no tokens)")
+    bad = next((t for t in prompt if not 0 <= t < expert.vocab_size), None)
+    if bad is not None:
+        raise ParameterError(f"prompt token id {bad} is outside the vocabulary of {expert.vocab_size}")
+    if len(prompt) > expert.n_ctx:
+        raise ContextFullError(f"the prompt has {len(prompt)} tokens, more than the context of {expert.n_ctx} "
+                               f"(raise n_ctx or shorten the prompt)")
+    return prompt
+
+
+def check_limits(max_tokens: int, stop) -> list[str]:
+    if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise ParameterError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+    stop = [stop] if isinstance(stop, str) else list(stop or ())
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise ParameterError(f"stop strings must be non-empty strings, got {s!r}")
+    return stop
+
+
+def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
+                    sampler: Sampler = greedy, processors: Sequence = (), max_tokens: int = 256,
+                    stop: Sequence[str] = (), lazy: bool = True) -> Iterator[Event]:
+    """Yield an Event per answer token, then a final Event (finish_reason, stopped_by, stats).
+
+    Stops on the expert's EOS / end-of-turn ids, a stop string (not emitted, even when it spans tokens),
+    max_tokens ("length"), or a full context ("length", stopped_by "context_full"). A prompt longer than the
+    context raises ContextFullError before any work.
+    """
+    lam, alpha = check_lam(lam), check_alpha(alpha)
+    stop = check_limits(max_tokens, stop)
+    prompt = check_prompt(prompt, expert)
+    models = [expert] + ([amateur] if amateur is not None else [])
+    c0 = [_snapshot(m) for m in models]
+    st = Stats(prompt_tokens=len(prompt))
+    t0 = time.perf_counter()
+    t_first = None
+    text = _TextStream(stop)
+    reason = ("length", "max_tokens")
+    steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
+                          processors=processors, lazy=lazy) if max_tokens > 0 else iter(())
+    try:
+        for step in steps:
+            if t_first is None:
+                t_first = time.perf_counter()
+            st.picks += 1
+            st.changed += step.changed
+            st.amateur_skipped += step.skipped
+            if step.token in expert.eos_ids:
+                reason = ("stop", "eos")
+                break
+            st.completion_tokens += 1
+            delta, hit = text.add(expert.token_bytes(step.token))
+            yield Event(delta, step.token, step.changed, step.skipped)
+            if hit:
+                reason = ("stop", "stop_string")
+                break
+            if st.completion_tokens >= max_tokens:
+                break
+            if expert.n_past >= expert.n_ctx:
+                reason = ("length", "context_full")
+                break
+    finally:
+        steps.close()
+    t_end = time.perf_counter()
+    _fill_times(st, t0, t_first, t_end, models, c0)
+    yield Event(text.flush() if reason[1] != "stop_string" else "", None, finish_reason=reason[0],
+                stopped_by=reason[1], stats=st)
+
+
+def _snapshot(backend) -> tuple:
+    c = backend.counters
+    return c.prefill_tokens, c.forward_calls, c.forward_seconds
+
+
+def _fill_times(st: Stats, t0, t_first, t_end, models, c0) -> None:
+    st.total_s = t_end - t0
+    st.ttft_s = (t_first if t_first is not None else t_end) - t0
+    st.decode_s = t_end - t_first if t_first is not None else 0.0
+    deltas = [tuple(a - b for a, b in zip(_snapshot(m), c)) for m, c in zip(models, c0)]
+    st.expert_prefill_tokens, st.expert_forwards, st.expert_forward_s = deltas[0]
+    if len(deltas) > 1:
+        st.amateur_prefill_tokens, st.amateur_forwards, st.amateur_forward_s = deltas[1]
+
+
+class _TextStream:
+    """Bytes in, text out: holds incomplete UTF-8 sequences and any tail that may begin a stop string."""
+
+    def __init__(self, stop: list[str]):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = stop
+        self._held = ""
+
+    def add(self, data: bytes) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was reached)."""
+        held = self._held + self._utf8.decode(data)
+        if not self._stop:
+            self._held = ""
+            return held, False
+        cut = min((i for i in (held.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return held[:cut], True
+        keep = _stop_prefix_len(held, self._stop)
+        self._held = held[len(held) - keep:] if keep else ""
+        return held[:len(held) - keep], False
+
+    def flush(self) -> str:
+        out = self._held + self._utf8.decode(b"", final=True)
+        self._held = ""
+        return out
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
