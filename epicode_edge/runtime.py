@@ -433,6 +433,15 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     _check_backend(backend)
     _check_engine_options(n_ctx, n_threads, n_gpu_layers)
     b = open_bundle(bundle)
+    if b.manifest.get("layout") == "shared-base":  # one base GGUF + LoRA adapters (backends/llamacpp_lora.py)
+        if backend == "mlx":
+            raise UnsupportedError(f"{b.path}: a shared-base (LoRA) bundle runs on llama.cpp only")
+        from .backends.llamacpp_lora import open_roles
+
+        r = open_roles(b, ("expert", "amateur"), quant=quant, n_ctx=n_ctx, n_threads=n_threads,
+                       n_gpu_layers=n_gpu_layers, **engine_kw)
+        return _runtime(r["expert"], r["amateur"], lam=b.lam, alpha=b.alpha, bundle=b,
+                        quant=b.gguf("base", quant).stem.split("-", 1)[-1])
     if backend == "auto":
         backend = "mlx" if ("mlx" in b.formats and (apple_silicon() or "gguf" not in b.formats)) else "llama.cpp"
     if backend == "llama.cpp":
