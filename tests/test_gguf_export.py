@@ -30,6 +30,11 @@ SPECS = {  # key -> (arch, dtype, make_hf_model kwargs)
     "qwen3_bf16": ("qwen3", "bfloat16", {}),
     "llama_k": ("llama", "float32", {"hidden": 256, "intermediate": 512}),  # K-quant friendly rows
     "llama_rope3": ("llama", "float32", {"heads": 2, "kv_heads": 1}),      # + llama3 rope scaling
+    "mistral": ("llama", "float32", {"kv_heads": 1}),                      # model_type mistral
+}
+CONFIG_EDITS = {
+    "llama_rope3": {"rope_scaling": LLAMA3_ROPE},
+    "mistral": {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": None},
 }
 
 
@@ -41,9 +46,9 @@ def hf(tmp_path_factory):
         if key not in cache:
             arch, dtype, kw = SPECS[key]
             path = make_hf_model(root / key, arch=arch, dtype=dtype, seed=len(cache), **kw)
-            if key == "llama_rope3":
+            if key in CONFIG_EDITS:
                 cfg = json.loads((path / "config.json").read_text())
-                cfg["rope_scaling"] = LLAMA3_ROPE
+                cfg.update(CONFIG_EDITS[key])
                 (path / "config.json").write_text(json.dumps(cfg))
             cache[key] = path
         return cache[key]
@@ -83,7 +88,7 @@ def _diffs(llm, model, tok):
 
 
 @pytest.mark.parametrize("key", ["llama", "qwen2", "qwen3", "llama_tied", "qwen2_tied", "llama_f16",
-                                 "qwen3_bf16", "llama_rope3"])
+                                 "qwen3_bf16", "llama_rope3", "mistral"])
 def test_f32_gguf_matches_mlx(key, gguf_file, mlx_ref):
     model, tok = mlx_ref(key)
     llm = llama_model(gguf_file(key))
@@ -183,8 +188,10 @@ def _hf_tensors(path):
     return open_checkpoint(path)
 
 
-def test_sink_order_free_and_same_as_hf_to_gguf(hf, gguf_file, tmp_path):
+def test_sink_order_free_and_same_as_hf_to_gguf(hf, gguf_file, tmp_path, monkeypatch):
+    """Reversed write order and row-chunked encoding (a few rows per step) give the same bytes."""
     ck = _hf_tensors(hf("qwen2"))
+    monkeypatch.setattr(gx, "_CHUNK_ELEMENTS", 200)
     tensors = {n: (t.shape, t.dtype) for n, t in ck.tensors.items()}
     out = tmp_path / "rev.gguf"
     with gx.GGUFSink(out, config=ck.config, tensors=tensors, tokenizer_dir=ck.tokenizer_dir, quant="Q8_0",
@@ -231,7 +238,7 @@ def test_gguf_to_gguf_copy_sink(gguf_file, tmp_path):
     ck = open_checkpoint(src)
     assert ck.format == "gguf"
     outs = {}
-    for quant in ("F32", "Q8_0"):
+    for quant in ("F32", "Q8_0", "Q4_K_M"):
         sink = gx.gguf_sink_for(ck, tmp_path / f"copy-{quant}.gguf", quant)
         assert isinstance(sink, gx.GGUFCopySink)
         for n in ck.tensors:
@@ -249,6 +256,9 @@ def test_gguf_to_gguf_copy_sink(gguf_file, tmp_path):
     assert np.array_equal(llama_last_logits(llama_model(outs["F32"]), ids), ref)
     q8 = llama_last_logits(llama_model(outs["Q8_0"]), ids)
     assert np.abs(q8 - ref).max() / np.abs(ref).max() < 0.1
+    q4 = llama_last_logits(llama_model(outs["Q4_K_M"]), ids)  # requantized by llama.cpp from the copy
+    assert np.isfinite(q4).all() and np.corrcoef(q4, ref)[0, 1] > 0.8
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in outs.values())
 
 
 # ------------------------------------------------------------------------------------- bad input

@@ -52,6 +52,7 @@ QUANTS = {
 SUPPORTED_QUANTS = tuple(QUANTS)
 _SOURCE_TYPE = {"F32": (Q.F32, FT.ALL_F32), "F16": (Q.F16, FT.MOSTLY_F16), "BF16": (Q.BF16, FT.MOSTLY_BF16)}
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+_CHUNK_ELEMENTS = 1 << 22  # rows encoded per step: ~16 MB of float32
 
 
 def check_quant(quant: str) -> str:
@@ -138,10 +139,13 @@ class _StreamingGGUF:
             raise InputError(f"tensor {gguf_name!r} written twice to {self.out_path.name}")
         if tuple(x.shape) != tuple(shape):
             raise InputError(f"tensor {gguf_name!r}: shape {tuple(x.shape)} != planned {tuple(shape)}")
-        data = gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), qtype)
         fout = self.writer.fout[0]
         fout.seek(self._data_start + self._offsets[gguf_name])
-        data.tofile(fout)
+        rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # (R, C)
+        step = max(1, _CHUNK_ELEMENTS // rows.shape[1])  # encode a few MB at a time: bounded extra memory
+        for i in range(0, rows.shape[0], step):
+            chunk = np.ascontiguousarray(rows[i:i + step], dtype=np.float32)
+            gguf.quants.quantize(chunk, qtype).tofile(fout)
         self._written.add(gguf_name)
 
     def close(self) -> Path:
