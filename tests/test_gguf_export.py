@@ -306,3 +306,19 @@ def test_unmappable_tensor(hf, tmp_path):
     with pytest.raises(UnsupportedError, match="model.layers.0.mystery.weight"):
         gx.GGUFSink(tmp_path / "x.gguf", config=ck.config, tensors=tensors, tokenizer_dir=ck.tokenizer_dir)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vocab_padded_beyond_tokenizer(tmp_path):
+    """config vocab_size larger than the tokenizer (as Qwen ships): the extra ids become unused [PAD] tokens."""
+    from factory import make_config, make_tokenizer, random_weights, write_hf
+
+    tok = make_tokenizer(tmp_path / "tok")
+    cfg = make_config("qwen2", 400)
+    hf = write_hf(tmp_path / "hf", cfg, random_weights(cfg, 3), tok)
+    path = gx.hf_to_gguf(hf, tmp_path / "m.gguf")
+    f, _ = _fields(path)
+    assert len(f["tokenizer.ggml.tokens"]) == 400 and f["tokenizer.ggml.tokens"][399] == "[PAD399]"
+    assert f["tokenizer.ggml.token_type"][399] == int(gguf.TokenType.UNUSED)
+    model, tok_hf = mlx_load_f32(hf)
+    for diff, _, _ in _diffs(llama_model(path), model, tok_hf):
+        assert diff < 1e-3
