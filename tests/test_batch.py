@@ -151,3 +151,126 @@ def test_run_job_writes_error_records_without_runtime(tmp_path):
     assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
     s = batch.run_batch(None, inp, out)  # rerun: all done
     assert (s.n_ok, s.n_errors, s.n_skipped) == (0, 0, 3) and len(_lines(out)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# real engine (llama.cpp on a tiny F32 bundle)
+# ---------------------------------------------------------------------------------------------
+
+PROMPTS = ["Hello there", "What is 17 + 25?", "Café crème", "def add(a, b):", "Law, math and logic", "東京"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from factory import make_pair
+
+    from epicode_edge.converters.convert import convert
+
+    root = tmp_path_factory.mktemp("batch")
+    ft, inf = make_pair(root, arch="llama", seed=5)
+    return convert(ft, inf, root / "bundle", mu=0.5, to=("gguf",), quant=("F32",)).path
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle):
+    from epicode_edge.runtime import load
+
+    with load(bundle, n_ctx=256, n_threads=1) as rt:
+        yield rt
+
+
+def _requests(path, prompts=PROMPTS):
+    path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p}, ensure_ascii=False) + "\n"
+                            for i, p in enumerate(prompts)))
+    return path
+
+
+def test_resume_after_interrupt_and_crash_gives_every_id_once(runtime, tmp_path):
+    inp = _requests(tmp_path / "in.jsonl")
+    ref = tmp_path / "ref.jsonl"
+    batch.run_batch(runtime, inp, ref, max_tokens=6)
+    want = {r["id"]: r for r in _lines(ref)}
+    assert sorted(want) == [f"r{i}" for i in range(len(PROMPTS))]
+
+    out = tmp_path / "out.jsonl"
+
+    def stop_after(n):
+        def progress(done, total, rec):
+            if done == n:
+                raise KeyboardInterrupt
+        return progress
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after 2 records: both are on disk
+        batch.run_batch(runtime, inp, out, max_tokens=6, progress=stop_after(2))
+    assert [r["id"] for r in _lines(out)] == ["r0", "r1"]
+    with pytest.raises(KeyboardInterrupt):
+        batch.run_batch(runtime, inp, out, max_tokens=6, progress=stop_after(3))
+    with open(out, "a") as f:  # a crash in the middle of writing the next record
+        f.write('{"id": "r3", "line": 4, "text": "half')
+    s = batch.run_batch(runtime, inp, out, max_tokens=6)
+    got = _lines(out)
+    assert sorted(r["id"] for r in got) == sorted(want)  # every id exactly once
+    assert (s.n_ok, s.n_errors, s.n_skipped) == (3, 0, 3)
+    for r in got:  # greedy: the resumed run gives what an uninterrupted run gives
+        assert {k: v for k, v in r.items() if k != "timings"} == {k: v for k, v in want[r["id"]].items()
+                                                                  if k != "timings"}
+    assert all(r["completion_tokens"] == 6 and r["finish_reason"] == "length" for r in got)
+    assert set(got[0]["timings"]) == set(batch.TIMINGS)
+
+
+def test_bad_lines_and_failed_requests_become_error_records(runtime, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 60  # more than n_ctx = 256 tokens
+    inp.write_text("\n".join([
+        json.dumps({"id": "ok1", "prompt": "Hello there", "max_tokens": 3}),
+        "{not json",
+        json.dumps({"id": "neg", "prompt": "x", "lambda": -1}),
+        json.dumps({"id": "long", "prompt": long_prompt}),
+        json.dumps({"id": "nomsg"}),
+        json.dumps({"id": "ok2", "messages": [{"role": "system", "content": "Be terse."},
+                                              {"role": "user", "content": "Hi"}], "max_tokens": 2, "seed": 1,
+                    "temp": 0.8}),
+        json.dumps({"id": "ok1", "prompt": "duplicate"}),
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    s = batch.run_batch(runtime, inp, out, max_tokens=4)
+    recs = {(r["id"], r["line"]): r for r in _lines(out)}
+    assert list(recs) == [("ok1", 1), (None, 2), ("neg", 3), ("long", 4), ("nomsg", 5), ("ok2", 6)]
+    assert recs[("ok1", 1)]["completion_tokens"] == 3 and recs[("ok2", 6)]["completion_tokens"] == 2
+    assert "not valid JSON" in recs[(None, 2)]["error"]
+    assert "lambda must be" in recs[("neg", 3)]["error"]
+    assert "context" in recs[("long", 4)]["error"]
+    assert "exactly one of" in recs[("nomsg", 5)]["error"]
+    assert (s.n_ok, s.n_errors, s.duplicates) == (2, 4, [("ok1", 7, 1)])
+
+
+def test_compare_adds_the_finetuned_answer(runtime, tmp_path):
+    inp = _requests(tmp_path / "in.jsonl", PROMPTS[:2])
+    out = tmp_path / "out.jsonl"
+    batch.run_batch(runtime, inp, out, compare=True, max_tokens=5)
+    for r, p in zip(_lines(out), PROMPTS[:2]):
+        assert r["finetuned_text"] == runtime.compare(p, max_tokens=5).text
+        assert r["text"] == runtime.generate(p, max_tokens=5).text
+
+
+def test_cli_batch_and_one_line_errors(bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from epicode_edge.cli import main
+
+    inp = _requests(tmp_path / "in.jsonl", PROMPTS[:3])
+    out = tmp_path / "out.jsonl"
+    run = CliRunner().invoke
+    res = run(main, ["batch", str(bundle), str(inp), "-o", str(out), "--max-tokens", "4", "--threads", "1",
+                     "--n-ctx", "256"])
+    assert res.exit_code == 0, res.output
+    assert "3 ok, 0 errors" in res.stderr and "tok/s" in res.stderr
+    assert [r["id"] for r in _lines(out)] == ["r0", "r1", "r2"]
+    res = run(main, ["batch", str(bundle), str(inp), "-o", str(out)])
+    assert res.exit_code == 0 and "Nothing to do" in res.stderr
+    for args, msg in [([str(inp), "-o", str(tmp_path / "no" / "out.jsonl")], "no such directory"),
+                      ([str(inp), "-o", str(tmp_path)], "is a directory"),
+                      ([str(tmp_path / "missing.jsonl"), "-o", str(out)], "no such file")]:
+        res = run(main, ["batch", str(bundle)] + args)
+        assert res.exit_code == 1
+        assert res.stderr.startswith("Error: ") and msg in res.stderr and res.stderr.count("\n") == 1

@@ -430,14 +430,12 @@ def result_record(req: Request, result) -> dict:
     }
 
 
-def _timings(t) -> dict:
-    if t is None:
-        return {}
-    if isinstance(t, dict):
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.items()}
-    from dataclasses import asdict, is_dataclass
+TIMINGS = ("ttft_s", "decode_s", "total_s", "tokens_per_s", "skip_rate")  # kept in each record
 
-    return _timings(asdict(t)) if is_dataclass(t) else {"value": t}
+
+def _timings(t: dict | None) -> dict:
+    t = t or {}
+    return {k: round(float(t[k]), 6) for k in TIMINGS if t.get(k) is not None}
 
 
 def _one_line(e: BaseException) -> str:

@@ -34,7 +34,7 @@ HELP = """\
 Commands:
   /help                 this help
   /reset                forget the conversation (keeps the system prompt and settings)
-  /system TEXT          set the system prompt (starts a new conversation); /system alone clears it
+  /system TEXT          set the system prompt (the conversation stays); /system alone clears it
   /set NAME VALUE       change a setting: lambda alpha temp top_p top_k min_p max_tokens seed
                         (seed none = a fresh random seed per answer)
   /stats                tokens, tokens/s, tokens changed by contrastive decoding, prefill counts
@@ -131,10 +131,12 @@ def _stderr(text: str) -> None:
 class Turn:
     """What one answer cost; /stats adds them up."""
 
-    tokens: int = 0
-    changed: int = 0
-    seconds: float = 0.0
-    stopped: bool = False
+    tokens: int = 0          # answer tokens streamed
+    changed: int = 0         # picks where contrastive decoding changed the expert's choice
+    seconds: float = 0.0     # wall time of the answer (prefill included)
+    tokens_per_s: float = 0.0  # decode speed (first pick to the end), as llama-cli reports it
+    prefill: tuple = (0, 0)  # tokens prefilled by (expert, amateur) for this answer
+    stopped: bool = False    # Ctrl-C
 
 
 class ChatApp:
@@ -145,11 +147,8 @@ class ChatApp:
                  dim: bool = False, **settings):
         self.runtime = runtime
         self.out, self.err, self.dim = out, err, dim
-        self.system = system
-        self.settings = {k: v for k, v in settings.items() if v is not None}
-        self.session = runtime.chat(system=system, **self.settings)
+        self.session = runtime.chat(system=system, **{k: v for k, v in settings.items() if v is not None})
         self.turns: list[Turn] = []
-        self.last_prompt: str | None = None
         self.last_answer: str | None = None
 
     # -- the loop's entry point ---------------------------------------------------------------------
@@ -172,26 +171,34 @@ class ChatApp:
         self.err((f"\x1b[2m{text}\x1b[0m" if self.dim else text) + "\n")
 
     # -- answering ----------------------------------------------------------------------------------
-    def answer(self, text: str) -> Turn:
-        """Stream the answer to `text`; Ctrl-C stops it (partial answer kept), the session goes on."""
-        turn, pieces = Turn(), []
-        t0 = time.perf_counter()
-        stream = self.session.send(text)
+    def answer(self, text: str) -> Turn | None:
+        """Stream the answer to `text`; Ctrl-C stops it (the partial answer stays in the history)."""
+        try:
+            stream = self.session.send(text)
+        except EpicodeError as e:  # e.g. the conversation no longer fits the context
+            self.status(f"Error: {_one_line(e)}")
+            return None
+        turn, pieces, t0 = Turn(), [], time.perf_counter()
         try:
             with _sigint_flag() as stop:
                 for ev in stream:
+                    self._take(ev, turn, pieces)  # shown even after Ctrl-C: the history has it
                     if stop.is_set():
                         turn.stopped = True
                         break
-                    self._take(ev, turn, pieces)
         except KeyboardInterrupt:
             turn.stopped = True
+        except EpicodeError as e:
+            self.out("\n")
+            self.status(f"Error: {_one_line(e)}")
         finally:
-            stream.close()  # GeneratorExit at a yield: the session records what was streamed
-        turn.seconds = turn.seconds or time.perf_counter() - t0
+            stream.close()  # GeneratorExit at a yield: the session keeps what was streamed
+        if turn.stopped or not turn.seconds:
+            turn.seconds = time.perf_counter() - t0
+            turn.tokens_per_s = turn.tokens / turn.seconds if turn.seconds > 0 else 0.0
         self.out("\n")
         self.turns.append(turn)
-        self.last_prompt, self.last_answer = text, "".join(pieces)
+        self.last_answer = "".join(pieces)
         self.status(_turn_line(turn))
         return turn
 
@@ -199,12 +206,13 @@ class ChatApp:
         if ev.text:
             self.out(ev.text)
             pieces.append(ev.text)
-        if getattr(ev, "token", None) is not None:
+        if ev.token is not None:
             turn.tokens += 1
-            turn.changed += bool(getattr(ev, "changed", False))
-        seconds = _decode_seconds(getattr(ev, "timings", None))
-        if seconds:
-            turn.seconds = seconds
+            turn.changed += bool(ev.changed)
+        st = ev.stats
+        if st is not None:  # the final event
+            turn.seconds, turn.tokens_per_s = st.total_s, st.tokens_per_s
+            turn.prefill = (st.expert_prefill_tokens, st.amateur_prefill_tokens)
 
     # -- commands -----------------------------------------------------------------------------------
     def cmd_help(self, arg: str = "") -> None:
@@ -212,14 +220,13 @@ class ChatApp:
 
     def cmd_reset(self, arg: str = "") -> None:
         self.session.reset()
-        self.last_prompt = self.last_answer = None
+        self.last_answer = None
         self.status("Conversation cleared.")
 
     def cmd_system(self, arg: str) -> None:
-        self.system = arg or None
-        self.session = self.runtime.chat(system=self.system, **self.settings)
-        self.last_prompt = self.last_answer = None
-        self.status("System prompt set; new conversation." if arg else "System prompt cleared; new conversation.")
+        """The conversation stays; the next turn re-prefills from the start (the system prompt comes first)."""
+        self.session.system = arg or None
+        self.status("System prompt set." if arg else "System prompt cleared.")
 
     def cmd_set(self, arg: str) -> None:
         name, _, value = arg.partition(" ")
@@ -230,12 +237,8 @@ class ChatApp:
             key, x = parse_setting(name, value.strip())
             self.session.set(**{key: x})
         except EpicodeError as e:
-            self.status(f"Error: {e}")
+            self.status(f"Error: {_one_line(e)}")
             return
-        if x is None:
-            self.settings.pop(key, None)
-        else:
-            self.settings[key] = x
         self.status(f"Set {_name(key)} = {x}")
 
     def cmd_stats(self, arg: str = "") -> None:
@@ -245,24 +248,28 @@ class ChatApp:
         tokens = sum(t.tokens for t in self.turns)
         seconds = sum(t.seconds for t in self.turns)
         changed = sum(t.changed for t in self.turns)
+        share = f" ({100 * changed / tokens:.1f}%)" if tokens else ""
         lines = [f"turns: {len(self.turns)}",
-                 f"generated tokens: {tokens} in {seconds:.2f} s ({_rate(tokens, seconds)})",
-                 f"changed by contrastive decoding: {changed} of {tokens}"
-                 + (f" ({100 * changed / tokens:.1f}%)" if tokens else "")]
+                 f"answer tokens: {tokens} in {seconds:.2f} s ({_rate(tokens, seconds)} overall)",
+                 f"changed by contrastive decoding: {changed} of {tokens}{share}"]
+        if self.turns:
+            t = self.turns[-1]
+            lines.append(f"last turn: {t.tokens} tokens, {t.tokens_per_s:.1f} tok/s decode, "
+                         f"prefilled {t.prefill[0]} (expert) / {t.prefill[1]} (amateur) tokens")
         for role, backend in _backends(self.runtime):
             c = backend.counters
             lines.append(f"{role}: {c.prefill_tokens} tokens prefilled in {c.prefill_calls} calls, "
-                         f"{c.step_calls} decode steps, {backend.n_past} cached of {backend.n_ctx}")
+                         f"{c.step_calls} decode steps, {backend.n_past} of {backend.n_ctx} context cached")
         return "\n".join(lines)
 
     def cmd_compare(self, arg: str = "") -> None:
-        if self.last_prompt is None:
+        if self.last_answer is None:
             self.status("Nothing to compare yet: send a message first.")
             return
         try:
             result = self.session.compare()
         except EpicodeError as e:
-            self.status(f"Error: {e}")
+            self.status(f"Error: {_one_line(e)}")
             return
         self.out(f"--- EpiCoDe ---\n{self.last_answer}\n--- finetuned alone ---\n{result.text}\n")
 
@@ -271,14 +278,14 @@ class ChatApp:
 
     def show_text(self) -> str:
         rt = self.runtime
-        lines = [f"bundle: {getattr(rt, 'path', '?')}"]
-        for attr in ("backend", "quant", "mu"):
-            if getattr(rt, attr, None) is not None:
-                lines.append(f"{attr}: {getattr(rt, attr)}")
+        lines = [f"bundle: {rt.path}", f"backend: {rt.backend}" + (f" ({rt.quant})" if rt.quant else "")]
+        if rt.mu is not None:
+            lines.append(f"mu: {rt.mu}")
         for role, backend in _backends(rt):
             lines.append(f"{role}: {backend.path}")
-        lines.append(f"system: {self.system!r}" if self.system else "system: (none)")
-        current = _current_settings(self.session, self.settings)
+        system = self.session.system
+        lines.append(f"system: {system!r}" if system else "system: (none)")
+        current = self.session.settings.as_dict()
         lines.append("settings: " + ", ".join(f"{_name(k)}={v}" for k, v in current.items()))
         return "\n".join(lines)
 
@@ -287,29 +294,12 @@ def _name(key: str) -> str:
     return "lambda" if key == "lam" else key
 
 
-def _current_settings(session, fallback: dict) -> dict:
-    s = getattr(session, "settings", None)
-    if s is None:
-        return dict(fallback)
-    if isinstance(s, dict):
-        return dict(s)
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(s) if is_dataclass(s) else dict(vars(s))
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _backends(runtime) -> list:
-    return [(role, getattr(runtime, role)) for role in ("expert", "amateur") if getattr(runtime, role, None)]
-
-
-def _decode_seconds(t) -> float | None:
-    if t is None:
-        return None
-    get = t.get if isinstance(t, dict) else lambda k: getattr(t, k, None)
-    for k in ("total_s", "seconds", "decode_s"):
-        if get(k):
-            return float(get(k))
-    return None
+    return [(role, getattr(runtime, role)) for role in ("expert", "amateur")]
 
 
 def _rate(tokens: int, seconds: float) -> str:
@@ -317,8 +307,8 @@ def _rate(tokens: int, seconds: float) -> str:
 
 
 def _turn_line(turn: Turn) -> str:
-    stopped = " - stopped" if turn.stopped else ""
-    return f"[{turn.tokens} tokens, {_rate(turn.tokens, turn.seconds)}, {turn.changed} changed{stopped}]"
+    stopped = ", stopped" if turn.stopped else ""
+    return f"[{turn.tokens} tokens, {turn.tokens_per_s:.1f} tok/s, {turn.changed} changed by CD{stopped}]"
 
 
 @contextmanager
