@@ -339,3 +339,23 @@ def test_llama_cpp_refuses_adapter_of_other_arch(small, tmp_path):
 def test_shared_base_bundle_is_gguf_only(small, tmp_path):
     with pytest.raises(UnsupportedError):
         lora.convert_lora(small["base"], small["ft"], small["inf"], tmp_path / "b", mu=0.5, to=("gguf", "mlx"))
+
+
+def test_f16_adapters(family, tmp_path):
+    """F16 adapter tensors (the default next to a quantized base): half the file, logits within F16 rounding."""
+    b = lora.convert_lora(family["base"], family["ft"], family["inf"], tmp_path / "f16", mu=MU, quant="F32",
+                          lora_type="F16")
+    f16, f32 = b.path / "lora/finetuned.gguf", family["shared"].path / "lora/finetuned.gguf"
+    assert f16.stat().st_size < 0.6 * f32.stat().st_size
+    roles = _roles(b, ("expert",))
+    ref = _plain(family["merged"].gguf("expert"))
+    try:
+        ids = ref.tokenize(PROMPT)
+        d = _max_diff(_trace(roles["expert"], ids), _trace(ref, ids))
+        assert TOL / 100 < d < 2e-2, d
+    finally:
+        roles["expert"].close(), ref.close()
+    with pytest.raises(UnsupportedError):
+        lora.convert_lora(family["base"], family["ft"], family["inf"], tmp_path / "x", mu=MU, quant="F32",
+                          lora_type="Q4_0")
+    assert not (tmp_path / "x").exists()

@@ -270,16 +270,22 @@ def adapter_hash(adapter: LoraAdapter) -> str:
 # GGUF LoRA files (llama.cpp's convert_lora_to_gguf.py layout)
 # ------------------------------------------------------------------------------------------------
 
-def write_lora_gguf(adapter: LoraAdapter, out: str | Path, config: dict) -> Path:
+LORA_TYPES = ("F32", "F16")
+
+
+def write_lora_gguf(adapter: LoraAdapter, out: str | Path, config: dict, lora_type: str = "F32") -> Path:
     """Write one adapter as a GGUF LoRA file for the base model with HF `config`, atomically.
 
-    Tensors stay float32: `<gguf name>.lora_a` (r, in) and `<gguf name>.lora_b` (out, r), the rows of
-    lora_b permuted like the base's q/k weights where the GGUF export permutes those (llama rotary).
+    Tensors in lora_type (F32 or F16): `<gguf name>.lora_a` (r, in) and `<gguf name>.lora_b` (out, r), the
+    rows of lora_b permuted like the base's q/k weights where the GGUF export permutes those (llama rotary).
     llama.cpp scales each pair by adapter.lora.alpha / r; a PEFT scale that differs from that
     (rsLoRA, alpha_pattern) is folded into lora_b.
     """
     import gguf
 
+    if lora_type not in LORA_TYPES:
+        raise UnsupportedError(f"LoRA tensor type {lora_type!r} is not supported; choose {', '.join(LORA_TYPES)}")
+    dtype = np.float32 if lora_type == "F32" else np.float16
     out = Path(out)
     name_of, permute_rows = _gguf_mapping(config)
     tmp = out.with_name(out.name + ".tmp")
@@ -294,8 +300,8 @@ def write_lora_gguf(adapter: LoraAdapter, out: str | Path, config: dict) -> Path
             if fold != 1.0:
                 b = b * np.float32(fold)
             name = name_of(target)
-            writer.add_tensor(name + ".lora_a", np.ascontiguousarray(a, dtype=np.float32))
-            writer.add_tensor(name + ".lora_b", np.ascontiguousarray(permute_rows(target, b), dtype=np.float32))
+            writer.add_tensor(name + ".lora_a", np.ascontiguousarray(a, dtype=dtype))
+            writer.add_tensor(name + ".lora_b", np.ascontiguousarray(permute_rows(target, b), dtype=dtype))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -383,11 +389,14 @@ def open_adapters(base, finetuned, inferior):
 
 
 def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: bool = False,
-                 lam: float = 0.5, alpha: float = 0.1, force: bool = False, progress=None, **convert_kw):
+                 lam: float = 0.5, alpha: float = 0.1, force: bool = False, progress=None,
+                 lora_type: str | None = None, **convert_kw):
     """A bundle from two PEFT LoRA adapters (finetuned, inferior) over one HF base model.
 
     merge=False: a shared-base bundle: gguf/base-<QUANT>.gguf per quant, lora/finetuned.gguf,
-    lora/inferior.gguf (float32), and the role scales in the manifest (layout "shared-base").
+    lora/inferior.gguf, and the role scales in the manifest (layout "shared-base"). The adapters' tensors
+    are lora_type, by default F32 when an F32 base is asked for, else F16 (half the memory; its rounding
+    is far below that of a quantized base).
     merge=True: the adapters merged into full finetuned and inferior weights, then the normal
     convert (expert and amateur files; other keyword arguments go to convert()).
     progress(convert.Progress), if given, is called as files are written. Returns the opened Bundle.
@@ -396,6 +405,11 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
 
     mu = check_mu(mu)
     quants = _quant_list(quant)
+    if lora_type is None:
+        lora_type = "F32" if "F32" in quants else "F16"
+    lora_type = str(lora_type).upper()
+    if lora_type not in LORA_TYPES:
+        raise UnsupportedError(f"LoRA tensor type {lora_type!r} is not supported; choose {', '.join(LORA_TYPES)}")
     base_ckpt, ft, inf = open_adapters(base, finetuned, inferior)
     if merge:
         from .convert import convert
@@ -407,7 +421,7 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
     if convert_kw.get("to") not in (None, "gguf", ("gguf",), ["gguf"]):
         raise UnsupportedError("a shared-base (LoRA) bundle is GGUF only; use merge=True for other formats")
     return _write_shared_base(base_ckpt, ft, inf, out, mu=mu, quants=quants, lam=lam, alpha=alpha,
-                              force=force, progress=progress)
+                              force=force, progress=progress, lora_type=lora_type)
 
 
 def _quant_list(quant) -> list[str]:
@@ -419,7 +433,7 @@ def _quant_list(quant) -> list[str]:
     return [check_quant(q) for q in qs]
 
 
-def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force, progress):
+def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force, progress, lora_type):
     import time
     from datetime import datetime, timezone
 
@@ -440,9 +454,9 @@ def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force
             rel = lora_relpath(which)
             if progress:
                 progress(Progress("lora", 0, 0, 0, 0, which))
-            write_lora_gguf(adapter, bw.path(rel), base_ckpt.config)
+            write_lora_gguf(adapter, bw.path(rel), base_ckpt.config, lora_type)
             files["lora"][which] = file_entry(bw.tmp, rel, r=adapter.r, lora_alpha=adapter.alpha,
-                                              targets=len(adapter.targets))
+                                              targets=len(adapter.targets), type=lora_type)
         out_bytes = sum(e["bytes"] for per in files["gguf"].values() for e in per.values())
         out_bytes += sum(e["bytes"] for e in files["lora"].values())
         in_bytes = base_ckpt.nbytes + sum(a.file.path.stat().st_size for a in (ft, inf))
