@@ -147,5 +147,148 @@ def info_cmd(bundle, verify):
 # ----------------------------------------------------------------------------------------------
 
 
+def _bar(desc: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
+
+
+class _StageBars:
+    """One tqdm bar per stage name (a method, a grid point); progress(stage, done, total) drives it."""
+
+    def __init__(self):
+        self.bar, self.stage = None, None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.bar, self.stage = _bar(stage, total), stage
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@main.command("eval")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
+              help="Where eval.jsonl, report.md, accuracy.png, summary.json go [default: DATA's folder/eval-<bundle>].")
+@click.option("--max-tokens", type=int, default=128, show_default=True, help="Answer length limit.")
+@click.option("--extract", default="last-number", show_default=True,
+              help="Answer extraction: last-number, exact, choice or regex:PATTERN (first group if any).")
+@click.option("--limit", type=int, default=None, help="Score only the first N items.")
+@click.option("--methods", default=",".join(("finetuned", "extrapolation", "cd", "epicode")), show_default=True,
+              help="Rows to run, comma-separated.")
+@click.option("--lambda", "lam", type=float, default=None, help="Contrastive strength [default: the bundle's].")
+@click.option("--alpha", type=float, default=None, help="Plausibility threshold [default: the bundle's].")
+@click.option("--backend", type=click.Choice(["auto", "llama.cpp", "mlx"]), default="auto", show_default=True)
+@click.option("--quant", default=None, help="GGUF quant of the bundle to use [default: its first].")
+@click.option("--n-threads", type=int, default=None, help="llama.cpp threads.")
+def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, alpha, backend, quant, n_threads):
+    """Accuracy of finetuned, extrapolation only, CD only and EpiCoDe on the same items of DATA (JSONL of
+    {"id", "prompt"|"messages", "answer"}), with 95% intervals and exact McNemar tests against finetuned."""
+    from .apps.eval import evaluate
+
+    if out_dir is None:
+        out_dir = data.parent / f"eval-{bundle.name}"
+    with _StageBars() as bars:
+        report = evaluate(bundle, data, out_dir=out_dir, max_tokens=max_tokens, extract=extract, limit=limit,
+                          methods=methods, lam=lam, alpha=alpha, backend=backend, quant=quant,
+                          n_threads=n_threads, progress=bars)
+    for w in report.warnings:
+        click.echo(f"Warning: {w}", err=True)
+    s = report.settings
+    click.echo(f"{s['n_items']} items, mu = {s['mu']:g}, lambda = {s['lam']:g}, alpha = {s['alpha']:g}, "
+               f"{s['backend']}, {s['seconds']:.0f} s")
+    click.echo(report.table())
+    click.echo(f"Wrote {out_dir / 'eval.jsonl'}, {out_dir / 'report.md'} (chart {out_dir / 'accuracy.png'})")
+
+
+@main.command("tune")
+@click.option("--finetuned", required=True, type=click.Path(path_type=Path), help="The finetuned checkpoint.")
+@click.option("--inferior", required=True, type=click.Path(path_type=Path), help="An earlier checkpoint of its run.")
+@click.option("--dev", required=True, type=click.Path(path_type=Path), help="Dev JSONL (never the test set).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="The bundle folder to write.")
+@click.option("--mu-grid", default="0.1,0.2,0.5,1.0", show_default=True, help="mu values to try (> 0).")
+@click.option("--lambda-grid", "lam_grid", default="0.1,0.3,0.5,1.0", show_default=True,
+              help="lambda values to try at the best mu (>= 0).")
+@click.option("--alpha", type=float, default=0.1, show_default=True, help="Plausibility threshold.")
+@click.option("--quant", default="Q8_0", show_default=True, help="GGUF quant of the bundles.")
+@click.option("--with-inferior", is_flag=True, help="Also put the inferior model in the bundle (for eval's CD row).")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Converted bundles, state.json (resume), charts [default: OUT.tune].")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--extract", default="last-number", show_default=True)
+@click.option("--limit", type=int, default=None, help="Use only the first N dev items.")
+@click.option("--n-threads", type=int, default=None, help="llama.cpp threads.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
+def tune_cmd(finetuned, inferior, dev, out, mu_grid, lam_grid, alpha, quant, with_inferior, work_dir, max_tokens,
+             extract, limit, n_threads, force):
+    """The paper's tuning: pick mu with the extrapolated model alone on DEV, then lambda at that mu; write
+    the bundle with both. Interrupted? Run the same command again: finished grid points are kept."""
+    from .apps.tune import tune
+
+    def warn(msg):
+        click.echo(f"Warning: {msg}", err=True)
+
+    with _StageBars() as bars:
+        result = tune(finetuned, inferior, dev, out, mu_grid=mu_grid, lam_grid=lam_grid, alpha=alpha, quant=quant,
+                      with_inferior=with_inferior, work_dir=work_dir, max_tokens=max_tokens, extract=extract,
+                      limit=limit, n_threads=n_threads, force=force, progress=bars, warn=warn)
+    if result.resumed:
+        click.echo(f"Resumed: {len(result.resumed)} grid points were already done ({result.work_dir / 'state.json'})")
+    click.echo(result.table())
+    click.echo(f"Chose mu = {result.mu:g}, lambda = {result.lam:g} (alpha = {result.alpha:g}); wrote {result.bundle}")
+    click.echo(f"Charts: {', '.join(str(c) for c in result.charts)}")
+
+
+@main.command("demo")
+@click.option("-n", "--n", "n", type=int, default=6, show_default=True, help="How many test prompts to answer.")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--family", type=click.Path(path_type=Path), default=None,
+              help="The demo family folder [default: models/demo of this checkout].")
+@click.option("--color/--no-color", default=None, help="Highlight changed picks [default: on a terminal].")
+def demo_cmd(n, max_tokens, family, color):
+    """The shipped demo: convert the demo family into a bundle (cached), then answer test prompts with the
+    finetuned model alone and with EpiCoDe, highlighting the picks that contrastive decoding changed."""
+    import time
+
+    from .apps import demo, tasks
+    from .runtime import load
+
+    t0 = time.perf_counter()
+    n = demo.check_n(n)
+    fam = demo.family_dir(family)
+    s = demo.demo_settings(fam)
+    with _StageBars() as bars:
+        bundle, reused = demo.demo_bundle(
+            fam, mu=s["mu"], progress=lambda p: bars("convert", p.tensors_done, p.tensors_total or 1))
+    click.echo(f"{'Reused' if reused else 'Made'} bundle {bundle.path} (mu = {s['mu']:g}) from {fam}")
+    items = tasks.load_items(fam / "data" / "test.jsonl", limit=n)
+    if color is None:
+        color = sys.stdout.isatty()
+    click.echo(f"EpiCoDe: lambda = {s['lambda']:g}, alpha = {s['alpha']:g}; greedy; "
+               + ("highlighted" if color else "[[bracketed]]") + " = picks contrastive decoding changed\n")
+    rows = []
+    with load(bundle.path) as rt:
+        for i, row in enumerate(demo.run_demo(rt, items, max_tokens=max_tokens, lam=s["lambda"], alpha=s["alpha"]), 1):
+            rows.append(row)
+            for line in demo.render_row(i, len(items), row, color=color):
+                click.echo(line, color=color)
+    click.echo("")
+    for line in demo.summary_lines(rows):
+        click.echo(line)
+    click.echo(f"({time.perf_counter() - t0:.1f} s. The full comparison: epicode-edge eval on {fam / 'data' / 'test.jsonl'})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,390 @@
+"""`evaluate`: the paper's four methods side by side on the same items, with intervals and paired tests.
+
+    report = evaluate("bundle/", "test.jsonl", out_dir="eval-out", extract="last-number")
+    print(report.table())
+
+Methods (rows), each greedy:
+    finetuned      the amateur alone (the vanilla finetuned model)
+    extrapolation  the expert alone (lambda = 0)
+    cd             contrastive decoding without extrapolation: finetuned as expert, inferior as amateur
+                   (needs a bundle made with `convert --with-inferior`; else left out with the reason)
+    epicode        the expert against the amateur with the bundle's lambda and alpha
+
+Writes OUT/eval.jsonl (one line per item: every method's output, extracted answer, correctness),
+OUT/report.md (settings, table, chart, disagreements) with OUT/accuracy.png, and OUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ParameterError
+from . import tasks
+from .tasks import Item
+
+METHODS = ("finetuned", "extrapolation", "cd", "epicode")
+LABELS = {
+    "finetuned": "finetuned (amateur alone)",
+    "extrapolation": "extrapolation only (expert, lambda=0)",
+    "cd": "CD only (finetuned vs inferior)",
+    "epicode": "EpiCoDe (expert vs amateur)",
+}
+
+# progress(method, done, total)
+ProgressFn = Callable[[str, int, int], None]
+WarnFn = Callable[[str], None]
+
+
+@dataclass
+class MethodResult:
+    name: str
+    settings: dict = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
+    extracted: list[str | None] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    tokens: int = 0
+    changed: int = 0  # picks where contrastive decoding overrode the expert's own choice
+    seconds: float = 0.0
+    skipped: str | None = None  # why the method was left out
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+    @property
+    def k(self) -> int:
+        return sum(self.correct)
+
+    @property
+    def accuracy(self) -> float:
+        return self.k / self.n if self.n else 0.0
+
+
+@dataclass
+class Row:
+    """One line of the table: a method's accuracy, interval and paired comparison with finetuned."""
+
+    method: str
+    label: str
+    k: int
+    n: int
+    accuracy: float
+    ci: tuple[float, float]
+    delta: float | None = None  # accuracy - finetuned accuracy
+    wins: int = 0  # items this method got right and finetuned got wrong
+    losses: int = 0
+    p_value: float | None = None  # exact McNemar against finetuned
+    boot_ci: tuple[float, float] | None = None  # paired bootstrap 95% interval of delta
+    skipped: str | None = None
+
+
+def compare_rows(results: dict[str, MethodResult], baseline: str = "finetuned") -> list[Row]:
+    """Rows for the table: accuracy + Wilson interval, and against `baseline`: delta, wins/losses,
+    exact McNemar p-value and a paired bootstrap interval of the delta."""
+    base = results.get(baseline)
+    rows = []
+    for name, r in results.items():
+        label = LABELS.get(name, name)
+        if r.skipped:
+            rows.append(Row(name, label, 0, 0, 0.0, (0.0, 0.0), skipped=r.skipped))
+            continue
+        row = Row(name, label, r.k, r.n, r.accuracy, tasks.wilson(r.k, r.n))
+        if base is not None and not base.skipped and name != baseline and base.n == r.n and r.n:
+            row.losses, row.wins = tasks.discordant(base.correct, r.correct)
+            row.delta = r.accuracy - base.accuracy
+            row.p_value = tasks.mcnemar_exact(row.wins, row.losses)
+            _, lo, hi = tasks.paired_bootstrap(base.correct, r.correct)
+            row.boot_ci = (lo, hi)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[Row], markdown: bool = False) -> str:
+    """The table as aligned text (terminal) or Markdown."""
+    head = ["method", "accuracy", "95% CI", "vs finetuned", "wins/losses", "McNemar p"]
+    body = []
+    for r in rows:
+        if r.skipped:
+            body.append([r.label, "-", "-", "-", "-", f"left out: {r.skipped}"])
+            continue
+        body.append([
+            r.label, f"{100 * r.accuracy:.1f}% ({r.k}/{r.n})", f"{100 * r.ci[0]:.1f}-{100 * r.ci[1]:.1f}",
+            "" if r.delta is None else f"{100 * r.delta:+.1f} pts",
+            "" if r.delta is None else f"{r.wins}/{r.losses}",
+            "" if r.p_value is None else f"{r.p_value:.3g}",
+        ])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(c for c in b) + " |" for b in body])
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+@dataclass
+class EvalReport:
+    items: list[Item]
+    results: dict[str, MethodResult]
+    settings: dict
+    out_dir: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[Row]:
+        return compare_rows(self.results)
+
+    def table(self, markdown: bool = False) -> str:
+        return format_table(self.rows(), markdown)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def score(generate: Callable[[Item], tuple[str, int, int]], items: list[Item], extract: str, name: str,
+          progress: ProgressFn | None = None) -> MethodResult:
+    """Run one method over the items: generate(item) -> (text, tokens, changed picks)."""
+    extractor = tasks.make_extractor(extract)
+    r = MethodResult(name)
+    t0 = time.perf_counter()
+    for i, item in enumerate(items):
+        text, n_tokens, changed = generate(item)
+        got = extractor(text)
+        r.texts.append(text)
+        r.extracted.append(got)
+        r.correct.append(tasks.is_correct(got, item.answer, extract))
+        r.tokens += n_tokens
+        r.changed += changed
+        if progress:
+            progress(name, i + 1, len(items))
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
+def extraction_warnings(results: dict[str, MethodResult], extract: str) -> list[str]:
+    """One warning per method whose outputs the extractor found no answer in (with the count)."""
+    out = []
+    for name, r in results.items():
+        missing = sum(1 for e in r.extracted if e is None)
+        if r.skipped or not missing:
+            continue
+        if missing == r.n:
+            out.append(f"--extract {extract} matched none of the {r.n} {name} outputs: check the pattern")
+        else:
+            out.append(f"--extract {extract} found no answer in {missing} of {r.n} {name} outputs "
+                       f"(counted as wrong)")
+    return out
+
+
+def check_methods(methods) -> list[str]:
+    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ParameterError(f"methods {', '.join(bad) or '(none)'} not among {', '.join(METHODS)}")
+    return [m for m in METHODS if m in methods]  # table order
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str = "last-number",
+             limit: int | None = None, methods=METHODS, lam: float | None = None, alpha: float | None = None,
+             backend: str = "auto", quant: str | None = None, n_threads: int | None = None,
+             progress: ProgressFn | None = None) -> EvalReport:
+    """Score the methods on the same items (greedy) and, with out_dir, write the JSONL, report and chart.
+
+    lam / alpha default to the bundle's. Methods the bundle cannot run (cd without an inferior model) are
+    kept as rows with the reason. Warnings (extraction misses, too few items) are in report.warnings.
+    """
+    from ..converters.bundle import open_bundle
+    from ..decoding.contrastive import check_alpha, check_lam
+
+    methods = check_methods(methods)
+    tasks.make_extractor(extract)  # validate before any work
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ParameterError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if limit is not None and limit < 1:
+        raise ParameterError(f"limit must be >= 1, got {limit!r}")
+    b = open_bundle(bundle)
+    lam = check_lam(b.lam if lam is None else lam)
+    alpha = check_alpha(b.alpha if alpha is None else alpha)
+    items = tasks.load_items(data, limit=limit)
+    t0 = time.perf_counter()
+    results: dict[str, MethodResult] = {}
+    opts = dict(backend=backend, quant=quant, n_threads=n_threads)
+    main_methods = [m for m in methods if m != "cd"]
+    if main_methods:
+        rt = _load(b, **opts)
+        try:
+            for m in main_methods:
+                settings = {"finetuned": {}, "extrapolation": {"lam": 0.0}, "epicode": {"lam": lam, "alpha": alpha}}[m]
+                results[m] = score(_runner(rt, m, settings, max_tokens), items, extract, m, progress)
+                results[m].settings = settings
+            used_backend = rt.backend
+        finally:
+            rt.close()
+    if "cd" in methods:
+        rt_cd, why = _load_cd(b, lam=lam, alpha=alpha, **opts)
+        if rt_cd is None:
+            results["cd"] = MethodResult("cd", skipped=why)
+        else:
+            try:
+                results["cd"] = score(_runner(rt_cd, "cd", {"lam": lam, "alpha": alpha}, max_tokens), items,
+                                      extract, "cd", progress)
+                results["cd"].settings = {"lam": lam, "alpha": alpha}
+                used_backend = rt_cd.backend
+            finally:
+                rt_cd.close()
+    results = {m: results[m] for m in methods}
+    settings = {"bundle": str(b.path), "data": str(data), "mu": b.mu, "lam": lam, "alpha": alpha,
+                "max_tokens": max_tokens, "extract": extract, "backend": used_backend, "quant": quant,
+                "n_items": len(items), "seconds": round(time.perf_counter() - t0, 2)}
+    report = EvalReport(items, results, settings)
+    report.warnings = extraction_warnings(results, extract)
+    small = tasks.too_small_warning(len(items), "the data set")
+    if small:
+        report.warnings.append(small)
+    if out_dir is not None:
+        write_outputs(report, out_dir)
+    return report
+
+
+def _load(b, *, backend, quant, n_threads):
+    from ..runtime import load
+
+    return load(b.path, backend=backend, quant=quant, n_threads=n_threads)
+
+
+def _load_cd(b, *, lam, alpha, backend, quant, n_threads):
+    """(Runtime with finetuned as expert and inferior as amateur, None) or (None, why not)."""
+    from ..runtime import apple_silicon, load_models
+
+    if "inferior" not in b.roles:
+        return None, "the bundle has no inferior model (make it with convert --with-inferior)"
+    use_mlx = backend == "mlx" or (backend == "auto" and "mlx" in b.formats
+                                   and (apple_silicon() or "gguf" not in b.formats))
+    if use_mlx:
+        paths = (b.mlx("amateur"), b.mlx("inferior"))
+    else:
+        paths = (b.gguf("amateur", quant), b.gguf("inferior", quant))
+    return load_models(*paths, backend="mlx" if use_mlx else "llama.cpp", n_threads=n_threads,
+                       lam=lam, alpha=alpha), None
+
+
+def _runner(rt, method: str, settings: dict, max_tokens: int):
+    """item -> (text, completion tokens, changed picks) for one method on a Runtime."""
+    if method == "finetuned":
+        def run(item: Item):
+            r = rt.compare(item.chat(), max_tokens=max_tokens)
+            return r.text, r.completion_tokens, 0
+    else:
+        def run(item: Item):
+            r = rt.generate(item.chat(), max_tokens=max_tokens, **settings)
+            return r.text, r.completion_tokens, r.changed_tokens
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def item_records(report: EvalReport):
+    """One dict per item: id, prompt, answer and every method's text / extracted answer / correctness."""
+    for i, item in enumerate(report.items):
+        rec = {"id": item.id, "prompt": item.text, "answer": item.answer}
+        for name, r in report.results.items():
+            if not r.skipped:
+                rec[name] = {"text": r.texts[i], "extracted": r.extracted[i], "correct": r.correct[i]}
+        yield rec
+
+
+def write_outputs(report: EvalReport, out_dir) -> dict[str, Path]:
+    """OUT/eval.jsonl, OUT/summary.json, OUT/accuracy.png and OUT/report.md; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"jsonl": out / "eval.jsonl", "summary": out / "summary.json", "chart": out / "accuracy.png",
+             "report": out / "report.md"}
+    _atomic_lines(paths["jsonl"], (json.dumps(rec, ensure_ascii=False) for rec in item_records(report)))
+    rows = report.rows()
+    summary = {"settings": report.settings, "warnings": report.warnings,
+               "rows": [{k: v for k, v in r.__dict__.items()} for r in rows]}
+    _atomic_lines(paths["summary"], [json.dumps(summary, indent=2)])
+    accuracy_chart(rows, paths["chart"], title=f"{report.settings.get('data', '')} "
+                                               f"(n={len(report.items)})")
+    _atomic_lines(paths["report"], [markdown_report(report, rows, paths["chart"].name)])
+    report.out_dir = out
+    return paths
+
+
+def _atomic_lines(path: Path, lines) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+    tmp.replace(path)
+
+
+def accuracy_chart(rows: list[Row], path: Path, title: str = "") -> Path:
+    """Horizontal bars of accuracy with 95% Wilson intervals (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if not r.skipped][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
+    acc = [100 * r.accuracy for r in rows]
+    err = [[max(0.0, 100 * (r.accuracy - r.ci[0])) for r in rows], [max(0.0, 100 * (r.ci[1] - r.accuracy)) for r in rows]]
+    colors = ["#888888" if r.method == "finetuned" else "#2b7bba" if r.method != "epicode" else "#d9480f"
+              for r in rows]
+    ax.barh([r.label for r in rows], acc, xerr=err, color=colors, capsize=4)
+    for y, a in enumerate(acc):
+        ax.text(a + 1, y + 0.15, f"{a:.1f}%", fontsize=9)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("accuracy (%), bars: 95% Wilson interval")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown_report(report: EvalReport, rows: list[Row], chart_name: str, n_examples: int = 5) -> str:
+    s = report.settings
+    lines = [
+        "# EpiCoDe evaluation", "",
+        f"- bundle: `{s.get('bundle')}` (mu = {s.get('mu')}, lambda = {s.get('lam')}, alpha = {s.get('alpha')})",
+        f"- data: `{s.get('data')}`, {len(report.items)} items; extraction: `{s.get('extract')}`; "
+        f"max_tokens = {s.get('max_tokens')}; greedy decoding; backend: {s.get('backend')}",
+        f"- time: {s.get('seconds', 0):.0f} s", "",
+        format_table(rows, markdown=True), "",
+        "Intervals: 95% Wilson. Against finetuned: wins/losses are the items only this method / only finetuned "
+        "got right; p is the exact McNemar test on them (two-sided).", "",
+        f"![accuracy]({chart_name})", "",
+    ]
+    if report.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
+    lines += _disagreements(report, n_examples)
+    return "\n".join(lines)
+
+
+def _disagreements(report: EvalReport, n: int) -> list[str]:
+    ft, ep = report.results.get("finetuned"), report.results.get("epicode")
+    if not ft or not ep or ft.skipped or ep.skipped:
+        return []
+    idx = [i for i in range(len(report.items)) if ft.correct[i] != ep.correct[i]][:n]
+    if not idx:
+        return []
+    out = ["## Items where finetuned and EpiCoDe disagree (first few)", ""]
+    for i in idx:
+        it = report.items[i]
+        out += [f"**{it.id}** {it.text} (answer: {it.answer})", "",
+                f"- finetuned {'✓' if ft.correct[i] else '✗'}: `{_one_line(ft.texts[i])}`",
+                f"- EpiCoDe {'✓' if ep.correct[i] else '✗'}: `{_one_line(ep.texts[i])}`", ""]
+    return out
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    t = " ".join(text.split()).replace("`", "'")
+    return t if len(t) <= limit else t[: limit - 3] + "..."

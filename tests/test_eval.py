@@ -1,0 +1,115 @@
+"""End-to-end eval on tiny models: the four rows, identities (mu = 0, lambda = 0), scoring, files, CLI."""
+
+import json
+import warnings
+
+import pytest
+from click.testing import CliRunner
+from factory import make_pair
+
+from epicode_edge.apps.eval import evaluate
+from epicode_edge.cli import main
+from epicode_edge.converters.convert import convert
+
+PROMPTS = ["Question: what is 17 + 25?", "Multiply 3 by 4, then add 5.", "The quick brown fox",
+           "Law, math and logic:", "def add(a, b):"]
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_family")
+    ft, inf = make_pair(root, arch="llama", delta=0.3)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p, "answer": "42"}) + "\n"
+                            for i, p in enumerate(PROMPTS)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kw = dict(to=("gguf",), quant=("F32",), lam=0.5, alpha=0.1)
+        b = convert(ft, inf, root / "bundle", mu=0.5, with_inferior=True, **kw)
+        b0 = convert(ft, inf, root / "bundle_mu0", mu=0.0, **kw)
+    return {"root": root, "ft": ft, "inf": inf, "data": data, "bundle": b.path, "bundle_mu0": b0.path}
+
+
+@pytest.fixture(scope="session")
+def report(family, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_out")
+    return evaluate(family["bundle"], family["data"], out_dir=out, max_tokens=12, extract="exact")
+
+
+def test_four_rows_same_items(report):
+    assert list(report.results) == ["finetuned", "extrapolation", "cd", "epicode"]
+    for r in report.results.values():
+        assert r.skipped is None and r.n == len(PROMPTS) and len(r.texts) == len(PROMPTS)
+        assert all(isinstance(t, str) for t in r.texts)
+    rows = report.rows()
+    assert rows[0].delta is None and all(r.delta is not None for r in rows[1:])
+    # the methods really differ on this pair (otherwise the identities below would prove nothing)
+    assert report.results["epicode"].texts != report.results["finetuned"].texts
+    assert report.results["epicode"].changed > 0
+
+
+def test_files_written(report):
+    out = report.out_dir
+    recs = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in recs] == [f"q{i}" for i in range(len(PROMPTS))]
+    assert recs[0]["epicode"]["text"] == report.results["epicode"].texts[0]
+    md = (out / "report.md").read_text()
+    assert "EpiCoDe (expert vs amateur)" in md and "accuracy.png" in md
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text())["settings"]["n_items"] == len(PROMPTS)
+
+
+def test_lambda_zero_epicode_is_extrapolation(family, report):
+    r0 = evaluate(family["bundle"], family["data"], max_tokens=12, extract="exact", lam=0.0,
+                  methods="extrapolation,epicode")
+    assert r0.results["epicode"].texts == r0.results["extrapolation"].texts
+    assert r0.results["extrapolation"].texts == report.results["extrapolation"].texts
+
+
+def test_mu_zero_extrapolation_is_finetuned(family):
+    r = evaluate(family["bundle_mu0"], family["data"], max_tokens=12, extract="exact",
+                 methods="finetuned,extrapolation,cd")
+    assert r.results["extrapolation"].texts == r.results["finetuned"].texts
+    assert r.results["cd"].skipped and "with-inferior" in r.results["cd"].skipped
+
+
+def test_scoring_counts_right_answers(family, report, tmp_path):
+    """Gold answers set to the finetuned outputs for the first 3 items: finetuned scores exactly 3/5."""
+    texts = report.results["finetuned"].texts
+    data = tmp_path / "gold.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p, "answer": (texts[i] if i < 3 else "zzz") or "x"})
+                            + "\n" for i, p in enumerate(PROMPTS)))
+    r = evaluate(family["bundle"], data, max_tokens=12, extract="exact", methods="finetuned")
+    assert r.results["finetuned"].correct == [bool(texts[i].strip()) for i in range(3)] + [False, False]
+
+
+def test_cli_eval_prints_table_and_warns(family, tmp_path):
+    res = CliRunner().invoke(main, ["eval", str(family["bundle"]), str(family["data"]), "-o", str(tmp_path / "o"),
+                                    "--max-tokens", "8", "--extract", r"regex:(\d{9})", "--limit", "3"])
+    assert res.exit_code == 0, res.output
+    assert "CD only (finetuned vs inferior)" in res.output and "McNemar" in res.output
+    assert "matched none of the 3 finetuned outputs" in res.output
+    assert "only 3 items" in res.output
+    assert (tmp_path / "o" / "eval.jsonl").is_file()
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"id": "x", "prompt": "hi"}', "line 2: no 'answer' field"),
+    ('{"id": "x", "answer": "1"}', "line 2: no 'prompt' or 'messages' field"),
+])
+def test_cli_eval_bad_data(family, tmp_path, line, msg):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + line + "\n")
+    res = CliRunner().invoke(main, ["eval", str(family["bundle"]), str(data), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and msg in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_eval_empty_data_and_bad_extract(family, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    res = CliRunner().invoke(main, ["eval", str(family["bundle"]), str(empty)])
+    assert res.exit_code == 1 and "no items" in res.output
+    res = CliRunner().invoke(main, ["eval", str(family["bundle"]), str(family["data"]), "--extract", "regex:("])
+    assert res.exit_code == 1 and "invalid" in res.output
