@@ -142,6 +142,165 @@ def info_cmd(bundle, verify):
 # generate / chat / batch  (runtime, apps/chat.py, apps/batch.py)
 # ----------------------------------------------------------------------------------------------
 
+
+def runtime_options(f):
+    """--backend --quant --n-gpu-layers --n-ctx --threads: how `load()` opens a bundle."""
+    for opt in reversed([
+        click.option("--backend", type=click.Choice(["auto", "llama.cpp", "mlx"]), default="auto", show_default=True,
+                     help="Engine: auto = MLX on Apple silicon when the bundle has MLX models, else llama.cpp."),
+        click.option("--quant", default=None, help="GGUF quant to load (default: the bundle's first)."),
+        click.option("--n-gpu-layers", type=int, default=0, show_default=True,
+                     help="Layers offloaded to CUDA/Metal on llama.cpp (-1 = all)."),
+        click.option("--n-ctx", type=int, default=2048, show_default=True, help="Context size in tokens."),
+        click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: engine's)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def decoding_options(f):
+    """--max-tokens --lambda --alpha --temp --top-p --top-k --min-p --seed --stop --repetition-penalty."""
+    for opt in reversed([
+        click.option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
+        click.option("--lambda", "lam", type=float, default=None, help="Contrastive strength (default: bundle's)."),
+        click.option("--alpha", type=float, default=None, help="Plausibility threshold (default: bundle's)."),
+        click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature; 0 = greedy."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k best (0 = off)."),
+        click.option("--min-p", type=float, default=0.0, show_default=True, help="Min probability vs the best."),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+        click.option("--stop", multiple=True, help="Stop string (not emitted); repeat for several."),
+        click.option("--repetition-penalty", type=float, default=None, help="Penalty on recent tokens (>1)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command("generate")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@decoding_options
+@click.option("--system", default=None, help="System prompt (chat template).")
+@click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, counts, timings).")
+@runtime_options
+def generate_cmd(bundle, prompt, system, raw, as_json, backend, quant, n_gpu_layers, n_ctx, n_threads, **settings):
+    """Answer PROMPT with EpiCoDe (expert contrasted with amateur), streaming to stdout."""
+    import json
+
+    from .runtime import Settings, load
+
+    settings["stop"] = settings["stop"] or None
+    Settings().updated(**settings)  # out-of-range values fail before the models load
+    rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    with rt:
+        events = rt.stream(prompt, raw=raw, system=system, **settings)
+        if as_json:
+            from .runtime import collect
+
+            click.echo(json.dumps(collect(events).as_dict(), ensure_ascii=False))
+            return
+        last = None
+        for ev in events:
+            if ev.text:
+                click.echo(ev.text, nl=False)
+                sys.stdout.flush()
+            last = ev
+        click.echo()
+        st = last.stats
+        click.echo(f"[{st.completion_tokens} tokens, {st.tokens_per_s:.1f} tok/s, first token {st.ttft_s:.2f} s, "
+                   f"finish: {last.finish_reason} ({last.stopped_by}), changed by contrastive decoding: "
+                   f"{st.changed}, amateur skipped: {st.amateur_skipped}/{st.picks}]", err=True)
+
+
+@main.command("chat")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="System prompt (change it later with /system).")
+@decoding_options
+@runtime_options
+def chat_cmd(bundle, system, backend, quant, n_gpu_layers, n_ctx, n_threads, **settings):
+    """Chat with EpiCoDe offline. Reads stdin: a terminal (line editing, history) or a pipe (scripted
+    sessions: each line a message or a /command). /help lists the commands; Ctrl-C stops an answer and
+    keeps the session; Ctrl-D or /bye exits. Each turn prefills only its new tokens."""
+    from .apps.chat import ChatApp, run_repl
+    from .runtime import Settings, load
+
+    settings["stop"] = settings["stop"] or None
+    Settings().updated(**settings)  # out-of-range values fail before the models load
+    rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    with rt:
+        run_repl(ChatApp(rt, system=system, dim=sys.stderr.isatty(), **settings))
+
+
+@main.command("batch")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT.jsonl", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Results JSONL; appended to, so a rerun resumes where a run stopped.")
+@click.option("--compare", is_flag=True, help="Also answer with the finetuned model alone (finetuned_text).")
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Requests decoded together (batched decoding on llama.cpp).")
+@click.option("--retry-errors", is_flag=True, help="Run again the requests whose record is an error.")
+@click.option("--system", default=None, help="Default system prompt (a line's own 'system' wins).")
+@decoding_options
+@runtime_options
+def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, system, backend, quant, n_gpu_layers,
+              n_ctx, n_threads, **settings):
+    """Answer every request of INPUT.jsonl ({"id", "prompt"} or {"id", "messages"} a line, with optional
+    per-line max_tokens, lambda, alpha, temp, top_p, top_k, min_p, seed, stop, system) into OUTPUT, one
+    record a line, flushed as each finishes (completion order; "line" gives the input order). A bad line or
+    a failed request becomes an error record; ids already in OUTPUT are skipped."""
+    from .apps import batch
+    from .runtime import Settings, load
+
+    settings["stop"] = settings["stop"] or None
+    Settings().updated(**settings)  # out-of-range values fail before the models load
+    job = batch.prepare(input_path, output, retry_errors=retry_errors)  # bad paths fail before loading too
+    if job.repaired:
+        click.echo(f"Note: {job.repaired} (a run was interrupted mid-write).", err=True)
+    for id_, line, first in job.duplicates[:5]:
+        click.echo(f"Warning: duplicate id {id_!r} on line {line} (first on line {first}): skipped.", err=True)
+    if len(job.duplicates) > 5:
+        click.echo(f"Warning: {len(job.duplicates) - 5} more duplicate ids skipped.", err=True)
+    if not job.pending:
+        click.echo(f"Nothing to do: all {job.total} requests already have a record in {output}.", err=True)
+        return
+    rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    bar = _BatchBar()
+    try:
+        with rt, bar:
+            summary = batch.run_job(rt, job, compare=compare, progress=bar.update, parallel=parallel,
+                                    system=system, **settings)
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted after {bar.new} new records; run the same command again to resume.", err=True)
+        sys.exit(130)
+    click.echo(summary.line(), err=True)
+
+
+class _BatchBar:
+    """A tqdm bar over the requests of a batch run; progress(done, total, record) drives it."""
+
+    def __init__(self):
+        self.bar, self.new = None, 0
+
+    def update(self, done: int, total: int, record) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=done, desc="batch", unit="req", file=sys.stderr,
+                            dynamic_ncols=True, leave=False, disable=None)
+        if record is not None:
+            self.new += 1
+            self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # eval / tune / demo  (apps/eval.py, apps/tune.py, apps/demo.py)
 # ----------------------------------------------------------------------------------------------

@@ -71,34 +71,8 @@ class Backend(Protocol):
     def detokenize(self, ids: Sequence[int]) -> bytes: ...
     def token_bytes(self, token_id: int) -> bytes: ...
     def token_texts(self) -> list[str]: ...
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        """Feed ids after the cached positions; logits (V,) of the last one."""
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise ParameterError(f"{self.path.name}: prefill needs at least one token")
-        logits = self._run(ids)
-        self.counters.prefill_calls += 1
-        self.counters.prefill_tokens += len(ids)
-        return logits
-
-    def step(self, token_id: int) -> np.ndarray:
-        """Feed one token; logits (V,) of it."""
-        logits = self._run([int(token_id)])
-        self.counters.step_calls += 1
-        return logits
-
-    def _run(self, ids: list[int]) -> np.ndarray:
-        self._check_room(len(ids))
-        if self._dirty:  # a forward was interrupted (Ctrl-C) after the engine cached it: drop those positions
-            self._trim(self.n_past)
-        self._dirty = True
-        t = time.perf_counter()
-        logits = self._forward(ids)
-        self.counters.forward_seconds += time.perf_counter() - t
-        self._tokens.extend(ids)
-        self._dirty = False
-        return logits
-
+    def prefill(self, ids: Sequence[int]) -> np.ndarray: ...
+    def step(self, token_id: int) -> np.ndarray: ...
     def truncate(self, n: int) -> None: ...
     def close(self) -> None: ...
 
@@ -134,23 +108,27 @@ class BaseBackend:
         ids = [int(i) for i in ids]
         if not ids:
             raise ParameterError(f"{self.path.name}: prefill needs at least one token")
-        self._check_room(len(ids))
-        t = time.perf_counter()
-        logits = self._forward(ids)
-        self.counters.forward_seconds += time.perf_counter() - t
+        logits = self._run(ids)
         self.counters.prefill_calls += 1
         self.counters.prefill_tokens += len(ids)
-        self._tokens.extend(ids)
         return logits
 
     def step(self, token_id: int) -> np.ndarray:
         """Feed one token; logits (V,) of it."""
-        self._check_room(1)
-        t = time.perf_counter()
-        logits = self._forward([token_id])
-        self.counters.forward_seconds += time.perf_counter() - t
+        logits = self._run([int(token_id)])
         self.counters.step_calls += 1
-        self._tokens.append(token_id)
+        return logits
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        self._check_room(len(ids))
+        if self._dirty:  # a forward was interrupted (Ctrl-C) after the engine cached it: drop those positions
+            self._trim(self.n_past)
+        self._dirty = True
+        t = time.perf_counter()
+        logits = self._forward(ids)
+        self.counters.forward_seconds += time.perf_counter() - t
+        self._tokens.extend(ids)
+        self._dirty = False
         return logits
 
     def truncate(self, n: int) -> None:

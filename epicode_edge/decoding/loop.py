@@ -218,7 +218,7 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     text = _TextStream(stop)
     reason = ("length", "max_tokens")
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
-                          processors=processors, lazy=lazy) if max_tokens > 0 else iter(())
+                          processors=processors, lazy=lazy) if max_tokens > 0 else _nothing()
     try:
         for step in steps:
             if t_first is None:
@@ -246,6 +246,10 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     _fill_times(st, t0, t_first, t_end, models, c0)
     yield Event(text.flush() if reason[1] != "stop_string" else "", None, finish_reason=reason[0],
                 stopped_by=reason[1], stats=st)
+
+
+def _nothing() -> Iterator[Step]:
+    yield from ()
 
 
 def _snapshot(backend) -> tuple:

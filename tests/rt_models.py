@@ -1,0 +1,96 @@
+"""Models the runtime tests share, built once per test session (tiny: a few hundred KB each).
+
+    pair_dir(tmp_path_factory)    finetuned + inferior HF folders (tiny llama, 384-token vocab)
+    bundle_dir(tmp_path_factory)  convert() of that pair: GGUF F32 + Q8_0 and MLX folders, mu = 0.5
+    ScriptBackend                 a numpy "engine" whose logits are a given function of the token history,
+                                  for loop logic that random models cannot steer (UTF-8 splits, stop strings)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from epicode_edge.backends.base import BaseBackend
+
+_BUILT: dict[str, Path] = {}
+
+N_THREADS = 1  # the CI machine has 2 cores shared with other jobs: one thread avoids spin-wait stalls
+
+
+def pair_dir(tmp_path_factory) -> Path:
+    if "pair" not in _BUILT:
+        from factory import make_pair
+
+        root = tmp_path_factory.mktemp("rt_pair")
+        make_pair(root, arch="llama", seed=7, delta=0.3)
+        _BUILT["pair"] = root
+    return _BUILT["pair"]
+
+
+def bundle_dir(tmp_path_factory) -> Path:
+    if "bundle" not in _BUILT:
+        from epicode_edge.converters.convert import convert
+
+        pair = pair_dir(tmp_path_factory)
+        out = tmp_path_factory.mktemp("rt_bundle") / "bundle"
+        convert(pair / "finetuned", pair / "inferior", out, mu=0.5, to=["gguf", "mlx"], quant=["F32", "Q8_0"])
+        _BUILT["bundle"] = out
+    return _BUILT["bundle"]
+
+
+# ----------------------------------------------------------------------------------------------
+# a scripted backend for loop logic
+# ----------------------------------------------------------------------------------------------
+
+EOS = 256  # byte tokens 0..255, then EOS, then two more specials
+VOCAB = 259
+
+
+class ScriptBackend(BaseBackend):
+    """Token i < 256 is the byte i; 256 = EOS. logits = fn(history) (V,)."""
+
+    name = "script"
+
+    def __init__(self, fn, n_ctx: int = 512, path: str = "script"):
+        super().__init__(path, n_ctx)
+        self.fn = fn
+        self.vocab_size = VOCAB
+        self.bos_id = None
+        self.eos_ids = frozenset({EOS})
+        self.add_bos = False
+        self.chat_template = None
+        self.bos_token = self.eos_token = None
+
+    def tokenize(self, text, special=True, add_bos=None):
+        return list(text.encode("utf-8"))
+
+    def token_bytes(self, i):
+        return bytes([i]) if i < 256 else b""
+
+    def detokenize(self, ids):
+        return b"".join(self.token_bytes(i) for i in ids)
+
+    def token_texts(self):
+        return [repr(bytes([i])) for i in range(256)] + ["<eos>", "<a>", "<b>"]
+
+    def _forward(self, ids):
+        seq = self._tokens + ids
+        return np.asarray(self.fn(seq), dtype=np.float32)
+
+    def _trim(self, n):
+        pass
+
+
+def spell(text, prompt_len: int, then_eos: bool = True, margin: float = 10.0):
+    """A script that answers a prompt of prompt_len tokens with the bytes of text, then EOS (or byte 0)."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+
+    def fn(seq):
+        k = len(seq) - prompt_len  # index of the byte to produce next
+        x = np.zeros(VOCAB, dtype=np.float32)
+        x[data[k] if k < len(data) else (EOS if then_eos else 0)] = margin
+        return x
+
+    return fn
