@@ -179,6 +179,7 @@ class ChatApp:
             self.status(f"Error: {_one_line(e)}")
             return None
         turn, pieces, t0 = Turn(), [], time.perf_counter()
+        c0 = [b.counters.prefill_tokens for _, b in _backends(self.runtime)]
         try:
             with _sigint_flag() as stop:
                 for ev in stream:
@@ -193,6 +194,7 @@ class ChatApp:
             self.status(f"Error: {_one_line(e)}")
         finally:
             stream.close()  # GeneratorExit at a yield: the session keeps what was streamed
+        turn.prefill = tuple(b.counters.prefill_tokens - c for (_, b), c in zip(_backends(self.runtime), c0))
         if turn.stopped or not turn.seconds:
             turn.seconds = time.perf_counter() - t0
             turn.tokens_per_s = turn.tokens / turn.seconds if turn.seconds > 0 else 0.0
@@ -212,7 +214,6 @@ class ChatApp:
         st = ev.stats
         if st is not None:  # the final event
             turn.seconds, turn.tokens_per_s = st.total_s, st.tokens_per_s
-            turn.prefill = (st.expert_prefill_tokens, st.amateur_prefill_tokens)
 
     # -- commands -----------------------------------------------------------------------------------
     def cmd_help(self, arg: str = "") -> None:
