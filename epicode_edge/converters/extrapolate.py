@@ -19,7 +19,7 @@ from ..errors import MismatchError, NumericError, ParameterError
 from .checkpoint import Checkpoint, ContentHasher
 from .safetensors_io import FLOAT_TAGS, from_f32, to_f32
 
-CHUNK = 1 << 22  # elements per step of the formula: bounds the float32 temporaries to 16 MB each
+CHUNK = 1 << 20  # elements per step of the formula: bounds the float32 temporaries to 4 MB each
 
 # Config fields that differ between two saves of one training run without changing the model.
 CONFIG_NOISE = {"_name_or_path", "transformers_version", "_commit_hash", "use_cache"}

@@ -36,14 +36,22 @@ _HEADER_LIMIT = 100 * 1024 * 1024
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """uint16 bfloat16 bits -> float32 (exact)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    u = bits.astype(np.uint32)
+    u <<= 16  # in place: one float32-sized buffer, not two
+    return u.view(np.float32)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> uint16 bfloat16 bits, rounding to nearest even; NaN stays NaN."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     u = x.view(np.uint32)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    r = u >> 16  # (in-place steps: two uint32 temporaries at most)
+    r &= 1
+    r += u
+    r += 0x7FFF
+    r >>= 16
+    rounded = r.astype(np.uint16)
+    del r
     nan = np.isnan(x)
     if nan.any():
         rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
@@ -175,6 +183,21 @@ class SafetensorsWriter:
         if a.shape != shape:
             raise ValueError(f"tensor {name!r}: shape {a.shape} != declared {shape}")
         self._f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")  # no copy of the tensor
+        self._next += 1
+
+    def write_chunks(self, name: str, chunks) -> None:
+        """Like write, from an iterable of C-order pieces (the tensor split along its first axis),
+        so that a writer never holds a whole tensor."""
+        want, tag, shape, nbytes = self._order[self._next]
+        if name != want:
+            raise ValueError(f"tensor {name!r} written out of order (expected {want!r})")
+        done = 0
+        for piece in chunks:
+            a = np.ascontiguousarray(piece, dtype=STORAGE[tag])
+            self._f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+            done += a.nbytes
+        if done != nbytes:
+            raise ValueError(f"tensor {name!r}: {done} bytes written, {nbytes} declared")
         self._next += 1
 
     def close(self) -> None:

@@ -1,0 +1,205 @@
+"""Benchmark `convert` on a generated >= 1 GB bf16 sharded checkpoint pair: time, throughput, memory.
+
+    python bench/convert.py                         # hf + gguf F16, then hf + gguf Q8_0; 1 run each
+    python bench/convert.py --to hf --repeat 3      # medians of 3 runs
+    python bench/convert.py --layers 22             # a ~2.2 GB checkpoint
+
+The pair (a wide Llama: hidden 2048, 16 heads / 4 KV heads, MLP 5632, vocab 16384, untied; bf16; shards
+of ~300 MB with an index) is written chunk by chunk into a temporary folder, deleted at the end. Each
+convert runs in a child process that the parent polls through /proc/PID/status every 10 ms:
+
+    peak RSS      VmHWM: everything resident, file pages of the memory-mapped inputs included
+    peak private  the largest RssAnon seen: anonymous memory, which the kernel cannot drop
+
+Streaming means private memory stays far below the input size (the target is < 25% of one checkpoint).
+Input reads come from the page cache unless --drop-caches (root) empties it first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+CHUNK_ROWS_BYTES = 16 << 20  # the generator writes 16 MB pieces
+
+
+def wide_llama(layers: int) -> dict:
+    from factory import make_config
+
+    return make_config("llama", 16384, "bfloat16", hidden=2048, layers=layers, heads=16, kv_heads=4,
+                       intermediate=5632)
+
+
+def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    h, v, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    hd = h // cfg["num_attention_heads"]
+    nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (nq, h),
+                       p + "self_attn.k_proj.weight": (nkv, h), p + "self_attn.v_proj.weight": (nkv, h),
+                       p + "self_attn.o_proj.weight": (h, nq), p + "post_attention_layernorm.weight": (h,),
+                       p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                       p + "mlp.down_proj.weight": (h, inter)})
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def _pieces(shape, seed: int, inferior: bool):
+    """bf16 bits of one tensor, 16 MB of rows at a time; the inferior is the finetuned plus small noise."""
+    from epicode_edge.converters.safetensors_io import f32_to_bf16
+
+    rng_ft = np.random.default_rng(seed)
+    rng_noise = np.random.default_rng(seed + 1)
+    rows = shape[0]
+    row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    scale = 1.0 if len(shape) == 1 else 1.0 / np.sqrt(shape[-1])
+    step = max(1, CHUNK_ROWS_BYTES // (4 * row))
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        x = rng_ft.standard_normal((n, *shape[1:]), dtype=np.float32)
+        x *= scale
+        if len(shape) == 1:
+            x += 1.0
+        if inferior:
+            x -= (0.05 * scale) * rng_noise.standard_normal(x.shape, dtype=np.float32)
+        yield f32_to_bf16(x)
+
+
+def write_checkpoint(out: Path, cfg: dict, tokenizer_dir: Path, inferior: bool, shard_bytes: int = 300 << 20) -> int:
+    """An HF folder written piece by piece (the generator holds 16 MB at a time). Returns tensor bytes."""
+    from epicode_edge.converters.hf import plan_shards
+    from epicode_edge.converters.checkpoint import TensorInfo
+    from epicode_edge.converters.safetensors_io import SafetensorsWriter
+
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    shapes = tensor_shapes(cfg)
+    infos = [TensorInfo(n, "BF16", s) for n, s in shapes.items()]
+    shards = plan_shards(infos, shard_bytes)
+    weight_map, total = {}, 0
+    for k, group in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        with SafetensorsWriter(out / fname, [(t.name, "BF16", t.shape) for t in group], {"format": "pt"}) as w:
+            for t in group:
+                seed = list(shapes).index(t.name)
+                w.write_chunks(t.name, _pieces(t.shape, seed, inferior))
+                weight_map[t.name] = fname
+                total += 2 * int(np.prod(t.shape, dtype=np.int64))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def run_child(ft: Path, inf: Path, out: Path, to: str, quant: str) -> dict:
+    """convert() in a child process polled every 10 ms; returns the child's own timing + memory peaks."""
+    args = json.dumps({"ft": str(ft), "inf": str(inf), "out": str(out), "to": to, "quant": quant})
+    proc = subprocess.Popen([sys.executable, __file__, "--child", args], stdout=subprocess.PIPE, text=True)
+    peak_anon = peak_hwm = base_anon = 0
+    while proc.poll() is None:
+        s = _status(proc.pid)
+        peak_anon = max(peak_anon, s.get("RssAnon", 0))
+        peak_hwm = max(peak_hwm, s.get("VmHWM", 0))
+        time.sleep(0.01)
+    stdout = proc.stdout.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed ({proc.returncode}): {stdout}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.update(peak_rss=max(peak_hwm, result["vm_hwm"]), peak_anon=max(peak_anon, result["anon_end"]))
+    return result
+
+
+def child(spec: str) -> None:
+    from epicode_edge.converters.convert import convert
+
+    a = json.loads(spec)
+    before = _status(os.getpid())
+    t0 = time.perf_counter()
+    b = convert(a["ft"], a["inf"], a["out"], mu=0.3, to=a["to"], quant=a["quant"])
+    seconds = time.perf_counter() - t0
+    s = _status(os.getpid())
+    print(json.dumps({"seconds": seconds, "vm_hwm": s["VmHWM"], "anon_end": s["RssAnon"],
+                      "anon_start": before["RssAnon"], "output_bytes": b.summary["output_bytes"]}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=11, help="decoder layers (11: ~1.13 GB per checkpoint)")
+    ap.add_argument("--to", action="append", help="output formats of one configuration (repeatable)")
+    ap.add_argument("--quant", action="append", help="GGUF quants, one per --to")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--drop-caches", action="store_true", help="drop the page cache before each run (root)")
+    ap.add_argument("--tmp", default=None, help="where to write the checkpoints (default: system temp)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child)
+    configs = list(zip(a.to or ["hf,gguf", "hf,gguf"], a.quant or ["F16", "Q8_0"]))
+    from factory import make_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="epicode-bench-", dir=a.tmp) as tmp:
+        tmp = Path(tmp)
+        cfg = wide_llama(a.layers)
+        t0 = time.perf_counter()
+        tok = make_tokenizer(tmp / "tok")
+        one = write_checkpoint(tmp / "finetuned", cfg, tok, inferior=False)
+        write_checkpoint(tmp / "inferior", cfg, tok, inferior=True)
+        n_files = len(list((tmp / "finetuned").glob("*.safetensors")))
+        print(f"generated 2 x {one / 1e9:.2f} GB bf16 ({n_files} shards each, largest tensor "
+              f"{max(np.prod(s) for s in tensor_shapes(cfg).values()) * 2 / 1e6:.0f} MB) in "
+              f"{time.perf_counter() - t0:.1f} s")
+        read = 2 * one
+        for to, quant in configs:
+            runs = []
+            for _ in range(a.repeat):
+                shutil.rmtree(tmp / "bundle", ignore_errors=True)
+                if a.drop_caches:
+                    subprocess.run(["sync"])
+                    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+                runs.append(run_child(tmp / "finetuned", tmp / "inferior", tmp / "bundle", to, quant))
+            med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "peak_rss", "peak_anon")}
+            print(f"convert --to {to} --quant {quant} (median of {len(runs)}): wall {med['seconds']:.1f} s, "
+                  f"read {read / 1e9:.2f} GB at {read / med['seconds'] / 1e9:.2f} GB/s, "
+                  f"wrote {runs[0]['output_bytes'] / 1e9:.2f} GB; peak RSS {med['peak_rss'] / 1e6:.0f} MB, "
+                  f"peak private (RssAnon) {med['peak_anon'] / 1e6:.0f} MB = "
+                  f"{100 * med['peak_anon'] / one:.1f}% of one checkpoint, {100 * med['peak_anon'] / read:.1f}% "
+                  f"of the input read (interpreter + imports at start: {runs[0]['anon_start'] / 1e6:.0f} MB)")
+        shutil.rmtree(tmp / "bundle", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
