@@ -166,3 +166,13 @@ def test_info_cli(tmp_path):
     assert "mu = 0.3" in r.output and "gguf       Q8_0    expert 600 B, amateur 700 B" in r.output
     r = CliRunner().invoke(main, ["info", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "Error: " in r.output and "no such bundle folder" in r.output
+
+
+def test_describe_shows_other_file_groups_and_warnings(tmp_path):
+    out = write_bundle(tmp_path / "b")
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"]["lora"] = {"finetuned": {"path": "lora/finetuned.gguf", "bytes": 1500}}
+    manifest["warnings"] = ["mu = 3.0 is large"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    text = "\n".join(describe(open_bundle(out)))
+    assert "lora       finetuned lora/finetuned.gguf 1.5 KB" in text and "warning    mu = 3.0 is large" in text

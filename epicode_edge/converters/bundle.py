@@ -287,8 +287,8 @@ def describe(b: Bundle) -> list[str]:
              f"made by    epicode-edge {m.get('tool_version', '?')} on {m.get('created', '?')} (format {m['format_version']})",
              f"method     mu = {b.mu}   defaults: lambda = {b.lam}, alpha = {b.alpha}",
              f"model      {b.arch or '?'}; tokenizer sha256 {str(b.tokenizer_hash or '?')[:16]}"]
-    for role, src in m.get("sources", {}).items():
-        lines.append(f"{'sources' if role == 'finetuned' else '':<10} {role:<9} {src.get('path')} "
+    for i, (role, src) in enumerate(m.get("sources", {}).items()):
+        lines.append(f"{'' if i else 'sources':<10} {role:<9} {src.get('path')} "
                      f"({src.get('format', '?')}, content sha256 {str(src.get('content_sha256', '?'))[:16]})")
     files = m["files"]
     for q, per_role in files.get("gguf", {}).items():
@@ -300,6 +300,13 @@ def describe(b: Bundle) -> list[str]:
             if fmt == "mlx":
                 how = f" ({e['bits']}-bit, group {e['group_size']})" if e.get("bits") else " (not quantized)"
             lines.append(f"{fmt:<10} {role:<9} {e['path']}{how} {human_bytes(e['bytes'])}")
+    for group, entries in files.items():  # other layouts' files (e.g. LoRA adapters)
+        if group not in FORMATS and isinstance(entries, dict):
+            for key, e in entries.items():
+                if isinstance(e, dict) and "path" in e:
+                    lines.append(f"{group:<10} {key:<9} {e['path']} {human_bytes(e.get('bytes', 0))}")
+    for note in m.get("warnings", []):
+        lines.append(f"warning    {note}")
     s = b.summary
     if s:
         lines.append(f"converted  in {s.get('seconds', 0):.1f} s, read {human_bytes(s.get('input_bytes', 0))}, "
