@@ -225,7 +225,7 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
     """Extrapolate finetuned/inferior with mu and write a bundle at `out` (DESIGN.md section 3).
 
     to: formats among gguf, mlx, hf (list or comma string); quant: GGUF quant types (one file per role and
-    quant); mlx_bits None|4|8 and mlx_group_size for the MLX folders; with_inferior adds the inferior model
+    quant); mlx_bits (None = not quantized, or 2..8) and mlx_group_size for the MLX folders; with_inferior adds the inferior model
     (for a contrastive-only comparison); lam and alpha are stored as the bundle's decoding defaults.
     progress(Progress) is called after each tensor and at each later stage. Warnings (large mu, identical
     checkpoints) are issued as ExtrapolationWarning. Returns the opened Bundle; its .summary holds sizes,
@@ -266,31 +266,35 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
             if progress:
                 progress(Progress("hash", 0, 0, 0, 0, "manifest"))
             files = _file_entries(bw.tmp, formats, quants, with_inferior, mlx_bits, mlx_group_size)
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "tool": "epicode-edge",
-                "tool_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "mu": mu,
-                "defaults": {"lambda": lam, "alpha": alpha},
-                "arch": ft.arch,
-                "tokenizer_hash": ft.tokenizer_hash(),
-                "sources": {
-                    "finetuned": {"path": str(ft.path.absolute()), "format": ft.format, "content_sha256": digests[0]},
-                    "inferior": {"path": str(inf.path.absolute()), "format": inf.format, "content_sha256": digests[1]},
-                },
-                "files": files,
-                "warnings": notes,
-                "summary": {
-                    "seconds": round(time.perf_counter() - t0, 3),
-                    "tensors": len(ft.tensors),
-                    "input_bytes": ft.nbytes + inf.nbytes,
-                    "output_bytes": _total_bytes(files),
-                    "peak_rss_bytes": _peak_rss_bytes(),
-                },
-            }
+            manifest = _manifest(ft, inf, mu, lam, alpha, digests, files, notes, time.perf_counter() - t0)
             bw.commit(manifest)
     return open_bundle(bw.out)
+
+
+def _manifest(ft: Checkpoint, inf: Checkpoint, mu, lam, alpha, digests, files, notes, seconds) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": "epicode-edge",
+        "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mu": mu,
+        "defaults": {"lambda": lam, "alpha": alpha},
+        "arch": ft.arch,
+        "tokenizer_hash": ft.tokenizer_hash(),
+        "sources": {
+            "finetuned": {"path": str(ft.path.absolute()), "format": ft.format, "content_sha256": digests[0]},
+            "inferior": {"path": str(inf.path.absolute()), "format": inf.format, "content_sha256": digests[1]},
+        },
+        "files": files,
+        "warnings": notes,
+        "summary": {
+            "seconds": round(seconds, 3),
+            "tensors": len(ft.tensors),
+            "input_bytes": ft.nbytes + inf.nbytes,
+            "output_bytes": _total_bytes(files),
+            "peak_rss_bytes": _peak_rss_bytes(),
+        },
+    }
 
 
 def _sink_name(sink) -> str:
