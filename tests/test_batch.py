@@ -274,3 +274,102 @@ def test_cli_batch_and_one_line_errors(bundle, tmp_path):
         res = run(main, ["batch", str(bundle)] + args)
         assert res.exit_code == 1
         assert res.stderr.startswith("Error: ") and msg in res.stderr and res.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# batched decoding (several requests in one multi-sequence llama_decode per model per step)
+# ---------------------------------------------------------------------------------------------
+
+
+def _same(a, b):
+    return (a.tokens, a.text, a.finish_reason, a.stopped_by, a.prompt_tokens, a.completion_tokens,
+            a.changed_tokens) == (b.tokens, b.text, b.finish_reason, b.stopped_by, b.prompt_tokens,
+                                  b.completion_tokens, b.changed_tokens)
+
+
+def test_multisequence_logits_match_the_single_sequence_backend(runtime):
+    import numpy as np
+
+    from epicode_edge.backends.llamacpp_batch import MultiSeqLlamaCpp
+
+    e = runtime.expert
+    prompts = [runtime.encode(p) for p in PROMPTS[:3]]
+    want = []
+    for p in prompts:
+        e.truncate(0)
+        want.append([e.prefill(p).copy(), e.step(7).copy(), e.step(11).copy()])
+    with MultiSeqLlamaCpp.from_backend(e, n_slots=3) as ms:
+        assert ms.n_ctx == e.n_ctx
+        got = [ms.decode([(0, prompts[0]), (2, prompts[2])])]
+        got.append(ms.decode([(0, [7]), (1, prompts[1]), (2, [7])]))  # a prompt joins while others step
+        got.append(ms.decode([(0, [11]), (1, [7]), (2, [11])]))
+        got.append(ms.decode([(1, [11])]))
+        assert ms.tokens(0) == prompts[0] + [7, 11] and ms.n_past(1) == len(prompts[1]) + 2
+        pairs = [(got[0][0], want[0][0]), (got[0][1], want[2][0]), (got[1][0], want[0][1]), (got[1][1], want[1][0]),
+                 (got[1][2], want[2][1]), (got[2][0], want[0][2]), (got[2][1], want[1][1]), (got[2][2], want[2][2]),
+                 (got[3][0], want[1][2])]
+        for a, b in pairs:
+            assert a.shape == (e.vocab_size,) and np.abs(a - b).max() < 1e-4
+        ms.truncate(0, 3)
+        assert ms.tokens(0) == prompts[0][:3]
+        x = ms.decode([(0, prompts[0][3:])])[0]
+        assert np.abs(x - want[0][0]).max() < 1e-4  # the cache really dropped the rest
+
+
+@pytest.mark.parametrize("settings", [
+    dict(max_tokens=24),
+    dict(max_tokens=24, lam=1.0, alpha=0.05),
+    dict(max_tokens=16, temp=0.8, seed=3, top_p=0.9),
+    dict(max_tokens=30, stop=["e", "\n"]),
+    dict(max_tokens=16, lazy=False),
+    dict(max_tokens=16, repetition_penalty=1.3),
+])
+def test_batched_equals_one_after_another(runtime, settings):
+    from epicode_edge.apps.batch import generate_batch
+
+    prompts = PROMPTS + ["Emoji: 😀 🚀", "0123456789 3.14159", "Multiply 3 by 4"]  # more requests than slots
+    seq = [runtime.generate(p, **settings) for p in prompts]
+    bat = generate_batch(runtime, prompts, parallel=4, **settings)
+    assert all(_same(a, b) for a, b in zip(seq, bat))
+    assert sum(r.completion_tokens for r in bat) > 0
+
+
+def test_batched_requests_finish_independently_and_fail_alone(runtime):
+    from epicode_edge.apps.batch import generate_batch
+
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 60  # more than n_ctx = 256
+    prompts = ["Hello there", long_prompt, "What is 17 + 25?", "Café crème"]
+    res = generate_batch(runtime, prompts, parallel=3, max_tokens=20, return_exceptions=True)
+    assert isinstance(res[1], Exception) and "context" in str(res[1])
+    for p, r in zip(prompts[::2] + prompts[3:], res[::2] + res[3:]):
+        assert _same(r, runtime.generate(p, max_tokens=20))
+
+    from epicode_edge.apps.batch import open_batched
+    from epicode_edge.decoding.batch_loop import generate_batched
+    from epicode_edge.runtime import Result
+
+    limits = (0, 1, 5, 40, 3, 12)
+    reqs = [(i, runtime.encode(p), runtime.settings(max_tokens=n)) for i, (p, n) in enumerate(zip(PROMPTS, limits))]
+    with open_batched(runtime, 2) as (expert_ms, amateur_ms):
+        got = list(generate_batched(expert_ms, amateur_ms, runtime.expert, reqs, result=Result))
+    order = [k for k, _ in got]
+    assert sorted(order) == list(range(len(PROMPTS))) and order != sorted(order)  # completion order
+    for i, r in got:  # a slot freed by a short request takes the next one; each answer is unchanged
+        assert r.completion_tokens <= limits[i]
+        assert _same(r, runtime.generate(PROMPTS[i], max_tokens=limits[i]))
+
+
+def test_run_batch_parallel_matches_sequential(runtime, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": f"r{i}", "prompt": p, "max_tokens": 4 + 5 * (i % 3)}, ensure_ascii=False)
+             for i, p in enumerate(PROMPTS)]
+    lines.insert(2, "{broken")
+    lines.append(json.dumps({"id": "neg", "prompt": "x", "lambda": -1}))
+    lines.append(json.dumps({"id": "sys", "prompt": "Hi", "system": "Be terse.", "temp": 0.7, "seed": 2}))
+    inp.write_text("\n".join(lines) + "\n")
+    one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
+    s1 = batch.run_batch(runtime, inp, one, compare=True)
+    s8 = batch.run_batch(runtime, inp, many, compare=True, parallel=3)
+    strip = lambda rs: sorted(({k: v for k, v in r.items() if k != "timings"} for r in rs), key=lambda r: r["line"])
+    assert strip(_lines(one)) == strip(_lines(many))
+    assert (s8.n_ok, s8.n_errors) == (s1.n_ok, s1.n_errors) == (len(PROMPTS) + 1, 2)

@@ -1,6 +1,7 @@
 """The JSONL batch runner: one request per input line, one result record per output line.
 
-    summary = run_batch(runtime, "in.jsonl", "out.jsonl", compare=False, max_tokens=128)
+    summary = run_batch(runtime, "in.jsonl", "out.jsonl", compare=False, parallel=8, max_tokens=128)
+    results = generate_batch(runtime, ["prompt 1", "prompt 2"], parallel=8, max_tokens=64)   # Python API
 
 Input lines are `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [{"role", "content"}, ...]}`
 with optional per-line overrides of the defaults: max_tokens, lambda, alpha, temp, top_p, top_k, min_p,
@@ -15,6 +16,12 @@ Output records (one JSON object per line, UTF-8):
 
 Order: records are appended in completion order. Run one at a time (parallel=1) that is input order;
 with parallel > 1 requests finish out of order, so sort by "line" to restore input order.
+
+Batched decoding (parallel > 1, llama.cpp): up to `parallel` requests are decoded together, one
+multi-sequence llama_decode per model per step (decoding/batch_loop.py, backends/llamacpp_batch.py);
+requests finish independently and the next ones take the freed slots. Greedy outputs are those of one
+request at a time. On MLX requests run one at a time. `generate_batch(runtime, prompts, parallel=8)` is
+the same for the Python API. With compare=True the finetuned-alone answer is computed one at a time.
 
 Durability and resume: each record is written and flushed as its request finishes. A rerun with the
 same output skips every request whose id (or, for a line without id, whose line number) already has a
@@ -382,12 +389,117 @@ def _count(summary: Summary, rec: dict) -> None:
 
 
 def _records(runtime, items: list, defaults: dict, compare: bool, parallel: int) -> Iterator[dict]:
-    """Records in completion order. Error records of bad lines come out where their line is."""
+    """Records in completion order. Error records of bad lines come out when their line is reached."""
+    if parallel > 1 and batched_supported(runtime):
+        yield from _batched_records(runtime, items, defaults, compare, parallel)
+        return
     for item in items:
         if not isinstance(item, Request):
             yield item
             continue
         yield run_request(runtime, item, defaults, compare)
+
+
+def _batched_records(runtime, items: list, defaults: dict, compare: bool, parallel: int) -> Iterator[dict]:
+    """Several requests decoded together (decoding/batch_loop.py); bad lines and requests that fail before
+    decoding (settings, chat template) come out as they are reached."""
+    from collections import deque
+
+    from ..decoding.batch_loop import generate_batched
+
+    side: deque = deque()
+    by_key = {}
+
+    def requests():
+        for item in items:
+            if not isinstance(item, Request):
+                side.append(item)
+                continue
+            messages, settings = request_input(item, defaults)
+            try:
+                s = runtime.settings(**settings)
+                ids = runtime.encode(messages)
+            except Exception as e:
+                side.append(_failure(item, e))
+                continue
+            by_key[item.line] = (item, messages, settings)
+            yield item.line, ids, s
+
+    from ..runtime import Result
+
+    with open_batched(runtime, parallel) as (expert_ms, amateur_ms):
+        for key, res in generate_batched(expert_ms, amateur_ms, runtime.expert, requests(), result=Result):
+            while side:
+                yield side.popleft()
+            req, messages, settings = by_key.pop(key)
+            yield _failure(req, res) if isinstance(res, BaseException) else _finish(runtime, req, res, messages,
+                                                                                  settings, compare)
+    while side:
+        yield side.popleft()
+
+
+def batched_supported(runtime) -> bool:
+    """Batched decoding runs on llama.cpp; other engines answer one request at a time."""
+    return getattr(runtime, "backend", None) == "llama.cpp"
+
+
+class open_batched:
+    """Multi-sequence contexts over the runtime's two llama.cpp models (the weights are shared, not
+    loaded again): `with open_batched(rt, 8) as (expert_ms, amateur_ms): ...`."""
+
+    def __init__(self, runtime, n_slots: int):
+        from ..backends.llamacpp_batch import MultiSeqLlamaCpp
+
+        self.expert = MultiSeqLlamaCpp.from_backend(runtime.expert, n_slots)
+        try:
+            self.amateur = MultiSeqLlamaCpp.from_backend(runtime.amateur, n_slots)
+        except BaseException:
+            self.expert.close()
+            raise
+
+    def __enter__(self):
+        return self.expert, self.amateur
+
+    def __exit__(self, *exc):
+        self.expert.close()
+        self.amateur.close()
+
+
+def generate_batch(runtime, prompts: list, *, parallel: int = 8, return_exceptions: bool = False,
+                   **settings) -> list:
+    """Python API: answer many prompts (strings, with the chat template, or message lists) decoded
+    together, `parallel` at a time; the Results come back in input order. Greedy outputs equal
+    runtime.generate() on each prompt. A failed request raises, or with return_exceptions=True its
+    exception takes its place in the list. Falls back to one at a time where batching is unsupported."""
+    from ..decoding.batch_loop import generate_batched
+    from ..runtime import Result
+
+    if not isinstance(parallel, int) or parallel < 1:
+        from ..errors import ParameterError
+
+        raise ParameterError(f"parallel must be an integer >= 1, got {parallel!r}")
+    out: list = [None] * len(prompts)
+    if parallel == 1 or not batched_supported(runtime):
+        for i, p in enumerate(prompts):
+            out[i] = _call(lambda: runtime.generate(p, **settings), return_exceptions)
+        return out
+    s = runtime.settings(**settings)
+    requests = ((i, runtime.encode(p), s) for i, p in enumerate(prompts))
+    with open_batched(runtime, min(parallel, max(len(prompts), 1))) as (expert_ms, amateur_ms):
+        for i, res in generate_batched(expert_ms, amateur_ms, runtime.expert, requests, result=Result):
+            if isinstance(res, BaseException) and not return_exceptions:
+                raise res
+            out[i] = res
+    return out
+
+
+def _call(fn, return_exceptions: bool):
+    try:
+        return fn()
+    except Exception as e:
+        if not return_exceptions:
+            raise
+        return e
 
 
 def request_input(req: Request, defaults: dict) -> tuple[Any, dict]:
@@ -412,14 +524,25 @@ def run_request(runtime, req: Request, defaults: dict, compare: bool) -> dict:
     messages, settings = request_input(req, defaults)
     try:
         result = runtime.generate(messages, **settings)
-        rec = result_record(req, result)
-        if compare:
+    except Exception as e:
+        return _failure(req, e)
+    return _finish(runtime, req, result, messages, settings, compare)
+
+
+def _finish(runtime, req: Request, result, messages, settings: dict, compare: bool) -> dict:
+    rec = result_record(req, result)
+    if compare:
+        try:
             rec["finetuned_text"] = runtime.compare(messages, **settings).text
-    except EpicodeError as e:
-        return _error(req.id, req.line, _one_line(e))
-    except Exception as e:  # a bug in one request must not lose the rest of the run
-        return _error(req.id, req.line, f"{type(e).__name__}: {_one_line(e)}")
+        except Exception as e:
+            return _failure(req, e)
     return rec
+
+
+def _failure(req: Request, e: BaseException) -> dict:
+    """EpicodeError: its one-line message; anything else (a bug) also names its type. Never lose the run."""
+    msg = _one_line(e) if isinstance(e, EpicodeError) else f"{type(e).__name__}: {_one_line(e)}"
+    return _error(req.id, req.line, msg)
 
 
 def result_record(req: Request, result) -> dict:

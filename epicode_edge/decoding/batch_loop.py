@@ -1,0 +1,218 @@
+"""Batched contrastive decoding: many requests in flight, one multi-sequence forward per model per step.
+
+    for key, result in generate_batched(expert_ms, amateur_ms, vocab, requests):   # completion order
+        ...
+
+`requests` yields (key, prompt ids, Settings). Each request gets a slot (a KV sequence of its own in both
+models); at every step the expert decodes one token for every active slot (or a whole prompt for a slot
+that has just been admitted) in ONE call, then the amateur decodes, in one call, what the slots that need
+its logits have not fed it yet (lazy amateur, as in loop.py: a forced pick needs no amateur). Requests
+finish independently (EOS, stop string, max_tokens, full context); a finished slot takes the next request
+at the next step (continuous batching).
+
+Per request the picks are those of loop.stream_generate (same plausibility mask, scores, sampler calls,
+stop rules and text stream), so greedy and seeded outputs equal running the requests one after another,
+up to float rounding of the batched kernels. A slot keeps its cache between requests and reuses the
+common prefix with the next prompt (a shared system prompt is prefilled once per slot).
+
+Engine-free: expert_ms / amateur_ms are multi-sequence engines with decode([(slot, ids)]) -> [(V,) logits],
+truncate(slot, n), tokens(slot), n_ctx (per slot) and n_slots (backends/llamacpp_batch.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .contrastive import plausible_ids
+from .loop import Stats, _scores, _TextStream, check_limits, check_prompt, common_prefix
+from .sampling import make_logits_processors, make_sampler
+
+
+@dataclass
+class _Seq:
+    """One request in a slot."""
+
+    key: Any
+    slot: int
+    prompt: list[int]
+    lam: float
+    alpha: float
+    max_tokens: int
+    lazy: bool
+    sampler: Any
+    processors: list
+    text: _TextStream
+    history: list[int] | None
+    stats: Stats
+    t0: float
+    feed: list[int] = field(default_factory=list)     # ids the expert is fed at the next step
+    pending: list[int] = field(default_factory=list)  # ids the amateur has not seen
+    x: np.ndarray | None = None                       # (V,) expert logits of the last fed position
+    y: np.ndarray | None = None                       # (V,) amateur logits, current when pending is empty
+    ids: np.ndarray | None = None                     # (K,) candidates the plausibility mask kept
+    forced: bool = False                              # a single candidate: no amateur needed
+    pieces: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    t_first: float | None = None
+
+
+def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any, list[int], Any]], *,
+                     result=None, on_event=None) -> Iterator[tuple[Any, Any]]:
+    """Yield (key, result) or (key, exception) per request, in completion order.
+
+    vocab: the expert's single-sequence Backend (eos_ids, token_bytes, vocab_size, n_ctx); settings objects
+    have the fields of runtime.Settings. result(text, tokens, finish_reason, stopped_by, prompt_tokens,
+    completion_tokens, changed_tokens, stats) builds each result (runtime.Result; a tuple by default).
+    on_event(key, Event) is called for every streamed token (optional).
+    """
+    Result = result or (lambda *fields: fields)
+    queue = iter(requests)
+    free = list(range(expert_ms.n_slots))[::-1]
+    active: dict[int, _Seq] = {}
+    exhausted = False
+    while True:
+        while free and not exhausted:  # admit new requests into free slots
+            nxt = next(queue, None)
+            if nxt is None:
+                exhausted = True
+                break
+            key, ids, s = nxt
+            try:
+                seq = _admit(key, free[-1], ids, s, expert_ms, amateur_ms, vocab)
+            except Exception as e:  # a bad request fails alone
+                yield key, e
+                continue
+            if seq.max_tokens == 0:
+                yield key, _result(Result, seq, ("length", "max_tokens"))
+                continue
+            active[free.pop()] = seq
+        if not active:
+            return
+        seqs = list(active.values())
+        try:
+            _forward(expert_ms, amateur_ms, seqs)
+        except Exception as e:  # an engine failure: every request in flight fails, the rest go on
+            for seq in seqs:
+                _release(seq, active, free)
+                yield seq.key, e
+            continue
+        for seq in seqs:
+            try:
+                reason = _pick(seq, vocab, expert_ms, on_event)
+            except Exception as e:
+                _release(seq, active, free)
+                yield seq.key, e
+                continue
+            if reason is not None:
+                _release(seq, active, free)
+                yield seq.key, _result(Result, seq, reason)
+
+
+def _admit(key, slot: int, ids, s, expert_ms, amateur_ms, vocab) -> _Seq:
+    stop = check_limits(s.max_tokens, s.stop)
+    prompt = check_prompt(ids, vocab)
+    if len(prompt) > expert_ms.n_ctx:
+        from ..errors import ContextFullError
+
+        raise ContextFullError(f"the prompt has {len(prompt)} tokens, more than the context of {expert_ms.n_ctx} "
+                               f"(raise n_ctx or shorten the prompt)")
+    processors = make_logits_processors(s.repetition_penalty, s.repetition_context_size)
+    seq = _Seq(key, slot, prompt, s.lam, s.alpha, s.max_tokens, s.lazy,
+               make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed), list(processors), _TextStream(stop),
+               list(prompt) if processors else None, Stats(prompt_tokens=len(prompt)), time.perf_counter())
+    if seq.max_tokens > 0:
+        seq.feed = _reuse(expert_ms, slot, prompt)
+        seq.pending = _reuse(amateur_ms, slot, prompt)
+    return seq
+
+
+def _reuse(ms, slot: int, prompt: list[int]) -> list[int]:
+    """Keep the slot's cached common prefix with the prompt (at most len - 1); the ids still to feed."""
+    k = common_prefix(ms.tokens(slot), prompt[:-1])
+    ms.truncate(slot, k)
+    return prompt[k:]
+
+
+def _forward(expert_ms, amateur_ms, seqs: list[_Seq]) -> None:
+    """One expert decode for every slot, then one amateur decode for the slots whose pick needs it."""
+    xs = expert_ms.decode([(q.slot, q.feed) for q in seqs])
+    for q, x in zip(seqs, xs):
+        q.stats.expert_prefill_tokens += len(q.feed) if q.t_first is None else 0
+        q.stats.expert_forwards += 1
+        q.x, q.feed = x, []
+    need = [q for q in seqs if q.pending and _needs_amateur(q)]
+    if need:
+        ys = amateur_ms.decode([(q.slot, q.pending) for q in need])
+        for q, y in zip(need, ys):
+            q.stats.amateur_prefill_tokens += len(q.pending) if len(q.pending) > 1 else 0
+            q.stats.amateur_forwards += 1
+            q.y, q.pending = y, []
+
+
+def _needs_amateur(q: _Seq) -> bool:
+    q.ids = plausible_ids(q.x, q.alpha)  # (K,) ascending
+    q.forced = len(q.ids) == 1
+    return not q.lazy or (q.lam > 0 and not q.forced)
+
+
+def _pick(q: _Seq, vocab, expert_ms, on_event) -> tuple[str, str] | None:
+    """The pick of loop.generate_step and the stop rules of loop.stream_generate; the finish reason or None."""
+    from .loop import Event
+
+    ids, forced, lam = q.ids, q.forced, q.lam
+    need = not q.lazy or (lam > 0 and not forced)
+    normalize = bool(q.processors)
+    # a skipped amateur leaves one candidate: its score is irrelevant, the pick (and the draw) the same
+    s = _scores(q.x, q.y, ids, lam if need else 0.0, normalize, q.processors, q.history)  # (K,)
+    if lam > 0 and not forced:
+        own = _scores(q.x, None, ids, 0.0, normalize, q.processors, q.history)  # (K,) the expert alone
+        k, k_own = q.sampler(s, own)
+    else:
+        (k,), k_own = q.sampler(s), None
+    token, changed = int(ids[k]), k_own is not None and k != k_own
+    if q.t_first is None:
+        q.t_first = time.perf_counter()
+    st = q.stats
+    st.picks += 1
+    st.changed += changed
+    st.amateur_skipped += not need
+    if token in vocab.eos_ids:
+        return "stop", "eos"
+    st.completion_tokens += 1
+    delta, hit = q.text.add(vocab.token_bytes(token))
+    q.pieces.append(delta)
+    q.tokens.append(token)
+    if on_event is not None:
+        on_event(q.key, Event(delta, token, changed, not need))
+    if hit:
+        return "stop", "stop_string"
+    if st.completion_tokens >= q.max_tokens:
+        return "length", "max_tokens"
+    if expert_ms.n_past(q.slot) >= expert_ms.n_ctx:
+        return "length", "context_full"
+    if q.history is not None:
+        q.history.append(token)
+    q.feed = [token]
+    q.pending.append(token)
+    return None
+
+
+def _release(q: _Seq, active: dict, free: list) -> None:
+    """Free the slot; its caches stay, for prefix reuse by the next request there."""
+    del active[q.slot]
+    free.append(q.slot)
+
+
+def _result(Result, q: _Seq, reason: tuple[str, str]):
+    st = q.stats
+    t_end = time.perf_counter()
+    st.total_s = t_end - q.t0
+    st.ttft_s = (q.t_first or t_end) - q.t0
+    st.decode_s = t_end - q.t_first if q.t_first is not None else 0.0
+    tail = q.text.flush() if reason[1] != "stop_string" else ""
+    text = "".join(q.pieces) + tail
+    return Result(text, q.tokens, reason[0], reason[1], st.prompt_tokens, st.completion_tokens, st.changed, st)
