@@ -425,12 +425,9 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
 
 
 def _quant_list(quant) -> list[str]:
-    from .gguf import check_quant
+    from .convert import check_quants
 
-    qs = [quant] if isinstance(quant, str) else list(quant)
-    if not qs:
-        raise UnsupportedError("no quant type given")
-    return [check_quant(q) for q in qs]
+    return check_quants(quant)  # a list or a comma-separated string; canonical names, no repeats
 
 
 def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force, progress, lora_type):
