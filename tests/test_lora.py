@@ -39,13 +39,13 @@ def family(request, tmp_path_factory):
 def _plain(path):
     from epicode_edge.backends.llamacpp import LlamaCppBackend
 
-    return LlamaCppBackend(path, n_ctx=128, n_threads=2, kv_type="f32")
+    return LlamaCppBackend(path, n_ctx=128, n_threads=1, kv_type="f32")
 
 
 def _roles(bundle, roles=("expert", "amateur", "inferior")):
     from epicode_edge.backends.llamacpp_lora import open_roles
 
-    return open_roles(bundle, roles=roles, n_ctx=128, n_threads=2, kv_type="f32")
+    return open_roles(bundle, roles=roles, n_ctx=128, n_threads=1, kv_type="f32")
 
 
 def _trace(backend, ids) -> list[np.ndarray]:
@@ -119,7 +119,7 @@ def test_runtime_adapter_matches_merged_weights(family, tmp_path, scale):
     with gguf_sink_for(merged, tmp_path / "m.gguf", "F32") as sink:
         for name in merged.tensors:
             sink.write(name, merged.read_f32(name))
-    shared = SharedBase(family["shared"].gguf("base"), n_ctx=128, n_threads=2, kv_type="f32")
+    shared = SharedBase(family["shared"].gguf("base"), n_ctx=128, n_threads=1, kv_type="f32")
     role = shared.role([(family["shared"].path / "lora/finetuned.gguf", scale)])
     ref, plain_base = _plain(tmp_path / "m.gguf"), _plain(family["shared"].gguf("base"))
     try:
@@ -172,7 +172,7 @@ def test_greedy_contrastive_equals_two_model_path(family):
     shared = family["shared"]
     roles = _roles(shared, ("expert", "amateur"))
     rt = Runtime(roles["expert"], roles["amateur"], lam=shared.lam, alpha=shared.alpha, bundle=shared)
-    two = load(family["merged"].path, n_ctx=128, n_threads=2, kv_type="f32")
+    two = load(family["merged"].path, n_ctx=128, n_threads=1, kv_type="f32")
     try:
         for prompt in (PROMPT, "The quick brown fox"):
             got = rt.generate(prompt, raw=True, max_tokens=24, lam=1.0, alpha=0.05)
@@ -188,7 +188,7 @@ def test_load_picks_shared_base_backend(family):
     from epicode_edge.backends.llamacpp_lora import LoraRoleBackend
     from epicode_edge.runtime import load
 
-    rt = load(family["shared"].path, n_ctx=64, n_threads=2)
+    rt = load(family["shared"].path, n_ctx=64, n_threads=1)
     try:
         assert isinstance(rt.expert, LoraRoleBackend) and isinstance(rt.amateur, LoraRoleBackend)
         assert rt.expert._shared is rt.amateur._shared and rt.quant == "F32" and rt.mu == MU
@@ -325,7 +325,7 @@ def test_llama_cpp_refuses_adapter_of_other_arch(small, tmp_path):
     qad = lora.read_adapter(make_lora_adapter(tmp_path / "qad", qbase, rank=2, seed=1))
     qgguf = lora.write_lora_gguf(qad, tmp_path / "q.gguf", json.loads((qbase / "config.json").read_text()))
     b = lora.convert_lora(small["base"], small["ft"], small["inf"], tmp_path / "b", mu=0.5, quant="F32")
-    shared = SharedBase(b.gguf("base"), n_ctx=32, n_threads=2)
+    shared = SharedBase(b.gguf("base"), n_ctx=32, n_threads=1)
     try:
         with pytest.raises(BackendError) as e:
             shared.role([(qgguf, 1.0)])
