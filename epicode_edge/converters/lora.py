@@ -418,8 +418,13 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
                        MergedCheckpoint(base_ckpt, [(inf, 1.0)], label=str(inf.path)), out,
                        mu=mu, quant=tuple(quants), lam=lam, alpha=alpha, force=force, progress=progress,
                        **convert_kw)
-    if convert_kw.get("to") not in (None, "gguf", ("gguf",), ["gguf"]):
+    from .convert import check_formats
+
+    if check_formats(convert_kw.pop("to", "gguf")) != ["gguf"]:
         raise UnsupportedError("a shared-base (LoRA) bundle is GGUF only; use merge=True for other formats")
+    unknown = set(convert_kw) - {"with_inferior", "mlx_bits", "mlx_group_size", "max_shard_bytes"}
+    if unknown:  # the others are convert() options that do not apply: the inferior role is always there
+        raise TypeError(f"convert_lora() got unexpected keyword arguments {sorted(unknown)}")
     return _write_shared_base(base_ckpt, ft, inf, out, mu=mu, quants=quants, lam=lam, alpha=alpha,
                               force=force, progress=progress, lora_type=lora_type)
 
