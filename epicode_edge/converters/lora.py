@@ -377,14 +377,25 @@ def open_adapters(base, finetuned, inferior):
     both name the same base model."""
     from .checkpoint import open_checkpoint
 
-    ft, inf = read_adapter(finetuned), read_adapter(inferior)
-    check_same_base(ft, inf)
-    base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-    if base_ckpt.format != "hf":
-        raise UnsupportedError(f"{base_ckpt.path}: the base model of LoRA adapters must be an HF folder")
-    shapes = {n: t.shape for n, t in base_ckpt.tensors.items()}
-    check_against_base(ft, shapes, base_ckpt.path)
-    check_against_base(inf, shapes, base_ckpt.path)
+    opened = []
+    try:
+        ft = read_adapter(finetuned)
+        opened.append(ft)
+        inf = read_adapter(inferior)
+        opened.append(inf)
+        check_same_base(ft, inf)
+        base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+        if base_ckpt is not base:
+            opened.append(base_ckpt)
+        if base_ckpt.format != "hf":
+            raise UnsupportedError(f"{base_ckpt.path}: the base model of LoRA adapters must be an HF folder")
+        shapes = {n: t.shape for n, t in base_ckpt.tensors.items()}
+        check_against_base(ft, shapes, base_ckpt.path)
+        check_against_base(inf, shapes, base_ckpt.path)
+    except BaseException:
+        for x in opened:
+            x.close()
+        raise
     return base_ckpt, ft, inf
 
 
@@ -410,23 +421,28 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
     lora_type = str(lora_type).upper()
     if lora_type not in LORA_TYPES:
         raise UnsupportedError(f"LoRA tensor type {lora_type!r} is not supported; choose {', '.join(LORA_TYPES)}")
+    from .convert import check_formats, convert
+
+    formats = check_formats(convert_kw.pop("to", "gguf"))
+    if not merge:
+        if formats != ["gguf"]:
+            raise UnsupportedError("a shared-base (LoRA) bundle is GGUF only; use merge=True for other formats")
+        unknown = set(convert_kw) - {"with_inferior", "mlx_bits", "mlx_group_size", "max_shard_bytes"}
+        if unknown:  # the known ones are convert() options that do not apply: the inferior role is always there
+            raise TypeError(f"convert_lora() got unexpected keyword arguments {sorted(unknown)}")
     base_ckpt, ft, inf = open_adapters(base, finetuned, inferior)
-    if merge:
-        from .convert import convert
-
-        return convert(MergedCheckpoint(base_ckpt, [(ft, 1.0)], label=str(ft.path)),
-                       MergedCheckpoint(base_ckpt, [(inf, 1.0)], label=str(inf.path)), out,
-                       mu=mu, quant=tuple(quants), lam=lam, alpha=alpha, force=force, progress=progress,
-                       **convert_kw)
-    from .convert import check_formats
-
-    if check_formats(convert_kw.pop("to", "gguf")) != ["gguf"]:
-        raise UnsupportedError("a shared-base (LoRA) bundle is GGUF only; use merge=True for other formats")
-    unknown = set(convert_kw) - {"with_inferior", "mlx_bits", "mlx_group_size", "max_shard_bytes"}
-    if unknown:  # the others are convert() options that do not apply: the inferior role is always there
-        raise TypeError(f"convert_lora() got unexpected keyword arguments {sorted(unknown)}")
-    return _write_shared_base(base_ckpt, ft, inf, out, mu=mu, quants=quants, lam=lam, alpha=alpha,
-                              force=force, progress=progress, lora_type=lora_type)
+    try:
+        if merge:
+            return convert(MergedCheckpoint(base_ckpt, [(ft, 1.0)], label=str(ft.path)),
+                           MergedCheckpoint(base_ckpt, [(inf, 1.0)], label=str(inf.path)), out,
+                           mu=mu, to=formats, quant=tuple(quants), lam=lam, alpha=alpha, force=force,
+                           progress=progress, **convert_kw)
+        return _write_shared_base(base_ckpt, ft, inf, out, mu=mu, quants=quants, lam=lam, alpha=alpha,
+                                  force=force, progress=progress, lora_type=lora_type)
+    finally:
+        ft.close(), inf.close()
+        if base_ckpt is not base:
+            base_ckpt.close()
 
 
 def _quant_list(quant) -> list[str]:
