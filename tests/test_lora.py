@@ -359,3 +359,19 @@ def test_f16_adapters(family, tmp_path):
         lora.convert_lora(family["base"], family["ft"], family["inf"], tmp_path / "x", mu=MU, quant="F32",
                           lora_type="Q4_0")
     assert not (tmp_path / "x").exists()
+
+
+def test_nan_adapter_is_refused(small, tmp_path):
+    from epicode_edge.converters.safetensors_io import SafetensorsFile, to_f32, write_safetensors
+    from epicode_edge.errors import NumericError
+
+    ad = _copy(small["inf"], tmp_path / "ad")
+    w = ad / "adapter_model.safetensors"
+    f = SafetensorsFile(w)
+    t = {n: (np.array(to_f32(f.read(n), f.entries[n].dtype)), "F32") for n in f.entries}
+    f.close()
+    t["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"][0][1, 1] = np.nan
+    write_safetensors(w, t)
+    with pytest.raises(NumericError) as e:
+        lora.convert_lora(small["base"], small["ft"], ad, tmp_path / "b", mu=0.5, quant="F32")
+    assert "up_proj" in _one_line(e.value) and not (tmp_path / "b").exists()

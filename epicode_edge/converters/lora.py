@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, InputError, MismatchError, UnsupportedError
+from ..errors import CheckpointError, InputError, MismatchError, NumericError, UnsupportedError
 from .checkpoint import Checkpoint
 from .safetensors_io import SafetensorsFile, from_f32, to_f32
 
@@ -105,7 +105,11 @@ def read_adapter(path: str | Path) -> LoraAdapter:
             if (path / "adapter_model.bin").exists() else ""
         raise InputError(f"{path}: missing {WEIGHTS_FILE}{hint}")
     file = SafetensorsFile(weights)
-    targets = _pair_tensors(file)
+    try:
+        targets = _pair_tensors(file)
+    except BaseException:
+        file.close()
+        raise
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scales = {t: _peft_scale(config, t, file.entries[a].shape[0]) for t, (a, _) in targets.items()}
     return LoraAdapter(path, config, r, alpha, config.get("base_model_name_or_path"), targets, scales, file)
@@ -296,6 +300,8 @@ def write_lora_gguf(adapter: LoraAdapter, out: str | Path, config: dict, lora_ty
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
         for target in adapter.targets:
             a, b = adapter.read_ab(target)  # (r, in), (out, r)
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                raise NumericError(f"{adapter.file.path}: LoRA tensors of {target!r} hold NaN/Inf values")
             fold = adapter.scales[target] / (adapter.alpha / a.shape[0])
             if fold != 1.0:
                 b = b * np.float32(fold)
