@@ -71,6 +71,10 @@ class LlamaCppBackend(BaseBackend):
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._piece = ctypes.create_string_buffer(256)
+        self._views: dict[int, np.ndarray] = {}
+        # llama_get_logits_ith returning a plain address (no ctypes pointer object to cast per token)
+        self._logits_addr = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
+            ("llama_get_logits_ith", llama_cpp.llama_cpp._lib))
         self._texts: list[str] | None = None
         self._read_metadata()
 
@@ -130,8 +134,19 @@ class LlamaCppBackend(BaseBackend):
             if rc != 0:
                 self._trim(n_past)
                 raise BackendError(f"{self.path}: llama_decode failed with code {rc}")
-        ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))  # (V,) float32 view, valid until next call
+        return self._logits_view()
+
+    def _logits_view(self) -> np.ndarray:
+        """The last position's logits (V,) float32: a numpy view of llama.cpp's buffer, valid until the next
+        decode (one view per buffer address, made once)."""
+        addr = self._logits_addr(self._ctx, -1)
+        if addr is None:
+            raise BackendError(f"{self.path}: llama.cpp returned no logits")
+        view = self._views.get(addr)
+        if view is None:
+            view = np.frombuffer((ctypes.c_float * self.vocab_size).from_address(addr), dtype=np.float32)
+            self._views[addr] = view
+        return view
 
     def _trim(self, n: int) -> None:
         if not self._lib.llama_memory_seq_rm(self._mem, -1, n, -1):

@@ -54,7 +54,7 @@ def plausible_ids(expert_logits: np.ndarray, alpha: float) -> np.ndarray:
     Works on logits or log-probs alike (the test is shift invariant). Never empty: the argmax is always kept.
     """
     x = expert_logits
-    return np.flatnonzero(x >= x.max() + math.log(alpha))
+    return (x >= x.max() + math.log(alpha)).nonzero()[0]
 
 
 def plausibility_mask(le: np.ndarray, alpha: float) -> np.ndarray:

@@ -131,13 +131,14 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
         if need and pending:
             y = amateur.step(pending[0]) if len(pending) == 1 else amateur.prefill(pending)
             pending = []
-        # a skipped amateur leaves one candidate: its score is irrelevant, the pick (and the draw) the same
-        s = _scores(x, y, ids, lam if need else 0.0, normalize, processors, history)  # (K,)
-        if lam > 0 and not forced:
+        if forced:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
+            (k,), k_own = sampler(_ONE), None
+        elif lam > 0:
+            s = _scores(x, y, ids, lam, normalize, processors, history)  # (K,)
             own = _scores(x, None, ids, 0.0, normalize, processors, history)  # (K,) the expert alone
             k, k_own = sampler(s, own)
         else:
-            (k,), k_own = sampler(s), None
+            (k,), k_own = sampler(_scores(x, None, ids, 0.0, normalize, processors, history)), None
         token = int(ids[k])
         yield Step(token, k_own is not None and k != k_own, not need, len(ids))
         if history is not None:
@@ -145,6 +146,9 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
         if amateur is not None:
             pending.append(token)
         x = expert.step(token)
+
+
+_ONE = np.zeros(1, dtype=np.float32)  # the scores of a forced pick
 
 
 def _scores(x, y, ids, lam, normalize, processors, history) -> np.ndarray:

@@ -48,7 +48,9 @@ def check_sampling(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p:
 
 def greedy(*scores: np.ndarray) -> tuple:
     """argmax of each score vector (first index on ties, as np.argmax)."""
-    return tuple(int(np.argmax(s)) for s in scores)
+    if len(scores) == 1:
+        return (int(scores[0].argmax()),)
+    return tuple(int(s.argmax()) for s in scores)
 
 
 def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,

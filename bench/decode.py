@@ -1,0 +1,199 @@
+"""Benchmark decoding speed: EpiCoDe (expert + amateur) vs single-model llama-cpp-python greedy, same run.
+
+    python bench/decode.py                               # ~88M Llama, Q8_0, 5 runs x 3 prompts, 128 tokens
+    python bench/decode.py --bundle models/demo/bundle   # a real (trained) bundle instead
+    python bench/decode.py --runs 3 --max-tokens 64 --threads 2 --n-gpu-layers -1
+
+Anchor: llama-cpp-python's own greedy loop (`Llama.generate(temp=0)`, the loop inside create_completion)
+on the bundle's expert GGUF. Measured against it in the same process, interleaved run by run:
+    epicode-lazy    our loop, lazy amateur (skips the amateur's forward on forced picks)
+    epicode-naive   our loop, amateur stepped on every token (two forward passes per token)
+    expert-alone    our loop with lambda = 0 (one model: our loop's own overhead against the anchor)
+Figures: decode tokens/s (tokens after the first / time after the first), time to first token, skip rate,
+loop overhead per token (wall time outside the engines' forward passes) in microseconds and as a share of
+the per-token time; ratios are of medians. The generated model has random weights: its distributions are
+flat, so single-token plausibility masks (what the lazy amateur skips on) are rarer than on a trained model;
+the skip rate is printed with the figures. Last, the cost of masking + scoring + picking on synthetic
+logits of realistic vocabulary sizes (the tiny models here have 384 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = ["The quick brown fox", "Question: what is 17 + 25? Answer:", "def add(a, b):"]
+
+
+def make_bundle(work: Path, quant: str, hidden: int, layers: int) -> Path:
+    from factory import make_pair
+
+    from epicode_edge.converters.convert import convert
+
+    out = work / f"decode-bundle-{hidden}x{layers}-{quant}"
+    if (out / "epicode.json").exists():
+        return out
+    heads = max(hidden // 64, 1)
+    ft, inf = make_pair(work / f"decode-pair-{hidden}x{layers}", arch="llama", seed=11, hidden=hidden,
+                        layers=layers, heads=heads, kv_heads=max(heads // 3, 1), intermediate=hidden * 8 // 3)
+    return convert(ft, inf, out, mu=0.5, to=("gguf",), quant=(quant,)).path
+
+
+def anchor_run(llm, ids: list[int], max_tokens: int) -> dict:
+    """llama-cpp-python greedy: (ttft, decode tokens/s) of one prompt, from a cleared cache."""
+    import llama_cpp
+
+    llm.reset()
+    vocab = llm._model.vocab
+    n, t0, t_first = 0, time.perf_counter(), None
+    for tok in llm.generate(ids, temp=0.0, reset=True):
+        n += 1
+        if t_first is None:
+            t_first = time.perf_counter()
+        if llama_cpp.llama_vocab_is_eog(vocab, tok) or n >= max_tokens:
+            break
+    t_end = time.perf_counter()
+    return {"ttft_s": t_first - t0, "tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0, "picks": n}
+
+
+def ours_run(rt, ids: list[int], max_tokens: int, **settings) -> dict:
+    for b in (rt.expert, rt.amateur):
+        b.truncate(0)  # no cache reuse between runs: every run prefills its prompt
+    events = list(rt.stream_ids(ids, rt.settings(max_tokens=max_tokens, **settings)))
+    st = events[-1].stats
+    per_token = st.total_s / st.picks if st.picks else float("nan")
+    return {"ttft_s": st.ttft_s, "tokens_per_s": st.tokens_per_s, "picks": st.picks, "skip_rate": st.skip_rate,
+            "overhead_us": st.overhead_us_per_token, "overhead_share": st.loop_overhead_s / st.total_s,
+            "per_token_us": 1e6 * per_token, "changed": st.changed,
+            "tokens": [e.token for e in events if e.token is not None]}
+
+
+def scoring_cost(vocab: int, reps: int = 2000) -> dict:
+    """Microseconds per token of the loop's numpy work on logits (V,): mask, candidate scores, greedy pick."""
+    from epicode_edge.decoding.contrastive import candidate_scores, plausible_ids
+    from epicode_edge.decoding.sampling import greedy
+
+    rng = np.random.default_rng(0)
+    xs = [(rng.standard_normal(vocab) * 2.5).astype(np.float32) for _ in range(8)]
+    ys = [(rng.standard_normal(vocab) * 2.5).astype(np.float32) for _ in range(8)]
+    t = time.perf_counter()
+    k = 0
+    for i in range(reps):
+        x, y = xs[i % 8], ys[i % 8]
+        ids = plausible_ids(x, 0.1)
+        s = candidate_scores(x, y, ids, 0.5)
+        own = candidate_scores(x, None, ids, 0.0)
+        k += len(ids) + greedy(s, own)[0]
+    return {"vocab": vocab, "us_per_token": 1e6 * (time.perf_counter() - t) / reps}
+
+
+def med(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, default=None, help="an existing bundle (default: generate a model)")
+    ap.add_argument("--quant", default="Q8_0")
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--lam", type=float, default=None, help="default: the bundle's")
+    ap.add_argument("--alpha", type=float, default=None, help="default: the bundle's")
+    ap.add_argument("--raw", action="store_true", help="raw prompts (default: the chat template when the model has one)")
+    ap.add_argument("--work", type=Path, default=None, help="folder for the generated model (kept; reused)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    import llama_cpp
+
+    from epicode_edge.runtime import load
+
+    tmp = None
+    if args.bundle is None:
+        work = args.work or Path(tmp := tempfile.mkdtemp(prefix="epicode-bench-"))
+        work.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        args.bundle = make_bundle(work, args.quant, args.hidden, args.layers)
+        print(f"model: generated {args.hidden}x{args.layers} Llama, bundle {args.bundle} ({time.perf_counter() - t:.0f} s)")
+    rt = load(args.bundle, quant=args.quant, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+    expert_path = rt.expert.path
+    llm = llama_cpp.Llama(str(expert_path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
+                          n_gpu_layers=args.n_gpu_layers, logits_all=False, verbose=False)
+    n_params = llama_cpp.llama_model_n_params(llm._model.model) / 1e6
+    lam = rt.defaults.lam if args.lam is None else args.lam
+    alpha = rt.defaults.alpha if args.alpha is None else args.alpha
+    raw = args.raw or not rt.expert.chat_template
+    prompts = [rt.encode(p, raw=raw) for p in PROMPTS]
+    print(f"expert: {expert_path.name}, {n_params:.1f}M params, vocab {rt.expert.vocab_size}, threads {args.threads}, "
+          f"n_gpu_layers {args.n_gpu_layers}; lambda {lam}, alpha {alpha}; {args.runs} runs x {len(prompts)} prompts "
+          f"x {args.max_tokens} tokens; {'raw prompts' if raw else 'chat template'}")
+
+    for ids in prompts[:1]:  # warm-up: first calls allocate buffers
+        anchor_run(llm, ids, 8)
+        ours_run(rt, ids, 8, lam=lam, alpha=alpha)
+    rows = {"anchor": [], "epicode-lazy": [], "epicode-naive": [], "expert-alone": []}
+    mismatch = 0
+    for run in range(args.runs):
+        for ids in prompts:
+            rows["anchor"].append(anchor_run(llm, ids, args.max_tokens))
+            lazy = ours_run(rt, ids, args.max_tokens, lam=lam, alpha=alpha)
+            naive = ours_run(rt, ids, args.max_tokens, lam=lam, alpha=alpha, lazy=False)
+            mismatch += lazy.pop("tokens") != naive.pop("tokens")
+            rows["epicode-lazy"].append(lazy)
+            rows["epicode-naive"].append(naive)
+            alone = ours_run(rt, ids, args.max_tokens, lam=0.0, alpha=alpha)
+            alone.pop("tokens")
+            rows["expert-alone"].append(alone)
+        print(f"  run {run + 1}/{args.runs}: anchor {med(rows['anchor'][-len(prompts):], 'tokens_per_s'):.1f} tok/s, "
+              f"lazy {med(rows['epicode-lazy'][-len(prompts):], 'tokens_per_s'):.1f}, "
+              f"naive {med(rows['epicode-naive'][-len(prompts):], 'tokens_per_s'):.1f}")
+
+    base_tps, base_ttft = med(rows["anchor"], "tokens_per_s"), med(rows["anchor"], "ttft_s")
+    summary = {"model": str(expert_path), "params_m": round(n_params, 1), "vocab": rt.expert.vocab_size,
+               "threads": args.threads, "n_gpu_layers": args.n_gpu_layers, "lam": lam, "alpha": alpha,
+               "runs": args.runs, "prompts": len(prompts), "max_tokens": args.max_tokens,
+               "lazy_vs_naive_token_mismatches": mismatch, "ways": {}}
+    print(f"\n{'':16}{'tok/s':>9}{'ratio':>8}{'ttft ms':>9}{'ratio':>7}{'skip':>7}{'ovh us':>8}{'ovh %':>7}")
+    for name, rs in rows.items():
+        tps, ttft = med(rs, "tokens_per_s"), med(rs, "ttft_s")
+        fig = {"tokens_per_s": tps, "ratio": tps / base_tps, "ttft_ms": 1e3 * ttft, "ttft_ratio": ttft / base_ttft}
+        line = f"{name:16}{tps:9.1f}{tps / base_tps:8.3f}{1e3 * ttft:9.1f}{ttft / base_ttft:7.2f}"
+        if name != "anchor":
+            fig.update(skip_rate=med(rs, "skip_rate"), overhead_us=med(rs, "overhead_us"),
+                       overhead_share=med(rs, "overhead_share"), per_token_us=med(rs, "per_token_us"))
+            line += f"{fig['skip_rate']:7.2f}{fig['overhead_us']:8.1f}{100 * fig['overhead_share']:7.2f}"
+        summary["ways"][name] = fig
+        print(line)
+    print(f"lazy == naive tokens in every run: {mismatch == 0} ({mismatch} mismatches)")
+    summary["scoring"] = [scoring_cost(v) for v in (384, 32000, 128256)]
+    print("mask + scores + pick on synthetic logits: " + ", ".join(
+        f"V={s['vocab']}: {s['us_per_token']:.1f} us/token" for s in summary["scoring"]))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    rt.close()
+    llm.close()
+    if tmp is not None:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
