@@ -26,8 +26,9 @@ import ctypes
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import BackendError, InputError, ParameterError
-from .llamacpp import KV_TYPES, LlamaCppBackend
+from ..errors import BackendError, InputError
+from .base import Counters
+from .llamacpp import LlamaCppBackend
 
 
 class SharedBase:
@@ -35,23 +36,10 @@ class SharedBase:
 
     def __init__(self, path, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
                  n_batch: int = 512, kv_type: str = "f16"):
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: GGUF base model file not found")
-        if kv_type not in KV_TYPES:
-            raise ParameterError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
-        import llama_cpp
-
-        self._lib = llama_cpp
-        self.path = path
-        try:
-            # The model and a first context (used by the first role made).
-            self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads,
-                n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=False, verbose=False,
-                type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
-        except (ValueError, RuntimeError, OSError) as e:
-            raise BackendError(f"{path}: llama.cpp cannot load the model ({' '.join(str(e).split())})") from None
+        # The model and a first context, loaded by the plain backend (the first role uses that context).
+        self.owner = LlamaCppBackend(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                                     n_batch=n_batch, kv_type=kv_type)
+        self.path, self.llm, self._lib = self.owner.path, self.owner._llm, self.owner._lib
         self._adapters: dict[Path, object] = {}
         self._first_context_free = True
         self._roles = 0
@@ -75,8 +63,11 @@ class SharedBase:
         if self._closed:
             raise BackendError(f"{self.path}: shared base model already closed")
         pointers = [(self.adapter(p), float(s)) for p, s in adapters if float(s) != 0.0]
-        own = self._first_context_free
-        backend = LoraRoleBackend(self, pointers, own_context=own, label=label)
+        if self._first_context_free:
+            ctx, batch = None, None  # the owner's own context
+        else:
+            ctx, batch = self._new_context()
+        backend = LoraRoleBackend.over(self, ctx, batch, pointers, label)
         self._first_context_free = False
         self._roles += 1
         return backend
@@ -102,34 +93,34 @@ class SharedBase:
         if not self._closed:
             self._closed = True
             self._adapters.clear()
-            self.llm.close()
+            self.owner.close()
 
 
 class LoraRoleBackend(LlamaCppBackend):
-    """One role of a shared-base bundle: LlamaCppBackend's tokenizer and forward pass on its own context
-    of the shared model, with LoRA adapters set on that context."""
+    """One role of a shared-base bundle: the plain llama.cpp backend (tokenizer, metadata, forward pass) on its
+    own context of the shared model, with LoRA adapters set on that context.
 
-    def __init__(self, shared: SharedBase, adapters: list[tuple[object, float]], own_context: bool,
-                 label: str | None = None):
-        llm = shared.llm
-        self._lib, self._llm, self._shared = shared._lib, llm, shared
-        if own_context:
-            self._ctx_obj, self._batch_obj = None, None
-            ctx, batch = llm._ctx.ctx, llm._batch
-        else:
-            self._ctx_obj, self._batch_obj = shared._new_context()
-            ctx, batch = self._ctx_obj.ctx, self._batch_obj
-        path = shared.path if label is None else shared.path.with_name(f"{shared.path.name}+{label}")
-        super(LlamaCppBackend, self).__init__(path, llm.n_ctx())
-        self._ctx, self._batch, self._n_batch = ctx, batch, llm.n_batch
-        self._vocab = llm._model.vocab
-        self._mem = self._lib.llama_get_memory(self._ctx)
-        self.vocab_size = int(self._lib.llama_vocab_n_tokens(self._vocab))
-        self._piece = ctypes.create_string_buffer(256)
-        self._texts = None
-        self._read_metadata()
+    Made by copying the shared base's loaded LlamaCppBackend and swapping its per-context state, so that it
+    follows whatever that backend keeps about the model; _PER_CONTEXT lists the state that is per context.
+    """
+
+    _PER_CONTEXT = ("_ctx", "_batch", "_mem", "_views", "_tokens", "counters")  # swapped in over()
+
+    @classmethod
+    def over(cls, shared: SharedBase, ctx_obj, batch_obj, adapters: list[tuple[object, float]],
+             label: str | None = None) -> "LoraRoleBackend":
+        self = cls.__new__(cls)
+        self.__dict__.update(shared.owner.__dict__)
+        self._shared, self._ctx_obj, self._batch_obj = shared, ctx_obj, batch_obj
+        if ctx_obj is not None:
+            self._ctx, self._batch = ctx_obj.ctx, batch_obj
+            self._mem = self._lib.llama_get_memory(self._ctx)
+        self._views, self._tokens, self.counters = {}, [], Counters()
+        if label is not None:
+            self.path = shared.path.with_name(f"{shared.path.name}+{label}")
         self.adapters = [s for _, s in adapters]  # scales, for display
         self._set_adapters(adapters)
+        return self
 
     def _set_adapters(self, adapters: list[tuple[object, float]]) -> None:
         if not adapters:  # a fresh context has none; never hand llama.cpp a NULL adapter
@@ -147,11 +138,8 @@ class LoraRoleBackend(LlamaCppBackend):
         if rc != 0:
             raise BackendError(f"{self.path}: llama.cpp refused the LoRA adapters (code {rc})")
 
-    def _trim(self, n: int) -> None:
-        if not self._lib.llama_memory_seq_rm(self._mem, -1, n, -1):
-            raise BackendError(f"{self.path}: this model's cache cannot drop positions")
-
     def close(self) -> None:
+        """Free this role's context; the shared model goes with the last role."""
         shared, self._shared = getattr(self, "_shared", None), None
         if shared is None:
             return
