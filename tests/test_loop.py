@@ -319,3 +319,38 @@ def test_lazy_amateur_equals_naive_loop_on_engines(engine, sampling):
 def test_event_is_a_small_dataclass():
     ev = Event("a", 5)
     assert not ev.final and ev.timings is None
+
+
+def test_forward_costs_choose_batches_unless_measured_dearer():
+    from epicode_edge.backends.base import ForwardCosts
+
+    c = ForwardCosts()
+    assert c.batch_is_cheaper(3)  # unknown: try it
+    c.record(1, 1.0)
+    c.record(3, 2.0)
+    assert c.batch_is_cheaper(3)
+    c.record(2, 5.0)
+    decisions = [c.batch_is_cheaper(2) for _ in range(32)]
+    assert decisions.count(True) == 2 and decisions[15] and decisions[31]  # re-measured now and then
+    c.record(2, 0.0)
+    assert c.seconds(2) == 3.5  # a running mean: one fast sample does not flip the choice
+    for _ in range(4):
+        c.record(2, 0.0)
+    assert c.batch_is_cheaper(2)
+    c.record(100, 1.0)
+    assert c.seconds(100) is None
+
+
+@pytest.mark.parametrize("batch_cost", [1e-6, 1.0])
+def test_catch_up_by_steps_or_by_batch_gives_the_same_tokens(batch_cost):
+    runs = []
+    for lazy in (True, False):
+        e, a = ScriptBackend(steered_expert), ScriptBackend(history_amateur)
+        a.costs.record(1, 1e-3)
+        for k in range(2, 33):
+            a.costs.record(k, batch_cost)  # 1.0: batches look dear, the amateur catches up by steps
+        events = run(e, a, prompt=b"prompt", lam=1.0, alpha=0.5, max_tokens=30, lazy=lazy)
+        runs.append(([ev.token for ev in events[:-1]], a.counters))
+    assert runs[0][0] == runs[1][0]
+    lazy_counters = runs[0][1]
+    assert (lazy_counters.prefill_calls > 1) == (batch_cost < 1)  # the prompt is one prefill either way

@@ -47,6 +47,37 @@ class Counters:
         return self.prefill_tokens + self.step_calls
 
 
+class ForwardCosts:
+    """Measured wall time of forward calls by batch size (running means), so that callers can choose between
+    one batched forward of k tokens and k single steps: on GPUs and memory-bound CPUs a small batch costs
+    about one step; on some CPU kernels (e.g. llama.cpp Q8_0 on x86) two tokens cost more than two steps."""
+
+    MAX_K = 32      # batch sizes tracked
+    WEIGHT = 0.3    # of the newest sample in the running mean
+    RETRY = 16      # after this many decisions against batching a size, try it once more
+
+    def __init__(self):
+        self._mean: dict[int, float] = {}
+        self._declined: dict[int, int] = {}
+
+    def record(self, n_tokens: int, seconds: float) -> None:
+        if n_tokens <= self.MAX_K:
+            old = self._mean.get(n_tokens)
+            self._mean[n_tokens] = seconds if old is None else old + self.WEIGHT * (seconds - old)
+
+    def seconds(self, n_tokens: int) -> float | None:
+        return self._mean.get(n_tokens)
+
+    def batch_is_cheaper(self, k: int) -> bool:
+        """Whether one forward of k tokens should beat k steps: unknown sizes are tried."""
+        k = min(k, self.MAX_K)
+        batch, step = self._mean.get(k), self._mean.get(1)
+        if batch is None or step is None or batch <= k * step:
+            return True
+        n = self._declined[k] = self._declined.get(k, 0) + 1
+        return n % self.RETRY == 0  # now and then, measure the batch again
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the decoding loop and the runtime need from an engine."""
@@ -62,6 +93,7 @@ class Backend(Protocol):
     eos_token: str | None
     n_ctx: int
     counters: Counters
+    costs: ForwardCosts
 
     @property
     def n_past(self) -> int: ...
@@ -86,6 +118,7 @@ class BaseBackend:
         self.path = Path(path)
         self.n_ctx = int(n_ctx)
         self.counters = Counters()
+        self.costs = ForwardCosts()
         self._tokens: list[int] = []
         self._dirty = False  # True while a forward runs: the engine may hold more positions than _tokens
 
@@ -126,7 +159,9 @@ class BaseBackend:
         self._dirty = True
         t = time.perf_counter()
         logits = self._forward(ids)
-        self.counters.forward_seconds += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        self.counters.forward_seconds += dt
+        self.costs.record(len(ids), dt)
         self._tokens.extend(ids)
         self._dirty = False
         return logits

@@ -6,7 +6,9 @@
 
 Lazy amateur (exact): when the expert's plausibility mask keeps a single token, contrastive decoding picks it
 whatever the amateur says, so the amateur's forward is skipped; the tokens it has not seen wait in `pending`
-and are fed in one batched prefill when its logits are next needed. With lam == 0 the amateur is never needed.
+and are fed when its logits are next needed: in one batched forward, or as single steps where the engine's
+measured costs (Backend.costs) make a batch of that size dearer than its steps (llama.cpp Q8_0 on x86 CPUs).
+Tokens never needed (the end of an answer) are never fed. With lam == 0 the amateur is never needed.
 Both paths call the sampler the same way (one call, hence one random draw, per pick), so greedy and seeded
 sampling give the same tokens as the naive loop (lazy=False), which steps the amateur on every token.
 
@@ -129,7 +131,7 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
         forced = len(ids) == 1
         need = not lazy or (lam > 0 and not forced)
         if need and pending:
-            y = amateur.step(pending[0]) if len(pending) == 1 else amateur.prefill(pending)
+            y = _catch_up(amateur, pending)
             pending = []
         if forced:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
             (k,), k_own = sampler(_ONE), None
@@ -149,6 +151,18 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
 
 
 _ONE = np.zeros(1, dtype=np.float32)  # the scores of a forced pick
+
+
+def _catch_up(amateur, pending: list[int]) -> np.ndarray:
+    """Feed the tokens the amateur has not seen; logits (V,) of the last. One batched forward, or single
+    steps where the engine's measured costs say a batch of that size is dearer than its steps."""
+    if len(pending) == 1:
+        return amateur.step(pending[0])
+    if amateur.costs.batch_is_cheaper(len(pending)):
+        return amateur.prefill(pending)
+    for t in pending:
+        y = amateur.step(t)
+    return y
 
 
 def _scores(x, y, ids, lam, normalize, processors, history) -> np.ndarray:
