@@ -41,6 +41,7 @@ class MultiSeqLlamaCpp:
                                f"of {n_ctx} tokens")
         self.n_ctx = int(lib.llama_n_ctx_seq(self._ctx))  # positions per slot
         self._n_batch = int(lib.llama_n_batch(self._ctx))
+        self._n_ubatch = int(lib.llama_n_ubatch(self._ctx))
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
         self._tokens: list[list[int]] = [[] for _ in range(n_slots)]
@@ -76,9 +77,39 @@ class MultiSeqLlamaCpp:
 
     # -- forward -----------------------------------------------------------------------------------
     def decode(self, entries: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
-        """Feed each (slot, ids) after that slot's cached positions, all in one llama_decode (several when
-        the tokens exceed n_batch); return the logits (V,) of each entry's last token, in entry order."""
+        """Feed each (slot, ids) after that slot's cached positions; return the logits (V,) of each entry's
+        last token, in entry order.
+
+        Entries of equal length go through one llama_decode together (as many as fit a ubatch whole), so
+        that llama.cpp never splits one sequence's tokens differently from a single-sequence context: its
+        ubatches hold the same number of tokens of every sequence, and a prefill chunked otherwise rounds
+        differently (enough to flip a greedy pick now and then).
+        """
         entries = [(int(s), [int(t) for t in ids]) for s, ids in entries]
+        self._check(entries)
+        out: list[np.ndarray | None] = [None] * len(entries)
+        try:
+            for group in self._groups(entries):
+                rows = [(s, t, self.n_past(s) + i, i == len(ids) - 1)
+                        for j in group for s, ids in [entries[j]] for i, t in enumerate(ids)]
+                logits = []
+                for start in range(0, len(rows), self._n_batch):  # only a single long prompt spans chunks
+                    logits += self._decode_chunk(rows[start:start + self._n_batch])
+                for j, x in zip(group, logits):
+                    out[j] = x
+                for j in group:
+                    s, ids = entries[j]
+                    self._tokens[s].extend(ids)
+        except BaseException:  # a failed decode: the cache keeps only what was recorded
+            for s, _ in entries:
+                self._lib.llama_memory_seq_rm(self._mem, s, self.n_past(s), -1)
+            raise
+        self.counters.prefill_tokens += sum(len(ids) for _, ids in entries if len(ids) > 1)
+        self.counters.prefill_calls += sum(len(ids) > 1 for _, ids in entries)
+        self.counters.step_calls += sum(len(ids) == 1 for _, ids in entries)
+        return out
+
+    def _check(self, entries) -> None:
         seen = set()
         for s, ids in entries:
             if not 0 <= s < self.n_slots or s in seen or not ids:
@@ -87,22 +118,17 @@ class MultiSeqLlamaCpp:
             if self.n_past(s) + len(ids) > self.n_ctx:
                 raise ContextFullError(f"{self.path.name}: slot {s}: {self.n_past(s)} cached + {len(ids)} new "
                                        f"tokens exceed the context of {self.n_ctx} (raise n_ctx)")
-        flat = [(s, t, self.n_past(s) + i, i == len(ids) - 1) for s, ids in entries for i, t in enumerate(ids)]
-        out: list[np.ndarray] = []
-        try:
-            for start in range(0, len(flat), self._n_batch):
-                out += self._decode_chunk(flat[start:start + self._n_batch])
-        except BaseException:  # the cache keeps only what was recorded
-            for s, _ in entries:
-                self._lib.llama_memory_seq_rm(self._mem, s, self.n_past(s), -1)
-            raise
-        for s, ids in entries:
-            self._tokens[s].extend(ids)
-        n_prefill = sum(len(ids) for _, ids in entries if len(ids) > 1)
-        self.counters.prefill_tokens += n_prefill
-        self.counters.prefill_calls += sum(len(ids) > 1 for _, ids in entries)
-        self.counters.step_calls += sum(len(ids) == 1 for _, ids in entries)
-        return out
+
+    def _groups(self, entries) -> list[list[int]]:
+        """Entry indices grouped by length, each group small enough to be one ubatch."""
+        by_len: dict[int, list[int]] = {}
+        for j, (_, ids) in enumerate(entries):
+            by_len.setdefault(len(ids), []).append(j)
+        groups = []
+        for n, idx in by_len.items():
+            per = max(1, self._n_ubatch // n)
+            groups += [idx[k:k + per] for k in range(0, len(idx), per)]
+        return groups
 
     def _decode_chunk(self, chunk: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
         """chunk: (slot, token, position, wants logits) rows -> logits of the rows that want them."""
