@@ -72,7 +72,12 @@ def main():
 @click.option("--alpha", type=float, default=0.1, show_default=True, help="Default plausibility threshold.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="The bundle folder to write.")
-def convert_cmd(finetuned, inferior, mu, to, quant, mlx_bits, mlx_group_size, with_inferior, lam, alpha, force, out):
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="Base HF model of LoRA adapters: --finetuned and --inferior are then PEFT adapter folders, and "
+                   "the bundle holds one base GGUF plus the two adapters (shared base).")
+@click.option("--merge", is_flag=True, help="With --base: merge the adapters into full weights (a normal bundle).")
+def convert_cmd(finetuned, inferior, mu, to, quant, mlx_bits, mlx_group_size, with_inferior, lam, alpha, force, out,
+                base, merge):
     """Extrapolate FINETUNED away from INFERIOR and write a bundle (expert + amateur models)."""
     import warnings
 
@@ -91,9 +96,17 @@ def convert_cmd(finetuned, inferior, mu, to, quant, mlx_bits, mlx_group_size, wi
     with warnings.catch_warnings(), _ConvertBar() as bar:
         warnings.simplefilter("always", ExtrapolationWarning)
         warnings.showwarning = show_warning
-        bundle = convert(finetuned, inferior, out, mu=mu, to=to, quant=quant,
-                         mlx_bits=int(mlx_bits) if mlx_bits else None, mlx_group_size=mlx_group_size,
-                         with_inferior=with_inferior, force=force, lam=lam, alpha=alpha, progress=bar.update)
+        kw = dict(mu=mu, to=to, quant=quant, mlx_bits=int(mlx_bits) if mlx_bits else None,
+                  mlx_group_size=mlx_group_size, with_inferior=with_inferior, force=force, lam=lam, alpha=alpha,
+                  progress=bar.update)
+        if base is not None:
+            from .converters.lora import convert_lora
+
+            bundle = convert_lora(base, finetuned, inferior, out, merge=merge, **kw)
+        elif merge:
+            raise click.UsageError("--merge needs --base (the base model of the LoRA adapters)")
+        else:
+            bundle = convert(finetuned, inferior, out, **kw)
     s = bundle.summary
     rate = s["input_bytes"] / max(s["seconds"], 1e-9)
     what = "; ".join([f"gguf {','.join(bundle.quants)}"] * ("gguf" in bundle.formats)
