@@ -162,6 +162,8 @@ class Bundle:
         self.formats = [f for f in FORMATS if files.get(f)]
         self.quants = list(files.get("gguf", {}))
         self.roles = [r for r in ROLES if any(r in _roles(files, f) for f in self.formats)]
+        if not self.roles and "lora" in manifest:  # shared base: the roles are adapter scalings of one base
+            self.roles = [r for r in ROLES if r in manifest["lora"].get("scales", {})]
         self.arch = manifest.get("arch")
         self.tokenizer_hash = manifest.get("tokenizer_hash")
         self.summary = manifest.get("summary", {})
