@@ -69,6 +69,27 @@ def one_run(rt, prompts, parallel: int, max_tokens: int) -> tuple[float, float, 
     return tokens / t_seq, tokens / t_bat, tokens
 
 
+def engine_ceiling(rt, parallel: int, repeats: int = 10) -> float:
+    """llama.cpp alone: tokens/s of one decode of `parallel` sequences (one token each) over tokens/s of
+    one single-sequence decode: the most batching can give on this machine (EpiCoDe adds its own work)."""
+    from epicode_edge.backends.llamacpp_batch import MultiSeqLlamaCpp
+
+    prompt = rt.encode(PROMPTS[0])
+    with MultiSeqLlamaCpp.from_backend(rt.expert, n_slots=parallel) as ms:
+        ms.decode([(s, prompt) for s in range(parallel)])
+        one, many = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            ms.decode([(0, [5])])
+            one.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ms.decode([(s, [5]) for s in range(parallel)])
+            many.append(time.perf_counter() - t)
+            for s in range(parallel):
+                ms.truncate(s, len(prompt))
+    return parallel * statistics.median(one) / statistics.median(many)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parallel", type=int, default=8, help="concurrent requests (also the request count)")
@@ -102,9 +123,12 @@ def main() -> None:
                 bat.append(b)
                 print(f"  run {i + 1}: {n} tokens; one after another {s:7.1f} tok/s, batched {b:7.1f} tok/s, "
                       f"x{b / s:.2f}")
+            ceiling = engine_ceiling(rt, a.parallel)
     ms, mb = statistics.median(seq), statistics.median(bat)
     print(f"median: one after another {ms:.1f} tok/s, batched ({a.parallel} at once) {mb:.1f} tok/s")
     print(f"ratio (batched / one after another, medians): {mb / ms:.2f}")
+    print(f"engine ceiling (llama.cpp alone, one decode of {a.parallel} sequences vs one of 1, tokens/s): "
+          f"{ceiling:.2f}")
 
 
 if __name__ == "__main__":

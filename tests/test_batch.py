@@ -343,6 +343,28 @@ def test_batched_equals_one_after_another(runtime, settings):
     assert sum(r.completion_tokens for r in bat) > 0
 
 
+def test_lazy_and_sync_amateur_feeding_pick_the_same(runtime):
+    """The batched loop feeds the amateur either only for the slots that need it (lazy) or, when any does,
+    for all (sync, the default): same picks, and the same as one request at a time."""
+    from epicode_edge.apps.batch import open_batched
+    from epicode_edge.decoding.batch_loop import generate_batched
+    from epicode_edge.runtime import Result
+
+    s = runtime.settings(max_tokens=20, lam=1.0)
+    want = [runtime.generate(p, max_tokens=20, lam=1.0) for p in PROMPTS]
+    for mode in ("lazy", "sync"):
+        with open_batched(runtime, 3) as (expert_ms, amateur_ms):
+            got = dict(generate_batched(expert_ms, amateur_ms, runtime.expert,
+                                        [(i, runtime.encode(p), s) for i, p in enumerate(PROMPTS)],
+                                        result=Result, amateur=mode))
+            calls = amateur_ms.counters.prefill_calls + amateur_ms.counters.step_calls
+        assert all(_same(got[i], w) for i, w in enumerate(want))
+        assert sum(r.stats.amateur_skipped for r in got.values()) == sum(r.stats.amateur_skipped for r in want)
+        if mode == "lazy":
+            lazy_calls = calls
+    assert calls > lazy_calls  # sync feeds slots that did not need it
+
+
 def test_batched_requests_finish_independently_and_fail_alone(runtime):
     from epicode_edge.apps.batch import generate_batch
 

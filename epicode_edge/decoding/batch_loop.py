@@ -61,14 +61,20 @@ class _Seq:
 
 
 def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any, list[int], Any]], *,
-                     result=None, on_event=None) -> Iterator[tuple[Any, Any]]:
+                     result=None, on_event=None, amateur: str = "sync") -> Iterator[tuple[Any, Any]]:
     """Yield (key, result) or (key, exception) per request, in completion order.
 
     vocab: the expert's single-sequence Backend (eos_ids, token_bytes, vocab_size, n_ctx); settings objects
     have the fields of runtime.Settings. result(text, tokens, finish_reason, stopped_by, prompt_tokens,
     completion_tokens, changed_tokens, stats) builds each result (runtime.Result; a tuple by default).
-    on_event(key, Event) is called for every streamed token (optional).
+    on_event(key, Event) is called for every streamed token (optional). amateur: "sync" (when a step needs
+    the amateur, every slot catches up: one decode of equal-length entries) or "lazy" (only the slots that
+    need it, as loop.py; more, smaller decodes). The picks are the same either way.
     """
+    if amateur not in ("sync", "lazy"):
+        from ..errors import ParameterError
+
+        raise ParameterError(f"amateur must be 'sync' or 'lazy', got {amateur!r}")
     Result = result or (lambda *fields: fields)
     queue = iter(requests)
     free = list(range(expert_ms.n_slots))[::-1]
@@ -94,7 +100,7 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
             return
         seqs = list(active.values())
         try:
-            _forward(expert_ms, amateur_ms, seqs)
+            _forward(expert_ms, amateur_ms, seqs, amateur == "sync")
         except Exception as e:  # an engine failure: every request in flight fails, the rest go on
             for seq in seqs:
                 _release(seq, active, free)
@@ -137,14 +143,18 @@ def _reuse(ms, slot: int, prompt: list[int]) -> list[int]:
     return prompt[k:]
 
 
-def _forward(expert_ms, amateur_ms, seqs: list[_Seq]) -> None:
-    """One expert decode for every slot, then one amateur decode for the slots whose pick needs it."""
+def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
+    """One expert decode for every slot, then the amateur decode: when any slot's pick needs the amateur,
+    every slot with unseen tokens is fed (sync: the entries stay of equal length, so one llama_decode does
+    them all), or only the slots that need it (lazy, as the single-request loop)."""
     xs = expert_ms.decode([(q.slot, q.feed) for q in seqs])
     for q, x in zip(seqs, xs):
         q.stats.expert_prefill_tokens += len(q.feed) if q.t_first is None else 0
         q.stats.expert_forwards += 1
         q.x, q.feed = x, []
-    need = [q for q in seqs if q.pending and _needs_amateur(q)]
+    need = [q for q in seqs if _needs_amateur(q) and q.pending]
+    if need and sync:
+        need = [q for q in seqs if q.pending]
     if need:
         ys = amateur_ms.decode([(q.slot, q.pending) for q in need])
         for q, y in zip(need, ys):
