@@ -280,7 +280,7 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
         return
     rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
     if parallel > 1 and not batch.batched_supported(rt):
-        click.echo(f"Note: batched decoding runs on llama.cpp; on {rt.backend} requests run one at a time.", err=True)
+        click.echo(f"Note: no batched decoding on {rt.backend}: requests run one at a time.", err=True)
     bar = _BatchBar()
     try:
         with rt, bar:

@@ -17,10 +17,10 @@ Output records (one JSON object per line, UTF-8):
 Order: records are appended in completion order. Run one at a time (parallel=1) that is input order;
 with parallel > 1 requests finish out of order, so sort by "line" to restore input order.
 
-Batched decoding (parallel > 1, llama.cpp): up to `parallel` requests are decoded together, one
-multi-sequence llama_decode per model per step (decoding/batch_loop.py, backends/llamacpp_batch.py);
-requests finish independently and the next ones take the freed slots. Greedy outputs are those of one
-request at a time. On MLX requests run one at a time. `generate_batch(runtime, prompts, parallel=8)` is
+Batched decoding (parallel > 1): up to `parallel` requests are decoded together, one multi-sequence
+llama_decode (llama.cpp) or one batched forward (MLX) per model per step (decoding/batch_loop.py,
+backends/multiseq.py); requests finish independently and the next ones take the freed slots. Greedy
+outputs are those of one request at a time, up to float rounding of the batched kernels. `generate_batch(runtime, prompts, parallel=8)` is
 the same for the Python API. With compare=True the finetuned-alone answer is computed one at a time.
 
 Durability and resume: each record is written and flushed as its request finishes. A rerun with the
@@ -439,20 +439,20 @@ def _batched_records(runtime, items: list, defaults: dict, compare: bool, parall
 
 
 def batched_supported(runtime) -> bool:
-    """Batched decoding runs on llama.cpp; other engines answer one request at a time."""
-    return getattr(runtime, "backend", None) == "llama.cpp"
+    """Batched decoding runs on llama.cpp and MLX (backends/multiseq.py)."""
+    return getattr(runtime, "backend", None) in ("llama.cpp", "mlx")
 
 
 class open_batched:
-    """Multi-sequence contexts over the runtime's two llama.cpp models (the weights are shared, not
-    loaded again): `with open_batched(rt, 8) as (expert_ms, amateur_ms): ...`."""
+    """Multi-sequence engines over the runtime's two models (the weights are shared, not loaded again):
+    `with open_batched(rt, 8) as (expert_ms, amateur_ms): ...`."""
 
     def __init__(self, runtime, n_slots: int):
-        from ..backends.llamacpp_batch import MultiSeqLlamaCpp
+        from ..backends.multiseq import open_multiseq
 
-        self.expert = MultiSeqLlamaCpp.from_backend(runtime.expert, n_slots)
+        self.expert = open_multiseq(runtime.expert, n_slots)
         try:
-            self.amateur = MultiSeqLlamaCpp.from_backend(runtime.amateur, n_slots)
+            self.amateur = open_multiseq(runtime.amateur, n_slots)
         except BaseException:
             self.expert.close()
             raise

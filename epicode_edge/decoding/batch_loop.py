@@ -5,8 +5,8 @@
 
 `requests` yields (key, prompt ids, Settings). Each request gets a slot (a KV sequence of its own in both
 models); at every step the expert decodes one token for every active slot (or a whole prompt for a slot
-that has just been admitted) in ONE call, then the amateur decodes, in one call, what the slots that need
-its logits have not fed it yet (lazy amateur, as in loop.py: a forced pick needs no amateur). Requests
+that has just been admitted) in one call, then, when some slot's pick needs the amateur (a forced pick
+does not, as in loop.py), the amateur decodes what it has not seen yet. Requests
 finish independently (EOS, stop string, max_tokens, full context); a finished slot takes the next request
 at the next step (continuous batching).
 
@@ -16,7 +16,11 @@ up to float rounding of the batched kernels. A slot keeps its cache between requ
 common prefix with the next prompt (a shared system prompt is prefilled once per slot).
 
 Engine-free: expert_ms / amateur_ms are multi-sequence engines with decode([(slot, ids)]) -> [(V,) logits],
-truncate(slot, n), tokens(slot), n_ctx (per slot) and n_slots (backends/llamacpp_batch.py).
+truncate(slot, n), tokens(slot), n_past(slot), n_ctx (per slot) and n_slots (backends/multiseq.py).
+
+The amateur is fed "sync" by default: when any slot's pick needs its logits, every slot with unseen tokens
+is fed, so its entries keep one length and one engine call does them all (lazy feeding, as loop.py, gives
+catch-ups of mixed lengths, i.e. more and smaller calls). Either way the picks are the same.
 """
 
 from __future__ import annotations

@@ -1,0 +1,103 @@
+"""MLX with several sequences: one batched forward feeds one token to each of many requests.
+
+    ms = MultiSeqMLX.from_backend(runtime.expert, n_slots=8)   # the same mlx_lm model object
+    logits = ms.decode([(0, prompt_ids), (3, [token]), (5, [token])])
+
+Each slot owns an mlx_lm KV cache (one KVCache per layer). A prompt or a catch-up of several tokens runs
+alone on its slot's cache, exactly as the single-sequence MLXBackend does. Single tokens of several slots run
+as one forward of shape (B, 1) over a BatchKVCache (mlx_lm's left-padded batch cache, as its
+BatchGenerator uses): the slots' caches are merged into it once and it is kept while the same slots keep
+stepping together; it is split back into per-slot caches only when the set of stepping slots changes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import BackendError, UnsupportedError
+from .multiseq import MultiSeqBase
+
+PREFILL_CHUNK = 512  # as backends/mlx.py
+
+
+class MultiSeqMLX(MultiSeqBase):
+    name = "mlx"
+
+    def __init__(self, model, *, n_slots: int, n_ctx: int, path, vocab_size: int):
+        import mlx.core as mx
+        from mlx_lm.models import cache as mlx_cache
+
+        super().__init__(path, n_slots=n_slots, n_ctx=n_ctx, vocab_size=vocab_size, max_group_tokens=1 << 30)
+        self._mx, self._cache_mod, self._model = mx, mlx_cache, model
+        self._caches = [mlx_cache.make_prompt_cache(model) for _ in range(n_slots)]  # per slot, per layer
+        if not all(type(c) is mlx_cache.KVCache for c in self._caches[0]):
+            raise UnsupportedError(f"{path}: batched decoding on MLX needs plain KV caches (this model uses "
+                                   f"{type(self._caches[0][0]).__name__})")
+        self._batch_slots: tuple[int, ...] = ()
+        self._batch = None  # per layer BatchKVCache over _batch_slots
+        self.batched_forwards = 0  # forwards of shape (B > 1, 1)
+
+    @classmethod
+    def from_backend(cls, backend, n_slots: int, n_ctx: int | None = None) -> "MultiSeqMLX":
+        return cls(backend._model, n_slots=n_slots, n_ctx=n_ctx or backend.n_ctx, path=backend.path,
+                   vocab_size=backend.vocab_size)
+
+    # -- engine hooks ------------------------------------------------------------------------------
+    def _decode_group(self, slots: list[int], ids: list[list[int]]) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        try:
+            if len(slots) > 1 and len(ids[0]) == 1:
+                out = self._step_batch(slots, [t[0] for t in ids])
+            else:
+                out = [self._forward_one(s, toks) for s, toks in zip(slots, ids)]
+        except (ValueError, RuntimeError) as e:
+            raise BackendError(f"{self.path}: MLX forward failed ({' '.join(str(e).split())})") from None
+        self.counters.forward_seconds += time.perf_counter() - t0
+        return out
+
+    def _forward_one(self, slot: int, ids: list[int]) -> np.ndarray:
+        """One sequence on its own cache, as MLXBackend._forward."""
+        mx = self._mx
+        self._unbatch(slot)
+        cache = self._caches[slot]
+        for i in range(0, len(ids) - PREFILL_CHUNK, PREFILL_CHUNK):  # all chunks but the last
+            self._model(mx.array(ids[i:i + PREFILL_CHUNK])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+        last = ids[(len(ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:]
+        logits = self._model(mx.array(last)[None], cache=cache)[0, -1]  # (V,)
+        return np.array(logits.astype(mx.float32))
+
+    def _step_batch(self, slots: list[int], tokens: list[int]) -> list[np.ndarray]:
+        """One token for each slot in one forward of shape (B, 1)."""
+        mx = self._mx
+        if tuple(slots) != self._batch_slots:
+            self._unbatch()
+            n_layers = len(self._caches[slots[0]])
+            self._batch = [self._cache_mod.BatchKVCache.merge([self._caches[s][i] for s in slots])
+                           for i in range(n_layers)]
+            self._batch_slots = tuple(slots)
+        logits = self._model(mx.array(tokens)[:, None], cache=self._batch)[:, -1]  # (B, V)
+        self.batched_forwards += 1
+        mx.eval(logits, [c.state for c in self._batch])
+        x = np.array(logits.astype(mx.float32))  # (B, V)
+        return [x[b] for b in range(len(slots))]
+
+    def _unbatch(self, slot: int | None = None) -> None:
+        """Split the batch cache back into per-slot caches (when `slot` is in it, or always for None)."""
+        if self._batch is None or (slot is not None and slot not in self._batch_slots):
+            return
+        for b, s in enumerate(self._batch_slots):
+            self._caches[s] = [layer.extract(b) for layer in self._batch]
+        self._batch, self._batch_slots = None, ()
+
+    def _trim(self, slot: int, n: int) -> None:
+        self._unbatch(slot)
+        cache = self._caches[slot]
+        held = cache[0].offset
+        if held > n:
+            self._cache_mod.trim_prompt_cache(cache, held - n)
+
+    def close(self) -> None:
+        self._batch, self._caches = None, []

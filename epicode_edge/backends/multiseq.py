@@ -1,0 +1,127 @@
+"""Multi-sequence engines: n_slots KV sequences of one model, whose tokens are decoded together.
+
+    logits = ms.decode([(0, prompt_ids), (3, [token]), (5, [token])])   # [(V,), (V,), (V,)] float32 copies
+    ms.truncate(3, 0)                                                      # slot 3 empty again
+
+The bookkeeping (cached tokens per slot, context checks, counters, grouping) lives here; an engine implements
+`_decode_group(slots, ids_per_slot) -> [logits]` for entries of EQUAL length, `_trim(slot, n)` and `close()`.
+decode() hands the engine its entries grouped by length: an engine then never chunks one sequence's tokens
+differently from a single-sequence context (which would round differently and can flip a greedy pick).
+Engines: backends/llamacpp_batch.py (one multi-sequence llama_decode), backends/mlx_batch.py (one batched
+forward with a left-padded batch KV cache).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ContextFullError, ParameterError
+from .base import Counters
+
+
+class MultiSeqBase:
+    name = "base"
+
+    def __init__(self, path, *, n_slots: int, n_ctx: int, vocab_size: int, max_group_tokens: int):
+        if not isinstance(n_slots, int) or n_slots < 1:
+            raise ParameterError(f"n_slots must be an integer >= 1, got {n_slots!r}")
+        self.path, self.n_slots, self.n_ctx, self.vocab_size = path, n_slots, int(n_ctx), vocab_size
+        self._max_group_tokens = max(1, int(max_group_tokens))  # tokens one engine call may take
+        self._tokens: list[list[int]] = [[] for _ in range(n_slots)]
+        self.counters = Counters()
+
+    # -- state -------------------------------------------------------------------------------------
+    def n_past(self, slot: int) -> int:
+        return len(self._tokens[slot])
+
+    def tokens(self, slot: int) -> list[int]:
+        return list(self._tokens[slot])
+
+    def truncate(self, slot: int, n: int = 0) -> None:
+        """Keep the first n positions of a slot (0: the slot is empty, free for a new request)."""
+        if not 0 <= n <= self.n_past(slot):
+            raise ParameterError(f"{self.path.name}: cannot truncate slot {slot} to {n} of {self.n_past(slot)}")
+        if n < self.n_past(slot):
+            self._trim(slot, n)
+            del self._tokens[slot][n:]
+            self.counters.truncations += 1
+
+    def clear(self, slot: int) -> None:
+        self.truncate(slot, 0)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def decode(self, entries: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
+        """Feed each (slot, ids) after that slot's cached positions; return the logits (V,) of each entry's
+        last token, in entry order. Entries of equal length are decoded together."""
+        entries = [(int(s), [int(t) for t in ids]) for s, ids in entries]
+        self._check(entries)
+        out: list[np.ndarray | None] = [None] * len(entries)
+        for group in self._groups(entries):
+            slots = [entries[j][0] for j in group]
+            try:
+                logits = self._decode_group(slots, [entries[j][1] for j in group])
+            except BaseException:
+                for s in slots:  # the engine keeps only what was recorded
+                    self._trim(s, self.n_past(s))
+                raise
+            for j, x in zip(group, logits):
+                out[j] = x
+                self._tokens[entries[j][0]].extend(entries[j][1])
+        self.counters.prefill_tokens += sum(len(ids) for _, ids in entries if len(ids) > 1)
+        self.counters.prefill_calls += sum(len(ids) > 1 for _, ids in entries)
+        self.counters.step_calls += sum(len(ids) == 1 for _, ids in entries)
+        return out
+
+    def _check(self, entries) -> None:
+        seen = set()
+        for s, ids in entries:
+            if not 0 <= s < self.n_slots or s in seen or not ids:
+                raise ParameterError(f"decode: bad entry for slot {s} (unknown, repeated or empty)")
+            seen.add(s)
+            if self.n_past(s) + len(ids) > self.n_ctx:
+                raise ContextFullError(f"{self.path.name}: slot {s}: {self.n_past(s)} cached + {len(ids)} new "
+                                       f"tokens exceed the context of {self.n_ctx} (raise n_ctx)")
+
+    def _groups(self, entries) -> list[list[int]]:
+        """Entry indices grouped by length, each group small enough for one engine call."""
+        by_len: dict[int, list[int]] = {}
+        for j, (_, ids) in enumerate(entries):
+            by_len.setdefault(len(ids), []).append(j)
+        groups = []
+        for n, idx in by_len.items():
+            per = max(1, self._max_group_tokens // n)
+            groups += [idx[k:k + per] for k in range(0, len(idx), per)]
+        return groups
+
+    # -- engine hooks ------------------------------------------------------------------------------
+    def _decode_group(self, slots: list[int], ids: list[list[int]]) -> list[np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _trim(self, slot: int, n: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_multiseq(backend, n_slots: int, n_ctx: int | None = None) -> MultiSeqBase:
+    """A multi-sequence engine over the model a single-sequence Backend holds (its weights are shared)."""
+    if backend.name == "llama.cpp":
+        from .llamacpp_batch import MultiSeqLlamaCpp
+
+        return MultiSeqLlamaCpp.from_backend(backend, n_slots, n_ctx)
+    if backend.name == "mlx":
+        from .mlx_batch import MultiSeqMLX
+
+        return MultiSeqMLX.from_backend(backend, n_slots, n_ctx)
+    from ..errors import UnsupportedError
+
+    raise UnsupportedError(f"batched decoding is not available on {backend.name}")
