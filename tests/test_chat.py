@@ -249,3 +249,14 @@ def test_reset_system_and_bye(runtime):
     assert "Nothing to compare yet" in cap.stderr
     chat.run_repl(app, stdin=io.StringIO("Hi\n\n/bye\nnot sent\n"), interactive=False)
     assert len(app.session.history) == 2
+
+
+def test_a_message_too_long_for_the_context_fails_alone(runtime):
+    cap = Capture()
+    app = cap.app(runtime)
+    app.handle("Hello there")
+    assert app.answer("word " * 400) is None  # more than n_ctx = 512 tokens
+    assert "Error: " in cap.stderr and "context" in cap.stderr and "/reset" in cap.stderr
+    assert len(app.session.history) == 2  # the failed turn left no trace
+    turn = app.answer("What is 17 + 25?")
+    assert turn.tokens == MAX and len(app.session.history) == 4

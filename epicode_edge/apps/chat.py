@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import EpicodeError, ParameterError
+from ..errors import ContextFullError, EpicodeError, ParameterError
 
 HELP = """\
 Commands:
@@ -189,9 +189,15 @@ class ChatApp:
                         break
         except KeyboardInterrupt:
             turn.stopped = True
-        except EpicodeError as e:
-            self.out("\n")
-            self.status(f"Error: {_one_line(e)}")
+        except EpicodeError as e:  # e.g. the conversation no longer fits the context
+            stream.close()
+            self._forget_failed_turn(text, pieces)
+            if pieces:
+                self.out("\n")
+            full = isinstance(e, ContextFullError) and self.session.history
+            hint = " (/reset starts a new conversation)" if full else ""
+            self.status(f"Error: {_one_line(e)}{hint}")
+            return None
         finally:
             stream.close()  # GeneratorExit at a yield: the session keeps what was streamed
         turn.prefill = tuple(b.counters.prefill_tokens - c for (_, b), c in zip(_backends(self.runtime), c0))
@@ -203,6 +209,13 @@ class ChatApp:
         self.last_answer = "".join(pieces)
         self.status(_turn_line(turn))
         return turn
+
+    def _forget_failed_turn(self, text: str, pieces: list[str]) -> None:
+        """A turn that failed (nothing sensible streamed) leaves no trace in the history, so that the next
+        message does not fail the same way."""
+        h = self.session.history
+        if h[-2:] == [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]:
+            del h[-2:]
 
     def _take(self, ev, turn: Turn, pieces: list[str]) -> None:
         if ev.text:
