@@ -3,11 +3,14 @@
     python bench/decode.py                               # ~88M Llama, Q8_0, 5 runs x 3 prompts, 128 tokens
     python bench/decode.py --bundle models/demo/bundle   # a real (trained) bundle instead
     python bench/decode.py --runs 3 --max-tokens 64 --threads 2 --n-gpu-layers -1
+    python bench/decode.py --profile                     # also: where the loop's time goes (pyinstrument)
 
 Anchor: llama-cpp-python's own greedy loop (`Llama.generate(temp=0)`, the loop inside create_completion)
 on the bundle's expert GGUF. Measured against it in the same process, interleaved run by run:
-    epicode-lazy    our loop, lazy amateur (skips the amateur's forward on forced picks)
     epicode-naive   our loop, amateur stepped on every token (two forward passes per token)
+    lazy-steps      lazy amateur (no forward on forced picks), caught up token by token: bit-identical to naive
+    lazy-batch      lazy amateur caught up in one batched forward
+    lazy-auto       batch or steps by the engine's measured costs (the default)
     expert-alone    our loop with lambda = 0 (one model: our loop's own overhead against the anchor)
 Figures: decode tokens/s (tokens after the first / time after the first), time to first token, skip rate,
 loop overhead per token (wall time outside the engines' forward passes) in microseconds and as a share of
@@ -100,6 +103,18 @@ def scoring_cost(vocab: int, reps: int = 2000) -> dict:
     return {"vocab": vocab, "us_per_token": 1e6 * (time.perf_counter() - t) / reps}
 
 
+def profile(rt, prompts, max_tokens: int, **settings) -> None:
+    """Where the per-token time goes (pyinstrument, `pip install epicode-edge[bench]`)."""
+    from pyinstrument import Profiler
+
+    p = Profiler(interval=0.0002)  # the default settings: lazy amateur, catch_up="auto"
+    p.start()
+    for ids in prompts:
+        ours_run(rt, ids, max_tokens, **settings)
+    p.stop()
+    print(p.output_text(unicode=False, color=False))
+
+
 def med(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -119,6 +134,7 @@ def main() -> None:
     ap.add_argument("--raw", action="store_true", help="raw prompts (default: the chat template when the model has one)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the generated model (kept; reused)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--profile", action="store_true", help="profile one lazy run per prompt with pyinstrument")
     args = ap.parse_args()
 
     import llama_cpp
@@ -148,45 +164,50 @@ def main() -> None:
     for ids in prompts[:1]:  # warm-up: first calls allocate buffers
         anchor_run(llm, ids, 8)
         ours_run(rt, ids, 8, lam=lam, alpha=alpha)
-    rows = {"anchor": [], "epicode-lazy": [], "epicode-naive": [], "expert-alone": []}
-    mismatch = 0
+    ways = {"epicode-naive": {"lazy": False}, "lazy-steps": {"catch_up": "steps"},
+            "lazy-batch": {"catch_up": "batch"}, "lazy-auto": {"catch_up": "auto"}, "expert-alone": {"lam": 0.0}}
+    rows = {"anchor": [], **{name: [] for name in ways}}
+    mismatches = {name: 0 for name in ways if name.startswith("lazy")}
     for run in range(args.runs):
         for ids in prompts:
             rows["anchor"].append(anchor_run(llm, ids, args.max_tokens))
-            lazy = ours_run(rt, ids, args.max_tokens, lam=lam, alpha=alpha)
-            naive = ours_run(rt, ids, args.max_tokens, lam=lam, alpha=alpha, lazy=False)
-            mismatch += lazy.pop("tokens") != naive.pop("tokens")
-            rows["epicode-lazy"].append(lazy)
-            rows["epicode-naive"].append(naive)
-            alone = ours_run(rt, ids, args.max_tokens, lam=0.0, alpha=alpha)
-            alone.pop("tokens")
-            rows["expert-alone"].append(alone)
-        print(f"  run {run + 1}/{args.runs}: anchor {med(rows['anchor'][-len(prompts):], 'tokens_per_s'):.1f} tok/s, "
-              f"lazy {med(rows['epicode-lazy'][-len(prompts):], 'tokens_per_s'):.1f}, "
-              f"naive {med(rows['epicode-naive'][-len(prompts):], 'tokens_per_s'):.1f}")
+            tokens = {}
+            for name, kw in ways.items():
+                r = ours_run(rt, ids, args.max_tokens, **{"lam": lam, "alpha": alpha, **kw})
+                tokens[name] = r.pop("tokens")
+                rows[name].append(r)
+            for name in mismatches:
+                mismatches[name] += tokens[name] != tokens["epicode-naive"]
+        print(f"  run {run + 1}/{args.runs}: " + ", ".join(
+            f"{name} {med(rs[-len(prompts):], 'tokens_per_s'):.1f}" for name, rs in rows.items()) + " tok/s")
 
     base_tps, base_ttft = med(rows["anchor"], "tokens_per_s"), med(rows["anchor"], "ttft_s")
     summary = {"model": str(expert_path), "params_m": round(n_params, 1), "vocab": rt.expert.vocab_size,
                "threads": args.threads, "n_gpu_layers": args.n_gpu_layers, "lam": lam, "alpha": alpha,
                "runs": args.runs, "prompts": len(prompts), "max_tokens": args.max_tokens,
-               "lazy_vs_naive_token_mismatches": mismatch, "ways": {}}
+               "lazy_vs_naive_mismatched_prompts": mismatches, "ways": {}}
     print(f"\n{'':16}{'tok/s':>9}{'ratio':>8}{'ttft ms':>9}{'ratio':>7}{'skip':>7}{'ovh us':>8}{'ovh %':>7}")
     for name, rs in rows.items():
         tps, ttft = med(rs, "tokens_per_s"), med(rs, "ttft_s")
         fig = {"tokens_per_s": tps, "ratio": tps / base_tps, "ttft_ms": 1e3 * ttft, "ttft_ratio": ttft / base_ttft}
         line = f"{name:16}{tps:9.1f}{tps / base_tps:8.3f}{1e3 * ttft:9.1f}{ttft / base_ttft:7.2f}"
-        if name != "anchor":
+        if name != "anchor" and rs:
             fig.update(skip_rate=med(rs, "skip_rate"), overhead_us=med(rs, "overhead_us"),
                        overhead_share=med(rs, "overhead_share"), per_token_us=med(rs, "per_token_us"))
             line += f"{fig['skip_rate']:7.2f}{fig['overhead_us']:8.1f}{100 * fig['overhead_share']:7.2f}"
         summary["ways"][name] = fig
         print(line)
-    print(f"lazy == naive tokens in every run: {mismatch == 0} ({mismatch} mismatches)")
+    n = args.runs * len(prompts)
+    print("answers differing from the naive loop's: " + ", ".join(f"{k} {v}/{n}" for k, v in mismatches.items())
+          + "  (steps: bit-identical engine calls; batch: the engine's batch-size rounding, amplified by random"
+            " weights)")
     summary["scoring"] = [scoring_cost(v) for v in (384, 32000, 128256)]
     print("mask + scores + pick on synthetic logits: " + ", ".join(
         f"V={s['vocab']}: {s['us_per_token']:.1f} us/token" for s in summary["scoring"]))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
+    if args.profile:
+        profile(rt, prompts, args.max_tokens, lam=lam, alpha=alpha)
     rt.close()
     llm.close()
     if tmp is not None:

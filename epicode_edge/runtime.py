@@ -10,7 +10,9 @@
 
 Settings (keyword arguments of stream / generate / chat / send): max_tokens, lam, alpha, temp, top_p, top_k,
 min_p, seed, stop, repetition_penalty, repetition_context_size, lazy (False = step the amateur on every
-token, the naive loop). Defaults for lam and alpha come from the bundle's manifest.
+token, the naive loop), catch_up ("auto" | "batch" | "steps": how a lazy amateur is fed the tokens it skipped;
+"steps" is bit-identical to the naive loop, see decoding/loop.py). Defaults for lam and alpha come from the
+bundle's manifest.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Iterator, Sequence
 
 from .backends.base import Backend, check_same_vocab
 from .decoding.contrastive import check_alpha, check_lam
-from .decoding.loop import Event, Stats, check_limits, stream_generate
+from .decoding.loop import Event, Stats, check_catch_up, check_limits, stream_generate
 from .decoding.sampling import check_sampling, make_logits_processors, make_sampler
 from .errors import BundleError, InputError, ParameterError, UnsupportedError
 
@@ -53,6 +55,7 @@ class Settings:
     repetition_penalty: float | None = None
     repetition_context_size: int = 20
     lazy: bool = True
+    catch_up: str = "auto"
 
     def updated(self, **kw) -> "Settings":
         if "lambda" in kw:
@@ -74,6 +77,9 @@ class Settings:
         check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.seed)
         check_limits(self.max_tokens, self.stop)
         make_logits_processors(self.repetition_penalty, self.repetition_context_size)
+        check_catch_up(self.catch_up)
+        if not isinstance(self.lazy, bool):
+            raise ParameterError(f"lazy must be True or False, got {self.lazy!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -229,7 +235,7 @@ class Runtime:
             self.expert, self.amateur, ids, lam=s.lam, alpha=s.alpha,
             sampler=make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed),
             processors=make_logits_processors(s.repetition_penalty, s.repetition_context_size),
-            max_tokens=s.max_tokens, stop=s.stop, lazy=s.lazy)
+            max_tokens=s.max_tokens, stop=s.stop, lazy=s.lazy, catch_up=s.catch_up)
 
     def compare(self, prompt, *, raw: bool = False, system: str | None = None, **settings) -> Result:
         """The finetuned model (the amateur) alone, greedy: the baseline next to EpiCoDe's answer.

@@ -191,18 +191,19 @@ def history_amateur(seq):
     return rng.standard_normal(VOCAB).astype(np.float32) * 2
 
 
+@pytest.mark.parametrize("catch_up", ["batch", "steps"])
 @pytest.mark.parametrize("sampling", [{}, {"temp": 0.9, "seed": 11}, {"temp": 1.5, "seed": 3, "top_k": 2}])
-def test_lazy_amateur_equals_naive_loop_scripted(sampling):
+def test_lazy_amateur_equals_naive_loop_scripted(sampling, catch_up):
     out = {}
     for lazy in (True, False):
         e, a = ScriptBackend(steered_expert), ScriptBackend(history_amateur)
-        events = run(e, a, prompt=b"prompt", lam=1.0, alpha=0.5, max_tokens=40, lazy=lazy,
+        events = run(e, a, prompt=b"prompt", lam=1.0, alpha=0.5, max_tokens=40, lazy=lazy, catch_up=catch_up,
                      sampler=make_sampler(**{"temp": 0.0, **sampling}))
         out[lazy] = ([(ev.token, ev.changed) for ev in events[:-1]], events[-1].stats, a)
     assert out[True][0] == out[False][0]
     lazy_st, naive_st = out[True][1], out[False][1]
     assert lazy_st.amateur_skipped == 20 and naive_st.amateur_skipped == 0  # every other pick is forced
-    assert lazy_st.amateur_forwards < naive_st.amateur_forwards
+    assert lazy_st.amateur_forwards < naive_st.amateur_forwards or catch_up == "steps"
     assert lazy_st.changed == naive_st.changed > 0  # contrast does change picks here
 
 
@@ -299,21 +300,58 @@ def test_greedy_contrastive_equals_a_numpy_reference_loop(engine, lam, alpha):
         assert got == ref
 
 
+@pytest.mark.parametrize("catch_up", ["steps", "batch", "auto"])
 @pytest.mark.parametrize("sampling", [{}, {"temp": 0.8, "seed": 1}, {"temp": 1.2, "seed": 7, "top_p": 0.9}])
-def test_lazy_amateur_equals_naive_loop_on_engines(engine, sampling):
+def test_lazy_amateur_equals_naive_loop_on_engines(engine, sampling, catch_up):
     expert, amateur = engine
     skipped = 0
     for text in PROMPTS:
         prompt = expert.tokenize(text)
         runs = {}
         for lazy in (True, False):
+            for b in engine:
+                b.truncate(0)
             events = list(stream_generate(expert, amateur, prompt, lam=0.5, alpha=0.3, max_tokens=32, lazy=lazy,
-                                          sampler=make_sampler(**{"temp": 0.0, **sampling})))
+                                          catch_up=catch_up, sampler=make_sampler(**{"temp": 0.0, **sampling})))
             runs[lazy] = ([(e.token, e.changed) for e in events[:-1]], events[-1].stats)
         assert runs[True][0] == runs[False][0]
         skipped += runs[True][1].amateur_skipped
         assert runs[False][1].amateur_skipped == 0
+        assert runs[True][1].amateur_forwards < runs[False][1].amateur_forwards or catch_up == "steps"
     assert skipped > 0  # alpha = 0.3 makes single-token masks happen on these models
+
+
+def test_steps_catch_up_repeats_the_naive_loops_engine_calls(tmp_path_factory):
+    """catch_up="steps": the amateur sees the naive loop's exact sequence of engine calls (prompt in one
+    batch, then one token per call), so its logits are bit-identical (here: a Q8_0 model)."""
+    from epicode_edge.backends.llamacpp import LlamaCppBackend
+
+    b = bundle_dir(tmp_path_factory)
+    expert, amateur = (LlamaCppBackend(b / f"gguf/{r}-Q8_0.gguf", n_ctx=256, n_threads=N_THREADS)
+                       for r in ("expert", "amateur"))
+    seen = {}
+    for lazy in (True, False):
+        calls = []
+        forward = amateur._forward
+        amateur._forward = lambda ids, f=forward, c=calls: c.append((len(ids), f(ids).copy())) or c[-1][1]
+        for bk in (expert, amateur):
+            bk.truncate(0)
+        prompt = expert.tokenize(PROMPTS[1])
+        events = list(stream_generate(expert, amateur, prompt, lam=0.5, alpha=0.3, max_tokens=40, lazy=lazy,
+                                      catch_up="steps"))
+        seen[lazy] = ([e.token for e in events[:-1]], calls)
+        del amateur._forward
+    (lazy_tokens, lazy_calls), (naive_tokens, naive_calls) = seen[True], seen[False]
+    assert lazy_tokens == naive_tokens
+    assert [n for n, _ in lazy_calls] == [n for n, _ in naive_calls[:len(lazy_calls)]]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(lazy_calls, naive_calls))
+    expert.close()
+    amateur.close()
+
+
+def test_bad_catch_up_mode():
+    with pytest.raises(ParameterError, match="catch_up must be one of"):
+        run(ScriptBackend(spell("x", 2)), catch_up="lazy")
 
 
 def test_event_is_a_small_dataclass():

@@ -4,13 +4,20 @@
     stream_generate(expert, amateur, prompt, ...) -> Event per token (text delta, UTF-8 safe), then a final
                                                      Event with finish_reason and Stats
 
-Lazy amateur (exact): when the expert's plausibility mask keeps a single token, contrastive decoding picks it
-whatever the amateur says, so the amateur's forward is skipped; the tokens it has not seen wait in `pending`
-and are fed when its logits are next needed: in one batched forward, or as single steps where the engine's
-measured costs (Backend.costs) make a batch of that size dearer than its steps (llama.cpp Q8_0 on x86 CPUs).
-Tokens never needed (the end of an answer) are never fed. With lam == 0 the amateur is never needed.
-Both paths call the sampler the same way (one call, hence one random draw, per pick), so greedy and seeded
-sampling give the same tokens as the naive loop (lazy=False), which steps the amateur on every token.
+Lazy amateur: when the expert's plausibility mask keeps a single token, contrastive decoding picks it whatever
+the amateur says, so the amateur's forward is skipped; the tokens it has not seen wait and are fed when its
+logits are next needed (tokens never needed, at the end of an answer, are never fed). With lam == 0 the
+amateur is never needed. How the waiting generated tokens are fed (`catch_up`):
+    "steps"  one forward per token, the prompt part in one batch: exactly the naive loop's sequence of engine
+             calls, so the logits, hence greedy and seeded-sampling outputs, are bit-identical to lazy=False
+    "batch"  one batched forward for all of them: fewer calls (on GPUs and memory-bound CPUs a small batch
+             costs about one step); equal to the naive loop in exact arithmetic, and in floating point up to
+             the engine's batch-size-dependent rounding (the rounding that also separates a batched prompt
+             prefill from token-by-token feeding)
+    "auto"   "batch" where the engine's measured costs (Backend.costs) make a batch of that size cheaper than
+             its steps, "steps" elsewhere (e.g. llama.cpp Q8_0 on x86 CPUs, where 2 tokens cost ~3 steps)
+Both paths call the sampler the same way (one call, hence one random draw, per pick), so forced picks never
+shift the random stream.
 
 Cache reuse: each model keeps what it has cached; a new prompt is compared with it and only the tokens after
 the common prefix are fed (chat turns prefill only their new tokens; the amateur catches up lazily).
@@ -111,8 +118,18 @@ class Event:
 # ----------------------------------------------------------------------------------------------
 
 
+CATCH_UP = ("auto", "batch", "steps")
+
+
+def check_catch_up(catch_up: str) -> str:
+    if catch_up not in CATCH_UP:
+        raise ParameterError(f"catch_up must be one of {', '.join(CATCH_UP)}, got {catch_up!r}")
+    return catch_up
+
+
 def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
-                  sampler: Sampler = greedy, processors: Sequence = (), lazy: bool = True) -> Iterator[Step]:
+                  sampler: Sampler = greedy, processors: Sequence = (), lazy: bool = True,
+                  catch_up: str = "auto") -> Iterator[Step]:
     """Yield one Step per picked token, forever (close the generator to stop).
 
     expert, amateur: Backends (amateur may be None when lam == 0: one model alone). The expert is stepped
@@ -123,16 +140,17 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None  # (T,) ids the processors look back on
     x = expert.prefill(_reuse_cache(expert, prompt))  # (V,) expert logits
-    pending = _reuse_cache(amateur, prompt) if amateur is not None else []  # ids the amateur has not seen
-    y = None  # (V,) amateur logits, current when pending is empty
+    fresh = _reuse_cache(amateur, prompt) if amateur is not None else []  # prompt ids the amateur has not seen
+    pending: list[int] = []  # generated ids the amateur has not seen
+    y = None  # (V,) amateur logits, current when fresh and pending are empty
     normalize = bool(processors)
     while True:
         ids = plausible_ids(x, alpha)  # (K,) ascending
         forced = len(ids) == 1
         need = not lazy or (lam > 0 and not forced)
-        if need and pending:
-            y = _catch_up(amateur, pending)
-            pending = []
+        if need and (fresh or pending):
+            y = _catch_up(amateur, fresh, pending, catch_up)
+            fresh, pending = [], []
         if forced:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
             (k,), k_own = sampler(_ONE), None
         elif lam > 0:
@@ -153,13 +171,15 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
 _ONE = np.zeros(1, dtype=np.float32)  # the scores of a forced pick
 
 
-def _catch_up(amateur, pending: list[int]) -> np.ndarray:
-    """Feed the tokens the amateur has not seen; logits (V,) of the last. One batched forward, or single
-    steps where the engine's measured costs say a batch of that size is dearer than its steps."""
-    if len(pending) == 1:
-        return amateur.step(pending[0])
-    if amateur.costs.batch_is_cheaper(len(pending)):
-        return amateur.prefill(pending)
+def _catch_up(amateur, fresh: list[int], pending: list[int], mode: str) -> np.ndarray:
+    """Feed the amateur the prompt ids (fresh) and generated ids (pending) it has not seen; logits (V,) of the
+    last. See the module docstring for the modes."""
+    k = len(pending)
+    batch = mode == "batch" or (mode == "auto" and k > 1 and amateur.costs.batch_is_cheaper(k))
+    if batch or k == 0:
+        return amateur.prefill(fresh + pending)
+    if fresh:
+        amateur.prefill(fresh)
     for t in pending:
         y = amateur.step(t)
     return y
@@ -218,7 +238,7 @@ def check_limits(max_tokens: int, stop) -> list[str]:
 
 def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                     sampler: Sampler = greedy, processors: Sequence = (), max_tokens: int = 256,
-                    stop: Sequence[str] = (), lazy: bool = True) -> Iterator[Event]:
+                    stop: Sequence[str] = (), lazy: bool = True, catch_up: str = "auto") -> Iterator[Event]:
     """Yield an Event per answer token, then a final Event (finish_reason, stopped_by, stats).
 
     Stops on the expert's EOS / end-of-turn ids, a stop string (not emitted, even when it spans tokens),
@@ -227,6 +247,7 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     """
     lam, alpha = check_lam(lam), check_alpha(alpha)
     stop = check_limits(max_tokens, stop)
+    check_catch_up(catch_up)
     prompt = check_prompt(prompt, expert)
     models = [expert] + ([amateur] if amateur is not None else [])
     c0 = [_snapshot(m) for m in models]
@@ -236,7 +257,7 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     text = _TextStream(stop)
     reason = ("length", "max_tokens")
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
-                          processors=processors, lazy=lazy) if max_tokens > 0 else _nothing()
+                          processors=processors, lazy=lazy, catch_up=catch_up) if max_tokens > 0 else _nothing()
     try:
         for step in steps:
             if t_first is None:
