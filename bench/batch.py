@@ -3,6 +3,8 @@
     python bench/batch.py                          # 8 requests, 64 tokens each, Q8_0, 5 runs
     python bench/batch.py --parallel 4 --quant F16 --runs 3 --max-tokens 32
     python bench/batch.py --hidden 256 --layers 4  # a smaller model
+    python bench/batch.py --backend mlx --hidden 256 --layers 4 --runs 3
+    python bench/batch.py --n-gpu-layers -1        # CUDA/Metal build of llama-cpp-python: all layers offloaded
 
 The model pair is a generated ~88M-parameter Llama (hidden 768, 12 layers, 12 heads / 4 KV heads, MLP 2048,
 random weights; finetuned and inferior differ by a little noise) converted into an EpiCoDe bundle in a
@@ -33,24 +35,25 @@ PROMPTS = [
 ]
 
 
-def make_bundle(work: Path, quant: str, hidden: int, layers: int) -> Path:
+def make_bundle(work: Path, quant: str, hidden: int, layers: int, backend: str) -> Path:
     from factory import make_pair
 
     from epicode_edge.converters.convert import convert
 
-    out = work / f"bundle-{hidden}x{layers}-{quant}"
+    to = ("gguf", "mlx") if backend == "mlx" else ("gguf",)
+    out = work / (f"bundle-{hidden}x{layers}-{quant}" + ("-mlx" if backend == "mlx" else ""))
     if (out / "epicode.json").exists():
         return out
     heads = max(hidden // 64, 1)
     ft, inf = make_pair(work / f"pair-{hidden}x{layers}", arch="llama", seed=11, hidden=hidden, layers=layers,
                         heads=heads, kv_heads=max(heads // 3, 1), intermediate=hidden * 8 // 3)
-    return convert(ft, inf, out, mu=0.5, to=("gguf",), quant=(quant,)).path
+    return convert(ft, inf, out, mu=0.5, to=to, quant=(quant,)).path
 
 
-def n_params(rt) -> float:
-    import llama_cpp
-
-    return llama_cpp.llama_model_n_params(rt.expert._llm._model.model) / 1e6
+def n_params(hidden: int, layers: int) -> float:
+    kv = max(hidden // 64 // 3, 1) * 64
+    inter = hidden * 8 // 3
+    return (2 * 384 * hidden + layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)) / 1e6
 
 
 def one_run(rt, prompts, parallel: int, max_tokens: int) -> tuple[float, float, int]:
@@ -70,12 +73,12 @@ def one_run(rt, prompts, parallel: int, max_tokens: int) -> tuple[float, float, 
 
 
 def engine_ceiling(rt, parallel: int, repeats: int = 10) -> float:
-    """llama.cpp alone: tokens/s of one decode of `parallel` sequences (one token each) over tokens/s of
+    """The engine alone: tokens/s of one decode of `parallel` sequences (one token each) over tokens/s of
     one single-sequence decode: the most batching can give on this machine (EpiCoDe adds its own work)."""
-    from epicode_edge.backends.llamacpp_batch import MultiSeqLlamaCpp
+    from epicode_edge.backends.multiseq import open_multiseq
 
     prompt = rt.encode(PROMPTS[0])
-    with MultiSeqLlamaCpp.from_backend(rt.expert, n_slots=parallel) as ms:
+    with open_multiseq(rt.expert, parallel) as ms:
         ms.decode([(s, prompt) for s in range(parallel)])
         one, many = [], []
         for _ in range(repeats):
@@ -100,6 +103,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--backend", choices=("llama.cpp", "mlx"), default="llama.cpp")
     ap.add_argument("--work", type=Path, default=None, help="keep the generated bundle here")
     a = ap.parse_args()
 
@@ -108,12 +112,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        bundle = make_bundle(work, a.quant, a.hidden, a.layers)
+        bundle = make_bundle(work, a.quant, a.hidden, a.layers, a.backend)
         prompts = (PROMPTS * (a.parallel // len(PROMPTS) + 1))[:a.parallel]
         threads = a.threads or os.cpu_count()
-        with load(bundle, n_ctx=512, n_threads=threads, n_gpu_layers=a.n_gpu_layers) as rt:
-            print(f"model: llama {n_params(rt):.1f}M params ({a.hidden} hidden, {a.layers} layers), {a.quant}, "
-                  f"llama.cpp, {threads} threads, n_gpu_layers {a.n_gpu_layers}")
+        opts = dict(n_threads=threads, n_gpu_layers=a.n_gpu_layers) if a.backend == "llama.cpp" else {}
+        with load(bundle, backend=a.backend, n_ctx=512, **opts) as rt:
+            what = (f"{a.quant}, llama.cpp, {threads} threads, n_gpu_layers {a.n_gpu_layers}"
+                    if a.backend == "llama.cpp" else "float32, MLX")
+            print(f"model: llama {n_params(a.hidden, a.layers):.1f}M params ({a.hidden} hidden, {a.layers} layers), "
+                  f"{what}")
             print(f"{a.parallel} requests x {a.max_tokens} tokens max, greedy EpiCoDe; {a.runs} runs (+1 warm-up)")
             one_run(rt, prompts[:2], 2, 4)  # warm-up
             seq, bat = [], []
@@ -127,7 +134,7 @@ def main() -> None:
     ms, mb = statistics.median(seq), statistics.median(bat)
     print(f"median: one after another {ms:.1f} tok/s, batched ({a.parallel} at once) {mb:.1f} tok/s")
     print(f"ratio (batched / one after another, medians): {mb / ms:.2f}")
-    print(f"engine ceiling (llama.cpp alone, one decode of {a.parallel} sequences vs one of 1, tokens/s): "
+    print(f"engine ceiling ({a.backend} alone, one decode of {a.parallel} sequences vs one of 1, tokens/s): "
           f"{ceiling:.2f}")
 
 
