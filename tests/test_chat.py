@@ -247,8 +247,8 @@ def test_reset_system_and_bye(runtime):
     assert app.session.history == [] and app.session.system == "You are a pirate."
     app.handle("/compare")
     assert "Nothing to compare yet" in cap.stderr
-    chat.run_repl(app, stdin=io.StringIO("Hi\n\n/bye\nnot sent\n"), interactive=False)
-    assert len(app.session.history) == 2
+    chat.run_repl(app, stdin=io.StringIO("//etc/hosts\n\n/bye\nnot sent\n"), interactive=False)
+    assert len(app.session.history) == 2 and app.session.history[0]["content"] == "/etc/hosts"
 
 
 def test_a_message_too_long_for_the_context_fails_alone(runtime):

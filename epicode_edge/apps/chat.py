@@ -41,9 +41,10 @@ Commands:
   /compare              answer the last prompt with the finetuned model alone, next to EpiCoDe's answer
   /show                 the bundle and the current settings
   /bye                  exit (or Ctrl-D)
-Ctrl-C stops the current answer and keeps the session. Wrap a multi-line message in \"\"\" ... \"\"\"."""
+Ctrl-C stops the current answer and keeps the session. Wrap a multi-line message in \"\"\" ... \"\"\".
+A message that starts with / is sent by doubling it: //etc/hosts sends /etc/hosts."""
 
-# /set name -> (Python keyword, parser, checker)
+
 def _float(v: str) -> float:
     x = float(v)
     if x != x or x in (float("inf"), float("-inf")):
@@ -70,6 +71,7 @@ def _check(name: str, value) -> None:
         check_sampling(**{name: value})
 
 
+# /set NAME -> (Python keyword, parser); the ranges are checked by the decoding modules' own checks
 SETTINGS = {
     "lambda": ("lam", _float), "alpha": ("alpha", _float), "temp": ("temp", _float), "top_p": ("top_p", _float),
     "top_k": ("top_k", int), "min_p": ("min_p", _float), "max_tokens": ("max_tokens", int), "seed": ("seed", _seed),
@@ -157,7 +159,7 @@ class ChatApp:
         cmd = parse_command(line)
         if cmd is None:
             if line.strip():
-                self.answer(line)
+                self.answer(line.lstrip()[1:] if line.lstrip().startswith("//") else line)
             return True
         if cmd.name == "bye":
             return False
