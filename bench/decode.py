@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--lam", type=float, default=None, help="default: the bundle's")
     ap.add_argument("--alpha", type=float, default=None, help="default: the bundle's")
+    ap.add_argument("--prompt", action="append", default=None, help="a prompt (repeat; default: three built-in)")
     ap.add_argument("--raw", action="store_true", help="raw prompts (default: the chat template when the model has one)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the generated model (kept; reused)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -156,7 +157,7 @@ def main() -> None:
     lam = rt.defaults.lam if args.lam is None else args.lam
     alpha = rt.defaults.alpha if args.alpha is None else args.alpha
     raw = args.raw or not rt.expert.chat_template
-    prompts = [rt.encode(p, raw=raw) for p in PROMPTS]
+    prompts = [rt.encode(p, raw=raw) for p in (args.prompt or PROMPTS)]
     print(f"expert: {expert_path.name}, {n_params:.1f}M params, vocab {rt.expert.vocab_size}, threads {args.threads}, "
           f"n_gpu_layers {args.n_gpu_layers}; lambda {lam}, alpha {alpha}; {args.runs} runs x {len(prompts)} prompts "
           f"x {args.max_tokens} tokens; {'raw prompts' if raw else 'chat template'}")
