@@ -181,6 +181,8 @@ class Runtime:
 
     def __init__(self, expert: Backend, amateur: Backend, *, lam: float = 0.5, alpha: float = 0.1,
                  bundle=None, quant: str | None = None):
+        if expert is amateur:
+            raise ParameterError("expert and amateur must be two backends (each holds its own cache)")
         check_same_vocab(expert, amateur)
         self.expert, self.amateur = expert, amateur
         self.backend = expert.name

@@ -392,3 +392,11 @@ def test_catch_up_by_steps_or_by_batch_gives_the_same_tokens(batch_cost):
     assert runs[0][0] == runs[1][0]
     lazy_counters = runs[0][1]
     assert (lazy_counters.prefill_calls > 1) == (batch_cost < 1)  # the prompt is one prefill either way
+
+
+def test_a_lambda_zero_request_leaves_the_amateur_cache_alone():
+    e, a = ScriptBackend(steered_expert), ScriptBackend(history_amateur)
+    run(e, a, prompt=b"abcdef", lam=1.0, alpha=0.5, max_tokens=4)
+    cached = a.tokens
+    run(e, a, prompt=b"xyz", lam=0.0, alpha=0.5, max_tokens=4)
+    assert a.tokens == cached and a.counters.truncations == 0

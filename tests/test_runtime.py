@@ -301,3 +301,10 @@ def test_seeded_sampling_is_reproducible_through_the_runtime(rt):
     g = rt.generate(PROMPTS[0], max_tokens=20)
     assert a.tokens == b.tokens and a.tokens != g.tokens
     assert np.isfinite(a.stats.tokens_per_s)
+
+
+def test_expert_and_amateur_must_be_two_backends(rt):
+    from epicode_edge.runtime import Runtime
+
+    with pytest.raises(ParameterError, match="two backends"):
+        Runtime(rt.expert, rt.expert)

@@ -140,7 +140,7 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None  # (T,) ids the processors look back on
     x = expert.prefill(_reuse_cache(expert, prompt))  # (V,) expert logits
-    fresh = _reuse_cache(amateur, prompt) if amateur is not None else []  # prompt ids the amateur has not seen
+    fresh = None  # prompt ids the amateur has not seen (its cache is matched to the prompt when first needed)
     pending: list[int] = []  # generated ids the amateur has not seen
     y = None  # (V,) amateur logits, current when fresh and pending are empty
     normalize = bool(processors)
@@ -148,7 +148,9 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
         ids = plausible_ids(x, alpha)  # (K,) ascending
         forced = len(ids) == 1
         need = not lazy or (lam > 0 and not forced)
-        if need and (fresh or pending):
+        if need and (fresh is None or fresh or pending):
+            if fresh is None:
+                fresh = _reuse_cache(amateur, prompt)
             y = _catch_up(amateur, fresh, pending, catch_up)
             fresh, pending = [], []
         if forced:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
