@@ -17,6 +17,7 @@ bundle's manifest.
 
 from __future__ import annotations
 
+import itertools
 import platform
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -319,9 +320,7 @@ class ChatSession:
         user = {"role": "user", "content": text}
         rendered = self.runtime.render(self.messages + [user])
         ids = self._ids(rendered)
-        events = self.runtime.stream_ids(ids, s)  # checks the prompt before any history changes
-        self._last_prompt = ids
-        return self._run(user, rendered, ids, events)
+        return self._run(user, rendered, ids, self.runtime.stream_ids(ids, s))
 
     def _ids(self, rendered: str) -> list[int]:
         tokenize = self.runtime.expert.tokenize
@@ -332,9 +331,10 @@ class ChatSession:
 
     def _run(self, user: dict, rendered: str, ids: list[int], events: Iterator[Event]) -> Iterator[Event]:
         pieces, tokens, last = [], [], None
-        self._known = None
+        first = next(events)  # a turn refused before any work (e.g. a full context) leaves no trace
+        self._known, self._last_prompt = None, ids
         try:
-            for ev in events:
+            for ev in itertools.chain([first], events):
                 pieces.append(ev.text)
                 if ev.token is not None:
                     tokens.append(ev.token)

@@ -308,3 +308,12 @@ def test_expert_and_amateur_must_be_two_backends(rt):
 
     with pytest.raises(ParameterError, match="two backends"):
         Runtime(rt.expert, rt.expert)
+
+
+def test_a_chat_turn_refused_up_front_leaves_no_trace(bundle):
+    with load(bundle, quant="F32", n_ctx=64, n_threads=N_THREADS) as small:
+        chat = small.chat()
+        chat.ask("Hi", max_tokens=3)
+        with pytest.raises(ContextFullError):
+            chat.ask("word " * 400)  # refused before any work
+        assert len(chat.history) == 2 and chat.last.completion_tokens <= 3

@@ -244,13 +244,21 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     """Yield an Event per answer token, then a final Event (finish_reason, stopped_by, stats).
 
     Stops on the expert's EOS / end-of-turn ids, a stop string (not emitted, even when it spans tokens),
-    max_tokens ("length"), or a full context ("length", stopped_by "context_full"). A prompt longer than the
-    context raises ContextFullError before any work.
+    max_tokens ("length"), or a full context ("length", stopped_by "context_full"). Arguments are checked
+    on the first next(), before any work: a prompt longer than the context raises ContextFullError.
     """
     lam, alpha = check_lam(lam), check_alpha(alpha)
     stop = check_limits(max_tokens, stop)
     check_catch_up(catch_up)
     prompt = check_prompt(prompt, expert)
+    if amateur is None and (lam != 0 or not lazy):
+        raise ParameterError("an amateur model is needed when lambda > 0")
+    yield from _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
+                       catch_up)
+
+
+def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
+            catch_up) -> Iterator[Event]:
     models = [expert] + ([amateur] if amateur is not None else [])
     c0 = [_snapshot(m) for m in models]
     st = Stats(prompt_tokens=len(prompt))
