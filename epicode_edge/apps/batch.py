@@ -366,8 +366,10 @@ def run_job(runtime, job: Job, *, compare: bool = False, progress: Progress | No
         out = open(job.output_path, "a", encoding="utf-8")
     except OSError as e:
         raise InputError(f"cannot write {job.output_path}: {e.strerror or e}") from None
-    with out:
-        for rec in _records(runtime, job.pending, defaults, compare, parallel):
+    from contextlib import closing
+
+    with out, closing(_records(runtime, job.pending, defaults, compare, parallel)) as records:
+        for rec in records:  # (closing: an interrupted run frees the batched contexts at once)
             out.write(_dumps(rec))
             out.flush()
             _count(summary, rec)
