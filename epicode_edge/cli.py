@@ -48,6 +48,17 @@ def main():
       epicode-edge generate bundle/ "What is 17 * 23?"
       epicode-edge chat bundle/
     """
+    _preload_llama_cpp()
+
+
+def _preload_llama_cpp() -> None:
+    """Load llama.cpp's library before numpy: with a CUDA build, loading a model segfaulted when numpy had
+    been imported first (seen on an H200 machine, numpy 2.5.2). Missing llama-cpp-python is not an error
+    here: the commands that need it say so."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # ImportError, or a broken build: reported by the engine when it is used
+        pass
 
 
 # ----------------------------------------------------------------------------------------------
