@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import llama_cpp  # noqa: F401  (before numpy: a CUDA build segfaulted at model load otherwise)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import llama_cpp  # noqa: F401  (before numpy: a CUDA build segfaulted at model load otherwise)
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
