@@ -11,13 +11,17 @@
 Settings (keyword arguments of stream / generate / chat / send): max_tokens, lam, alpha, temp, top_p, top_k,
 min_p, seed, stop, repetition_penalty, repetition_context_size, lazy (False = step the amateur on every
 token, the naive loop), catch_up ("auto" | "batch" | "steps": how a lazy amateur is fed the tokens it skipped;
-"steps" is bit-identical to the naive loop, see decoding/loop.py). Defaults for lam and alpha come from the
+"steps" is bit-identical to the naive loop, see decoding/loop.py), overlap (None = auto: on for llama.cpp
+when both models run on the CPU with >= 2 cores; True: the amateur's forward runs beside the expert's in a
+worker thread, every token, bit-identical to lazy=False; False: one model at a time). With overlap and no
+n_threads given at load, each model gets max(1, cores // 2) threads for that request. Defaults for lam and alpha come from the
 bundle's manifest.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import platform
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -26,13 +30,14 @@ from typing import Iterator, Sequence
 
 from .backends.base import Backend, check_same_vocab
 from .decoding.contrastive import check_alpha, check_lam
-from .decoding.loop import Event, Stats, check_catch_up, check_limits, stream_generate
+from .decoding.loop import Event, Stats, can_overlap, check_catch_up, check_limits, stream_generate
 from .decoding.sampling import check_sampling, make_logits_processors, make_sampler
 from .errors import BundleError, InputError, ParameterError, UnsupportedError
 
 __all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "Event", "Result", "Stats"]
 
 BACKENDS = ("auto", "llama.cpp", "mlx")
+AUTO_OVERLAP = True  # overlap=None turns overlap on where it applies (bench/decode.py: the "overlap" row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,6 +62,7 @@ class Settings:
     repetition_context_size: int = 20
     lazy: bool = True
     catch_up: str = "auto"
+    overlap: bool | None = None
 
     def updated(self, **kw) -> "Settings":
         if "lambda" in kw:
@@ -65,7 +71,7 @@ class Settings:
         unknown = sorted(set(kw) - names)
         if unknown:
             raise ParameterError(f"unknown setting {unknown[0]!r} (settings: {', '.join(sorted(names))})")
-        kw = {k: v for k, v in kw.items() if v is not None or k in ("seed", "repetition_penalty")}
+        kw = {k: v for k, v in kw.items() if v is not None or k in ("seed", "repetition_penalty", "overlap")}
         if "stop" in kw:
             kw["stop"] = tuple(check_limits(0, kw["stop"]))
         s = replace(self, **kw)
@@ -81,6 +87,8 @@ class Settings:
         check_catch_up(self.catch_up)
         if not isinstance(self.lazy, bool):
             raise ParameterError(f"lazy must be True or False, got {self.lazy!r}")
+        if self.overlap is not None and not isinstance(self.overlap, bool):
+            raise ParameterError(f"overlap must be True, False or None (auto), got {self.overlap!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -234,11 +242,28 @@ class Runtime:
     def stream_ids(self, ids: Sequence[int], s: Settings | None = None) -> Iterator[Event]:
         """The contrastive loop on prompt token ids (the caches of both models are reused where they match)."""
         s = s or self.defaults
+        overlap = self.overlaps(s)
+        self._share_cores(2 if overlap else 1)
         return stream_generate(
             self.expert, self.amateur, ids, lam=s.lam, alpha=s.alpha,
             sampler=make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed),
             processors=make_logits_processors(s.repetition_penalty, s.repetition_context_size),
-            max_tokens=s.max_tokens, stop=s.stop, lazy=s.lazy, catch_up=s.catch_up)
+            max_tokens=s.max_tokens, stop=s.stop, lazy=s.lazy, catch_up=s.catch_up, overlap=overlap)
+
+    def overlaps(self, s: Settings | None = None) -> bool:
+        """Whether a request with these settings runs the two models' forwards at the same time."""
+        s = s or self.defaults
+        if not can_overlap(self.expert, self.amateur, s.lam, s.lazy):
+            return False
+        if s.overlap is None:
+            return AUTO_OVERLAP and (os.cpu_count() or 1) >= 2 and all(
+                getattr(b, "on_cpu", False) for b in (self.expert, self.amateur))
+        return s.overlap
+
+    def _share_cores(self, parts: int) -> None:
+        for b in (self.expert, self.amateur):
+            if hasattr(b, "share_cores"):
+                b.share_cores(parts)
 
     def compare(self, prompt, *, raw: bool = False, system: str | None = None, **settings) -> Result:
         """The finetuned model (the amateur) alone, greedy: the baseline next to EpiCoDe's answer.
@@ -252,6 +277,7 @@ class Runtime:
 
     def compare_ids(self, ids: Sequence[int], s: Settings | None = None) -> Iterator[Event]:
         s = s or self.defaults
+        self._share_cores(1)
         return stream_generate(self.amateur, None, ids, lam=0.0, alpha=1.0, max_tokens=s.max_tokens, stop=s.stop)
 
     def chat(self, system: str | None = None, **settings) -> "ChatSession":

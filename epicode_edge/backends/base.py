@@ -113,6 +113,7 @@ class BaseBackend:
     """Bookkeeping shared by the engines: cached tokens, context limit, counters."""
 
     name = "base"
+    concurrent = False  # whether two backends of this engine may run forwards from two threads at once
 
     def __init__(self, path, n_ctx: int):
         self.path = Path(path)
@@ -134,6 +135,10 @@ class BaseBackend:
 
     def reset_counters(self) -> None:
         self.counters = Counters()
+
+    def share_cores(self, parts: int) -> None:
+        """Use 1/parts of the CPU cores when the thread count was not given at load (parts=2: two models
+        decoding at once); parts=1 restores the load-time counts. Engines without thread control ignore it."""
 
     # -- forward -----------------------------------------------------------------------------------
     def prefill(self, ids: Sequence[int]) -> np.ndarray:

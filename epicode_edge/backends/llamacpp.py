@@ -10,6 +10,7 @@ logits agree with an f32 MLX model to ~1e-5 instead of ~1e-3).
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,7 @@ def _quiet_llama_logs(llama_cpp) -> None:
 
 class LlamaCppBackend(BaseBackend):
     name = "llama.cpp"
+    concurrent = True  # llama_decode releases the GIL; each backend has its own context
 
     def __init__(self, path, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
                  n_batch: int = 512, kv_type: str = "f16"):
@@ -76,6 +78,9 @@ class LlamaCppBackend(BaseBackend):
         self._logits_addr = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
             ("llama_get_logits_ith", llama_cpp.llama_cpp._lib))
         self._texts: list[str] | None = None
+        self.n_threads_given = n_threads
+        self.threads = self._threads_at_load = (self._llm.n_threads, self._llm.n_threads_batch)  # (decode, batch)
+        self.on_cpu = n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload()
         self._read_metadata()
 
     def _read_metadata(self) -> None:
@@ -123,6 +128,16 @@ class LlamaCppBackend(BaseBackend):
         if self._texts is None:
             self._texts = [self._text(i) for i in range(self.vocab_size)]
         return self._texts
+
+    # -- threads -----------------------------------------------------------------------------------
+    def share_cores(self, parts: int) -> None:
+        if self.n_threads_given is not None:
+            return
+        cores = os.cpu_count() or 1
+        threads = self._threads_at_load if parts <= 1 else (max(1, cores // parts),) * 2
+        if threads != self.threads:
+            self._lib.llama_set_n_threads(self._ctx, *threads)
+            self.threads = threads
 
     # -- forward -----------------------------------------------------------------------------------
     def _forward(self, ids: list[int]) -> np.ndarray:

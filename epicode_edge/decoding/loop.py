@@ -19,6 +19,15 @@ amateur is never needed. How the waiting generated tokens are fed (`catch_up`):
 Both paths call the sampler the same way (one call, hence one random draw, per pick), so forced picks never
 shift the random stream.
 
+Overlap (`overlap=True`): whenever the amateur is in use (lam > 0, or lazy=False), both models consume every
+token at the same time: the amateur's forward runs in a worker thread while the expert's runs in the calling
+thread (llama.cpp releases the GIL inside llama_decode, so on a CPU with >= 2 cores the two passes share the
+cores). That is the naive loop's sequence of engine calls for each model (prompt in one prefill, then one step
+per pick), so outputs are bit-identical to lazy=False; a forced pick just does not read the amateur's logits.
+The prompt prefills overlap too. An error in either forward is raised after both have finished (the expert's
+first); Ctrl-C waits for the amateur's forward before it propagates, so both caches stay consistent. Engines
+that cannot run forwards from two threads (Backend.concurrent false, e.g. MLX) keep the sequential path.
+
 Cache reuse: each model keeps what it has cached; a new prompt is compared with it and only the tokens after
 the common prefix are fed (chat turns prefill only their new tokens; the amateur catches up lazily).
 """
@@ -27,6 +36,8 @@ from __future__ import annotations
 
 import codecs
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -45,6 +56,7 @@ class Step:
     changed: bool      # the contrastive pick differs from the expert's own (same settings, same random draw)
     skipped: bool      # no amateur forward was needed for this pick (forced pick, or lam == 0)
     n_candidates: int  # tokens the plausibility mask kept
+    overlap_s: float = 0.0  # forward time hidden by running the two models at once (overlap), since the last pick
 
 
 @dataclass
@@ -65,6 +77,7 @@ class Stats:
     total_s: float = 0.0
     expert_forward_s: float = 0.0    # time inside the engines' forward passes
     amateur_forward_s: float = 0.0
+    overlap_s: float = 0.0           # of those, time the two models' forwards ran at the same time (overlap)
 
     @property
     def tokens_per_s(self) -> float:
@@ -78,7 +91,7 @@ class Stats:
     @property
     def loop_overhead_s(self) -> float:
         """Wall time outside the engines' forward passes (masking, scoring, sampling, detokenizing)."""
-        return max(0.0, self.total_s - self.expert_forward_s - self.amateur_forward_s)
+        return max(0.0, self.total_s - self.expert_forward_s - self.amateur_forward_s + self.overlap_s)
 
     @property
     def overhead_us_per_token(self) -> float:
@@ -129,14 +142,20 @@ def check_catch_up(catch_up: str) -> str:
 
 def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                   sampler: Sampler = greedy, processors: Sequence = (), lazy: bool = True,
-                  catch_up: str = "auto") -> Iterator[Step]:
+                  catch_up: str = "auto", overlap: bool = False) -> Iterator[Step]:
     """Yield one Step per picked token, forever (close the generator to stop).
 
     expert, amateur: Backends (amateur may be None when lam == 0: one model alone). The expert is stepped
     with a pick only when the next pick is asked for, so stopping after a pick wastes no forward pass.
+    overlap: run the amateur's forwards beside the expert's (see the module docstring); ignored when the
+    amateur is not in use or an engine is not `concurrent`.
     """
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
+    if overlap and can_overlap(expert, amateur, lam, lazy):
+        yield from _overlapped_steps(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
+                                     processors=processors)
+        return
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None  # (T,) ids the processors look back on
     x = expert.prefill(_reuse_cache(expert, prompt))  # (V,) expert logits
@@ -153,21 +172,100 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
                 fresh = _reuse_cache(amateur, prompt)
             y = _catch_up(amateur, fresh, pending, catch_up)
             fresh, pending = [], []
-        if forced:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
-            (k,), k_own = sampler(_ONE), None
-        elif lam > 0:
-            s = _scores(x, y, ids, lam, normalize, processors, history)  # (K,)
-            own = _scores(x, None, ids, 0.0, normalize, processors, history)  # (K,) the expert alone
-            k, k_own = sampler(s, own)
-        else:
-            (k,), k_own = sampler(_scores(x, None, ids, 0.0, normalize, processors, history)), None
-        token = int(ids[k])
-        yield Step(token, k_own is not None and k != k_own, not need, len(ids))
+        token, changed = _pick(x, y, ids, lam, sampler, normalize, processors, history)
+        yield Step(token, changed, not need, len(ids))
         if history is not None:
             history.append(token)
         if amateur is not None:
             pending.append(token)
         x = expert.step(token)
+
+
+def can_overlap(expert, amateur, lam: float, lazy: bool) -> bool:
+    """Whether overlap applies: the amateur is in use and both engines run forwards from two threads."""
+    return (amateur is not None and (lam > 0 or not lazy)
+            and all(getattr(b, "concurrent", False) for b in (expert, amateur)))
+
+
+def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processors) -> Iterator[Step]:
+    """generate_step with both models fed every token at once (the naive loop's engine calls, overlapped)."""
+    prompt = [int(t) for t in prompt]
+    history = list(prompt) if processors else None
+    normalize = bool(processors)
+    pair = _Overlap()
+    try:
+        x, y = pair.run(lambda: expert.prefill(_reuse_cache(expert, prompt)),
+                        lambda: amateur.prefill(_reuse_cache(amateur, prompt)))  # (V,), (V,)
+        while True:
+            ids = plausible_ids(x, alpha)  # (K,) ascending
+            token, changed = _pick(x, y, ids, lam, sampler, normalize, processors, history)
+            yield Step(token, changed, len(ids) == 1, len(ids), pair.take_saved())
+            if history is not None:
+                history.append(token)
+            x, y = pair.run(lambda: expert.step(token), lambda: amateur.step(token))
+    finally:
+        pair.close()
+
+
+def _pick(x, y, ids, lam, sampler, normalize, processors, history) -> tuple[int, bool]:
+    """The contrastive pick among ids (K,) and whether it differs from the expert's own (same random draw)."""
+    if len(ids) == 1:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
+        (k,), k_own = sampler(_ONE), None
+    elif lam > 0:
+        s = _scores(x, y, ids, lam, normalize, processors, history)  # (K,)
+        own = _scores(x, None, ids, 0.0, normalize, processors, history)  # (K,) the expert alone
+        k, k_own = sampler(s, own)
+    else:
+        (k,), k_own = sampler(_scores(x, None, ids, 0.0, normalize, processors, history)), None
+    return int(ids[k]), k_own is not None and k != k_own
+
+
+class _Overlap:
+    """The amateur's forward in one worker thread while the expert's runs in the calling thread."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="epicode-amateur")
+        self._saved = 0.0
+
+    def run(self, expert_call, amateur_call):
+        """(expert_call(), amateur_call()), run at the same time. Both have finished when this returns or
+        raises: the expert's error first, else the amateur's; Ctrl-C waits for the amateur's forward."""
+        t = time.perf_counter()
+        job = self._pool.submit(_timed, amateur_call)
+        try:
+            x, dt_x = _timed(expert_call)
+        except BaseException:
+            _join(job)
+            raise
+        y, dt_y = _join(job).result()
+        self._saved += dt_x + dt_y - (time.perf_counter() - t)
+        return x, y
+
+    def take_saved(self) -> float:
+        saved, self._saved = self._saved, 0.0
+        return saved
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _timed(call):
+    t = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - t
+
+
+def _join(job):
+    """Wait for job to finish; a Ctrl-C meanwhile is raised once it has (the backends stay consistent)."""
+    interrupted = False
+    while not job.done():
+        try:
+            _wait_futures([job])
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
+    return job
 
 
 _ONE = np.zeros(1, dtype=np.float32)  # the scores of a forced pick
@@ -240,7 +338,8 @@ def check_limits(max_tokens: int, stop) -> list[str]:
 
 def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                     sampler: Sampler = greedy, processors: Sequence = (), max_tokens: int = 256,
-                    stop: Sequence[str] = (), lazy: bool = True, catch_up: str = "auto") -> Iterator[Event]:
+                    stop: Sequence[str] = (), lazy: bool = True, catch_up: str = "auto",
+                    overlap: bool = False) -> Iterator[Event]:
     """Yield an Event per answer token, then a final Event (finish_reason, stopped_by, stats).
 
     Stops on the expert's EOS / end-of-turn ids, a stop string (not emitted, even when it spans tokens),
@@ -254,11 +353,11 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
     yield from _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-                       catch_up)
+                       catch_up, bool(overlap))
 
 
 def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-            catch_up) -> Iterator[Event]:
+            catch_up, overlap) -> Iterator[Event]:
     models = [expert] + ([amateur] if amateur is not None else [])
     c0 = [_snapshot(m) for m in models]
     st = Stats(prompt_tokens=len(prompt))
@@ -267,7 +366,8 @@ def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens
     text = _TextStream(stop)
     reason = ("length", "max_tokens")
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
-                          processors=processors, lazy=lazy, catch_up=catch_up) if max_tokens > 0 else _nothing()
+                          processors=processors, lazy=lazy, catch_up=catch_up,
+                          overlap=overlap) if max_tokens > 0 else _nothing()
     try:
         for step in steps:
             if t_first is None:
@@ -275,6 +375,7 @@ def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens
             st.picks += 1
             st.changed += step.changed
             st.amateur_skipped += step.skipped
+            st.overlap_s += step.overlap_s
             if step.token in expert.eos_ids:
                 reason = ("stop", "eos")
                 break
