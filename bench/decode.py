@@ -11,6 +11,9 @@ on the bundle's expert GGUF. Measured against it in the same process, interleave
     lazy-steps      lazy amateur (no forward on forced picks), caught up token by token: bit-identical to naive
     lazy-batch      lazy amateur caught up in one batched forward
     lazy-auto       batch or steps by the engine's measured costs (the default)
+    overlap         both models fed every token, the amateur's forward in a worker thread beside the expert's
+                    (llama_decode releases the GIL), --overlap-threads each (default: half the threads):
+                    the naive loop's engine calls, so its answers equal the naive loop's
     expert-alone    our loop with lambda = 0 (one model: our loop's own overhead against the anchor)
 Figures: decode tokens/s (tokens after the first / time after the first), time to first token, skip rate,
 loop overhead per token (wall time outside the engines' forward passes) in microseconds and as a share of
@@ -87,6 +90,12 @@ def ours_run(rt, ids: list[int], max_tokens: int, **settings) -> dict:
             "tokens": [e.token for e in events if e.token is not None]}
 
 
+def set_threads(rt, n: int) -> None:
+    """Both models' llama.cpp thread counts (decode and batch)."""
+    for b in (rt.expert, rt.amateur):
+        b._lib.llama_set_n_threads(b._ctx, n, n)
+
+
 def scoring_cost(vocab: int, reps: int = 2000) -> dict:
     """Microseconds per token of the loop's numpy work on logits (V,): mask, candidate scores, greedy pick."""
     from epicode_edge.decoding.contrastive import candidate_scores, plausible_ids
@@ -131,6 +140,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
+    ap.add_argument("--overlap-threads", type=int, default=None,
+                    help="llama.cpp threads of each model in the overlap row (default: max(1, threads // 2))")
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--lam", type=float, default=None, help="default: the bundle's")
     ap.add_argument("--alpha", type=float, default=None, help="default: the bundle's")
@@ -161,22 +172,27 @@ def main() -> None:
     alpha = rt.defaults.alpha if args.alpha is None else args.alpha
     raw = args.raw or not rt.expert.chat_template
     prompts = [rt.encode(p, raw=raw) for p in (args.prompt or PROMPTS)]
-    print(f"expert: {expert_path.name}, {n_params:.1f}M params, vocab {rt.expert.vocab_size}, threads {args.threads}, "
+    print(f"expert: {expert_path.name}, {n_params:.1f}M params, vocab {rt.expert.vocab_size}, threads {args.threads} "
+          f"(overlap: {split} per model), "
           f"n_gpu_layers {args.n_gpu_layers}; lambda {lam}, alpha {alpha}; {args.runs} runs x {len(prompts)} prompts "
           f"x {args.max_tokens} tokens; {'raw prompts' if raw else 'chat template'}")
 
     for ids in prompts[:1]:  # warm-up: first calls allocate buffers
         anchor_run(llm, ids, 8)
-        ours_run(rt, ids, 8, lam=lam, alpha=alpha)
+        ours_run(rt, ids, 8, lam=lam, alpha=alpha, overlap=False)
+    split = args.overlap_threads or max(1, args.threads // 2)
     ways = {"epicode-naive": {"lazy": False}, "lazy-steps": {"catch_up": "steps"},
-            "lazy-batch": {"catch_up": "batch"}, "lazy-auto": {"catch_up": "auto"}, "expert-alone": {"lam": 0.0}}
+            "lazy-batch": {"catch_up": "batch"}, "lazy-auto": {"catch_up": "auto"},
+            "overlap": {"overlap": True}, "expert-alone": {"lam": 0.0}}
+    ways = {name: {"overlap": False, **kw} for name, kw in ways.items()}
     rows = {"anchor": [], **{name: [] for name in ways}}
-    mismatches = {name: 0 for name in ways if name.startswith("lazy")}
+    mismatches = {name: 0 for name in ways if name.startswith("lazy") or name == "overlap"}
     for run in range(args.runs):
         for ids in prompts:
             rows["anchor"].append(anchor_run(llm, ids, args.max_tokens))
             tokens = {}
             for name, kw in ways.items():
+                set_threads(rt, split if kw["overlap"] else args.threads)
                 r = ours_run(rt, ids, args.max_tokens, **{"lam": lam, "alpha": alpha, **kw})
                 tokens[name] = r.pop("tokens")
                 rows[name].append(r)
@@ -186,7 +202,7 @@ def main() -> None:
             f"{name} {med(rs[-len(prompts):], 'tokens_per_s'):.1f}" for name, rs in rows.items()) + " tok/s")
 
     summary = {"model": str(expert_path), "params_m": round(n_params, 1), "vocab": rt.expert.vocab_size,
-               "threads": args.threads, "n_gpu_layers": args.n_gpu_layers, "lam": lam, "alpha": alpha,
+               "threads": args.threads, "overlap_threads": split, "n_gpu_layers": args.n_gpu_layers, "lam": lam, "alpha": alpha,
                "runs": args.runs, "prompts": len(prompts), "max_tokens": args.max_tokens,
                "lazy_vs_naive_mismatched_prompts": mismatches, "ways": {}}
     print(f"\n{'':16}{'tok/s':>9}{'ratio':>8}{'ttft ms':>9}{'ratio':>7}{'skip':>7}{'ovh us':>8}{'ovh %':>7}")
@@ -206,7 +222,7 @@ def main() -> None:
         print(line)
     n = args.runs * len(prompts)
     print("answers differing from the naive loop's: " + ", ".join(f"{k} {v}/{n}" for k, v in mismatches.items())
-          + "  (steps: bit-identical engine calls; batch: the engine's batch-size rounding, amplified by random"
+          + "  (steps, overlap: the naive loop's engine calls (overlap: at its own thread count); batch: the engine's batch-size rounding, amplified by random"
             " weights)")
     summary["scoring"] = [scoring_cost(v) for v in (384, 32000, 128256)]
     print("mask + scores + pick on synthetic logits: " + ", ".join(
@@ -214,7 +230,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     if args.profile:
-        profile(rt, prompts, args.max_tokens, lam=lam, alpha=alpha)
+        set_threads(rt, args.threads)
+        profile(rt, prompts, args.max_tokens, lam=lam, alpha=alpha, overlap=False)
     rt.close()
     llm.close()
     if tmp is not None:
