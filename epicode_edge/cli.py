@@ -366,7 +366,7 @@ class _StageBars:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
-              help="Where eval.jsonl, report.md, accuracy.png, summary.json go [default: DATA's folder/eval-<bundle>].")
+              help="Where eval.jsonl, report.md, accuracy.png, summary.json go [default: ./eval-BUNDLE-DATA].")
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Answer length limit.")
 @click.option("--extract", default="last-number", show_default=True,
               help="Answer extraction: last-number, exact, choice or regex:PATTERN (first group if any).")
@@ -384,7 +384,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, al
     from .apps.eval import evaluate
 
     if out_dir is None:
-        out_dir = data.parent / f"eval-{bundle.name}"
+        out_dir = Path(f"eval-{bundle.name}-{data.stem}")
     with _StageBars() as bars:
         report = evaluate(bundle, data, out_dir=out_dir, max_tokens=max_tokens, extract=extract, limit=limit,
                           methods=methods, lam=lam, alpha=alpha, backend=backend, quant=quant,

@@ -215,6 +215,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     results: dict[str, MethodResult] = {}
     opts = dict(backend=backend, quant=quant, n_threads=n_threads)
     main_methods = [m for m in methods if m != "cd"]
+    used_backend = backend
     if main_methods:
         rt = _load(b, **opts)
         try:
@@ -339,9 +340,9 @@ def accuracy_chart(rows: list[Row], path: Path, title: str = "") -> Path:
     colors = ["#888888" if r.method == "finetuned" else "#2b7bba" if r.method != "epicode" else "#d9480f"
               for r in rows]
     ax.barh([r.label for r in rows], acc, xerr=err, color=colors, capsize=4)
-    for y, a in enumerate(acc):
-        ax.text(a + 1, y + 0.15, f"{a:.1f}%", fontsize=9)
-    ax.set_xlim(0, 100)
+    for y, (a, r) in enumerate(zip(acc, rows)):
+        ax.text(100 * r.ci[1] + 1, y - 0.1, f"{a:.1f}%", fontsize=9)
+    ax.set_xlim(0, 112)
     ax.set_xlabel("accuracy (%), bars: 95% Wilson interval")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
