@@ -255,9 +255,11 @@ class Runtime:
         s = s or self.defaults
         if not can_overlap(self.expert, self.amateur, s.lam, s.lazy):
             return False
-        if s.overlap is None:
-            return AUTO_OVERLAP and (os.cpu_count() or 1) >= 2 and all(
-                getattr(b, "on_cpu", False) for b in (self.expert, self.amateur))
+        if s.overlap is None:  # auto: not where given thread counts would oversubscribe the cores
+            cores = os.cpu_count() or 1
+            return AUTO_OVERLAP and cores >= 2 and all(
+                getattr(b, "on_cpu", False) and 2 * (getattr(b, "n_threads_given", None) or 1) <= cores
+                for b in (self.expert, self.amateur))
         return s.overlap
 
     def _share_cores(self, parts: int) -> None:
