@@ -166,3 +166,7 @@ def test_runtime_setting(tmp_path_factory):
         assert rt.overlaps(rt.settings(overlap=True)) and not rt.overlaps(rt.settings(overlap=True, lam=0.0))
         rt.generate("Hello", raw=True, max_tokens=2, overlap=False)
         assert rt.expert.threads == loaded  # restored
+        cores = __import__("os").cpu_count() or 1
+        assert rt.overlaps() == (cores >= 2)  # auto: on for llama.cpp on a CPU with >= 2 cores
+    with load(b, quant="Q8_0", n_ctx=256, n_threads=cores) as rt:  # given threads would oversubscribe: auto off
+        assert not rt.overlaps() and rt.overlaps(rt.settings(overlap=True))
