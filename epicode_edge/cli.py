@@ -178,8 +178,8 @@ def runtime_options(f):
         click.option("--n-ctx", type=int, default=2048, show_default=True, help="Context size in tokens."),
         click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: engine's)."),
         click.option("--overlap/--no-overlap", default=None,
-                     help="Run the two models' forwards at once, half the cores each (default: auto = on for "
-                          "llama.cpp on a CPU with >= 2 cores and no --threads)."),
+                     help="Run the two models' forwards at once, half the cores each (default: off; "
+                          "helps only with idle cores to spare)."),
     ]):
         f = opt(f)
     return f

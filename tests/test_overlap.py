@@ -151,7 +151,7 @@ def test_overlap_is_bit_identical_to_the_naive_loop_on_llamacpp(engine, sampling
 
 
 def test_runtime_setting(tmp_path_factory):
-    from epicode_edge.runtime import Settings, load
+    from epicode_edge.runtime import AUTO_OVERLAP, Settings, load
 
     with pytest.raises(ParameterError, match="overlap must be"):
         Settings().updated(overlap="yes")
@@ -167,6 +167,6 @@ def test_runtime_setting(tmp_path_factory):
         rt.generate("Hello", raw=True, max_tokens=2, overlap=False)
         assert rt.expert.threads == loaded  # restored
         cores = __import__("os").cpu_count() or 1
-        assert rt.overlaps() == (cores >= 2)  # auto: on for llama.cpp on a CPU with >= 2 cores
+        assert rt.overlaps() == (AUTO_OVERLAP and cores >= 2)  # auto: llama.cpp on a CPU with >= 2 cores
     with load(b, quant="Q8_0", n_ctx=256, n_threads=cores) as rt:  # given threads would oversubscribe: auto off
         assert not rt.overlaps() and rt.overlaps(rt.settings(overlap=True))
