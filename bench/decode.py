@@ -172,6 +172,7 @@ def main() -> None:
     alpha = rt.defaults.alpha if args.alpha is None else args.alpha
     raw = args.raw or not rt.expert.chat_template
     prompts = [rt.encode(p, raw=raw) for p in (args.prompt or PROMPTS)]
+    split = args.overlap_threads or max(1, args.threads // 2)
     print(f"expert: {expert_path.name}, {n_params:.1f}M params, vocab {rt.expert.vocab_size}, threads {args.threads} "
           f"(overlap: {split} per model), "
           f"n_gpu_layers {args.n_gpu_layers}; lambda {lam}, alpha {alpha}; {args.runs} runs x {len(prompts)} prompts "
@@ -180,7 +181,6 @@ def main() -> None:
     for ids in prompts[:1]:  # warm-up: first calls allocate buffers
         anchor_run(llm, ids, 8)
         ours_run(rt, ids, 8, lam=lam, alpha=alpha, overlap=False)
-    split = args.overlap_threads or max(1, args.threads // 2)
     ways = {"epicode-naive": {"lazy": False}, "lazy-steps": {"catch_up": "steps"},
             "lazy-batch": {"catch_up": "batch"}, "lazy-auto": {"catch_up": "auto"},
             "overlap": {"overlap": True}, "expert-alone": {"lam": 0.0}}

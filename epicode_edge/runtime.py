@@ -14,7 +14,8 @@ token, the naive loop), catch_up ("auto" | "batch" | "steps": how a lazy amateur
 "steps" is bit-identical to the naive loop, see decoding/loop.py), overlap (True: the amateur's forward
 runs beside the expert's in a worker thread, every token, bit-identical to lazy=False; with no n_threads given
 at load each model then gets max(1, cores // 2) threads; False: one model at a time; None = auto: on for
-llama.cpp on a CPU with >= 2 cores when AUTO_OVERLAP is set, which it is not by default). Defaults for lam and alpha come from the
+llama.cpp on a CPU with >= 2 cores when AUTO_OVERLAP is set, which it is not by default).
+Defaults for lam and alpha come from the
 bundle's manifest.
 """
 
