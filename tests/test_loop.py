@@ -317,7 +317,8 @@ def test_lazy_amateur_equals_naive_loop_on_engines(engine, sampling, catch_up):
         assert runs[True][0] == runs[False][0]
         skipped += runs[True][1].amateur_skipped
         assert runs[False][1].amateur_skipped == 0
-        assert runs[True][1].amateur_forwards < runs[False][1].amateur_forwards or catch_up == "steps"
+        if catch_up == "batch":  # "auto" chooses batch or steps from measured timings: load-dependent
+            assert runs[True][1].amateur_forwards < runs[False][1].amateur_forwards
     assert skipped > 0  # alpha = 0.3 makes single-token masks happen on these models
 
 
