@@ -177,6 +177,17 @@ def test_mlx_export(pairs, tmp_path):
     assert not np.allclose(last_logits(b.mlx("expert")), last_logits(b.mlx("amateur")), atol=1e-3)
 
 
+def test_mistral_exports_to_mlx(tmp_path):
+    """mlx_lm loads mistral through its llama module (MODEL_REMAPPING): convert must not refuse it."""
+    ft, inf = make_pair(tmp_path / "pair", arch="llama")
+    for d in (ft, inf):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
+        (d / "config.json").write_text(json.dumps(cfg))
+    b = convert(ft, inf, tmp_path / "b", mu=0.2, to="mlx")
+    assert b.formats == ["mlx"] and (b.mlx("expert") / "config.json").is_file()
+
+
 def test_progress_reports_every_tensor(pairs, tmp_path):
     events: list[Progress] = []
     convert(*pairs["bf16"], tmp_path / "b", mu=0.3, quant="Q8_0,Q4_K_M", progress=events.append)

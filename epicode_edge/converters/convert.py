@@ -115,11 +115,20 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
         from .gguf import check_arch
 
         check_arch(ckpt.config, where=str(ckpt.path / "config.json"))
-    if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{ckpt.arch}") is None:
+    if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{_mlx_arch(ckpt.arch)}") is None:
         raise UnsupportedError(f"{ckpt.path}/config.json: architecture {ckpt.arch!r} is not supported by mlx_lm")
     tok = Path(ckpt.tokenizer_dir or ckpt.path)
     if {"gguf", "mlx"} & set(formats) and not any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise UnsupportedError(f"{tok}: no tokenizer.json or tokenizer.model (needed for GGUF/MLX export)")
+
+
+def _mlx_arch(arch: str) -> str:
+    """The mlx_lm model module that loads `arch` (mlx_lm remaps some, e.g. mistral -> llama)."""
+    try:
+        from mlx_lm.utils import MODEL_REMAPPING
+    except ImportError:
+        return arch
+    return MODEL_REMAPPING.get(arch, arch)
 
 
 # ----------------------------------------------------------------------------------------------
