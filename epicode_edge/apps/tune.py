@@ -6,8 +6,8 @@
 1. Score the finetuned model alone on dev (the baseline, mu = 0).
 2. For each mu: convert finetuned/inferior into a bundle in the work folder; score the expert alone
    (lambda = 0). Keep the best mu (ties: the smaller).
-3. With that mu frozen, score EpiCoDe for each lambda. Keep the best lambda (lambda = 0, the expert alone,
-   competes too; ties: the smaller).
+3. With that mu frozen, score EpiCoDe for each lambda. Keep the best lambda (ties: the smaller). A 0 in the
+   lambda grid lets the expert alone (the mu point, no extra work) compete too.
 4. Write the final bundle: the best mu's bundle with the chosen lambda as its default.
 
 Resumable: every finished grid point is stored in WORK/state.json (keyed by the inputs' content and the
@@ -261,7 +261,8 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     for lam in lams:
         if lam > 0:
             run.point("lambda", best_mu, lam)
-    cands = [run.points[point_key("mu", best_mu)]] + [run.points[point_key("lambda", lam)] for lam in lams if lam > 0]
+    cands = [run.points[point_key("mu", best_mu)]] * (0.0 in lams) + [
+        run.points[point_key("lambda", lam)] for lam in lams if lam > 0]
     best = max(cands, key=lambda p: (p.accuracy, -p.lam))
     result = TuneResult(out, best_mu, best.lam, alpha, dict(run.points), work, len(items), warnings_,
                         resumed=resumed)
