@@ -4,7 +4,7 @@ GGUF export in llama.cpp give the same logits on a chat prompt.
     python models/demo/check_parity.py [FAMILY_DIR]     # needs torch (the `train` extra)
 
 Prints the max abs logit difference per pair; exits 1 if torch vs mlx_lm exceeds 1e-4 or F32 GGUF vs
-mlx_lm exceeds 1e-3.
+mlx_lm exceeds 5e-3 (llama.cpp keeps its KV cache in f16).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> int:
         d_t, d_g = float(np.abs(lt - lm).max()), float(np.abs(lg - lm).max())
         print(f"{role}: {len(ids)} prompt tokens; max |torch - mlx_lm| = {d_t:.2e}; "
               f"max |llama.cpp F32 GGUF - mlx_lm| = {d_g:.2e}; argmax {lt.argmax()} {lm.argmax()} {lg.argmax()}")
-        ok &= d_t <= 1e-4 and d_g <= 1e-3
+        ok &= d_t <= 1e-4 and d_g <= 5e-3  # llama.cpp's KV cache is f16
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

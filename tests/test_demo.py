@@ -1,0 +1,87 @@
+"""The demo command on the shipped family (models/demo), and the shipped family itself."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from epicode_edge.apps import demo
+from epicode_edge.cli import main
+
+FAMILY = Path(__file__).resolve().parents[1] / "models" / "demo"
+
+
+def test_shipped_family_is_complete_and_small():
+    total = sum(f.stat().st_size for f in FAMILY.rglob("*") if f.is_file())
+    assert total < 30 * 2**20
+    for role in ("finetuned", "inferior"):
+        cfg = json.loads((FAMILY / role / "config.json").read_text())
+        assert cfg["model_type"] == "llama"
+        assert (FAMILY / role / "model.safetensors").is_file()
+        tok = json.loads((FAMILY / role / "tokenizer_config.json").read_text())
+        assert "chat_template" in tok and tok["eos_token"] == "<|eot_id|>"
+    sizes = {s: sum(1 for _ in open(FAMILY / "data" / f"{s}.jsonl")) for s in ("train", "dev", "test")}
+    assert sizes["test"] >= 500 and sizes["train"] <= 1000
+    test_prompts = {json.loads(line)["prompt"] for line in open(FAMILY / "data" / "test.jsonl")}
+    for split in ("train", "dev"):
+        assert not test_prompts & {json.loads(line)["prompt"] for line in open(FAMILY / "data" / f"{split}.jsonl")}
+    log = json.loads((FAMILY / "train_log.json").read_text())
+    assert log["pretrain_loss"][-1] < log["pretrain_loss"][0]
+
+
+def test_demo_command_then_reuses_the_bundle(tmp_path, monkeypatch):
+    monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path / "cache"))
+    res = CliRunner().invoke(main, ["demo", "-n", "3", "--no-color"])
+    assert res.exit_code == 0, res.output
+    assert "Made bundle" in res.output
+    assert res.output.count("finetuned :") == 3 and res.output.count("EpiCoDe   :") == 3
+    m = re.search(r"Accuracy on these 3 prompts: finetuned (\d)/3 .* EpiCoDe (\d)/3", res.output)
+    assert m, res.output
+    res2 = CliRunner().invoke(main, ["demo", "-n", "1", "--no-color"])
+    assert res2.exit_code == 0 and "Reused bundle" in res2.output
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_demo_bad_family(tmp_path):
+    res = CliRunner().invoke(main, ["demo", "--family", str(tmp_path)])
+    assert res.exit_code == 1 and "missing" in res.output
+    res = CliRunner().invoke(main, ["demo", "-n", "0"])
+    assert res.exit_code == 1 and "n must be" in res.output
+
+
+def test_render_row_marks_changed_picks():
+    from epicode_edge.apps.tasks import Item
+
+    row = demo.DemoRow(Item("1", "Compute 2 * 3.", None, "6"), "2 * 3 = 5. Answer: 5", False,
+                       [("2 * 3 = ", False), ("6", True), (". Answer: 6", False)], True)
+    lines = demo.render_row(1, 1, row, color=False)
+    assert "[[6]]" in lines[2] and "1 pick changed" in lines[2] and "right" in lines[2]
+    assert "wrong" in lines[1]
+    colored = demo.render_row(1, 1, row, color=True)
+    assert "\x1b[" in colored[2]
+
+
+def test_shipped_finetuned_same_logits_in_mlx_and_llamacpp(tmp_path):
+    """The shipped checkpoint is HF-Llama compatible: mlx_lm and our F32 GGUF in llama.cpp agree."""
+    import mlx.core as mx
+    import mlx_lm
+    import numpy as np
+
+    from epicode_edge.converters.gguf import hf_to_gguf
+    from epicode_edge.runtime import open_backend
+
+    model, tok = mlx_lm.load(str(FAMILY / "finetuned"))
+    text = tok.apply_chat_template([{"role": "user", "content": "Compute (7 + 5) * 3 - 4 + 9."}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    want = np.array(model(mx.array([ids]))[0, -1].astype(mx.float32))  # (V,)
+    b = open_backend(hf_to_gguf(FAMILY / "finetuned", tmp_path / "ft.gguf", quant="F32"), "llama.cpp", n_ctx=256)
+    try:
+        assert b.tokenize(text, special=True, add_bos=False) == ids
+        got = np.array(b.prefill(ids), dtype=np.float32)
+    finally:
+        b.close()
+    assert np.abs(got - want).max() < 5e-3  # llama.cpp keeps its KV cache in f16 (measured: 1.9e-3)
+    assert got.argmax() == want.argmax()
