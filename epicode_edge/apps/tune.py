@@ -99,7 +99,7 @@ class TuneResult:
 
     def table(self, markdown: bool = False) -> str:
         base = self.points.get("finetuned")
-        head = ["stage", "mu", "lambda", "dev accuracy", "95% CI", "vs finetuned", "McNemar p", ""]
+        head = ["stage", "mu", "lambda", "dev accuracy", "95% CI", "vs finetuned", "McNemar p", "pick"]
         body = []
         for key, p in self.rows():
             k, n = sum(p.correct), len(p.correct)
