@@ -380,7 +380,7 @@ class _StageBars:
 @click.option("--alpha", type=float, default=None, help="Plausibility threshold [default: the bundle's].")
 @click.option("--backend", type=click.Choice(["auto", "llama.cpp", "mlx"]), default="auto", show_default=True)
 @click.option("--quant", default=None, help="GGUF quant of the bundle to use [default: its first].")
-@click.option("--n-threads", type=int, default=None, help="llama.cpp threads.")
+@click.option("--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
 def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, alpha, backend, quant, n_threads):
     """Accuracy of finetuned, extrapolation only, CD only and EpiCoDe on the same items of DATA (JSONL of
     {"id", "prompt"|"messages", "answer"}), with 95% intervals and exact McNemar tests against finetuned."""
@@ -417,7 +417,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, al
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--extract", default="last-number", show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N dev items.")
-@click.option("--n-threads", type=int, default=None, help="llama.cpp threads.")
+@click.option("--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
 def tune_cmd(finetuned, inferior, dev, out, mu_grid, lam_grid, alpha, quant, with_inferior, work_dir, max_tokens,
              extract, limit, n_threads, force):
