@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+import pytest
+
 from epicode_edge.backends.base import BaseBackend
 
 _BUILT: dict[str, Path] = {}
@@ -94,3 +96,18 @@ def spell(text, prompt_len: int, then_eos: bool = True, margin: float = 10.0):
         return x
 
     return fn
+
+
+# Fixtures shared by the runtime test modules (import them: `from rt_models import bundle, rt`).
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return bundle_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rt(bundle):
+    from epicode_edge.runtime import load
+
+    r = load(bundle, quant="F32", n_threads=N_THREADS)
+    yield r
+    r.close()

@@ -8,7 +8,7 @@ import pytest
 
 from epicode_edge.backends.base import Backend, check_same_vocab
 from epicode_edge.errors import BackendError, ContextFullError, InputError, MismatchError, ParameterError
-from rt_models import N_THREADS, bundle_dir, pair_dir
+from rt_models import N_THREADS, bundle_dir, pair_dir, bundle  # noqa: F401 (fixture)
 
 TEXTS = ["Hello world", "Café crème, naïve 東京 😀", "  leading spaces\tand\nnewlines\n\n", "def add(a, b):"]
 
@@ -23,11 +23,6 @@ def open_mlx(path, **kw):
     from epicode_edge.backends.mlx import MLXBackend
 
     return MLXBackend(path, **{"n_ctx": 256, **kw})
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return bundle_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=["llama.cpp", "mlx"])

@@ -7,21 +7,9 @@ from click.testing import CliRunner
 
 from epicode_edge.cli import main
 from epicode_edge.runtime import load
-from rt_models import N_THREADS, bundle_dir
+from rt_models import N_THREADS, bundle_dir, bundle, rt  # noqa: F401 (fixtures)
 
 ENGINE = ["--threads", str(N_THREADS), "--quant", "F32"]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return bundle_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def rt(bundle):
-    r = load(bundle, quant="F32", n_threads=N_THREADS)
-    yield r
-    r.close()
 
 
 def generate(*args):

@@ -7,21 +7,9 @@ import pytest
 
 from epicode_edge.errors import BundleError, ContextFullError, ParameterError
 from epicode_edge.runtime import ChatSession, Settings, load, load_models, render_chat
-from rt_models import N_THREADS, bundle_dir, pair_dir
+from rt_models import N_THREADS, bundle_dir, pair_dir, bundle, rt  # noqa: F401 (fixtures)
 
 PROMPTS = ["The quick brown fox", "Question: what is 17 + 25? Answer:", "Hello"]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return bundle_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def rt(bundle):
-    r = load(bundle, quant="F32", n_threads=N_THREADS)
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")
