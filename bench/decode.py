@@ -150,10 +150,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="folder for the generated model (kept; reused)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--profile", action="store_true", help="profile one lazy run per prompt with pyinstrument")
+    ap.add_argument("--cpu-repack", choices=("auto", "on", "off"), default=None,
+                    help="llama.cpp's extra CPU kernels for every row, the anchor's too (default: $EPICODE_EDGE_CPU_REPACK, else auto)")
     args = ap.parse_args()
 
     import llama_cpp
 
+    from epicode_edge.backends.cpu_kernels import open_llama  # the anchor runs the kernels our backend runs
     from epicode_edge.runtime import load
 
     tmp = None
@@ -163,10 +166,14 @@ def main() -> None:
         t = time.perf_counter()
         args.bundle = make_bundle(work, args.quant, args.hidden, args.layers)
         print(f"model: generated {args.hidden}x{args.layers} Llama, bundle {args.bundle} ({time.perf_counter() - t:.0f} s)")
+    from epicode_edge.runtime import cpu_kernels, set_cpu_repack
+
+    set_cpu_repack(args.cpu_repack)
+    print(cpu_kernels().describe())
     rt = load(args.bundle, quant=args.quant, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
     expert_path = rt.expert.path
-    llm = llama_cpp.Llama(str(expert_path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
-                          n_gpu_layers=args.n_gpu_layers, logits_all=False, verbose=False)
+    llm = open_llama(expert_path, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
+                     n_gpu_layers=args.n_gpu_layers, logits_all=False, verbose=False)
     n_params = llama_cpp.llama_model_n_params(llm._model.model) / 1e6
     lam = rt.defaults.lam if args.lam is None else args.lam
     alpha = rt.defaults.alpha if args.alpha is None else args.alpha

@@ -37,7 +37,12 @@ def _one_line(e: BaseException) -> str:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="epicode-edge")
-def main():
+@click.option("--cpu-repack", type=click.Choice(["auto", "on", "off"]), default=None,
+              envvar="EPICODE_EDGE_CPU_REPACK", show_envvar=True,
+              help="llama.cpp's extra CPU kernels (AMX tiles, repacked weights): auto = use them where a one-off "
+                   "probe shows they run on this CPU [default]; on; off (if llama.cpp dies with SIGILL).")
+@click.option("-v", "--verbose", is_flag=True, help="Say which CPU kernels llama.cpp uses, and why (on stderr).")
+def main(cpu_repack, verbose):
     """EpiCoDe on your own machine: extrapolate a finetuned model's checkpoints, then decode
     contrastively with the extrapolated expert against the finetuned amateur, offline, on
     llama.cpp (CPU/CUDA/Metal) or MLX (Apple silicon).
@@ -49,6 +54,11 @@ def main():
       epicode-edge chat bundle/
     """
     _preload_llama_cpp()
+    from . import runtime
+
+    runtime.set_cpu_repack(cpu_repack)
+    if verbose:
+        click.echo(runtime.cpu_kernels().describe(), err=True)
 
 
 def _preload_llama_cpp() -> None:
@@ -476,6 +486,42 @@ def demo_cmd(n, max_tokens, family, color):
     for line in demo.summary_lines(rows):
         click.echo(line)
     click.echo(f"({time.perf_counter() - t0:.1f} s. The full comparison: epicode-edge eval on {fam / 'data' / 'test.jsonl'})")
+
+
+# ----------------------------------------------------------------------------------------------
+# doctor  (runtime.system_info)
+# ----------------------------------------------------------------------------------------------
+
+
+@main.command("doctor")
+@click.option("--probe", "reprobe", is_flag=True, help="Run the CPU-kernel probe again (ignore its cached result).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def doctor_cmd(reprobe, as_json):
+    """Show the engines on this machine and which llama.cpp CPU kernels are used, and why."""
+    import json
+
+    from .runtime import system_info
+
+    info = system_info(refresh=reprobe)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    click.echo(f"epicode-edge {info['version']} (Python {info['python']}, {info['platform']})")
+    ll = info["llama.cpp"]
+    if "error" in ll:
+        click.echo(f"llama.cpp: not usable ({ll['error']})")
+    else:
+        feats = " ".join(ll["cpu_features"]) or "none of AMX/AVX-512/AVX2/NEON reported"
+        click.echo(f"llama.cpp: llama-cpp-python {ll['llama_cpp_python']}, GPU offload "
+                   f"{'available' if ll['gpu_offload'] else 'not built in'}")
+        click.echo(f"  CPU:      {ll['cpu']} ({feats})")
+        click.echo(f"  build:    {ll['build']}")
+        click.echo(f"  kernels:  {ll['kernels']}")
+        click.echo(f"  why:      {ll['reason']}")
+        click.echo(f"  setting:  {ll['mode']} ({ll['mode_source']}); change with --cpu-repack auto|on|off "
+                   f"or $EPICODE_EDGE_CPU_REPACK")
+        click.echo(f"  cache:    {ll['cache_file']}")
+    click.echo(f"MLX: {info['mlx']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,9 +13,11 @@ PROMPTS = [
 
 def llama_model(path, n_ctx: int = 128, vocab_only: bool = False):
     """A llama.cpp model with an F32 KV cache (the default F16 cache alone costs ~1e-2 on these logits)."""
-    from llama_cpp import GGML_TYPE_F32, Llama
+    from llama_cpp import GGML_TYPE_F32
 
-    return Llama(str(path), n_ctx=n_ctx, logits_all=False, verbose=False, vocab_only=vocab_only,
+    from epicode_edge.backends.cpu_kernels import open_llama
+
+    return open_llama(path, n_ctx=n_ctx, logits_all=False, verbose=False, vocab_only=vocab_only,
                  type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_threads=2)
 
 

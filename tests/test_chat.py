@@ -173,7 +173,7 @@ def test_second_turn_prefills_only_new_tokens(runtime):
 
 def test_compare_is_the_finetuned_model_alone(runtime, bundle):
     """/compare on a one-turn conversation = greedy decoding of the amateur GGUF by llama-cpp-python itself."""
-    import llama_cpp
+    from epicode_edge.backends.cpu_kernels import open_llama
 
     cap = Capture()
     app = cap.app(runtime)
@@ -183,7 +183,7 @@ def test_compare_is_the_finetuned_model_alone(runtime, bundle):
     epicode, _, alone = out.partition("--- EpiCoDe ---\n")[2].partition("\n--- finetuned alone ---\n")
     assert epicode == app.last_answer
     ids = runtime.encode("Tell me about Zürich")
-    llm = llama_cpp.Llama(model_path=str(runtime.amateur.path), n_ctx=512, n_threads=1, verbose=False)
+    llm = open_llama(runtime.amateur.path, n_ctx=512, n_threads=1, verbose=False)
     want = []
     for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
         if t in runtime.amateur.eos_ids or len(want) == MAX:

@@ -70,8 +70,10 @@ def test_load_refuses_a_folder_that_is_not_a_bundle(tmp_path):
 def test_lambda_zero_equals_llama_cpp_native_greedy(bundle, rt, text):
     import llama_cpp
 
+    from epicode_edge.backends.cpu_kernels import open_llama
+
     res = rt.generate(text, raw=True, lam=0.0, max_tokens=40)
-    llm = llama_cpp.Llama(str(bundle / "gguf/expert-F32.gguf"), n_ctx=2048, n_threads=N_THREADS, verbose=False)
+    llm = open_llama(bundle / "gguf/expert-F32.gguf", n_ctx=2048, n_threads=N_THREADS, verbose=False)
     out = llm.create_completion(text, max_tokens=40, temperature=0.0)
     assert out["choices"][0]["finish_reason"] == res.finish_reason
     # create_completion runs past max_tokens while its text ends inside a UTF-8 sequence: compare a prefix
