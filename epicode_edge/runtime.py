@@ -290,6 +290,18 @@ class Runtime:
         return ChatSession(self, system=system, **settings)
 
     # -- info and lifetime -------------------------------------------------------------------------
+    def multiseq(self, n_slots: int) -> tuple:
+        """(expert, amateur) multi-sequence forms of the two models, n_slots KV sequences each, decoded together
+        (decoding/batch_loop.py): the same loaded weights, engine settings and adapters. Close both."""
+        from .backends.multiseq import open_multiseq
+
+        e = open_multiseq(self.expert, n_slots)
+        try:
+            return e, open_multiseq(self.amateur, n_slots)
+        except BaseException:
+            e.close()
+            raise
+
     def describe(self) -> dict:
         return {"path": str(self.path), "backend": self.backend, "quant": self.quant, "mu": self.mu,
                 "expert": str(self.expert.path), "amateur": str(self.amateur.path), "n_ctx": self.expert.n_ctx,
@@ -402,6 +414,44 @@ class ChatSession:
 # ----------------------------------------------------------------------------------------------
 
 
+def set_cpu_repack(mode: str | None) -> None:
+    """llama.cpp's extra CPU kernels (AMX, repacked weights) for models loaded from now on: "auto" (use them
+    where a one-off probe shows they run on this CPU), "on", "off"; None: $EPICODE_EDGE_CPU_REPACK, else auto."""
+    from .backends import cpu_kernels as ck
+
+    ck.set_mode(mode)
+
+
+def cpu_kernels(refresh: bool = False):
+    """The llama.cpp CPU-kernel decision in force (backends.cpu_kernels.Decision: use_extra_bufts, reason)."""
+    from .backends import cpu_kernels as ck
+
+    return ck.decide(refresh=refresh)
+
+
+def system_info(refresh: bool = False) -> dict:
+    """Engines and CPU kernels on this machine, for `epicode-edge doctor` (refresh: probe the CPU again)."""
+    from importlib import metadata
+
+    from . import __version__
+    from .backends import cpu_kernels as ck
+
+    info = {"version": __version__, "python": platform.python_version(),
+            "platform": f"{platform.system()} {platform.machine()}"}
+    try:
+        if refresh:
+            ck.decide(refresh=True)
+        info["llama.cpp"] = ck.system_info()
+    except ImportError as e:
+        info["llama.cpp"] = {"error": f"llama-cpp-python is not installed ({e})"}
+    try:
+        info["mlx"] = f"mlx {metadata.version('mlx')}, mlx-lm {metadata.version('mlx-lm')}" + \
+            ("" if apple_silicon() else " (CPU only: Apple-silicon GPU needs macOS)")
+    except metadata.PackageNotFoundError:
+        info["mlx"] = "not installed"
+    return info
+
+
 def apple_silicon() -> bool:
     return sys.platform == "darwin" and platform.machine() == "arm64"
 
@@ -461,38 +511,43 @@ def _runtime(e, a, **kw) -> Runtime:
 
 
 def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: int = 0, n_ctx: int = 2048,
-         n_threads: int | None = None, **engine_kw) -> Runtime:
+         n_threads: int | None = None, roles: tuple[str, str] = ("expert", "amateur"), **engine_kw) -> Runtime:
     """A Runtime over a bundle folder (the output of `convert`).
 
     backend "auto": MLX on Apple silicon when the bundle has MLX models, else llama.cpp (MLX when the bundle
     has no GGUF files). quant picks the GGUF files (default: the bundle's first quant). n_gpu_layers offloads
     layers to CUDA/Metal on llama.cpp (-1 = all). The bundle's lambda and alpha become the defaults.
+    roles: the bundle's models that play expert and amateur, e.g. ("amateur", "inferior") for contrastive
+    decoding of the finetuned model against the inferior one (a bundle made with --with-inferior), in either
+    bundle layout.
     """
     from .converters.bundle import open_bundle
 
     _check_backend(backend)
     _check_engine_options(n_ctx, n_threads, n_gpu_layers)
+    if len(roles) != 2 or roles[0] == roles[1] or not all(isinstance(r, str) for r in roles):
+        raise ParameterError(f"roles must be two different role names (expert, amateur), got {roles!r}")
     b = open_bundle(bundle)
     if b.manifest.get("layout") == "shared-base":  # one base GGUF + LoRA adapters (backends/llamacpp_lora.py)
         if backend == "mlx":
             raise UnsupportedError(f"{b.path}: a shared-base (LoRA) bundle runs on llama.cpp only")
         from .backends.llamacpp_lora import open_roles
 
-        r = open_roles(b, ("expert", "amateur"), quant=quant, n_ctx=n_ctx, n_threads=n_threads,
+        r = open_roles(b, roles, quant=quant, n_ctx=n_ctx, n_threads=n_threads,
                        n_gpu_layers=n_gpu_layers, **engine_kw)
-        return _runtime(r["expert"], r["amateur"], lam=b.lam, alpha=b.alpha, bundle=b,
+        return _runtime(r[roles[0]], r[roles[1]], lam=b.lam, alpha=b.alpha, bundle=b,
                         quant=b.gguf("base", quant).stem.split("-", 1)[-1])
     if backend == "auto":
         backend = "mlx" if ("mlx" in b.formats and (apple_silicon() or "gguf" not in b.formats)) else "llama.cpp"
     if backend == "llama.cpp":
-        paths = (b.gguf("expert", quant), b.gguf("amateur", quant))
+        paths = (b.gguf(roles[0], quant), b.gguf(roles[1], quant))
         quant = paths[0].stem.split("-", 1)[-1]
     else:
         if quant is not None:
             raise ParameterError("quant picks GGUF files: it applies to the llama.cpp backend only")
         if "mlx" not in b.formats:
             raise BundleError(f"{b.path}: the bundle has no MLX models (formats: {', '.join(b.formats)})")
-        paths = (b.mlx("expert"), b.mlx("amateur"))
+        paths = (b.mlx(roles[0]), b.mlx(roles[1]))
     opts = dict(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
     e = open_backend(paths[0], backend, **opts)
     try:

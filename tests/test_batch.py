@@ -290,15 +290,13 @@ def _same(a, b):
 def test_multisequence_logits_match_the_single_sequence_backend(runtime):
     import numpy as np
 
-    from epicode_edge.backends.llamacpp_batch import MultiSeqLlamaCpp
-
     e = runtime.expert
     prompts = [runtime.encode(p) for p in PROMPTS[:3]]
     want = []
     for p in prompts:
         e.truncate(0)
         want.append([e.prefill(p).copy(), e.step(7).copy(), e.step(11).copy()])
-    with MultiSeqLlamaCpp.from_backend(e, n_slots=3) as ms:
+    with e.multiseq(n_slots=3) as ms:
         assert ms.n_ctx == e.n_ctx
         got = [ms.decode([(0, prompts[0]), (2, prompts[2])])]
         got.append(ms.decode([(0, [7]), (1, prompts[1]), (2, [7])]))  # a prompt joins while others step

@@ -183,6 +183,52 @@ def test_greedy_contrastive_equals_two_model_path(family):
         rt.close(), two.close()
 
 
+def test_batched_decoding_on_shared_base_equals_one_at_a_time(family):
+    """Each role's multi-sequence form carries the role's adapters (it once decoded the bare base for both
+    roles): batched greedy EpiCoDe answers equal one-at-a-time answers on a shared-base bundle."""
+    from epicode_edge.apps.batch import generate_batch
+    from epicode_edge.backends.llamacpp import LlamaCppBackend
+    from epicode_edge.runtime import load
+
+    rt = load(family["shared"].path, n_ctx=128, n_threads=1, kv_type="f32")
+    bare = LlamaCppBackend(family["shared"].gguf("base"), n_ctx=128, n_threads=1, kv_type="f32")
+    try:
+        ids = rt.expert.tokenize(PROMPT)
+        with rt.expert.multiseq(2) as e_ms, rt.amateur.multiseq(2) as a_ms:
+            got_e, got_a = e_ms.decode([(1, ids)])[0], a_ms.decode([(0, ids)])[0]
+        rt.expert.truncate(0), rt.amateur.truncate(0)
+        np.testing.assert_allclose(got_e, rt.expert.prefill(ids), atol=1e-4)
+        np.testing.assert_allclose(got_a, rt.amateur.prefill(ids), atol=1e-4)
+        assert np.abs(got_e - bare.prefill(ids)).max() > 1e-2 and np.abs(got_e - got_a).max() > 1e-2
+        prompts = [PROMPT, "The quick brown fox", "Once upon a time", "1 2 3"]
+        kw = dict(max_tokens=16, lam=1.0, alpha=0.05)
+        one = [rt.generate(p, **kw) for p in prompts]
+        many = generate_batch(rt, prompts, parallel=3, **kw)
+        assert [r.tokens for r in many] == [r.tokens for r in one]
+        assert sum(r.changed_tokens for r in one) > 0  # contrastive decoding did change picks
+    finally:
+        rt.close(), bare.close()
+
+
+def test_roles_other_than_expert_and_amateur_from_either_layout(family):
+    """eval's CD-only row: the finetuned model against the inferior one, loaded by role from a shared-base bundle
+    and from the merged two-model bundle alike (greedy contrastive answers agree)."""
+    from epicode_edge.errors import ParameterError
+    from epicode_edge.runtime import load
+
+    shared = load(family["shared"].path, roles=("amateur", "inferior"), n_ctx=128, n_threads=1, kv_type="f32")
+    merged = load(family["merged"].path, roles=("amateur", "inferior"), n_ctx=128, n_threads=1, kv_type="f32")
+    try:
+        got = shared.generate(PROMPT, raw=True, max_tokens=16, lam=1.0, alpha=0.05)
+        want = merged.generate(PROMPT, raw=True, max_tokens=16, lam=1.0, alpha=0.05)
+        assert got.tokens == want.tokens and len(got.tokens) > 0
+        assert merged.expert.path.name.startswith("amateur") and merged.amateur.path.name.startswith("inferior")
+    finally:
+        shared.close(), merged.close()
+    with pytest.raises(ParameterError, match="two different role names"):
+        load(family["shared"].path, roles=("expert", "expert"))
+
+
 def test_load_picks_shared_base_backend(family):
     """runtime.load() on a shared-base bundle gives the shared-base roles (needs the runtime hook)."""
     from epicode_edge.backends.llamacpp_lora import LoraRoleBackend

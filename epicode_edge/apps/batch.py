@@ -450,14 +450,7 @@ class open_batched:
     `with open_batched(rt, 8) as (expert_ms, amateur_ms): ...`."""
 
     def __init__(self, runtime, n_slots: int):
-        from ..backends.multiseq import open_multiseq
-
-        self.expert = open_multiseq(runtime.expert, n_slots)
-        try:
-            self.amateur = open_multiseq(runtime.amateur, n_slots)
-        except BaseException:
-            self.expert.close()
-            raise
+        self.expert, self.amateur = runtime.multiseq(n_slots)
 
     def __enter__(self):
         return self.expert, self.amateur

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,17 +19,20 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import BackendError, InputError, ParameterError, UnsupportedError
+from . import cpu_kernels
 from .base import BaseBackend, end_of_turn_ids
 
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml types of the KV cache; f16 is llama.cpp's default, f32 for exact checks
 
 
-_LOG = {"callback": None, "last": 0}
+_LOG = {"callback": None, "last": 0, "buffers": []}
+_BUFFER_LINE = re.compile(r"(\S+) model buffer size")  # "load_tensors:   CPU_REPACK model buffer size = ..."
 
 
 def _quiet_llama_logs(llama_cpp) -> None:
     """Keep llama.cpp's errors on stderr, drop its info and warnings (e.g. "n_ctx_seq > n_ctx_train"), which
-    llama-cpp-python's own filter lets through (its level table predates ggml's DEBUG level)."""
+    llama-cpp-python's own filter lets through (its level table predates ggml's DEBUG level). The names of the
+    buffers a model's weights are loaded into are kept (`weight_buffers`: CPU_Mapped, CPU_REPACK, AMX, CUDA0...)."""
     if _LOG["callback"] is not None:
         return
 
@@ -38,6 +42,10 @@ def _quiet_llama_logs(llama_cpp) -> None:
         _LOG["last"] = level
         if level == 4:  # GGML_LOG_LEVEL_ERROR
             sys.stderr.write(text.decode("utf-8", errors="replace"))
+        elif b"model buffer size" in text:
+            m = _BUFFER_LINE.search(text.decode("utf-8", errors="replace"))
+            if m:
+                _LOG["buffers"].append(m.group(1))
 
     _LOG["callback"] = callback  # keep a reference: llama.cpp holds only the C pointer
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
@@ -58,13 +66,16 @@ class LlamaCppBackend(BaseBackend):
             raise ParameterError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         self._lib = llama_cpp
         _quiet_llama_logs(llama_cpp)
+        self.cpu_kernels = cpu_kernels.decide()  # extra buffer types (AMX, repack) only where they run here
+        _LOG["buffers"].clear()
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads,
+            self._llm = cpu_kernels.open_llama(
+                path, self.cpu_kernels, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads,
                 n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=False, verbose=False,
                 type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
         except (ValueError, RuntimeError, OSError) as e:
             raise BackendError(f"{path}: llama.cpp cannot load the model ({' '.join(str(e).split())})") from None
+        self.weight_buffers = tuple(dict.fromkeys(_LOG["buffers"]))  # where the weights live, e.g. CPU_REPACK
         super().__init__(path, self._llm.n_ctx())
         self._ctx = self._llm._ctx.ctx
         self._batch = self._llm._batch
@@ -138,6 +149,22 @@ class LlamaCppBackend(BaseBackend):
         if threads != self.threads:
             self._lib.llama_set_n_threads(self._ctx, *threads)
             self.threads = threads
+
+    # -- batched form ------------------------------------------------------------------------------
+    def multiseq(self, n_slots: int, n_ctx: int | None = None):
+        """This model with n_slots KV sequences decoded together (backends/llamacpp_batch.py): the same loaded
+        weights, this context's settings (threads, KV type, n_batch) and adapters; n_ctx per slot defaults
+        to this context's."""
+        from .llamacpp_batch import MultiSeqLlamaCpp
+
+        params = type(self._llm.context_params).from_buffer_copy(self._llm.context_params)
+        return MultiSeqLlamaCpp(self._lib, self._llm._model.model, params, n_slots=n_slots,
+                                n_ctx=n_ctx or self.n_ctx, path=self.path, vocab_size=self.vocab_size,
+                                adapters=self._adapters())
+
+    def _adapters(self) -> list:
+        """(llama_adapter_lora pointer, scale) pairs set on this context: none for a plain model."""
+        return []
 
     # -- forward -----------------------------------------------------------------------------------
     def _forward(self, ids: list[int]) -> np.ndarray:

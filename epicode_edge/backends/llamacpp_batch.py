@@ -1,11 +1,12 @@
 """llama.cpp with several sequences in one context: one `llama_decode` feeds tokens of many requests.
 
-    ms = MultiSeqLlamaCpp.from_backend(runtime.expert, n_slots=8)   # shares the loaded model's weights
+    ms = runtime.expert.multiseq(n_slots=8)     # a LlamaCppBackend's batched form: shares its loaded weights
     logits = ms.decode([(0, prompt_ids), (3, [token]), (5, [token])])
 
 The context is made with n_seq_max = n_slots and a KV cache split per sequence (kv_unified = false), so
 each slot has n_ctx positions of its own and attends only to them. Everything else (threads, KV type, flash
-attention, n_batch) is copied from the single-sequence context of the LlamaCppBackend it comes from.
+attention, n_batch) is copied from the single-sequence context of the LlamaCppBackend it comes from, and so
+are the LoRA adapters of a shared-base role (backends/llamacpp_lora.py).
 
 Equal-length entries go through one llama_decode together, as many as fit a ubatch whole (multiseq.py):
 llama.cpp splits a multi-sequence batch into ubatches holding the same number of tokens of each sequence,
@@ -15,6 +16,7 @@ differently from the single-sequence context.
 
 from __future__ import annotations
 
+import ctypes
 import time
 
 import numpy as np
@@ -23,12 +25,31 @@ from ..errors import BackendError
 from .multiseq import MultiSeqBase
 
 
+def set_lora_adapters(lib, ctx, adapters: list, path) -> None:
+    """Set (llama_adapter_lora pointer, scale) pairs on a context; none: leave it plain (llama.cpp must never
+    get a NULL adapter)."""
+    if not adapters:
+        return
+    n = len(adapters)
+    if hasattr(lib, "llama_set_adapters_lora"):
+        arr = (lib.llama_adapter_lora_p_ctypes * n)(*[p for p, _ in adapters])
+        scales = (ctypes.c_float * n)(*[s for _, s in adapters])
+        rc = lib.llama_set_adapters_lora(ctx, arr, n, scales)
+    else:  # older llama-cpp-python: one call per adapter, each adds to the context's set
+        rc = 0
+        for p, s in adapters:
+            rc = rc or lib.llama_set_adapter_lora(ctx, p, s)
+    if rc != 0:
+        raise BackendError(f"{path}: llama.cpp refused the LoRA adapters (code {rc})")
+
+
 class MultiSeqLlamaCpp(MultiSeqBase):
     """n_slots independent KV sequences over one llama.cpp model."""
 
     name = "llama.cpp"
 
-    def __init__(self, lib, model, params, *, n_slots: int, n_ctx: int, path, vocab_size: int):
+    def __init__(self, lib, model, params, *, n_slots: int, n_ctx: int, path, vocab_size: int,
+                 adapters: list | None = None):
         p = params  # a copy of the single-sequence context's parameters
         p.n_seq_max = max(1, int(n_slots))
         p.kv_unified = False
@@ -39,20 +60,16 @@ class MultiSeqLlamaCpp(MultiSeqBase):
         if not self._ctx:
             raise BackendError(f"{path}: llama.cpp cannot make a context with {n_slots} sequences "
                                f"of {n_ctx} tokens")
+        try:
+            set_lora_adapters(lib, self._ctx, adapters or [], path)
+        except BaseException:
+            lib.llama_free(self._ctx)
+            raise
         self._n_batch = int(lib.llama_n_batch(self._ctx))
         super().__init__(path, n_slots=n_slots, n_ctx=int(lib.llama_n_ctx_seq(self._ctx)), vocab_size=vocab_size,
                          max_group_tokens=int(lib.llama_n_ubatch(self._ctx)))
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
-
-    @classmethod
-    def from_backend(cls, backend, n_slots: int, n_ctx: int | None = None) -> "MultiSeqLlamaCpp":
-        """Share the model of a LlamaCppBackend (no second copy of the weights); n_ctx per slot defaults
-        to the backend's."""
-        llm = backend._llm
-        params = type(llm.context_params).from_buffer_copy(llm.context_params)
-        return cls(backend._lib, llm._model.model, params, n_slots=n_slots, n_ctx=n_ctx or backend.n_ctx,
-                   path=backend.path, vocab_size=backend.vocab_size)
 
     # -- engine hooks ------------------------------------------------------------------------------
     def _decode_group(self, slots: list[int], ids: list[list[int]]) -> list[np.ndarray]:

@@ -22,13 +22,13 @@ or, from a bundle: `open_roles(bundle, roles=("expert", "amateur"), quant=None, 
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import BackendError, InputError
 from .base import Counters
 from .llamacpp import LlamaCppBackend
+from .llamacpp_batch import set_lora_adapters
 
 
 class SharedBase:
@@ -119,24 +119,12 @@ class LoraRoleBackend(LlamaCppBackend):
         if label is not None:
             self.path = shared.path.with_name(f"{shared.path.name}+{label}")
         self.adapters = [s for _, s in adapters]  # scales, for display
-        self._set_adapters(adapters)
+        self._adapter_ptrs = list(adapters)
+        set_lora_adapters(self._lib, self._ctx, adapters, self.path)
         return self
 
-    def _set_adapters(self, adapters: list[tuple[object, float]]) -> None:
-        if not adapters:  # a fresh context has none; never hand llama.cpp a NULL adapter
-            return
-        lib = self._lib
-        n = len(adapters)
-        if hasattr(lib, "llama_set_adapters_lora"):
-            arr = (lib.llama_adapter_lora_p_ctypes * n)(*[p for p, _ in adapters])
-            scales = (ctypes.c_float * n)(*[s for _, s in adapters])
-            rc = lib.llama_set_adapters_lora(self._ctx, arr, n, scales)
-        else:  # older llama-cpp-python: one call per adapter, each adds to the context's set
-            rc = 0
-            for p, s in adapters:
-                rc = rc or lib.llama_set_adapter_lora(self._ctx, p, s)
-        if rc != 0:
-            raise BackendError(f"{self.path}: llama.cpp refused the LoRA adapters (code {rc})")
+    def _adapters(self) -> list:
+        return list(self._adapter_ptrs)  # the batched form (multiseq) applies them too
 
     def close(self) -> None:
         """Free this role's context; the shared model goes with the last role."""

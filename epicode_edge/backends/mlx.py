@@ -80,6 +80,14 @@ class MLXBackend(BaseBackend):
         return self._texts
 
     # -- forward -----------------------------------------------------------------------------------
+    def multiseq(self, n_slots: int, n_ctx: int | None = None):
+        """This model with n_slots KV sequences decoded together (backends/mlx_batch.py), over the same
+        mlx_lm model object; n_ctx per slot defaults to this backend's."""
+        from .mlx_batch import MultiSeqMLX
+
+        return MultiSeqMLX(self._model, n_slots=n_slots, n_ctx=n_ctx or self.n_ctx, path=self.path,
+                           vocab_size=self.vocab_size)
+
     def _forward(self, ids: list[int]) -> np.ndarray:
         mx = self._mx
         for i in range(0, len(ids) - PREFILL_CHUNK, PREFILL_CHUNK):  # all chunks but the last

@@ -1,6 +1,6 @@
 """MLX with several sequences: one batched forward feeds one token to each of many requests.
 
-    ms = MultiSeqMLX.from_backend(runtime.expert, n_slots=8)   # the same mlx_lm model object
+    ms = runtime.expert.multiseq(n_slots=8)     # an MLXBackend's batched form: the same mlx_lm model object
     logits = ms.decode([(0, prompt_ids), (3, [token]), (5, [token])])
 
 Each slot owns an mlx_lm KV cache (one KVCache per layer). A prompt or a catch-up of several tokens runs
@@ -38,11 +38,6 @@ class MultiSeqMLX(MultiSeqBase):
         self._batch_slots: tuple[int, ...] = ()
         self._batch = None  # per layer BatchKVCache over _batch_slots
         self.batched_forwards = 0  # forwards of shape (B > 1, 1)
-
-    @classmethod
-    def from_backend(cls, backend, n_slots: int, n_ctx: int | None = None) -> "MultiSeqMLX":
-        return cls(backend._model, n_slots=n_slots, n_ctx=n_ctx or backend.n_ctx, path=backend.path,
-                   vocab_size=backend.vocab_size)
 
     # -- engine hooks ------------------------------------------------------------------------------
     def _decode_group(self, slots: list[int], ids: list[list[int]]) -> list[np.ndarray]:

@@ -113,15 +113,11 @@ class MultiSeqBase:
 
 
 def open_multiseq(backend, n_slots: int, n_ctx: int | None = None) -> MultiSeqBase:
-    """A multi-sequence engine over the model a single-sequence Backend holds (its weights are shared)."""
-    if backend.name == "llama.cpp":
-        from .llamacpp_batch import MultiSeqLlamaCpp
+    """The multi-sequence form a single-sequence Backend makes of itself (`backend.multiseq`: its weights,
+    settings and adapters are shared)."""
+    make = getattr(backend, "multiseq", None)
+    if make is None:
+        from ..errors import UnsupportedError
 
-        return MultiSeqLlamaCpp.from_backend(backend, n_slots, n_ctx)
-    if backend.name == "mlx":
-        from .mlx_batch import MultiSeqMLX
-
-        return MultiSeqMLX.from_backend(backend, n_slots, n_ctx)
-    from ..errors import UnsupportedError
-
-    raise UnsupportedError(f"batched decoding is not available on {backend.name}")
+        raise UnsupportedError(f"batched decoding is not available on {backend.name}")
+    return make(n_slots, n_ctx)
