@@ -10,7 +10,7 @@ Public API:
 Engines (llama_cpp, mlx) are imported lazily, on first use.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["__version__", "convert", "extrapolate", "load", "Runtime", "set_cpu_repack", "cpu_kernels"]
 

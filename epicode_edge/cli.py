@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from .version import __version__
 from .errors import EpicodeError
 
 

@@ -433,7 +433,7 @@ def system_info(refresh: bool = False) -> dict:
     """Engines and CPU kernels on this machine, for `epicode-edge doctor` (refresh: probe the CPU again)."""
     from importlib import metadata
 
-    from . import __version__
+    from .version import __version__
     from .backends import cpu_kernels as ck
 
     info = {"version": __version__, "python": platform.python_version(),
@@ -532,8 +532,13 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
         if backend == "mlx":
             raise UnsupportedError(f"{b.path}: a shared-base (LoRA) bundle runs on llama.cpp only")
         from .backends.llamacpp_lora import open_roles
+        from .converters.lora import shared_base_roles
 
-        r = open_roles(b, roles, quant=quant, n_ctx=n_ctx, n_threads=n_threads,
+        base, per_role = shared_base_roles(b, quant)
+        if any(r not in per_role for r in roles):
+            raise BundleError(f"{b.path}: shared-base bundle has no role "
+                              f"{next(r for r in roles if r not in per_role)!r} (has {', '.join(per_role)})")
+        r = open_roles(base, per_role, roles, n_ctx=n_ctx, n_threads=n_threads,
                        n_gpu_layers=n_gpu_layers, **engine_kw)
         return _runtime(r[roles[0]], r[roles[1]], lam=b.lam, alpha=b.alpha, bundle=b,
                         quant=b.gguf("base", quant).stem.split("-", 1)[-1])

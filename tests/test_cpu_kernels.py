@@ -162,6 +162,7 @@ def _run_all_paths(bundle, quant):
     from epicode_edge.backends.llamacpp import LlamaCppBackend
     from epicode_edge.backends.llamacpp_lora import open_roles
     from epicode_edge.backends.multiseq import open_multiseq
+    from epicode_edge.converters.lora import shared_base_roles
 
     base = bundle.gguf("base", quant)
     b = LlamaCppBackend(base, n_ctx=64, n_threads=N_THREADS)
@@ -174,7 +175,7 @@ def _run_all_paths(bundle, quant):
         facts = (bool(b._llm.model_params.use_extra_bufts), b.weight_buffers, b.cpu_kernels)
     finally:
         b.close()
-    roles = open_roles(bundle, ("expert", "amateur"), quant=quant, n_ctx=64, n_threads=N_THREADS)
+    roles = open_roles(*shared_base_roles(bundle, quant), ("expert", "amateur"), n_ctx=64, n_threads=N_THREADS)
     try:
         e = roles["expert"]
         lora = [e.prefill(prompt).copy(), e.step(prompt[1]).copy()]

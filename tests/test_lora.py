@@ -45,7 +45,7 @@ def _plain(path):
 def _roles(bundle, roles=("expert", "amateur", "inferior")):
     from epicode_edge.backends.llamacpp_lora import open_roles
 
-    return open_roles(bundle, roles=roles, n_ctx=128, n_threads=1, kv_type="f32")
+    return open_roles(*lora.shared_base_roles(bundle, None), roles=roles, n_ctx=128, n_threads=1, kv_type="f32")
 
 
 def _trace(backend, ids) -> list[np.ndarray]:

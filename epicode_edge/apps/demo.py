@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .. import __version__
+from ..version import __version__
 from ..errors import InputError, ParameterError
 from . import tasks
 

@@ -221,7 +221,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
         try:
             for m in main_methods:
                 settings = {"finetuned": {}, "extrapolation": {"lam": 0.0}, "epicode": {"lam": lam, "alpha": alpha}}[m]
-                results[m] = score(_runner(rt, m, settings, max_tokens), items, extract, m, progress)
+                results[m] = score(runner(rt, m, settings, max_tokens), items, extract, m, progress)
                 results[m].settings = settings
             used_backend = rt.backend
         finally:
@@ -232,7 +232,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
             results["cd"] = MethodResult("cd", skipped=why)
         else:
             try:
-                results["cd"] = score(_runner(rt_cd, "cd", {"lam": lam, "alpha": alpha}, max_tokens), items,
+                results["cd"] = score(runner(rt_cd, "cd", {"lam": lam, "alpha": alpha}, max_tokens), items,
                                       extract, "cd", progress)
                 results["cd"].settings = {"lam": lam, "alpha": alpha}
                 used_backend = rt_cd.backend
@@ -274,7 +274,7 @@ def _load_cd(b, *, lam, alpha, backend, quant, n_threads):
                        lam=lam, alpha=alpha), None
 
 
-def _runner(rt, method: str, settings: dict, max_tokens: int):
+def runner(rt, method: str, settings: dict, max_tokens: int):
     """item -> (text, completion tokens, changed picks) for one method on a Runtime."""
     if method == "finetuned":
         def run(item: Item):

@@ -321,7 +321,7 @@ class _Runner:
 
     def point(self, kind: str, mu: float, lam: float) -> Point:
         from ..runtime import load
-        from .eval import _runner, score
+        from .eval import runner, score
 
         key = point_key(kind) if kind == "finetuned" else point_key(kind, mu if kind == "mu" else lam)
         done = self.state.get(key)
@@ -338,7 +338,7 @@ class _Runner:
                 settings["alpha"] = self.state.key["alpha"]
             stage = f"score {key}"
             prog = (lambda _m, d, t: self.progress(stage, d, t)) if self.progress else None
-            r = score(_runner(rt, method, settings, self.max_tokens), self.items, self.extract, key, prog)
+            r = score(runner(rt, method, settings, self.max_tokens), self.items, self.extract, key, prog)
         finally:
             rt.close()
         p = Point(key, kind, 0.0 if kind == "finetuned" else mu, lam, r.correct, round(r.seconds, 2))

@@ -17,7 +17,8 @@ llama.cpp computes W x + sum_k scale_k * (alpha_k / r_k) * B_k (A_k x) for every
     ...                           # both are Backends (backends/base.py); the decoding loop runs unchanged
     expert.close(); amateur.close()   # the model is freed with the last role
 
-or, from a bundle: `open_roles(bundle, roles=("expert", "amateur"), quant=None, n_ctx=...)`.
+or, for a bundle's roles: `open_roles(base, per_role, roles=("expert", "amateur"), n_ctx=...)` with
+(base, per_role) = converters.lora.shared_base_roles(bundle, quant).
 """
 
 from __future__ import annotations
@@ -139,17 +140,14 @@ class LoraRoleBackend(LlamaCppBackend):
         shared._release()
 
 
-def open_roles(bundle, roles: Sequence[str] = ("expert", "amateur"), quant: str | None = None,
-               n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0, n_batch: int = 512,
+def open_roles(base, per_role: dict, roles: Sequence[str] = ("expert", "amateur"), n_ctx: int = 2048,
+               n_threads: int | None = None, n_gpu_layers: int = 0, n_batch: int = 512,
                kv_type: str = "f16") -> dict[str, LoraRoleBackend]:
-    """Backends for the roles of a shared-base bundle (converters.bundle.Bundle), over one loaded base."""
-    from ..converters.lora import shared_base_roles
-    from ..errors import BundleError
-
-    base, per_role = shared_base_roles(bundle, quant)
+    """Backends for `roles` over one loaded base GGUF; per_role maps each role to its (adapter path, scale)
+    pairs (a shared-base bundle's: converters.lora.shared_base_roles)."""
     missing = [r for r in roles if r not in per_role]
     if missing:
-        raise BundleError(f"{bundle.path}: shared-base bundle has no role {missing[0]!r} (has {', '.join(per_role)})")
+        raise InputError(f"{base}: shared base has no role {missing[0]!r} (has {', '.join(per_role)})")
     shared = SharedBase(base, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
                         kv_type=kv_type)
     out: dict[str, LoraRoleBackend] = {}

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .. import __version__
+from ..version import __version__
 from ..errors import ParameterError, UnsupportedError
 from .bundle import FORMAT_VERSION, Bundle, BundleWriter, file_entry, gguf_relpath, hf_relpath, mlx_relpath, open_bundle
 from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
@@ -217,7 +217,7 @@ def _open(source):
     return open_checkpoint(source)
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -301,7 +301,7 @@ def _manifest(ft: Checkpoint, inf: Checkpoint, mu, lam, alpha, digests, files, n
             "tensors": len(ft.tensors),
             "input_bytes": ft.nbytes + inf.nbytes,
             "output_bytes": _total_bytes(files),
-            "peak_rss_bytes": _peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
         },
     }
 

@@ -461,9 +461,9 @@ def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force
     import time
     from datetime import datetime, timezone
 
-    from .. import __version__
+    from ..version import __version__
     from .bundle import FORMAT_VERSION, BundleWriter, file_entry, gguf_relpath, open_bundle
-    from .convert import Progress, _peak_rss_bytes, check_decoding_defaults
+    from .convert import Progress, peak_rss_bytes, check_decoding_defaults
 
     t0 = time.perf_counter()
     lam, alpha = check_decoding_defaults(lam, alpha)
@@ -504,7 +504,7 @@ def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force
             "lora": {"scales": role_scales(mu)},
             "warnings": [],
             "summary": {"seconds": round(time.perf_counter() - t0, 3), "tensors": len(base_ckpt.tensors),
-                        "input_bytes": in_bytes, "output_bytes": out_bytes, "peak_rss_bytes": _peak_rss_bytes()},
+                        "input_bytes": in_bytes, "output_bytes": out_bytes, "peak_rss_bytes": peak_rss_bytes()},
         }
         path = bw.commit(manifest)
     return open_bundle(path)

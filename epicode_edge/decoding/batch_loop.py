@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .contrastive import plausible_ids
-from .loop import Stats, _scores, _TextStream, check_limits, check_prompt, common_prefix
+from .loop import Stats, TextStream, check_limits, check_prompt, common_prefix, processed_scores
 from .sampling import make_logits_processors, make_sampler
 
 
@@ -49,7 +49,7 @@ class _Seq:
     lazy: bool
     sampler: Any
     processors: list
-    text: _TextStream
+    text: TextStream
     history: list[int] | None
     stats: Stats
     t0: float
@@ -132,7 +132,7 @@ def _admit(key, slot: int, ids, s, expert_ms, amateur_ms, vocab) -> _Seq:
                                f"(raise n_ctx or shorten the prompt)")
     processors = make_logits_processors(s.repetition_penalty, s.repetition_context_size)
     seq = _Seq(key, slot, prompt, s.lam, s.alpha, s.max_tokens, s.lazy,
-               make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed), list(processors), _TextStream(stop),
+               make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed), list(processors), TextStream(stop),
                list(prompt) if processors else None, Stats(prompt_tokens=len(prompt)), time.perf_counter())
     if seq.max_tokens > 0:
         seq.feed = _reuse(expert_ms, slot, prompt)
@@ -181,9 +181,9 @@ def _pick(q: _Seq, vocab, expert_ms, on_event) -> tuple[str, str] | None:
     need = not q.lazy or (lam > 0 and not forced)
     normalize = bool(q.processors)
     # a skipped amateur leaves one candidate: its score is irrelevant, the pick (and the draw) the same
-    s = _scores(q.x, q.y, ids, lam if need else 0.0, normalize, q.processors, q.history)  # (K,)
+    s = processed_scores(q.x, q.y, ids, lam if need else 0.0, normalize, q.processors, q.history)  # (K,)
     if lam > 0 and not forced:
-        own = _scores(q.x, None, ids, 0.0, normalize, q.processors, q.history)  # (K,) the expert alone
+        own = processed_scores(q.x, None, ids, 0.0, normalize, q.processors, q.history)  # (K,) the expert alone
         k, k_own = q.sampler(s, own)
     else:
         (k,), k_own = q.sampler(s), None

@@ -212,11 +212,11 @@ def _pick(x, y, ids, lam, sampler, normalize, processors, history) -> tuple[int,
     if len(ids) == 1:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
         (k,), k_own = sampler(_ONE), None
     elif lam > 0:
-        s = _scores(x, y, ids, lam, normalize, processors, history)  # (K,)
-        own = _scores(x, None, ids, 0.0, normalize, processors, history)  # (K,) the expert alone
+        s = processed_scores(x, y, ids, lam, normalize, processors, history)  # (K,)
+        own = processed_scores(x, None, ids, 0.0, normalize, processors, history)  # (K,) the expert alone
         k, k_own = sampler(s, own)
     else:
-        (k,), k_own = sampler(_scores(x, None, ids, 0.0, normalize, processors, history)), None
+        (k,), k_own = sampler(processed_scores(x, None, ids, 0.0, normalize, processors, history)), None
     return int(ids[k]), k_own is not None and k != k_own
 
 
@@ -285,7 +285,8 @@ def _catch_up(amateur, fresh: list[int], pending: list[int], mode: str) -> np.nd
     return y
 
 
-def _scores(x, y, ids, lam, normalize, processors, history) -> np.ndarray:
+def processed_scores(x, y, ids, lam, normalize, processors, history) -> np.ndarray:
+    """Contrastive scores (K,) of the candidate ids, then the logits processors (repetition penalty) on them."""
     s = candidate_scores(x, y, ids, lam, normalize)  # (K,)
     for proc in processors:
         s = proc(history, ids, s)
@@ -363,7 +364,7 @@ def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens
     st = Stats(prompt_tokens=len(prompt))
     t0 = time.perf_counter()
     t_first = None
-    text = _TextStream(stop)
+    text = TextStream(stop)
     reason = ("length", "max_tokens")
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
                           processors=processors, lazy=lazy, catch_up=catch_up,
@@ -417,7 +418,7 @@ def _fill_times(st: Stats, t0, t_first, t_end, models, c0) -> None:
         st.amateur_prefill_tokens, st.amateur_forwards, st.amateur_forward_s = deltas[1]
 
 
-class _TextStream:
+class TextStream:
     """Bytes in, text out: holds incomplete UTF-8 sequences and any tail that may begin a stop string."""
 
     def __init__(self, stop: list[str]):
