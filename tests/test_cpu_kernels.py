@@ -112,6 +112,19 @@ def test_a_hung_or_failing_probe_child_is_a_failed_probe():
     assert not r.ok and r.returncode == 1 and "no llama here" in r.detail
 
 
+def test_only_verdicts_about_the_kernels_are_cached(monkeypatch, tmp_path):
+    """A child that could not run (an import error: exit 1) is no verdict on the kernels: plain kernels for now,
+    nothing cached, probed again next time. A child killed by a signal is a verdict, and is cached."""
+    monkeypatch.setenv("EPICODE_EDGE_CACHE", str(tmp_path))
+    r = ck.cached_probe(argv=[sys.executable, "-c", "import no_such_module_here"])
+    assert not r.ok and not r.about_kernels and not (tmp_path / ck.CACHE_FILE).exists()
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
+    r = ck.cached_probe(argv=killed)
+    assert not r.ok and r.about_kernels
+    again = ck.cached_probe(argv=[sys.executable, "-c", "pass"])  # would pass, but the verdict is cached
+    assert again.cached and not again.ok and again.returncode == -signal.SIGILL
+
+
 def test_failed_probe_in_cache_means_plain_kernels(monkeypatch, tmp_path):
     """The auto decision where the probe died: plain kernels, and the reason says what died and what forces them."""
     monkeypatch.setenv("EPICODE_EDGE_CACHE", str(tmp_path))

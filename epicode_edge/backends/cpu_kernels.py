@@ -44,6 +44,7 @@ PROBE_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")  # AMX and repack kernels exist for the
 PROBE_TIMEOUT = 180.0  # seconds; a hung child counts as a failed probe
 CACHE_FILE = "cpu-probe.json"
 PROBE_VERSION = 1  # bump when the probe changes, so that cached results are not reused
+WRONG_RESULTS = 4  # the child's exit code when the extra kernels ran but gave non-finite or different logits
 
 _state = {"mode": None}  # set_mode()'s value; None: the environment decides
 _decisions: dict[str, "Decision"] = {}  # per mode, once per process
@@ -62,6 +63,12 @@ class ProbeResult:
     seconds: float = 0.0
     key: str = ""                  # the llama.cpp build and CPU it holds for
     cached: bool = False           # read from the cache file rather than run now
+
+    @property
+    def about_kernels(self) -> bool:
+        """Whether the verdict is about the kernels (passed, killed by a signal, hung, wrong logits), rather
+        than a child that could not run at all (an import error, say): only such verdicts are cached."""
+        return self.ok or self.returncode is None or self.returncode < 0 or self.returncode == WRONG_RESULTS
 
 
 @dataclass(frozen=True)
@@ -195,8 +202,9 @@ def build_key() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def cached_probe(refresh: bool = False) -> ProbeResult:
-    """The probe's result for this llama.cpp build and CPU: from the cache file, else run now and stored."""
+def cached_probe(refresh: bool = False, argv: list[str] | None = None) -> ProbeResult:
+    """The probe's result for this llama.cpp build and CPU: from the cache file, else run now (`probe(argv)`)
+    and stored when it is a verdict about the kernels."""
     key = build_key()
     path = cache_dir() / CACHE_FILE
     records = _read_cache(path)
@@ -205,10 +213,11 @@ def cached_probe(refresh: bool = False) -> ProbeResult:
             return ProbeResult(**{**records[key], "cached": True})
         except TypeError:
             pass  # an old or hand-edited record: probe again
-    result = probe()
+    result = probe(argv)
     result.key = key
-    records[key] = {k: v for k, v in asdict(result).items() if k != "cached"}
-    _write_cache(path, records)
+    if result.about_kernels:
+        records[key] = {k: v for k, v in asdict(result).items() if k != "cached"}
+        _write_cache(path, records)
     return result
 
 
@@ -403,7 +412,7 @@ def _child(smoke: bool) -> int:
                 print(f"stage {name} prefill and step", flush=True)
                 if not all(np.isfinite(x).all() for x in run_model(dst, d.use_extra_bufts, prompt, n_threads)):
                     print(f"{name}: non-finite logits", file=sys.stderr)
-                    return 4
+                    return WRONG_RESULTS
                 print(f"passed {name}", flush=True)
                 continue
             print(f"stage {name} plain kernels", flush=True)
@@ -413,12 +422,12 @@ def _child(smoke: bool) -> int:
             for r, g, what in zip(ref, got, ("prefill", "step")):
                 if not np.isfinite(g).all():
                     print(f"{name} {what}: non-finite logits with the extra buffer types", file=sys.stderr)
-                    return 4
+                    return WRONG_RESULTS
                 err = float(np.max(np.abs(r - g)) / (np.max(np.abs(r)) + 1e-6))
                 if err > 0.05:
                     print(f"{name} {what}: logits differ from the plain kernels' (relative {err:.3g})",
                           file=sys.stderr)
-                    return 4
+                    return WRONG_RESULTS
             print(f"passed {name}", flush=True)
     return 0
 
