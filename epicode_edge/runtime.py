@@ -262,14 +262,13 @@ class Runtime:
         if s.overlap is None:  # auto: not where given thread counts would oversubscribe the cores
             cores = os.cpu_count() or 1
             return AUTO_OVERLAP and cores >= 2 and all(
-                getattr(b, "on_cpu", False) and 2 * (getattr(b, "n_threads_given", None) or 1) <= cores
+                b.on_cpu and 2 * (b.n_threads_given or 1) <= cores
                 for b in (self.expert, self.amateur))
         return s.overlap
 
     def _share_cores(self, parts: int) -> None:
         for b in (self.expert, self.amateur):
-            if hasattr(b, "share_cores"):
-                b.share_cores(parts)
+            b.share_cores(parts)
 
     def compare(self, prompt, *, raw: bool = False, system: str | None = None, **settings) -> Result:
         """The finetuned model (the amateur) alone, greedy: the baseline next to EpiCoDe's answer.

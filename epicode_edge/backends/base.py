@@ -94,6 +94,9 @@ class Backend(Protocol):
     n_ctx: int
     counters: Counters
     costs: ForwardCosts
+    concurrent: bool            # whether two backends of this engine may run forwards from two threads at once
+    on_cpu: bool                # whether the forward runs on the CPU (threads matter) rather than a GPU
+    n_threads_given: int | None  # the thread count asked for at load (None: the engine's default)
 
     @property
     def n_past(self) -> int: ...
@@ -106,6 +109,7 @@ class Backend(Protocol):
     def prefill(self, ids: Sequence[int]) -> np.ndarray: ...
     def step(self, token_id: int) -> np.ndarray: ...
     def truncate(self, n: int) -> None: ...
+    def share_cores(self, parts: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -114,6 +118,8 @@ class BaseBackend:
 
     name = "base"
     concurrent = False  # whether two backends of this engine may run forwards from two threads at once
+    on_cpu = True
+    n_threads_given: int | None = None
 
     def __init__(self, path, n_ctx: int):
         self.path = Path(path)

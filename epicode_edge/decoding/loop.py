@@ -184,7 +184,7 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
 def can_overlap(expert, amateur, lam: float, lazy: bool) -> bool:
     """Whether overlap applies: the amateur is in use and both engines run forwards from two threads."""
     return (amateur is not None and (lam > 0 or not lazy)
-            and all(getattr(b, "concurrent", False) for b in (expert, amateur)))
+            and expert.concurrent and amateur.concurrent)
 
 
 def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processors) -> Iterator[Step]:
