@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .backends.base import Backend, check_same_vocab
+from .decoding.batch_loop import IDLE, Cancelled  # noqa: F401  (request sources and servers use them)
 from .decoding.contrastive import check_alpha, check_lam
 from .decoding.loop import Event, Stats, can_overlap, check_catch_up, check_limits, stream_generate
 from .decoding.sampling import check_sampling, make_logits_processors, make_sampler
@@ -289,6 +290,33 @@ class Runtime:
         return ChatSession(self, system=system, **settings)
 
     # -- info and lifetime -------------------------------------------------------------------------
+    def stream_many(self, requests, *, parallel: int = 8, on_event=None, cancelled=None,
+                    finetuned: bool = False) -> Iterator[tuple]:
+        """Many requests decoded together, `parallel` at a time (continuous batching: a request takes the
+        first free slot). `requests` yields (key, prompt ids, Settings), or IDLE (nothing to admit yet: the
+        admitted ones go on decoding). Yields (key, Result or the exception that ended it) in completion order;
+        on_event(key, Event) sees every streamed token; cancelled(key) ends a request (Cancelled) and frees its
+        slot. finetuned=True decodes with the finetuned model (the amateur) alone, lambda 0."""
+        from .decoding.batch_loop import generate_batched
+
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+            raise ParameterError(f"parallel must be an integer >= 1, got {parallel!r}")
+        if finetuned:
+            from .backends.multiseq import open_multiseq
+
+            e = a = open_multiseq(self.amateur, parallel)
+            vocab = self.amateur
+            requests = (r if r is IDLE else (r[0], r[1], replace(r[2], lam=0.0)) for r in requests)
+        else:
+            (e, a), vocab = self.multiseq(parallel), self.expert
+        try:
+            yield from generate_batched(e, a, vocab, requests, result=Result, on_event=on_event,
+                                        cancelled=cancelled)
+        finally:
+            e.close()
+            if a is not e:
+                a.close()
+
     def multiseq(self, n_slots: int) -> tuple:
         """(expert, amateur) multi-sequence forms of the two models, n_slots KV sequences each, decoded together
         (decoding/batch_loop.py): the same loaded weights, engine settings and adapters. Close both."""

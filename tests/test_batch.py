@@ -344,14 +344,14 @@ def test_batched_equals_one_after_another(runtime, settings):
 def test_lazy_and_sync_amateur_feeding_pick_the_same(runtime):
     """The batched loop feeds the amateur either only for the slots that need it (lazy) or, when any does,
     for all (sync, the default): same picks, and the same as one request at a time."""
-    from epicode_edge.apps.batch import open_batched
     from epicode_edge.decoding.batch_loop import generate_batched
     from epicode_edge.runtime import Result
 
     s = runtime.settings(max_tokens=20, lam=1.0)
     want = [runtime.generate(p, max_tokens=20, lam=1.0) for p in PROMPTS]
     for mode in ("lazy", "sync"):
-        with open_batched(runtime, 3) as (expert_ms, amateur_ms):
+        expert_ms, amateur_ms = runtime.multiseq(3)
+        with expert_ms, amateur_ms:
             got = dict(generate_batched(expert_ms, amateur_ms, runtime.expert,
                                         [(i, runtime.encode(p), s) for i, p in enumerate(PROMPTS)],
                                         result=Result, amateur=mode))
@@ -373,14 +373,9 @@ def test_batched_requests_finish_independently_and_fail_alone(runtime):
     for p, r in zip(prompts[::2] + prompts[3:], res[::2] + res[3:]):
         assert _same(r, runtime.generate(p, max_tokens=20))
 
-    from epicode_edge.apps.batch import open_batched
-    from epicode_edge.decoding.batch_loop import generate_batched
-    from epicode_edge.runtime import Result
-
     limits = (0, 1, 5, 40, 3, 12)
     reqs = [(i, runtime.encode(p), runtime.settings(max_tokens=n)) for i, (p, n) in enumerate(zip(PROMPTS, limits))]
-    with open_batched(runtime, 2) as (expert_ms, amateur_ms):
-        got = list(generate_batched(expert_ms, amateur_ms, runtime.expert, reqs, result=Result))
+    got = list(runtime.stream_many(reqs, parallel=2))
     order = [k for k, _ in got]
     assert sorted(order) == list(range(len(PROMPTS))) and order != sorted(order)  # completion order
     for i, r in got:  # a slot freed by a short request takes the next one; each answer is unchanged
@@ -409,15 +404,42 @@ def test_run_batch_parallel_matches_sequential(runtime, tmp_path):
 def test_batched_on_mlx_equals_one_after_another(bundle, settings):
     """MLX: prompts on each slot's own cache, single tokens of several slots in one (B, 1) forward over a
     left-padded batch KV cache; the same answers as one request at a time."""
-    from epicode_edge.apps.batch import open_batched
     from epicode_edge.decoding.batch_loop import generate_batched
     from epicode_edge.runtime import Result, load
 
     with load(bundle, backend="mlx", n_ctx=256) as rt:
         seq = [rt.generate(p, **settings) for p in PROMPTS]
         s = rt.settings(**settings)
-        with open_batched(rt, 4) as (expert_ms, amateur_ms):
+        expert_ms, amateur_ms = rt.multiseq(4)
+        with expert_ms, amateur_ms:
             got = dict(generate_batched(expert_ms, amateur_ms, rt.expert,
                                         [(i, rt.encode(p), s) for i, p in enumerate(PROMPTS)], result=Result))
             assert expert_ms.batched_forwards > 0 and amateur_ms.batched_forwards > 0
     assert all(_same(got[i], a) for i, a in enumerate(seq))
+
+
+def test_stream_many_admits_as_requests_come_and_cancels(runtime):
+    """A server's source: IDLE while nothing is queued (decoding goes on), requests admitted as they come,
+    a cancelled request ends at once with Cancelled and frees its slot for the next one."""
+    from epicode_edge.runtime import IDLE, Cancelled
+
+    s = runtime.settings(max_tokens=12)
+    want = {i: runtime.generate(p, max_tokens=12) for i, p in enumerate(PROMPTS[:3])}
+    cancel = {"long"}
+    seen_events: list = []
+
+    def source():
+        yield 0, runtime.encode(PROMPTS[0]), s
+        yield "long", runtime.encode(PROMPTS[1]), runtime.settings(max_tokens=200)
+        for _ in range(3):
+            yield IDLE  # nothing queued for a few steps: the two admitted requests keep decoding
+        yield 1, runtime.encode(PROMPTS[1]), s  # takes the cancelled request's slot
+        yield 2, runtime.encode(PROMPTS[2]), s
+
+    got = dict(runtime.stream_many(source(), parallel=2, on_event=lambda k, e: seen_events.append(k),
+                                   cancelled=lambda k: k in cancel and seen_events.count("long") >= 2))
+    assert isinstance(got["long"], Cancelled) and seen_events.count("long") == 2
+    assert all(_same(got[i], want[i]) for i in want)
+    fin = dict(runtime.stream_many(iter([(0, runtime.encode(PROMPTS[0]), s)]), parallel=2, finetuned=True))
+    alone = runtime.compare(PROMPTS[0], max_tokens=12)
+    assert fin[0].tokens == alone.tokens and fin[0].changed_tokens == 0

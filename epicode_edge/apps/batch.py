@@ -407,8 +407,6 @@ def _batched_records(runtime, items: list, defaults: dict, compare: bool, parall
     decoding (settings, chat template) come out as they are reached."""
     from collections import deque
 
-    from ..decoding.batch_loop import generate_batched
-
     side: deque = deque()
     by_key = {}
 
@@ -427,15 +425,12 @@ def _batched_records(runtime, items: list, defaults: dict, compare: bool, parall
             by_key[item.line] = (item, messages, settings)
             yield item.line, ids, s
 
-    from ..runtime import Result
-
-    with open_batched(runtime, parallel) as (expert_ms, amateur_ms):
-        for key, res in generate_batched(expert_ms, amateur_ms, runtime.expert, requests(), result=Result):
-            while side:
-                yield side.popleft()
-            req, messages, settings = by_key.pop(key)
-            yield _failure(req, res) if isinstance(res, BaseException) else _finish(runtime, req, res, messages,
-                                                                                  settings, compare)
+    for key, res in runtime.stream_many(requests(), parallel=parallel):
+        while side:
+            yield side.popleft()
+        req, messages, settings = by_key.pop(key)
+        yield _failure(req, res) if isinstance(res, BaseException) else _finish(runtime, req, res, messages,
+                                                                              settings, compare)
     while side:
         yield side.popleft()
 
@@ -445,30 +440,12 @@ def batched_supported(runtime) -> bool:
     return getattr(runtime, "backend", None) in ("llama.cpp", "mlx")
 
 
-class open_batched:
-    """Multi-sequence engines over the runtime's two models (the weights are shared, not loaded again):
-    `with open_batched(rt, 8) as (expert_ms, amateur_ms): ...`."""
-
-    def __init__(self, runtime, n_slots: int):
-        self.expert, self.amateur = runtime.multiseq(n_slots)
-
-    def __enter__(self):
-        return self.expert, self.amateur
-
-    def __exit__(self, *exc):
-        self.expert.close()
-        self.amateur.close()
-
-
 def generate_batch(runtime, prompts: list, *, parallel: int = 8, return_exceptions: bool = False,
                    **settings) -> list:
     """Python API: answer many prompts (strings, with the chat template, or message lists) decoded
     together, `parallel` at a time; the Results come back in input order. Greedy outputs equal
     runtime.generate() on each prompt. A failed request raises, or with return_exceptions=True its
     exception takes its place in the list. Falls back to one at a time where batching is unsupported."""
-    from ..decoding.batch_loop import generate_batched
-    from ..runtime import Result
-
     if not isinstance(parallel, int) or parallel < 1:
         from ..errors import ParameterError
 
@@ -480,11 +457,10 @@ def generate_batch(runtime, prompts: list, *, parallel: int = 8, return_exceptio
         return out
     s = runtime.settings(**settings)
     requests = ((i, runtime.encode(p), s) for i, p in enumerate(prompts))
-    with open_batched(runtime, min(parallel, max(len(prompts), 1))) as (expert_ms, amateur_ms):
-        for i, res in generate_batched(expert_ms, amateur_ms, runtime.expert, requests, result=Result):
-            if isinstance(res, BaseException) and not return_exceptions:
-                raise res
-            out[i] = res
+    for i, res in runtime.stream_many(requests, parallel=min(parallel, max(len(prompts), 1))):
+        if isinstance(res, BaseException) and not return_exceptions:
+            raise res
+        out[i] = res
     return out
 
 

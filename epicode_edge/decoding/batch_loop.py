@@ -3,7 +3,9 @@
     for key, result in generate_batched(expert_ms, amateur_ms, vocab, requests):   # completion order
         ...
 
-`requests` yields (key, prompt ids, Settings). Each request gets a slot (a KV sequence of its own in both
+`requests` yields (key, prompt ids, Settings), or IDLE when it has nothing to admit yet (a server's queue:
+decoding of the admitted requests goes on, and the source is asked again at the next step; with nothing in
+flight it should block until a request comes). Each request gets a slot (a KV sequence of its own in both
 models); at every step the expert decodes one token for every active slot (or a whole prompt for a slot
 that has just been admitted) in one call, then, when some slot's pick needs the amateur (a forced pick
 does not, as in loop.py), the amateur decodes what it has not seen yet. Requests
@@ -27,13 +29,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from .contrastive import plausible_ids
 from .loop import Stats, TextStream, check_limits, check_prompt, common_prefix, processed_scores
 from .sampling import make_logits_processors, make_sampler
+
+
+IDLE = object()  # what a request source yields when it has nothing to admit yet
+
+
+class Cancelled(Exception):
+    """The request was cancelled (e.g. its client went away); its slot was freed at once."""
 
 
 @dataclass
@@ -65,7 +74,8 @@ class _Seq:
 
 
 def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any, list[int], Any]], *,
-                     result=None, on_event=None, amateur: str = "sync") -> Iterator[tuple[Any, Any]]:
+                     result=None, on_event=None, amateur: str = "sync",
+                     cancelled: Callable[[Any], bool] | None = None) -> Iterator[tuple[Any, Any]]:
     """Yield (key, result) or (key, exception) per request, in completion order.
 
     vocab: the expert's single-sequence Backend (eos_ids, token_bytes, vocab_size, n_ctx); settings objects
@@ -73,7 +83,8 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
     completion_tokens, changed_tokens, stats) builds each result (runtime.Result; a tuple by default).
     on_event(key, Event) is called for every streamed token (optional). amateur: "sync" (when a step needs
     the amateur, every slot catches up: one decode of equal-length entries) or "lazy" (only the slots that
-    need it, as loop.py; more, smaller decodes). The picks are the same either way.
+    need it, as loop.py; more, smaller decodes). The picks are the same either way. cancelled(key), asked
+    before every step, ends a request with a Cancelled exception and frees its slot.
     """
     if amateur not in ("sync", "lazy"):
         from ..errors import ParameterError
@@ -90,6 +101,8 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
             if nxt is None:
                 exhausted = True
                 break
+            if nxt is IDLE:
+                break
             key, ids, s = nxt
             try:
                 seq = _admit(key, free[-1], ids, s, expert_ms, amateur_ms, vocab)
@@ -100,8 +113,14 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
                 yield key, _result(Result, seq, ("length", "max_tokens"))
                 continue
             active[free.pop()] = seq
+        if cancelled is not None:
+            for seq in [q for q in active.values() if cancelled(q.key)]:
+                _release(seq, active, free)
+                yield seq.key, Cancelled(f"request {seq.key!r} cancelled")
         if not active:
-            return
+            if exhausted:
+                return
+            continue
         seqs = list(active.values())
         try:
             _forward(expert_ms, amateur_ms, seqs, amateur == "sync")
