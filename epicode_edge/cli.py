@@ -316,6 +316,44 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
     click.echo(summary.line(), err=True)
 
 
+@main.command("serve")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (another address exposes the server beyond this machine).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Requests decoded together (per model).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests waiting beyond the parallel ones; more get 429 with Retry-After.")
+@click.option("--api-key", default=None, envvar="EPICODE_EDGE_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every /v1 request.")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=None,
+              help="The most tokens one request may ask for [default: the context size].")
+@click.option("--name", default=None, help="The model id clients use [default: the bundle folder's name].")
+@runtime_options
+def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit, name, backend, quant,
+              n_gpu_layers, n_ctx, n_threads, overlap):
+    """Serve BUNDLE over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for
+    chat front ends, editors and the openai client. Model NAME is EpiCoDe, NAME:finetuned the finetuned model
+    alone; extra body fields `lambda` and `alpha` set contrastive decoding per request."""
+    import uvicorn
+
+    from .apps.serve import ServeConfig, create_app
+    from .runtime import load
+
+    rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    name = name or Path(bundle).resolve().name
+    cfg = ServeConfig(name=name, parallel=parallel, max_queue=max_queue, api_key=api_key or None,
+                      max_tokens_limit=max_tokens_limit)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.", err=True)
+    click.echo(f"Serving {name} ({rt.backend}, lambda {rt.defaults.lam:g}, alpha {rt.defaults.alpha:g}, "
+               f"{parallel} at a time) on http://{host}:{port}/v1 - models: {name}, {name}:finetuned. "
+               "Ctrl-C stops.", err=True)
+    with rt:
+        uvicorn.run(create_app(rt, cfg), host=host, port=port, log_level="warning")
+
+
 class _BatchBar:
     """A tqdm bar over the requests of a batch run; progress(done, total, record) drives it."""
 
