@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as FT
 
 from epicode_edge.converters.tokenizer_meta import read_tokenizer
-from epicode_edge.errors import BackendError, InputError, UnsupportedError
+from epicode_edge.errors import BackendError, InputError, NumericError, UnsupportedError
 
 # HF model_type -> gguf-py architecture. Mistral, Deepseek-LLM and TinyLlama are Llama in llama.cpp.
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA,
@@ -69,6 +69,19 @@ def check_arch(config: dict, where: str = "config.json") -> gguf.MODEL_ARCH:
         raise UnsupportedError(
             f"{where}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
     return ARCHS[arch]
+
+
+def count_nonfinite_encoded(encoded: np.ndarray, qtype: Q) -> int:
+    """NaN/Inf values (F32, F16, BF16) or block scales (Q8_0: one f16 scale per 32 values) in encoded rows."""
+    if qtype in (Q.F32, Q.F16):
+        return int(encoded.size - np.count_nonzero(np.isfinite(encoded)))
+    if qtype == Q.BF16:
+        return int(np.count_nonzero((encoded.view(np.uint16) & 0x7F80) == 0x7F80))
+    if qtype == Q.Q8_0:
+        block, size = gguf.GGML_QUANT_SIZES[Q.Q8_0]  # 32 values, 34 bytes: f16 scale + 32 int8
+        scales = np.ascontiguousarray(encoded.reshape(-1, size)[:, :2]).view(np.float16)  # (blocks, 1)
+        return int(block * (scales.size - np.count_nonzero(np.isfinite(scales))))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- sinks
@@ -143,9 +156,15 @@ class _StreamingGGUF:
         fout.seek(self._data_start + self._offsets[gguf_name])
         rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # (R, C)
         step = max(1, _CHUNK_ELEMENTS // rows.shape[1])  # encode a few MB at a time: bounded extra memory
+        bad = 0
         for i in range(0, rows.shape[0], step):
             chunk = np.ascontiguousarray(rows[i:i + step], dtype=np.float32)
-            gguf.quants.quantize(chunk, qtype).tofile(fout)
+            encoded = gguf.quants.quantize(chunk, qtype)
+            bad += count_nonfinite_encoded(encoded, qtype)
+            encoded.tofile(fout)
+        if bad:
+            raise NumericError(f"tensor {gguf_name!r}: {bad} values are NaN/Inf as {qtype.name} in {self.out_path.name} "
+                               f"(out of that type's range: use a smaller mu, or quant F32)")
         self._written.add(gguf_name)
 
     def close(self) -> Path:
@@ -335,6 +354,8 @@ def read_config(hf_dir: Path) -> dict:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except (RecursionError, UnicodeDecodeError):
+        raise InputError(f"{path}: invalid JSON (nested too deeply, or not UTF-8)") from None
 
 
 # ----------------------------------------------------------------------------------- hyperparameters

@@ -96,6 +96,8 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         config = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{cfg_path}: cannot read adapter config ({e})") from None
+    except RecursionError:
+        raise InputError(f"{cfg_path}: cannot read adapter config (JSON nested too deeply)") from None
     if not isinstance(config, dict):
         raise InputError(f"{cfg_path}: adapter config is not a JSON object")
     _check_config(config, cfg_path)
@@ -306,8 +308,13 @@ def write_lora_gguf(adapter: LoraAdapter, out: str | Path, config: dict, lora_ty
             if fold != 1.0:
                 b = b * np.float32(fold)
             name = name_of(target)
-            writer.add_tensor(name + ".lora_a", np.ascontiguousarray(a, dtype=dtype))
-            writer.add_tensor(name + ".lora_b", np.ascontiguousarray(permute_rows(target, b), dtype=dtype))
+            a = np.ascontiguousarray(a, dtype=dtype)
+            b = np.ascontiguousarray(permute_rows(target, b), dtype=dtype)
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                raise NumericError(f"{adapter.file.path}: LoRA tensors of {target!r} overflow {lora_type} "
+                                   "(values beyond its range); use lora_type F32")
+            writer.add_tensor(name + ".lora_a", a)
+            writer.add_tensor(name + ".lora_b", b)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -430,6 +437,9 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
     from .convert import check_formats, convert
 
     formats = check_formats(convert_kw.pop("to", "gguf"))
+    check_model = convert_kw.pop("check_model", None)
+    if merge:
+        convert_kw["check_model"] = check_model
     if not merge:
         if formats != ["gguf"]:
             raise UnsupportedError("a shared-base (LoRA) bundle is GGUF only; use merge=True for other formats")
@@ -444,7 +454,7 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
                            mu=mu, to=formats, quant=tuple(quants), lam=lam, alpha=alpha, force=force,
                            progress=progress, **convert_kw)
         return _write_shared_base(base_ckpt, ft, inf, out, mu=mu, quants=quants, lam=lam, alpha=alpha,
-                                  force=force, progress=progress, lora_type=lora_type)
+                                  force=force, progress=progress, lora_type=lora_type, check_model=check_model)
     finally:
         ft.close(), inf.close()
         if base_ckpt is not base:
@@ -457,7 +467,8 @@ def _quant_list(quant) -> list[str]:
     return check_quants(quant)  # a list or a comma-separated string; canonical names, no repeats
 
 
-def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force, progress, lora_type):
+def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force, progress, lora_type,
+                       check_model=None):
     import time
     from datetime import datetime, timezone
 
@@ -473,6 +484,8 @@ def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force
         for i, q in enumerate(quants):
             rel = gguf_relpath("base", q)
             _write_base_gguf(base_ckpt, bw.path(rel), q, progress, hasher if i == 0 else None, (i, len(quants)))
+            if check_model is not None:
+                check_model(bw.tmp / rel)
             files["gguf"][q] = {"base": file_entry(bw.tmp, rel)}
         for which, adapter in (("finetuned", ft), ("inferior", inf)):
             rel = lora_relpath(which)
