@@ -154,3 +154,15 @@ def test_two_lora_ggufs_are_not_two_checkpoints(tmp_path):
     out = tmp_path / "out" / "b"
     assert_refused(*convert_cli(b.path / "lora/finetuned.gguf", b.path / "lora/inferior.gguf", out), out,
                    "finetuned.gguf", "a GGUF LoRA adapter, not a model")
+
+
+def test_shared_base_lora_checks_the_base_config(tmp_path):
+    from factory import make_hf_model, make_lora_pair
+
+    base = make_hf_model(tmp_path / "base", "llama", seed=2)
+    ft, inf = make_lora_pair(tmp_path / "adapters", base, rank=4, seed=3)
+    edit_configs((base,), intermediate_size=100)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "b"
+    code, output = convert_cli(ft, inf, out, "--base", str(base))
+    assert_refused(code, output, out, "base/config.json", "mlp", "intermediate_size")

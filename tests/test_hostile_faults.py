@@ -4,6 +4,7 @@ are refused."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,7 +104,23 @@ def test_full_disk_in_convert_is_one_line(tmp_path_factory, tmp_path):
         assert code == 1, out
         errors = [line for line in out.splitlines() if line.startswith("Error: ")]
         assert len(errors) == 1 and "Traceback" not in out, out
-        assert "no space left on the device while writing" in errors[0] and "the bundle needs about" in errors[0]
+        assert re.search(r"no space left on the device while writing ((expert|amateur)-F32\.gguf|model\.safetensors): "
+                         r"the bundle needs about 1\.\d MB, [\d.]+ KB free in ", errors[0]), errors[0]
+        assert list(fs.iterdir()) == []
+
+
+def test_full_disk_in_a_shared_base_convert_is_one_line(tmp_path):
+    from factory import make_hf_model, make_lora_pair
+
+    base = make_hf_model(tmp_path / "base", "llama", seed=2)
+    ft, inf = make_lora_pair(tmp_path / "adapters", base, rank=4, seed=3)
+    with small_fs(tmp_path / "fs", "200k") as fs:
+        r = CliRunner().invoke(main, ["convert", "--base", str(base), "--finetuned", str(ft), "--inferior", str(inf),
+                                      "--mu", "0.5", "--quant", "F32", "-o", str(fs / "b")])
+        assert r.exit_code == 1, r.output
+        errors = [line for line in r.output.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and "Traceback" not in r.output, r.output
+        assert "no space left on the device while writing base-F32.gguf" in errors[0]
         assert list(fs.iterdir()) == []
 
 

@@ -72,7 +72,7 @@ line_objects = st.fixed_dictionaries({}, optional={
     "lambda": json_values, "stop": json_values, "system": json_values, "temp": json_values, "seed": json_values})
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(raw=st.binary(max_size=200) | line_objects.map(lambda o: json.dumps(o).encode()))
 def test_parse_line_never_raises(raw):
     item = batch.parse_line(raw, 7)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import re
 import resource
 import shutil
 import sys
@@ -27,8 +28,8 @@ from typing import Callable, Iterable
 
 from .. import __version__
 from ..errors import BundleError, ParameterError, UnsupportedError
-from .bundle import (FORMAT_VERSION, Bundle, BundleWriter, file_entry, gguf_relpath, hf_relpath, human_bytes, mlx_relpath,
-                     open_bundle)
+from .bundle import (FORMAT_VERSION, LOCK_FILE, Bundle, BundleWriter, file_entry, gguf_relpath, hf_relpath,
+                     human_bytes, mlx_relpath, open_bundle)
 from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
 from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, validate_pair
 from .hf import MAX_SHARD_BYTES, HFSink
@@ -340,7 +341,9 @@ def write_error(e: OSError, bw: BundleWriter, need: int) -> BundleError:
     except OSError:
         free = None
     name = e.filename or _newest_file(bw.tmp)
-    what = f"while writing {Path(name).name}" if name else "while writing the bundle"
+    if name:  # the file's final name, not its work name (x.gguf.part, x.gguf.unquantized.part, x.gguf.tmp)
+        name = re.sub(r"(\.unquantized)?\.(part|tmp)$", "", Path(name).name)
+    what = f"while writing {name}" if name else "while writing the bundle"
     full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG) or (
         e.errno is None and free is not None and free < (1 << 20))
     if full:
@@ -354,7 +357,7 @@ def _newest_file(root: Path | None) -> str | None:
     if root is None:
         return None
     try:
-        files = [f for f in root.rglob("*") if f.is_file()]
+        files = [f for f in root.rglob("*") if f.is_file() and f.name != LOCK_FILE]
         return str(max(files, key=lambda f: f.stat().st_mtime_ns)) if files else None
     except OSError:
         return None

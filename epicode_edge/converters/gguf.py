@@ -161,7 +161,11 @@ class _StreamingGGUF:
             chunk = np.ascontiguousarray(rows[i:i + step], dtype=np.float32)
             encoded = gguf.quants.quantize(chunk, qtype)
             bad += count_nonfinite_encoded(encoded, qtype)
-            encoded.tofile(fout)
+            try:
+                encoded.tofile(fout)
+            except OSError as e:  # e.g. a full disk: say which file (numpy's error names none)
+                e.filename = e.filename or str(self.out_path)
+                raise
         if bad:
             raise NumericError(f"tensor {gguf_name!r}: {bad} values are NaN/Inf as {qtype.name} in {self.out_path.name} "
                                f"(out of that type's range: use a smaller mu, or quant F32)")

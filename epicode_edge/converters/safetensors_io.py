@@ -193,7 +193,11 @@ class SafetensorsWriter:
         a = np.ascontiguousarray(array, dtype=STORAGE[tag])
         if a.shape != shape:
             raise ValueError(f"tensor {name!r}: shape {a.shape} != declared {shape}")
-        self._f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")  # no copy of the tensor
+        try:
+            self._f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")  # no copy of the tensor
+        except OSError as e:  # e.g. a full disk: say which file
+            e.filename = e.filename or str(self.path)
+            raise
         self._next += 1
 
     def write_chunks(self, name: str, chunks) -> None:
