@@ -34,7 +34,7 @@ from .backends.base import Backend, check_same_vocab
 from .decoding.contrastive import check_alpha, check_lam
 from .decoding.loop import Event, Stats, can_overlap, check_catch_up, check_limits, stream_generate
 from .decoding.sampling import check_sampling, make_logits_processors, make_sampler
-from .errors import BundleError, InputError, ParameterError, UnsupportedError
+from .errors import BackendError, BundleError, EpicodeError, InputError, ParameterError, UnsupportedError
 
 __all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "Event", "Result", "Stats"]
 
@@ -562,19 +562,22 @@ def open_backend(path, backend: str, *, n_ctx: int = 2048, n_threads: int | None
     path = Path(path)
     if backend == "auto":
         backend = "llama.cpp" if path.suffix == ".gguf" else "mlx"
-    if backend == "llama.cpp":
-        from .backends.llamacpp import LlamaCppBackend
+    try:
+        if backend == "llama.cpp":
+            from .backends.llamacpp import LlamaCppBackend
 
-        try:
             return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
-        except Exception as e:
-            if type(e).__module__.startswith("jinja2"):  # llama-cpp-python parses the template at load
-                raise BundleError(f"{path}: the model's chat template is not valid Jinja "
-                                  f"({' '.join(str(e).split())[:200]}); llama-cpp-python cannot load it") from None
-            raise
-    from .backends.mlx import MLXBackend
+        from .backends.mlx import MLXBackend
 
-    return MLXBackend(path, n_ctx=n_ctx, **engine_kw)
+        return MLXBackend(path, n_ctx=n_ctx, **engine_kw)
+    except EpicodeError:
+        raise
+    except Exception as e:  # a model file that is not what it claims: one line, not the engine's traceback
+        msg = " ".join(str(e).split())[:200]
+        if type(e).__module__.startswith("jinja2"):  # llama-cpp-python parses the chat template at load
+            raise BundleError(f"{path}: the model's chat template is not valid Jinja ({msg}); "
+                              "llama-cpp-python cannot load it") from None
+        raise BackendError(f"{path}: {backend} cannot load the model ({type(e).__name__}: {msg})") from None
 
 
 def load_models(expert, amateur, *, backend: str = "auto", n_ctx: int = 2048, n_threads: int | None = None,

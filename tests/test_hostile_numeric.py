@@ -86,9 +86,10 @@ def one_error_line(output):
     return errors[0]
 
 
-@pytest.mark.parametrize("lam", ["0", "0.5"])
-def test_generate_on_broken_weights_is_one_line(broken_bundle, lam):
-    code, out = cli("generate", broken_bundle, "hello", "--lambda", lam, "--max-tokens", "4", "--threads", N_THREADS)
+@pytest.mark.parametrize("lam,extra", [("0", ()), ("0.5", ()), ("0.5", ("--overlap",))])
+def test_generate_on_broken_weights_is_one_line(broken_bundle, lam, extra):
+    code, out = cli("generate", broken_bundle, "hello", "--lambda", lam, "--max-tokens", "4", "--threads", N_THREADS,
+                    *extra)
     assert code == 1
     line = one_error_line(out)
     assert "the expert model gave non-finite logits" in line and "token position" in line
@@ -141,3 +142,21 @@ def test_overwritten_gguf_data_gives_one_line(tmp_path_factory, tmp_path):
     assert code == 1 and "non-finite logits" in one_error_line(out)
     with pytest.raises((NumericError, BackendError)):
         check_gguf_runs(f)
+
+
+@pytest.mark.parametrize("what", ["gguf", "mlx-config", "mlx-weights"])
+def test_model_files_that_are_not_what_they_claim_are_one_line(tmp_path_factory, tmp_path, what):
+    """Same size as listed (only --verify reads the content): the engine's failure is one line."""
+    import shutil
+
+    from rt_models import bundle_dir
+
+    b = shutil.copytree(bundle_dir(tmp_path_factory), tmp_path / "b")
+    f = {"gguf": b / "gguf/expert-F32.gguf", "mlx-config": b / "mlx/expert/config.json",
+         "mlx-weights": b / "mlx/expert/model.safetensors"}[what]
+    f.write_bytes(b"\x07" * f.stat().st_size)
+    backend = ["--quant", "F32"] if what == "gguf" else ["--backend", "mlx"]
+    code, out = cli("generate", b, "hello", *backend, "--max-tokens", "2", "--threads", N_THREADS)
+    assert code == 1
+    line = one_error_line(out)
+    assert f.name in line or f.parent.name in line

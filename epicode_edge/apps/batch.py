@@ -397,7 +397,8 @@ def _rewrite(path: Path, records: list[dict]) -> int:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         _lock(fd, path)
-        os.fchmod(fd, 0o666 & ~_umask())
+        if hasattr(os, "fchmod"):  # mkstemp makes it 0600; the output keeps the umask's permissions
+            os.fchmod(fd, 0o666 & ~_umask())
         data = "".join(_dumps(rec) for rec in records).encode("utf-8")
         view = memoryview(data)
         while view:

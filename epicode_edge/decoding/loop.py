@@ -28,6 +28,9 @@ The prompt prefills overlap too. An error in either forward is raised after both
 first); Ctrl-C waits for the amateur's forward before it propagates, so both caches stay consistent. Engines
 that cannot run forwards from two threads (Backend.concurrent false, e.g. MLX) keep the sequential path.
 
+Broken weights: logits holding NaN or +Inf (or all -Inf) stop the request with a NumericError naming the role
+(expert / amateur) and the token position (`check_finite`, one max over the vocabulary per forward).
+
 Cache reuse: each model keeps what it has cached; a new prompt is compared with it and only the tokens after
 the common prefix are fed (chat turns prefill only their new tokens; the amateur catches up lazily).
 """
