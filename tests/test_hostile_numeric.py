@@ -160,3 +160,38 @@ def test_model_files_that_are_not_what_they_claim_are_one_line(tmp_path_factory,
     assert code == 1
     line = one_error_line(out)
     assert f.name in line or f.parent.name in line
+
+
+@pytest.mark.parametrize("qtype,offsets", [("Q4_0", (0,)), ("Q4_K", (0, 2)), ("Q5_K", (2,)), ("Q6_K", (208,)),
+                                           ("Q3_K", (108,)), ("Q2_K", (82,))])
+def test_block_scales_that_overflowed_are_counted(qtype, offsets):
+    import gguf
+
+    from epicode_edge.converters.gguf import count_nonfinite_encoded
+
+    q = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[q]
+    data = np.zeros((3, size), dtype=np.uint8)  # three blocks, all-zero scales: finite
+    assert count_nonfinite_encoded(data, q) == 0
+    for off in offsets:
+        data[1, off:off + 2] = np.array([np.inf], dtype=np.float16).view(np.uint8)
+    assert count_nonfinite_encoded(data, q) == block
+
+
+def test_a_written_gguf_is_scanned_per_tensor(tmp_path_factory, tmp_path):
+    import shutil
+
+    from rt_models import bundle_dir
+
+    import gguf
+
+    from epicode_edge.converters.gguf import first_nonfinite_tensor
+
+    f = shutil.copy(bundle_dir(tmp_path_factory) / "gguf/expert-Q8_0.gguf", tmp_path / "e.gguf")
+    assert first_nonfinite_tensor(f) is None
+    t = next(t for t in gguf.GGUFReader(f).tensors if t.tensor_type.name == "Q8_0")
+    name, offset = t.name, int(t.data_offset)
+    with open(f, "r+b") as fh:  # the scale of the tensor's second block := +Inf
+        fh.seek(offset + 34)
+        fh.write(np.array([np.inf], dtype=np.float16).tobytes())
+    assert first_nonfinite_tensor(f) == (name, 32, "Q8_0")

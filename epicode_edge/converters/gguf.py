@@ -71,17 +71,42 @@ def check_arch(config: dict, where: str = "config.json") -> gguf.MODEL_ARCH:
     return ARCHS[arch]
 
 
+# byte offsets of the f16 scales (d, and m / dmin) inside one block of each ggml quant type
+_F16_SCALES = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q2_K: (80, 82),
+               Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
 def count_nonfinite_encoded(encoded: np.ndarray, qtype: Q) -> int:
-    """NaN/Inf values (F32, F16, BF16) or block scales (Q8_0: one f16 scale per 32 values) in encoded rows."""
-    if qtype in (Q.F32, Q.F16):
-        return int(encoded.size - np.count_nonzero(np.isfinite(encoded)))
+    """NaN/Inf values in encoded data: F32/F16/BF16 values, or for block quants the values of each block
+    whose f16 scale is NaN/Inf (a scale that overflowed makes its whole block NaN/Inf)."""
+    if qtype == Q.F32:
+        a = encoded.view(np.float32)
+        return int(a.size - np.count_nonzero(np.isfinite(a)))
+    if qtype == Q.F16:
+        a = encoded.view(np.float16)
+        return int(a.size - np.count_nonzero(np.isfinite(a)))
     if qtype == Q.BF16:
         return int(np.count_nonzero((encoded.view(np.uint16) & 0x7F80) == 0x7F80))
-    if qtype == Q.Q8_0:
-        block, size = gguf.GGML_QUANT_SIZES[Q.Q8_0]  # 32 values, 34 bytes: f16 scale + 32 int8
-        scales = np.ascontiguousarray(encoded.reshape(-1, size)[:, :2]).view(np.float16)  # (blocks, 1)
-        return int(block * (scales.size - np.count_nonzero(np.isfinite(scales))))
+    if qtype in _F16_SCALES:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        blocks = encoded.view(np.uint8).reshape(-1, size)  # (blocks, bytes)
+        bad = np.zeros(len(blocks), dtype=bool)
+        for off in _F16_SCALES[qtype]:
+            scale = np.ascontiguousarray(blocks[:, off:off + 2]).view(np.float16).reshape(-1)  # (blocks,)
+            bad |= ~np.isfinite(scale)
+        return int(block * np.count_nonzero(bad))
     return 0
+
+
+def first_nonfinite_tensor(path) -> tuple[str, int, str] | None:
+    """(tensor name, NaN/Inf values, type) of the first tensor of a GGUF file holding NaN/Inf (see
+    count_nonfinite_encoded), or None. Reads the file once (memory-mapped)."""
+    reader = _open_reader(path)
+    for t in reader.tensors:
+        n = count_nonfinite_encoded(np.asarray(t.data).reshape(-1), t.tensor_type)
+        if n:
+            return t.name, n, t.tensor_type.name
+    return None
 
 
 # --------------------------------------------------------------------------------------------- sinks
@@ -187,6 +212,10 @@ class _StreamingGGUF:
             if self.direct_type is None:
                 llama_quantize(self._inter, self._part, self.file_type)
                 self._inter.unlink()
+                bad = first_nonfinite_tensor(self._part)  # llama.cpp's block scales can overflow too
+                if bad is not None:
+                    raise NumericError(f"tensor {bad[0]!r}: {bad[1]} values are NaN/Inf as {bad[2]} in "
+                                       f"{self.out_path.name} (out of that type's range: use a smaller mu, or quant F32)")
             os.replace(self._part, self.out_path)
         except BaseException:
             self.abort()
