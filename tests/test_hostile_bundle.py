@@ -328,3 +328,49 @@ def test_any_manifest_the_loader_accepts_describes_cleanly(tmp_path_factory, fie
     for q in b.quants:
         for role in b.manifest["files"]["gguf"][q]:
             assert out in b.gguf(role, q).resolve().parents
+
+
+# --------------------------------------------------------------------------------------- every command
+
+def _escape(out, m):
+    m["files"]["gguf"]["Q8_0"]["expert"]["path"] = "../../../../etc/passwd"
+    return "is not a relative path inside the bundle"
+
+
+def _symlink(out, m):
+    f = out / "gguf/amateur-Q8_0.gguf"
+    target = out.parent / "elsewhere"
+    target.write_bytes(f.read_bytes())
+    f.unlink()
+    f.symlink_to(target)
+    return "leads outside the bundle folder"
+
+
+def _nan_mu(out, m):
+    m["mu"] = float("nan")
+    return "field 'mu'"
+
+
+def _no_bytes(out, m):
+    del m["files"]["gguf"]["Q8_0"]["amateur"]["bytes"]
+    return "'files.gguf.Q8_0.amateur.bytes'"
+
+
+HOSTILE_BUNDLES = {"escape": _escape, "symlink": _symlink, "nan-mu": _nan_mu, "no-bytes": _no_bytes}
+
+
+@pytest.mark.parametrize("command", ["info", "info-verify", "generate", "chat", "batch", "eval"])
+@pytest.mark.parametrize("case", sorted(HOSTILE_BUNDLES))
+def test_every_command_refuses_a_hostile_bundle_with_one_line(tmp_path, case, command):
+    out = write_bundle(tmp_path / "b")
+    m = json.loads((out / MANIFEST).read_text())
+    expect = HOSTILE_BUNDLES[case](out, m)
+    rewrite(out, m)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "prompt": "hi", "answer": "1"}) + "\n")
+    args = {"info": ["info", out], "info-verify": ["info", out, "--verify"], "generate": ["generate", out, "hi"],
+            "chat": ["chat", out], "batch": ["batch", out, tmp_path / "in.jsonl", "-o", tmp_path / "res.jsonl"],
+            "eval": ["eval", out, tmp_path / "in.jsonl", "-o", tmp_path / "ev"]}[command]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = CliRunner().invoke(main, [str(a) for a in args], input="hi\n")
+    assert_one_line_error(r.exit_code, r.output, expect)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written: no results, no eval folder
