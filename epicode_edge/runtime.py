@@ -682,11 +682,11 @@ def available_memory() -> int | None:
 
 
 def kv_cache_bytes(backend, n_slots: int, bytes_per_value: int = 2) -> int:
-    """Bytes of the KV cache of n_slots sequences of backend.n_ctx tokens (llama.cpp: from the GGUF's
-    metadata; f16 cache). 0 where it cannot be told (MLX allocates as it goes)."""
+    """Bytes of the KV cache of n_slots sequences of backend.n_ctx tokens in host memory (llama.cpp on the
+    CPU: from the GGUF's metadata; f16 cache). 0 where it cannot be told or is not in host memory."""
     path = Path(getattr(backend, "path", ""))
-    if getattr(backend, "name", None) != "llama.cpp" or not path.is_file():
-        return 0
+    if getattr(backend, "name", None) != "llama.cpp" or not path.is_file() or not getattr(backend, "on_cpu", True):
+        return 0  # MLX allocates as it goes; with layers offloaded the cache is in device memory
     from .converters.checkpoint import GGUFCheckpoint
     from .errors import EpicodeError
 
