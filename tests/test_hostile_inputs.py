@@ -137,9 +137,13 @@ def test_parallel_is_capped_and_refused_when_caches_cannot_fit(bundle, tmp_path,
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
 
 
-def test_kv_cache_estimate_matches_the_model(rt):  # noqa: F811
-    # the tiny llama: 2 layers, 2 KV heads x 16 dims, f16 cache
-    assert runtime_mod.kv_cache_bytes(rt.expert, 3) == 3 * rt.expert.n_ctx * 2 * 2 * (16 + 16) * 2
+def test_kv_cache_estimate_matches_the_model(rt, tmp_path_factory):  # noqa: F811
+    from rt_models import pair_dir
+
+    cfg = json.loads((pair_dir(tmp_path_factory) / "finetuned/config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 2 * head_dim * 2  # K and V, f16
+    assert runtime_mod.kv_cache_bytes(rt.expert, 3) == 3 * rt.expert.n_ctx * per_token
 
 
 def test_n_ctx_below_the_engine_minimum_is_said(bundle):  # noqa: F811
