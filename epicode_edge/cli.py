@@ -314,29 +314,30 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
 
     settings["stop"] = settings["stop"] or None
     Settings().updated(**settings)  # out-of-range values fail before the models load
-    with batch.prepare(input_path, output, retry_errors=retry_errors) as job:  # bad paths fail before loading too
-        if job.repaired:
-            click.echo(f"Note: {job.repaired} (a run was interrupted mid-write).", err=True)
-        for id_, line, first in job.duplicates[:5]:
-            click.echo(f"Warning: duplicate id {id_!r} on line {line} (first on line {first}): skipped.", err=True)
-        if len(job.duplicates) > 5:
-            click.echo(f"Warning: {len(job.duplicates) - 5} more duplicate ids skipped.", err=True)
-        if not job.pending:
-            click.echo(f"Nothing to do: all {job.total} requests already have a record in {output}.", err=True)
-            return
-        rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
-        _notes(rt)
-        if parallel > 1 and not batch.batched_supported(rt):
-            click.echo(f"Note: no batched decoding on {rt.backend}: requests run one at a time.", err=True)
-        bar = _BatchBar()
-        try:
-            with rt, bar:
-                summary = batch.run_job(rt, job, compare=compare, progress=bar.update, parallel=parallel,
-                                        system=system, **settings)
-        except KeyboardInterrupt:
-            click.echo(f"\nInterrupted after {bar.new} new records; run the same command again to resume.", err=True)
-            sys.exit(130)
-        click.echo(summary.line(), err=True)
+    job = batch.prepare(input_path, output, retry_errors=retry_errors)  # bad paths fail before loading too
+    click.get_current_context().call_on_close(job.close)  # the output stays locked until the command ends
+    if job.repaired:
+        click.echo(f"Note: {job.repaired} (a run was interrupted mid-write).", err=True)
+    for id_, line, first in job.duplicates[:5]:
+        click.echo(f"Warning: duplicate id {id_!r} on line {line} (first on line {first}): skipped.", err=True)
+    if len(job.duplicates) > 5:
+        click.echo(f"Warning: {len(job.duplicates) - 5} more duplicate ids skipped.", err=True)
+    if not job.pending:
+        click.echo(f"Nothing to do: all {job.total} requests already have a record in {output}.", err=True)
+        return
+    rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    _notes(rt)
+    if parallel > 1 and not batch.batched_supported(rt):
+        click.echo(f"Note: no batched decoding on {rt.backend}: requests run one at a time.", err=True)
+    bar = _BatchBar()
+    try:
+        with rt, bar:
+            summary = batch.run_job(rt, job, compare=compare, progress=bar.update, parallel=parallel,
+                                    system=system, **settings)
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted after {bar.new} new records; run the same command again to resume.", err=True)
+        sys.exit(130)
+    click.echo(summary.line(), err=True)
 
 
 class _BatchBar:
