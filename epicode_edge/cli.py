@@ -9,7 +9,9 @@ Sections are owned by area (convert / runtime / apps): keep each command's wirin
 
 from __future__ import annotations
 
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -26,9 +28,30 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except EpicodeError as e:
             raise click.ClickException(_one_line(e)) from None
-        except KeyboardInterrupt:
-            click.echo("\nInterrupted.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            click.echo("\nTerminated." if isinstance(e, Terminated) else "\nInterrupted.", err=True)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, docker stop), raised where Ctrl-C would be: the same cleanup runs."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """While active (main thread only), SIGTERM raises Terminated, so that temporary files go as on Ctrl-C."""
+    def on_sigterm(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except (ValueError, OSError):  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(e: BaseException) -> str:
@@ -114,12 +137,14 @@ def convert_cmd(finetuned, inferior, mu, to, quant, mlx_bits, mlx_group_size, wi
         else:
             show(message, category, *args, **kw)
 
-    with warnings.catch_warnings(), _ConvertBar() as bar:
+    with _sigterm_as_interrupt(), warnings.catch_warnings(), _ConvertBar() as bar:
         warnings.simplefilter("always", ExtrapolationWarning)
         warnings.showwarning = show_warning
+        from .runtime import check_gguf_runs
+
         kw = dict(mu=mu, to=to, quant=quant, mlx_bits=int(mlx_bits) if mlx_bits else None,
                   mlx_group_size=mlx_group_size, with_inferior=with_inferior, force=force, lam=lam, alpha=alpha,
-                  progress=bar.update)
+                  progress=bar.update, check_model=check_gguf_runs)
         if base is not None:
             from .converters.lora import convert_lora
 
@@ -195,6 +220,11 @@ def runtime_options(f):
     return f
 
 
+def _notes(rt) -> None:
+    for note in rt.notes:
+        click.echo(f"Note: {note}.", err=True)
+
+
 def decoding_options(f):
     """--max-tokens --lambda --alpha --temp --top-p --top-k --min-p --seed --stop --repetition-penalty."""
     for opt in reversed([
@@ -230,6 +260,7 @@ def generate_cmd(bundle, prompt, system, raw, as_json, backend, quant, n_gpu_lay
     settings["stop"] = settings["stop"] or None
     Settings().updated(**settings)  # out-of-range values fail before the models load
     rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    _notes(rt)
     with rt:
         events = rt.stream(prompt, raw=raw, system=system, **settings)
         if as_json:
@@ -265,6 +296,7 @@ def chat_cmd(bundle, system, backend, quant, n_gpu_layers, n_ctx, n_threads, **s
     settings["stop"] = settings["stop"] or None
     Settings().updated(**settings)  # out-of-range values fail before the models load
     rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    _notes(rt)
     with rt:
         run_repl(ChatApp(rt, system=system, dim=sys.stderr.isatty(), **settings))
 
@@ -293,6 +325,7 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
     settings["stop"] = settings["stop"] or None
     Settings().updated(**settings)  # out-of-range values fail before the models load
     job = batch.prepare(input_path, output, retry_errors=retry_errors)  # bad paths fail before loading too
+    click.get_current_context().call_on_close(job.close)  # the output stays locked until the command ends
     if job.repaired:
         click.echo(f"Note: {job.repaired} (a run was interrupted mid-write).", err=True)
     for id_, line, first in job.duplicates[:5]:
@@ -303,6 +336,7 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
         click.echo(f"Nothing to do: all {job.total} requests already have a record in {output}.", err=True)
         return
     rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    _notes(rt)
     if parallel > 1 and not batch.batched_supported(rt):
         click.echo(f"Note: no batched decoding on {rt.backend}: requests run one at a time.", err=True)
     bar = _BatchBar()
@@ -436,6 +470,9 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, al
 
     if out_dir is None:
         out_dir = Path(f"eval-{bundle.name}-{data.stem}")
+    from .runtime import check_output_dir
+
+    check_output_dir(out_dir, "eval output folder")  # before the scoring, not after it
     with _StageBars() as bars:
         report = evaluate(bundle, data, out_dir=out_dir, max_tokens=max_tokens, extract=extract, limit=limit,
                           methods=methods, lam=lam, alpha=alpha, backend=backend, quant=quant,

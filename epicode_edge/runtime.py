@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from contextlib import contextmanager
 import platform
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -34,7 +35,7 @@ from .decoding.batch_loop import IDLE, Cancelled  # noqa: F401  (request sources
 from .decoding.contrastive import check_alpha, check_lam
 from .decoding.loop import Event, Stats, can_overlap, check_catch_up, check_limits, stream_generate
 from .decoding.sampling import check_sampling, make_logits_processors, make_sampler
-from .errors import BundleError, InputError, ParameterError, UnsupportedError
+from .errors import BackendError, BundleError, EpicodeError, InputError, ParameterError, UnsupportedError
 
 __all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "Event", "Result", "Stats"]
 
@@ -142,16 +143,110 @@ def collect(events: Iterator[Event]) -> Result:
 # ----------------------------------------------------------------------------------------------
 
 
+RENDER_SECONDS = 5.0  # a chat template renders in milliseconds; a runaway one is stopped after this
+RENDER_MAX_CHARS = 1 << 23  # 8M characters: far beyond any context window
+_TEMPLATE_MAX_INT = 10**7  # widths and repeat counts a template may use
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
 def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = True,
                 bos_token: str | None = None, eos_token: str | None = None, **extra) -> str:
-    """Render a Jinja chat template in a sandbox, with the variables and helpers transformers provides."""
+    """Render a Jinja chat template in a sandbox, with the variables and helpers transformers provides.
+
+    Bounded: the output at RENDER_MAX_CHARS characters, repeat counts and widths at 10**7, and (in the main
+    thread, where signals allow it) the time at RENDER_SECONDS; past a bound the render fails with InputError.
+    """
     env = _jinja_env()
     try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token or "",
-            eos_token=eos_token or "", **extra)
+        with _deadline(RENDER_SECONDS):
+            parts, size = [], 0
+            for piece in env.from_string(template).generate(
+                    messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token or "",
+                    eos_token=eos_token or "", **extra):
+                size += len(piece)
+                if size > RENDER_MAX_CHARS:
+                    raise InputError(f"chat template output exceeds {RENDER_MAX_CHARS} characters (runaway template?)")
+                parts.append(piece)
+            return "".join(parts)
+    except InputError:
+        raise
+    except _RenderTimeout:
+        raise InputError(f"chat template took more than {RENDER_SECONDS:g} s to render (runaway loop?)") from None
+    except MemoryError:
+        raise InputError("chat template ran out of memory while rendering (runaway template?)") from None
     except Exception as e:  # jinja2 TemplateError or raise_exception() from the template
-        raise InputError(f"chat template failed: {' '.join(str(e).split())}") from None
+        raise InputError(f"chat template failed: {' '.join(str(e).split())[:300]}") from None
+
+
+@contextmanager
+def _deadline(seconds: float):
+    """Raise _RenderTimeout in the main thread after `seconds` (a no-op where there is no SIGALRM, off the
+    main thread, or when another timer is running)."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _RenderTimeout()
+
+    if signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _too_big(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > _TEMPLATE_MAX_INT
+
+
+def _bounded_sandbox():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, with the allocations a template can ask for in one operation bounded."""
+
+        intercepted_binops = frozenset(["*", "**", "%"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_MAX_CHARS:
+                        raise SecurityError("a repeated sequence too large for a chat template")
+            elif operator == "**":
+                if isinstance(right, (int, float)) and abs(right) > 1024:
+                    raise SecurityError("an exponent too large for a chat template")
+            elif operator == "%" and isinstance(left, str) and _format_width_too_big(left):
+                raise SecurityError("a format width too large for a chat template")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+            fmt = None  # the string of a str.format call (the sandbox wraps the bound method)
+            if getattr(__obj, "__name__", "") in ("format", "format_map"):
+                fmt = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+            if any(_too_big(v) for v in list(args) + list(kwargs.values())) or (
+                    isinstance(fmt, str) and _format_width_too_big(fmt)):
+                raise SecurityError("an argument too large for a chat template")
+            return super().call(__context, __obj, *args, **kwargs)
+
+    return BoundedSandbox
+
+
+def _format_width_too_big(text: str) -> bool:
+    import re
+
+    return any(len(run) > 7 for run in re.findall(r"\d+", text)) and ("%" in text or "{" in text)
 
 
 def _jinja_env():
@@ -159,17 +254,46 @@ def _jinja_env():
     from datetime import datetime
 
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise ValueError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _bounded_sandbox()(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    for name in ("center", "indent", "format", "wordwrap", "truncate"):
+        env.filters[name] = _bounded_filter(env.filters[name], name == "format")
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
+
+
+def _bounded_filter(f, is_format: bool):
+    from functools import wraps
+
+    from jinja2.sandbox import SecurityError
+
+    @wraps(f)
+    def bounded(*args, **kwargs):
+        values = list(args[1:]) + list(kwargs.values())
+        if any(_too_big(v) for v in values) or (is_format and args and isinstance(args[0], str)
+                                                 and _format_width_too_big(args[0])):
+            raise SecurityError("an argument too large for a chat template")
+        return f(*args, **kwargs)
+
+    return bounded
+
+
+def check_text(text: str, what: str) -> str:
+    """text as given, or InputError when it holds bytes that are not UTF-8 (undecodable input bytes arrive
+    as lone surrogates: a command-line argument, stdin read with surrogateescape, a JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        byte = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"lone surrogate U+{ch:04X}"
+        raise InputError(f"{what} is not valid UTF-8 ({byte} at character {e.start})") from None
+    return text
 
 
 def check_messages(messages) -> list[dict]:
@@ -205,11 +329,16 @@ class Runtime:
         self.path = bundle.path if bundle is not None else expert.path
         self.quant = quant
         self.mu = bundle.mu if bundle is not None else None
+        self.notes: list[str] = []  # things the caller should tell the user (e.g. a context size changed)
 
     # -- prompts -----------------------------------------------------------------------------------
     def encode(self, prompt, *, raw: bool = False, system: str | None = None) -> list[int]:
         """Token ids of a prompt: a string with the chat template (raw=False), a raw string tokenized as the
         model's HF tokenizer does by default (raw=True), or a list of {'role', 'content'} messages."""
+        if isinstance(prompt, str):
+            check_text(prompt, "the prompt")
+        if system is not None:
+            check_text(system, "the system prompt")
         if isinstance(prompt, str) and raw:
             if system is not None:
                 raise ParameterError("a system prompt needs the chat template: drop raw or the system prompt")
@@ -220,6 +349,8 @@ class Runtime:
             raise ParameterError("raw=True takes a prompt string, not a list of messages")
         else:
             messages = check_messages(prompt)
+            for i, m in enumerate(messages):
+                check_text(m["content"], f"messages[{i}]")
         if system is not None:
             messages = [m for m in messages if m["role"] != "system"]
             messages.insert(0, {"role": "system", "content": system})
@@ -284,7 +415,8 @@ class Runtime:
     def compare_ids(self, ids: Sequence[int], s: Settings | None = None) -> Iterator[Event]:
         s = s or self.defaults
         self._share_cores(1)
-        return stream_generate(self.amateur, None, ids, lam=0.0, alpha=1.0, max_tokens=s.max_tokens, stop=s.stop)
+        return stream_generate(self.amateur, None, ids, lam=0.0, alpha=1.0, max_tokens=s.max_tokens, stop=s.stop,
+                               roles=("amateur", "amateur"))
 
     def chat(self, system: str | None = None, **settings) -> "ChatSession":
         return ChatSession(self, system=system, **settings)
@@ -322,6 +454,7 @@ class Runtime:
         (decoding/batch_loop.py): the same loaded weights, engine settings and adapters. Close both."""
         from .backends.multiseq import open_multiseq
 
+        check_kv_memory(self, n_slots)  # refuse caches that cannot fit, before allocating them
         e = open_multiseq(self.expert, n_slots)
         try:
             return e, open_multiseq(self.amateur, n_slots)
@@ -387,6 +520,9 @@ class ChatSession:
         closed early (Ctrl-C): what was streamed is what the history keeps."""
         if not isinstance(text, str):
             raise ParameterError("a chat message must be a string")
+        check_text(text, "the message")
+        if self.system is not None:
+            check_text(self.system, "the system prompt")
         s = self.settings.updated(**overrides) if overrides else self.settings
         user = {"role": "user", "content": text}
         rendered = self.runtime.render(self.messages + [user])
@@ -504,13 +640,22 @@ def open_backend(path, backend: str, *, n_ctx: int = 2048, n_threads: int | None
     path = Path(path)
     if backend == "auto":
         backend = "llama.cpp" if path.suffix == ".gguf" else "mlx"
-    if backend == "llama.cpp":
-        from .backends.llamacpp import LlamaCppBackend
+    try:
+        if backend == "llama.cpp":
+            from .backends.llamacpp import LlamaCppBackend
 
-        return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
-    from .backends.mlx import MLXBackend
+            return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
+        from .backends.mlx import MLXBackend
 
-    return MLXBackend(path, n_ctx=n_ctx, **engine_kw)
+        return MLXBackend(path, n_ctx=n_ctx, **engine_kw)
+    except EpicodeError:
+        raise
+    except Exception as e:  # a model file that is not what it claims: one line, not the engine's traceback
+        msg = " ".join(str(e).split())[:200]
+        if type(e).__module__.startswith("jinja2"):  # llama-cpp-python parses the chat template at load
+            raise BundleError(f"{path}: the model's chat template is not valid Jinja ({msg}); "
+                              "llama-cpp-python cannot load it") from None
+        raise BackendError(f"{path}: {backend} cannot load the model ({type(e).__name__}: {msg})") from None
 
 
 def load_models(expert, amateur, *, backend: str = "auto", n_ctx: int = 2048, n_threads: int | None = None,
@@ -525,16 +670,20 @@ def load_models(expert, amateur, *, backend: str = "auto", n_ctx: int = 2048, n_
     except BaseException:
         e.close()
         raise
-    return _runtime(e, a, lam=lam, alpha=alpha)
+    return _runtime(e, a, n_ctx, lam=lam, alpha=alpha)
 
 
-def _runtime(e, a, **kw) -> Runtime:
+def _runtime(e, a, n_ctx: int | None = None, **kw) -> Runtime:
     try:
-        return Runtime(e, a, **kw)
+        rt = Runtime(e, a, **kw)
     except BaseException:
         e.close()
         a.close()
         raise
+    if n_ctx is not None and e.n_ctx != n_ctx:  # llama.cpp: at least 256, rounded up to a multiple of 256
+        rt.notes.append(f"{e.name} uses a context of {e.n_ctx} tokens, not the {n_ctx} asked for "
+                        f"(its minimum or rounding)")
+    return rt
 
 
 def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: int = 0, n_ctx: int = 2048,
@@ -567,7 +716,7 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
                               f"{next(r for r in roles if r not in per_role)!r} (has {', '.join(per_role)})")
         r = open_roles(base, per_role, roles, n_ctx=n_ctx, n_threads=n_threads,
                        n_gpu_layers=n_gpu_layers, **engine_kw)
-        return _runtime(r[roles[0]], r[roles[1]], lam=b.lam, alpha=b.alpha, bundle=b,
+        return _runtime(r[roles[0]], r[roles[1]], n_ctx, lam=b.lam, alpha=b.alpha, bundle=b,
                         quant=b.gguf("base", quant).stem.split("-", 1)[-1])
     if backend == "auto":
         backend = "mlx" if ("mlx" in b.formats and (apple_silicon() or "gguf" not in b.formats)) else "llama.cpp"
@@ -587,4 +736,88 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     except BaseException:
         e.close()
         raise
-    return _runtime(e, a, lam=b.lam, alpha=b.alpha, bundle=b, quant=quant if backend == "llama.cpp" else None)
+    return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=quant if backend == "llama.cpp" else None)
+
+
+def check_gguf_runs(path, n_threads: int | None = 1) -> None:
+    """What convert asks of each GGUF it wrote: llama.cpp loads it and one token gives finite logits.
+    Raises BackendError (cannot load: e.g. a config that does not match the weights) or NumericError."""
+    from .backends.llamacpp import LlamaCppBackend
+    from .decoding.loop import check_finite
+
+    path = Path(path)
+    role = path.stem.split("-", 1)[0]
+    b = LlamaCppBackend(path, n_ctx=256, n_threads=n_threads)
+    try:
+        check_finite(b.prefill([b.bos_id if b.bos_id is not None else 0]), role, b)
+    finally:
+        b.close()
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; else free pages), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def kv_cache_bytes(backend, n_slots: int, bytes_per_value: int = 2) -> int:
+    """Bytes of the KV cache of n_slots sequences of backend.n_ctx tokens in host memory (llama.cpp on the
+    CPU: from the GGUF's metadata; f16 cache). 0 where it cannot be told or is not in host memory."""
+    path = Path(getattr(backend, "path", ""))
+    if getattr(backend, "name", None) != "llama.cpp" or not path.is_file() or not getattr(backend, "on_cpu", True):
+        return 0  # MLX allocates as it goes; with layers offloaded the cache is in device memory
+    from .converters.checkpoint import GGUFCheckpoint
+    from .errors import EpicodeError
+
+    try:
+        cfg = GGUFCheckpoint(path).config
+    except EpicodeError:
+        return 0
+    arch = cfg.get("general.architecture", "")
+
+    def key(name, default=None):
+        v = cfg.get(f"{arch}.{name}", default)
+        return int(v) if isinstance(v, (int, float)) else default
+
+    layers, embd, heads = key("block_count", 0), key("embedding_length", 0), key("attention.head_count", 1) or 1
+    kv_heads = key("attention.head_count_kv", heads) or heads
+    k_len = key("attention.key_length", embd // heads)
+    v_len = key("attention.value_length", embd // heads)
+    return n_slots * int(backend.n_ctx) * layers * kv_heads * (k_len + v_len) * bytes_per_value
+
+
+def check_kv_memory(runtime, n_slots: int) -> None:
+    """ParameterError when n_slots sequences' KV caches (both models) cannot fit in the available memory."""
+    need = sum(kv_cache_bytes(b, n_slots) for b in (runtime.expert, runtime.amateur))
+    free = available_memory()
+    if need and free is not None and need > free:
+        from .converters.bundle import human_bytes
+
+        raise ParameterError(f"parallel {n_slots}: the KV caches need {human_bytes(need)} ({n_slots} sequences x "
+                             f"{runtime.expert.n_ctx} tokens x 2 models), more than the {human_bytes(free)} of memory "
+                             "available; lower --parallel or --n-ctx")
+
+
+def check_output_dir(path, what: str = "output folder") -> Path:
+    """A folder that will be written after a long run can be: absent (its nearest existing parent writable)
+    or a writable folder. InputError naming it, before any work."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: the {what} exists and is not a folder")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{path}: the {what} cannot be made ({ancestor} is not a folder)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: the {what} cannot be written ({ancestor}: permission denied)")
+    return path

@@ -130,10 +130,10 @@ def test_error_records_done_unless_retry(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": "q0", "line": 1, "error": "boom"}\n{"id": null, "line": 3, "error": "bad"}\n'
                    '{"id": "q1", "line": 2, "text": "ok"}\n')
-    job = batch.prepare(inp, out)
-    assert job.pending == [] and job.skipped == 3
-    job = batch.prepare(inp, out, retry_errors=True)
-    assert [batch._item_key(it) for it in job.pending] == ['id:"q0"', "line:3"]
+    with batch.prepare(inp, out) as job:  # a job holds the output's lock until closed
+        assert job.pending == [] and job.skipped == 3
+    with batch.prepare(inp, out, retry_errors=True) as job:
+        assert [batch._item_key(it) for it in job.pending] == ['id:"q0"', "line:3"]
     assert _lines(out) == [{"id": "q1", "line": 2, "text": "ok"}]
 
 

@@ -171,7 +171,9 @@ def test_info_cli(tmp_path):
 def test_describe_shows_other_file_groups_and_warnings(tmp_path):
     out = write_bundle(tmp_path / "b")
     manifest = json.loads((out / MANIFEST).read_text())
-    manifest["files"]["lora"] = {"finetuned": {"path": "lora/finetuned.gguf", "bytes": 1500}}
+    (out / "lora").mkdir()
+    (out / "lora/finetuned.gguf").write_bytes(b"a" * 1500)
+    manifest["files"]["lora"] = {"finetuned": file_entry(out, "lora/finetuned.gguf")}
     manifest["warnings"] = ["mu = 3.0 is large"]
     (out / MANIFEST).write_text(json.dumps(manifest))
     text = "\n".join(describe(open_bundle(out)))

@@ -69,7 +69,7 @@ def test_mlx_backend(bundle):
     (["--stop", ""], "stop strings must be non-empty"),
     (["--raw", "--system", "x"], "system prompt needs the chat template"),
     (["--quant", "Q4_K_M"], "no GGUF files for quant Q4_K_M"),
-    (["--n-ctx", "16"], "more than the context"),
+    (["--n-ctx", "256"], "more than the context"),
 ])
 def test_bad_options_give_one_line_errors(bundle, args, msg):
     prompt = "word " * 300 if "--n-ctx" in args else "Hi"

@@ -36,6 +36,7 @@ Library code: never prints; progress is a callback progress(done, total, record_
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -89,6 +90,91 @@ class Job:
     skipped: int  # already done in the output
     duplicates: list[tuple[Any, int, int]]  # (id, line, line of its first occurrence)
     repaired: str | None = None  # what was fixed in the output, if anything
+    out: "_Output | None" = field(default=None, repr=False)  # the output, open and locked until close()
+
+    def close(self) -> None:
+        """Release the output's lock (an output this job created and never wrote to is removed)."""
+        if self.out is not None:
+            self.out.close()
+            self.out = None
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Output:
+    """The results file, opened once and locked (flock) for one writer: a second run on the same output is
+    refused instead of writing every record twice. Records are appended with os.write; a write that fails
+    (a full disk) is cut off again, so the file stays a list of complete records and a rerun resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.created = not path.exists()
+        self.fd = None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            _lock(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.written = 0
+
+    def replace_with(self, fd: int) -> None:
+        """After an atomic rewrite: fd (already locked) is the file now at path."""
+        os.close(self.fd)
+        self.fd = fd
+
+    def append(self, data: bytes) -> None:
+        pos = os.lseek(self.fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, pos)  # no partial record left behind
+            except OSError:
+                pass
+            full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG)
+            why = "no space left on the device" if full else (e.strerror or str(e))
+            raise InputError(f"cannot write {self.path}: {why} ({self.written} records written by this run, "
+                             f"{len(data)} bytes needed for the next; free some space and run the same command "
+                             "again to resume)") from None
+        self.written += 1
+
+    def __del__(self):  # a Job dropped without close() releases the lock too
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if self.created and os.fstat(self.fd).st_size == 0:
+                self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _lock(fd: int, path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise InputError(f"cannot write {path}: another batch run is writing to it (wait for it to finish, or "
+                         "choose another output file)") from None
 
 
 @dataclass
@@ -151,6 +237,8 @@ def parse_line(raw: bytes, line: int) -> Request | dict | None:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         return _error(None, line, f"line {line}: not valid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return _error(None, line, f"line {line}: JSON nested too deeply")
     if not isinstance(obj, dict):
         return _error(None, line, f"line {line}: expected a JSON object, got {type(obj).__name__}")
     id_ = obj.get("id")
@@ -286,7 +374,7 @@ def scan_output(path: Path) -> tuple[list[dict], int | None, bool]:
 def _record(raw: bytes) -> dict | None:
     try:
         rec = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return rec if isinstance(rec, dict) and "id" in rec and ("text" in rec or "error" in rec) else None
 
@@ -303,19 +391,31 @@ def _repair(path: Path, cut: int | None, needs_newline: bool) -> str | None:
     return None
 
 
-def _rewrite(path: Path, records: list[dict]) -> None:
-    """Replace the output atomically with `records` (a temp file in the same folder, then rename)."""
+def _rewrite(path: Path, records: list[dict]) -> int:
+    """Replace the output atomically with `records` (a temp file in the same folder, locked, then renamed);
+    returns the new file's descriptor, which holds the lock."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(_dumps(rec))
-            f.flush()
-            os.fsync(f.fileno())
+        _lock(fd, path)
+        if hasattr(os, "fchmod"):  # mkstemp makes it 0600; the output keeps the umask's permissions
+            os.fchmod(fd, 0o666 & ~_umask())
+        data = "".join(_dumps(rec) for rec in records).encode("utf-8")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
         os.replace(tmp, path)
     except BaseException:
+        os.close(fd)
         Path(tmp).unlink(missing_ok=True)
         raise
+    return fd
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _dumps(rec: dict) -> str:
@@ -328,15 +428,20 @@ def prepare(input_path, output_path, *, retry_errors: bool = False) -> Job:
     data = read_input(input_path)
     check_output(output_path, input_path)
     items, dups = parse_input(data)
-    records, cut, needs_newline = scan_output(output_path)
-    repaired = _repair(output_path, cut, needs_newline)
-    if retry_errors and any("error" in r for r in records):
-        records = [r for r in records if "error" not in r]
-        _rewrite(output_path, records)
+    out = _Output(output_path)  # locked from here: a second run on this output is refused
+    try:
+        records, cut, needs_newline = scan_output(output_path)
+        repaired = _repair(output_path, cut, needs_newline)
+        if retry_errors and any("error" in r for r in records):
+            records = [r for r in records if "error" not in r]
+            out.replace_with(_rewrite(output_path, records))
+    except BaseException:
+        out.close()
+        raise
     done = {_key(r.get("id"), r.get("line", 0)) for r in records}
     pending = [it for it in items if _item_key(it) not in done]
     return Job(input_path, output_path, total=len(items), pending=pending, skipped=len(items) - len(pending),
-               duplicates=dups, repaired=repaired)
+               duplicates=dups, repaired=repaired, out=out)
 
 
 def _item_key(item) -> str:
@@ -351,8 +456,8 @@ def _item_key(item) -> str:
 def run_batch(runtime, input_path, output_path, *, compare: bool = False, progress: Progress | None = None,
               parallel: int = 1, retry_errors: bool = False, **defaults) -> Summary:
     """Run every pending request of input_path through runtime, appending records to output_path."""
-    job = prepare(input_path, output_path, retry_errors=retry_errors)
-    return run_job(runtime, job, compare=compare, progress=progress, parallel=parallel, **defaults)
+    with prepare(input_path, output_path, retry_errors=retry_errors) as job:
+        return run_job(runtime, job, compare=compare, progress=progress, parallel=parallel, **defaults)
 
 
 def run_job(runtime, job: Job, *, compare: bool = False, progress: Progress | None = None,
@@ -362,21 +467,23 @@ def run_job(runtime, job: Job, *, compare: bool = False, progress: Progress | No
     t0 = time.perf_counter()
     if progress:
         progress(done, total, None)
-    try:
-        out = open(job.output_path, "a", encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"cannot write {job.output_path}: {e.strerror or e}") from None
+    out = job.out if job.out is not None else _Output(job.output_path)
     from contextlib import closing
 
-    with out, closing(_records(runtime, job.pending, defaults, compare, parallel)) as records:
-        for rec in records:  # (closing: an interrupted run frees the batched contexts at once)
-            out.write(_dumps(rec))
-            out.flush()
-            _count(summary, rec)
-            done += 1
-            summary.seconds = time.perf_counter() - t0
-            if progress:
-                progress(done, total, rec)
+    n_requests = sum(isinstance(it, Request) for it in job.pending)
+    parallel = max(1, min(parallel, n_requests))  # no more slots (KV caches) than requests
+    try:
+        with closing(_records(runtime, job.pending, defaults, compare, parallel)) as records:
+            for rec in records:  # (closing: an interrupted run frees the batched contexts at once)
+                out.append(_dumps(rec).encode("utf-8"))
+                _count(summary, rec)
+                done += 1
+                summary.seconds = time.perf_counter() - t0
+                if progress:
+                    progress(done, total, rec)
+    finally:
+        if out is not job.out:
+            out.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 

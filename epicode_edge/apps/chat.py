@@ -416,6 +416,11 @@ def run_repl(app: ChatApp, stdin=None, interactive: bool | None = None) -> None:
     """Read messages until /bye or end of input. Interactive (a TTY): a prompt, readline editing and
     history, Ctrl-C clears the line. Piped: no prompt, each line is a message or a command."""
     stdin = sys.stdin if stdin is None else stdin
+    if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 reach the session (which refuses that
+        try:                           # message with one line) instead of ending it with a decode error
+            stdin.reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):
+            pass
     if interactive is None:
         interactive = stdin.isatty()
     readline = _tty_reader() if interactive else _pipe_reader(stdin)

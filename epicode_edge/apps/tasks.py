@@ -74,15 +74,21 @@ def load_items(path, limit: int | None = None) -> list[Item]:
     if not path.is_file():
         raise InputError(f"{path}: no such data file")
     items, ids = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path} line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"{path} line {n}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise InputError(f"{where}: invalid JSON (nested too deeply)") from None
             item = parse_item(obj, where, len(items))
             if item.id in ids:
                 raise InputError(f"{where}: duplicate id {item.id!r}")

@@ -15,12 +15,13 @@ Writing is atomic: everything goes into a hidden temporary folder next to the ta
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import BundleError
@@ -88,7 +89,8 @@ class BundleWriter:
     def __enter__(self) -> "BundleWriter":
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            remove_stale_temps(self.out)
+            self.tmp, self._lock = _make_temp(self.out)
         except OSError as e:
             raise BundleError(f"{self.out}: cannot be written ({e.strerror or e})") from None
         return self
@@ -116,12 +118,85 @@ class BundleWriter:
         else:
             os.rename(self.tmp, self.out)
         self.committed = True
+        (self.out / LOCK_FILE).unlink(missing_ok=True)
+        self._unlock()
         return self.out
+
+    def _unlock(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            os.close(lock)
 
     def __exit__(self, exc_type, exc, tb):
         if not self.committed and self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        self._unlock()
         return False
+
+
+# The temporary folder holds this file, locked (flock) by the writing process for as long as it runs: a
+# folder whose lock can be taken belongs to a process that died (kill -9, power loss) and is removed by the
+# next writer of the same target. The lock goes with the process, so a reused pid cannot fool it.
+LOCK_FILE = ".epicode-writer.lock"
+
+
+def _make_temp(out: Path) -> tuple[Path, int | None]:
+    """A new hidden folder next to `out`, with the permissions of the umask (mkdtemp would make it 0700, and
+    the bundle keeps its folder's mode), holding the writer's lock."""
+    for _ in range(100):
+        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+        except FileExistsError:
+            continue
+        try:
+            return tmp, _lock_new(tmp / LOCK_FILE)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    raise FileExistsError(f"no free temporary name next to {out}")
+
+
+def _lock_new(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no stale-folder cleanup
+        return fd
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def remove_stale_temps(out) -> list[Path]:
+    """Remove the temporary folders of `out` (.NAME.tmp-XXXX) left by writers that died; returns them.
+    A folder is removed only when its lock file exists and is not held: a live writer keeps it."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    out = Path(out)
+    removed = []
+    for d in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        lock = d / LOCK_FILE
+        if d.is_symlink() or not d.is_dir() or not lock.is_file():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live writer
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        finally:
+            os.close(fd)
+    return removed
+
 
 
 def sha256_file(path: Path) -> str:
@@ -205,68 +280,231 @@ def _roles(files: dict, fmt: str) -> set[str]:
     return set(files[fmt])
 
 
-def _entries(manifest: dict):
-    """Every (format, key, entry) file entry listed in the manifest."""
-    files = manifest["files"]
-    for q, per_role in files.get("gguf", {}).items():
-        for role, e in per_role.items():
-            yield f"gguf {q} {role}", e
-    for fmt in ("mlx", "hf"):
-        for role, e in files.get(fmt, {}).items():
-            yield f"{fmt} {role}", e
+MANIFEST_MAX_BYTES = 16 << 20  # a manifest is a few KB; anything near this is not one of ours
+_TOP_LEVEL = {  # field -> (accepted types, required); other top-level fields are allowed and ignored
+    "format_version": (int, True), "mu": ((int, float), True), "defaults": (dict, True), "files": (dict, True),
+    "tool": (str, False), "tool_version": (str, False), "created": (str, False), "arch": ((str, type(None)), False),
+    "tokenizer_hash": ((str, type(None)), False), "sources": (dict, False), "warnings": (list, False),
+    "summary": (dict, False), "layout": (str, False), "lora": (dict, False),
+}
+LAYOUTS = ("shared-base",)
+_HEX = set("0123456789abcdef")
 
 
 def open_bundle(path, verify: bool = False) -> Bundle:
-    """Read and validate a bundle: manifest present and well-formed, every listed file present with its
-    size. verify=True also checks every sha256 (reads everything). Raises BundleError naming the file."""
+    """Read and validate a bundle: manifest present and well-formed (the whole schema, once), every listed
+    file inside the bundle folder (no absolute paths, no `..`, no symlink leading out) and present with its
+    size. verify=True also checks every sha256 (reads everything). Raises BundleError naming the file or
+    the manifest field."""
     path = Path(path).expanduser().absolute()
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle folder")
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{mpath}: missing (not an epicode bundle)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{mpath}: unreadable manifest ({' '.join(str(e).split())})") from None
-    _check_manifest(mpath, manifest)
+    manifest = _read_manifest(mpath)
+    check_manifest(manifest, mpath)
     for what, e in _entries(manifest):
         _check_entry(path, mpath, what, e, verify)
     return Bundle(path, manifest)
 
 
-def _check_manifest(mpath: Path, m) -> None:
+def _read_manifest(mpath: Path):
+    try:
+        if mpath.stat().st_size > MANIFEST_MAX_BYTES:
+            raise BundleError(f"{mpath}: unreadable manifest (larger than {MANIFEST_MAX_BYTES >> 20} MB)")
+        return json.loads(mpath.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise BundleError(f"{mpath}: unreadable manifest (JSON nested too deeply)") from None
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{mpath}: unreadable manifest ({' '.join(str(e).split())})") from None
+
+
+def _bad(mpath, field: str, what: str) -> BundleError:
+    return BundleError(f"{mpath}: invalid manifest (field {field!r} {what})")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_manifest(m, mpath="epicode.json") -> None:
+    """The whole manifest schema (types and ranges of every field this tool reads); BundleError naming the
+    first field at fault. File entries are checked for shape here and against the folder by open_bundle."""
     if not isinstance(m, dict):
         raise BundleError(f"{mpath}: invalid manifest (not an object)")
     version = m.get("format_version")
-    if not isinstance(version, int):
-        raise BundleError(f"{mpath}: invalid manifest (no format_version)")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _bad(mpath, "format_version", "missing or not an integer >= 1")
     if version > FORMAT_VERSION:
         raise BundleError(f"{mpath}: format_version {version} is newer than this tool reads ({FORMAT_VERSION}); "
                           "upgrade epicode-edge")
-    for key, kind in (("mu", (int, float)), ("defaults", dict), ("files", dict)):
-        if not isinstance(m.get(key), kind):
-            raise BundleError(f"{mpath}: invalid manifest (field {key!r} missing or malformed)")
-    for key in ("lambda", "alpha"):
-        if not isinstance(m["defaults"].get(key), (int, float)):
-            raise BundleError(f"{mpath}: invalid manifest (field 'defaults.{key}' missing or malformed)")
-    if not any(m["files"].get(f) for f in FORMATS):
+    for key, (kind, required) in _TOP_LEVEL.items():
+        if key not in m:
+            if required:
+                raise _bad(mpath, key, "missing or malformed")
+            continue
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, kind):
+            raise _bad(mpath, key, "missing or malformed" if required else f"has the wrong type ({type(v).__name__})")
+    if not _is_number(m["mu"]) or m["mu"] < 0:
+        raise _bad(mpath, "mu", f"missing or malformed: must be a finite number >= 0, got {m['mu']!r}")
+    d = m["defaults"]
+    lam, alpha = d.get("lambda"), d.get("alpha")
+    if not _is_number(lam) or lam < 0:
+        raise _bad(mpath, "defaults.lambda", f"missing or malformed: must be a finite number >= 0, got {lam!r}")
+    if not _is_number(alpha) or not 0 < alpha <= 1:
+        raise _bad(mpath, "defaults.alpha", f"missing or malformed: must be in (0, 1], got {alpha!r}")
+    for i, w in enumerate(m.get("warnings", [])):
+        if not isinstance(w, str):
+            raise _bad(mpath, f"warnings[{i}]", "is not a string")
+    for role, src in m.get("sources", {}).items():
+        if not isinstance(src, dict):
+            raise _bad(mpath, f"sources.{role}", "is not an object")
+        for k in ("path", "format", "content_sha256"):
+            if k in src and not isinstance(src[k], str):
+                raise _bad(mpath, f"sources.{role}.{k}", "is not a string")
+    for k, v in m.get("summary", {}).items():
+        if not _is_number(v):
+            raise _bad(mpath, f"summary.{k}", "is not a finite number")
+    _check_files(m, mpath)
+    layout = m.get("layout")
+    if layout is not None and layout not in LAYOUTS:
+        raise _bad(mpath, "layout", f"is {layout!r}; this tool reads {', '.join(LAYOUTS)}")
+    if layout == "shared-base":
+        _check_lora(m, mpath)
+
+
+def _check_files(m: dict, mpath) -> None:
+    files = m["files"]
+    for group, per in files.items():
+        if group not in FORMATS + ("lora",):
+            raise _bad(mpath, f"files.{group}", f"is not a file group of this tool ({', '.join(FORMATS + ('lora',))})")
+        if not isinstance(per, dict):
+            raise _bad(mpath, f"files.{group}", "is not an object")
+    for q, per_role in files.get("gguf", {}).items():
+        if not isinstance(per_role, dict) or not per_role:
+            raise _bad(mpath, f"files.gguf.{q}", "is not a non-empty object of roles")
+        for role in per_role:
+            if role not in ROLES + ("base",):
+                raise _bad(mpath, f"files.gguf.{q}.{role}", f"is not a role ({', '.join(ROLES + ('base',))})")
+    for fmt in ("mlx", "hf"):
+        for role in files.get(fmt, {}):
+            if role not in ROLES:
+                raise _bad(mpath, f"files.{fmt}.{role}", f"is not a role ({', '.join(ROLES)})")
+    if not any(files.get(f) for f in FORMATS):
         raise BundleError(f"{mpath}: invalid manifest (no files listed)")
+    for what, field, e in _entries_with_fields(m):
+        _check_entry_schema(mpath, field, e)
+
+
+def _check_entry_schema(mpath, field: str, e) -> None:
+    if not isinstance(e, dict):
+        raise _bad(mpath, field, "is not an object")
+    if not isinstance(e.get("path"), str) or not e["path"]:
+        raise _bad(mpath, f"{field}.path", "missing or not a string")
+    listed = e.get("files")
+    if listed is None:
+        _check_sizes(mpath, field, e)
+        return
+    if not isinstance(listed, dict) or not listed:
+        raise _bad(mpath, f"{field}.files", "is not a non-empty object")
+    for rel, fe in listed.items():
+        if not isinstance(fe, dict):
+            raise _bad(mpath, f"{field}.files.{rel}", "is not an object")
+        _check_sizes(mpath, f"{field}.files.{rel}", fe)
+    if "bytes" in e and (isinstance(e["bytes"], bool) or not isinstance(e["bytes"], int) or e["bytes"] < 0):
+        raise _bad(mpath, f"{field}.bytes", "is not an integer >= 0")
+    for k in ("bits", "group_size"):
+        v = e.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise _bad(mpath, f"{field}.{k}", "is not a positive integer")
+
+
+def _check_sizes(mpath, field: str, fe: dict) -> None:
+    n = fe.get("bytes")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise _bad(mpath, f"{field}.bytes", "missing or not an integer >= 0")
+    h = fe.get("sha256")
+    if not isinstance(h, str) or len(h) != 64 or not set(h) <= _HEX:
+        raise _bad(mpath, f"{field}.sha256", "missing or not 64 lowercase hex digits")
+
+
+def _check_lora(m: dict, mpath) -> None:
+    lora_files = m["files"].get("lora")
+    if not isinstance(lora_files, dict) or not lora_files:
+        raise _bad(mpath, "files.lora", "missing (a shared-base bundle lists its adapter files)")
+    if not isinstance(m.get("lora"), dict) or not isinstance(m["lora"].get("scales"), dict):
+        raise _bad(mpath, "lora.scales", "missing or not an object")
+    if not any("base" in per for per in m["files"].get("gguf", {}).values()):
+        raise _bad(mpath, "files.gguf", "has no base model (a shared-base bundle needs one)")
+    for role, per in m["lora"]["scales"].items():
+        if role not in ROLES or not isinstance(per, dict):
+            raise _bad(mpath, f"lora.scales.{role}", f"is not a role ({', '.join(ROLES)}) with an object of scales")
+        for which, scale in per.items():
+            if which not in lora_files:
+                raise _bad(mpath, f"lora.scales.{role}.{which}", "names an adapter that files.lora does not list")
+            if not _is_number(scale) or abs(scale) > 1e6:
+                raise _bad(mpath, f"lora.scales.{role}.{which}", f"must be a finite number (|s| <= 1e6), got {scale!r}")
+
+
+def resolve_inside(root: Path, rel: str, what: str) -> Path:
+    """root / rel, refused unless it stays inside root: relative, no `..`, no symlink leading out."""
+    rel_path = Path(rel)
+    if rel_path.is_absolute() or rel.startswith(("/", "\\")) or ".." in rel_path.parts or "\\" in rel \
+            or "\x00" in rel:
+        raise BundleError(f"{root / MANIFEST}: {what}: path {rel!r} is not a relative path inside the bundle folder (refused)")
+    p = root / rel_path
+    try:
+        real, real_root = p.resolve(), root.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise BundleError(f"{p}: cannot be resolved (symlink loop?) (listed in {MANIFEST} for {what})") from None
+    if real != real_root and real_root not in real.parents:
+        raise BundleError(f"{p}: leads outside the bundle folder (symlink to {real}); refused "
+                          f"(listed in {MANIFEST} for {what})")
+    return p
+
+
+def _entries_with_fields(manifest: dict):
+    """Every (description, manifest field, entry) file entry listed in the manifest (adapters included)."""
+    files = manifest["files"]
+    for q, per_role in files.get("gguf", {}).items():
+        for role, e in per_role.items():
+            yield f"gguf {q} {role}", f"files.gguf.{q}.{role}", e
+    for fmt in ("mlx", "hf", "lora"):
+        for role, e in files.get(fmt, {}).items():
+            yield f"{fmt} {role}", f"files.{fmt}.{role}", e
+
+
+def _entries(manifest: dict):
+    """Every (description, entry) file entry listed in the manifest."""
+    for what, _, e in _entries_with_fields(manifest):
+        yield what, e
 
 
 def _check_entry(root: Path, mpath: Path, what: str, e, verify: bool) -> None:
-    if not isinstance(e, dict) or not isinstance(e.get("path"), str):
-        raise BundleError(f"{mpath}: invalid manifest entry for {what}")
-    p = root / e["path"]
-    listed = e.get("files") or {"": e}
-    for rel, fe in listed.items():
-        f = p / rel if rel else p
+    p = resolve_inside(root, e["path"], what)
+    listed = e.get("files")
+    if listed is not None:
+        if not p.is_dir():
+            raise BundleError(f"{p}: missing folder (listed in {MANIFEST} for {what})")
+        _no_links_out(root, p, what)
+    for rel, fe in (listed or {"": e}).items():
+        f = resolve_inside(root, f"{e['path']}/{rel}", what) if rel else p
         if not f.is_file():
             raise BundleError(f"{f}: missing (listed in {MANIFEST} for {what})")
-        if "bytes" in fe and f.stat().st_size != fe["bytes"]:
-            raise BundleError(f"{f}: size {f.stat().st_size} != {fe['bytes']} listed in {MANIFEST} (incomplete copy?)")
-        if verify and "sha256" in fe and sha256_file(f) != fe["sha256"]:
+        size = f.stat().st_size
+        if size != fe["bytes"]:
+            raise BundleError(f"{f}: size {size} != {fe['bytes']} listed in {MANIFEST} (incomplete copy?)")
+        if verify and sha256_file(f) != fe["sha256"]:
             raise BundleError(f"{f}: sha256 differs from {MANIFEST} (file changed or corrupted)")
+
+
+def _no_links_out(root: Path, folder: Path, what: str) -> None:
+    """A model folder (read by an engine that globs it) holds no symlink leading outside the bundle."""
+    for f in folder.rglob("*"):
+        if f.is_symlink():
+            resolve_inside(root, str(f.relative_to(root)), what)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -139,6 +139,8 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: invalid JSON (expected an object)")
     return data

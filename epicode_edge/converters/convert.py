@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
+import re
 import resource
 import shutil
 import sys
@@ -25,8 +27,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..version import __version__
-from ..errors import ParameterError, UnsupportedError
-from .bundle import FORMAT_VERSION, Bundle, BundleWriter, file_entry, gguf_relpath, hf_relpath, mlx_relpath, open_bundle
+from ..errors import BundleError, ParameterError, UnsupportedError
+from .bundle import (FORMAT_VERSION, LOCK_FILE, Bundle, BundleWriter, file_entry, gguf_relpath, hf_relpath,
+                     human_bytes, mlx_relpath, open_bundle)
 from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
 from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, validate_pair
 from .hf import MAX_SHARD_BYTES, HFSink
@@ -39,7 +42,7 @@ FORMATS = ("gguf", "mlx", "hf")
 class Progress:
     """What a progress callback receives, after each tensor and at each later stage."""
 
-    stage: str  # "extrapolate" (the pass), "finish" (closing sinks: K-quants), "mlx", "hash"
+    stage: str  # "extrapolate" (the pass), "finish" (closing sinks: K-quants), "check" (check_model), "mlx", "hash"
     tensors_done: int
     tensors_total: int
     bytes_done: int  # input bytes read so far (finetuned + inferior)
@@ -101,6 +104,9 @@ def check_mlx(bits, group_size) -> None:
 def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
     """The architecture and input format can be exported to every requested format."""
     if ckpt.format == "gguf":
+        if ckpt.config.get("general.type") == "adapter":
+            raise UnsupportedError(f"{ckpt.path}: a GGUF LoRA adapter, not a model (give full checkpoints, or "
+                                   "PEFT adapter folders with --base)")
         if set(formats) - {"gguf"}:
             raise UnsupportedError(f"{ckpt.path}: GGUF inputs can only be converted to GGUF (use --to gguf, "
                                    "or give HF folders for mlx/hf outputs)")
@@ -115,11 +121,25 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
         from .gguf import check_arch
 
         check_arch(ckpt.config, where=str(ckpt.path / "config.json"))
+    from .shapes import check_config_shapes
+
+    check_config_shapes(ckpt, for_gguf="gguf" in formats)  # before anything is written
+    _check_chat_template(ckpt)
     if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{_mlx_arch(ckpt.arch)}") is None:
         raise UnsupportedError(f"{ckpt.path}/config.json: architecture {ckpt.arch!r} is not supported by mlx_lm")
     tok = Path(ckpt.tokenizer_dir or ckpt.path)
     if {"gguf", "mlx"} & set(formats) and not any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise UnsupportedError(f"{tok}: no tokenizer.json or tokenizer.model (needed for GGUF/MLX export)")
+
+
+def _check_chat_template(ckpt: Checkpoint) -> None:
+    """A chat template that does not parse would make every bundle load fail: refuse it now."""
+    from .tokenizer_meta import check_chat_template, chat_template_of
+
+    tok = Path(ckpt.tokenizer_dir or ckpt.path)
+    found = chat_template_of(tok)
+    if found is not None:
+        check_chat_template(*found)
 
 
 def _mlx_arch(arch: str) -> str:
@@ -230,14 +250,16 @@ def peak_rss_bytes() -> int:
 def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",), quant: Iterable[str] | str = ("Q8_0",),
             mlx_bits: int | None = None, mlx_group_size: int = 64, with_inferior: bool = False, force: bool = False,
             lam: float = 0.5, alpha: float = 0.1, progress: ProgressFn | None = None,
-            max_shard_bytes: int = MAX_SHARD_BYTES) -> Bundle:
+            max_shard_bytes: int = MAX_SHARD_BYTES, check_model: Callable[[Path], None] | None = None) -> Bundle:
     """Extrapolate finetuned/inferior with mu and write a bundle at `out` (DESIGN.md section 3).
 
     to: formats among gguf, mlx, hf (list or comma string); quant: GGUF quant types (one file per role and
     quant); mlx_bits (None = not quantized, or 2..8) and mlx_group_size for the MLX folders; with_inferior adds the inferior model
     (for a contrastive-only comparison); lam and alpha are stored as the bundle's decoding defaults.
     progress(Progress) is called after each tensor and at each later stage. Warnings (large mu, identical
-    checkpoints) are issued as ExtrapolationWarning. Returns the opened Bundle; its .summary holds sizes,
+    checkpoints) are issued as ExtrapolationWarning. check_model(path), if given, is called on each GGUF
+    file written, before the bundle is committed (runtime.check_gguf_runs: it loads and gives finite
+    logits; converters never import an engine). Returns the opened Bundle; its .summary holds sizes,
     time and peak memory.
     """
     t0 = time.perf_counter()
@@ -254,30 +276,91 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
         for note in notes:
             warnings.warn(note, ExtrapolationWarning, stacklevel=2)
         with bw:
-            sinks = _Sinks()
             try:
-                hf_dirs = _open_sinks(bw, ft, inf, formats, quants, with_inferior, max_shard_bytes, sinks)
-                digests = _run_pass(ft, inf, mu, sinks, progress)
-                for i, sink in enumerate(sinks.all()):
-                    if progress:
-                        progress(Progress("finish", i, len(sinks.all()), 0, 0, _sink_name(sink)))
-                    sink.close()
-            except BaseException:
-                sinks.abort()
-                raise
-            if digests[0] == digests[1] and ft.path.resolve() != inf.path.resolve():
-                note = "finetuned and inferior have identical weights: the expert equals finetuned"
-                notes.append(note)
-                warnings.warn(note, ExtrapolationWarning, stacklevel=2)
-            if "mlx" in formats:
-                _export_mlx_all(bw, hf_dirs, mlx_bits, mlx_group_size, progress)
-            shutil.rmtree(bw.tmp / ".work", ignore_errors=True)
-            if progress:
-                progress(Progress("hash", 0, 0, 0, 0, "manifest"))
-            files = _file_entries(bw.tmp, formats, quants, with_inferior, mlx_bits, mlx_group_size)
-            manifest = _manifest(ft, inf, mu, lam, alpha, digests, files, notes, time.perf_counter() - t0)
-            bw.commit(manifest)
+                sinks = _Sinks()
+                try:
+                    hf_dirs = _open_sinks(bw, ft, inf, formats, quants, with_inferior, max_shard_bytes, sinks)
+                    digests = _run_pass(ft, inf, mu, sinks, progress)
+                    for i, sink in enumerate(sinks.all()):
+                        if progress:
+                            progress(Progress("finish", i, len(sinks.all()), 0, 0, _sink_name(sink)))
+                        sink.close()
+                except BaseException:
+                    sinks.abort()
+                    raise
+                if digests[0] == digests[1] and ft.path.resolve() != inf.path.resolve():
+                    note = "finetuned and inferior have identical weights: the expert equals finetuned"
+                    notes.append(note)
+                    warnings.warn(note, ExtrapolationWarning, stacklevel=2)
+                if check_model is not None and "gguf" in formats:
+                    for q in quants:
+                        for role in _roles(with_inferior):
+                            if progress:
+                                progress(Progress("check", 0, 0, 0, 0, Path(gguf_relpath(role, q)).name))
+                            check_model(bw.tmp / gguf_relpath(role, q))
+                if "mlx" in formats:
+                    _export_mlx_all(bw, hf_dirs, mlx_bits, mlx_group_size, progress)
+                shutil.rmtree(bw.tmp / ".work", ignore_errors=True)
+                if progress:
+                    progress(Progress("hash", 0, 0, 0, 0, "manifest"))
+                files = _file_entries(bw.tmp, formats, quants, with_inferior, mlx_bits, mlx_group_size)
+                manifest = _manifest(ft, inf, mu, lam, alpha, digests, files, notes, time.perf_counter() - t0)
+                bw.commit(manifest)
+            except OSError as e:  # a full disk, mostly: one line, and the temporary folder goes
+                raise write_error(e, bw, estimate_bytes(ft, formats, quants, with_inferior, mlx_bits)) from None
     return open_bundle(bw.out)
+
+
+_BYTES_PER_WEIGHT = {"F32": 4, "F16": 2, "BF16": 2, "Q8_0": 34 / 32, "Q6_K": 0.82, "Q5_K_M": 0.71, "Q4_K_M": 0.6,
+                     "Q4_0": 18 / 32}
+
+
+def estimate_bytes(ft: Checkpoint, formats, quants, with_inferior: bool, mlx_bits) -> int:
+    """About how many bytes a bundle of these formats takes (for the message of a full disk)."""
+    n = sum(math.prod(t.shape) for t in ft.tensors.values())  # weights
+    roles = len(_roles(with_inferior))
+    total = 0
+    if "gguf" in formats:
+        total += roles * sum(int(n * _BYTES_PER_WEIGHT.get(q, 4)) for q in quants)
+    if "hf" in formats:
+        total += ft.nbytes
+    if "mlx" in formats:
+        total += roles * int(n * (4 if mlx_bits is None else mlx_bits / 8 * 1.1))
+    return total
+
+
+def write_error(e: OSError, bw: BundleWriter, need: int) -> BundleError:
+    """One line for an OSError while writing the bundle: what was being written, and for a full disk the
+    space the bundle needs and what is free on that device."""
+    import errno
+    import os
+
+    where = bw.tmp or bw.out.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    name = e.filename or _newest_file(bw.tmp)
+    if name:  # the file's final name, not its work name (x.gguf.part, x.gguf.unquantized.part, x.gguf.tmp)
+        name = re.sub(r"(\.unquantized)?\.(part|tmp)$", "", Path(name).name)
+    what = f"while writing {name}" if name else "while writing the bundle"
+    full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG) or (
+        e.errno is None and free is not None and free < (1 << 20))
+    if full:
+        return BundleError(f"{bw.out}: no space left on the device {what}: the bundle needs about "
+                           f"{human_bytes(need)}, {human_bytes(free or 0)} free in {bw.out.parent} (nothing was kept)")
+    return BundleError(f"{bw.out}: cannot write {what} ({os.strerror(e.errno) if e.errno else ' '.join(str(e).split())})")
+
+
+def _newest_file(root: Path | None) -> str | None:
+    """The file written last in the temporary folder: the one a write failed on."""
+    if root is None:
+        return None
+    try:
+        files = [f for f in root.rglob("*") if f.is_file() and f.name != LOCK_FILE]
+        return str(max(files, key=lambda f: f.stat().st_mtime_ns)) if files else None
+    except OSError:
+        return None
 
 
 def _manifest(ft: Checkpoint, inf: Checkpoint, mu, lam, alpha, digests, files, notes, seconds) -> dict:

@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as FT
 
 from epicode_edge.converters.tokenizer_meta import read_tokenizer
-from epicode_edge.errors import BackendError, InputError, UnsupportedError
+from epicode_edge.errors import BackendError, InputError, NumericError, UnsupportedError
 
 # HF model_type -> gguf-py architecture. Mistral, Deepseek-LLM and TinyLlama are Llama in llama.cpp.
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA,
@@ -69,6 +69,44 @@ def check_arch(config: dict, where: str = "config.json") -> gguf.MODEL_ARCH:
         raise UnsupportedError(
             f"{where}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
     return ARCHS[arch]
+
+
+# byte offsets of the f16 scales (d, and m / dmin) inside one block of each ggml quant type
+_F16_SCALES = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q2_K: (80, 82),
+               Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def count_nonfinite_encoded(encoded: np.ndarray, qtype: Q) -> int:
+    """NaN/Inf values in encoded data: F32/F16/BF16 values, or for block quants the values of each block
+    whose f16 scale is NaN/Inf (a scale that overflowed makes its whole block NaN/Inf)."""
+    if qtype == Q.F32:
+        a = encoded.view(np.float32)
+        return int(a.size - np.count_nonzero(np.isfinite(a)))
+    if qtype == Q.F16:
+        a = encoded.view(np.float16)
+        return int(a.size - np.count_nonzero(np.isfinite(a)))
+    if qtype == Q.BF16:
+        return int(np.count_nonzero((encoded.view(np.uint16) & 0x7F80) == 0x7F80))
+    if qtype in _F16_SCALES:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        blocks = encoded.view(np.uint8).reshape(-1, size)  # (blocks, bytes)
+        bad = np.zeros(len(blocks), dtype=bool)
+        for off in _F16_SCALES[qtype]:
+            scale = np.ascontiguousarray(blocks[:, off:off + 2]).view(np.float16).reshape(-1)  # (blocks,)
+            bad |= ~np.isfinite(scale)
+        return int(block * np.count_nonzero(bad))
+    return 0
+
+
+def first_nonfinite_tensor(path) -> tuple[str, int, str] | None:
+    """(tensor name, NaN/Inf values, type) of the first tensor of a GGUF file holding NaN/Inf (see
+    count_nonfinite_encoded), or None. Reads the file once (memory-mapped)."""
+    reader = _open_reader(path)
+    for t in reader.tensors:
+        n = count_nonfinite_encoded(np.asarray(t.data).reshape(-1), t.tensor_type)
+        if n:
+            return t.name, n, t.tensor_type.name
+    return None
 
 
 # --------------------------------------------------------------------------------------------- sinks
@@ -143,9 +181,19 @@ class _StreamingGGUF:
         fout.seek(self._data_start + self._offsets[gguf_name])
         rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # (R, C)
         step = max(1, _CHUNK_ELEMENTS // rows.shape[1])  # encode a few MB at a time: bounded extra memory
+        bad = 0
         for i in range(0, rows.shape[0], step):
             chunk = np.ascontiguousarray(rows[i:i + step], dtype=np.float32)
-            gguf.quants.quantize(chunk, qtype).tofile(fout)
+            encoded = gguf.quants.quantize(chunk, qtype)
+            bad += count_nonfinite_encoded(encoded, qtype)
+            try:
+                encoded.tofile(fout)
+            except OSError as e:  # e.g. a full disk: say which file (numpy's error names none)
+                e.filename = e.filename or str(self.out_path)
+                raise
+        if bad:
+            raise NumericError(f"tensor {gguf_name!r}: {bad} values are NaN/Inf as {qtype.name} in {self.out_path.name} "
+                               f"(out of that type's range: use a smaller mu, or quant F32)")
         self._written.add(gguf_name)
 
     def close(self) -> Path:
@@ -164,6 +212,10 @@ class _StreamingGGUF:
             if self.direct_type is None:
                 llama_quantize(self._inter, self._part, self.file_type)
                 self._inter.unlink()
+                bad = first_nonfinite_tensor(self._part)  # llama.cpp's block scales can overflow too
+                if bad is not None:
+                    raise NumericError(f"tensor {bad[0]!r}: {bad[1]} values are NaN/Inf as {bad[2]} in "
+                                       f"{self.out_path.name} (out of that type's range: use a smaller mu, or quant F32)")
             os.replace(self._part, self.out_path)
         except BaseException:
             self.abort()
@@ -335,6 +387,8 @@ def read_config(hf_dir: Path) -> dict:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except (RecursionError, UnicodeDecodeError):
+        raise InputError(f"{path}: invalid JSON (nested too deeply, or not UTF-8)") from None
 
 
 # ----------------------------------------------------------------------------------- hyperparameters

@@ -96,6 +96,8 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         config = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{cfg_path}: cannot read adapter config ({e})") from None
+    except RecursionError:
+        raise InputError(f"{cfg_path}: cannot read adapter config (JSON nested too deeply)") from None
     if not isinstance(config, dict):
         raise InputError(f"{cfg_path}: adapter config is not a JSON object")
     _check_config(config, cfg_path)
@@ -306,16 +308,23 @@ def write_lora_gguf(adapter: LoraAdapter, out: str | Path, config: dict, lora_ty
             if fold != 1.0:
                 b = b * np.float32(fold)
             name = name_of(target)
-            writer.add_tensor(name + ".lora_a", np.ascontiguousarray(a, dtype=dtype))
-            writer.add_tensor(name + ".lora_b", np.ascontiguousarray(permute_rows(target, b), dtype=dtype))
+            a = np.ascontiguousarray(a, dtype=dtype)
+            b = np.ascontiguousarray(permute_rows(target, b), dtype=dtype)
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                raise NumericError(f"{adapter.file.path}: LoRA tensors of {target!r} overflow {lora_type} "
+                                   "(values beyond its range); use lora_type F32")
+            writer.add_tensor(name + ".lora_a", a)
+            writer.add_tensor(name + ".lora_b", b)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
         tmp.replace(out)
-    except BaseException:
+    except BaseException as e:
         writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # e.g. a full disk: say which file
+            e.filename = e.filename or str(out)
         raise
     return out
 
@@ -430,6 +439,9 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
     from .convert import check_formats, convert
 
     formats = check_formats(convert_kw.pop("to", "gguf"))
+    check_model = convert_kw.pop("check_model", None)
+    if merge:
+        convert_kw["check_model"] = check_model
     if not merge:
         if formats != ["gguf"]:
             raise UnsupportedError("a shared-base (LoRA) bundle is GGUF only; use merge=True for other formats")
@@ -443,8 +455,11 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
                            MergedCheckpoint(base_ckpt, [(inf, 1.0)], label=str(inf.path)), out,
                            mu=mu, to=formats, quant=tuple(quants), lam=lam, alpha=alpha, force=force,
                            progress=progress, **convert_kw)
+        from .convert import check_support
+
+        check_support(base_ckpt, ["gguf"])  # config against shapes, chat template, tokenizer: before writing
         return _write_shared_base(base_ckpt, ft, inf, out, mu=mu, quants=quants, lam=lam, alpha=alpha,
-                                  force=force, progress=progress, lora_type=lora_type)
+                                  force=force, progress=progress, lora_type=lora_type, check_model=check_model)
     finally:
         ft.close(), inf.close()
         if base_ckpt is not base:
@@ -457,57 +472,71 @@ def _quant_list(quant) -> list[str]:
     return check_quants(quant)  # a list or a comma-separated string; canonical names, no repeats
 
 
-def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force, progress, lora_type):
+def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force, progress, lora_type,
+                       check_model=None):
     import time
     from datetime import datetime, timezone
 
     from ..version import __version__
     from .bundle import FORMAT_VERSION, BundleWriter, file_entry, gguf_relpath, open_bundle
-    from .convert import Progress, peak_rss_bytes, check_decoding_defaults
+    from .convert import Progress, peak_rss_bytes, check_decoding_defaults, write_error
 
     t0 = time.perf_counter()
     lam, alpha = check_decoding_defaults(lam, alpha)
     files: dict = {"gguf": {}, "lora": {}}
     hasher = base_ckpt.content_hasher()
     with BundleWriter(out, force) as bw:
-        for i, q in enumerate(quants):
-            rel = gguf_relpath("base", q)
-            _write_base_gguf(base_ckpt, bw.path(rel), q, progress, hasher if i == 0 else None, (i, len(quants)))
-            files["gguf"][q] = {"base": file_entry(bw.tmp, rel)}
-        for which, adapter in (("finetuned", ft), ("inferior", inf)):
-            rel = lora_relpath(which)
-            if progress:
-                progress(Progress("lora", 0, 0, 0, 0, which))
-            write_lora_gguf(adapter, bw.path(rel), base_ckpt.config, lora_type)
-            files["lora"][which] = file_entry(bw.tmp, rel, r=adapter.r, lora_alpha=adapter.alpha,
-                                              targets=len(adapter.targets), type=lora_type)
-        out_bytes = sum(e["bytes"] for per in files["gguf"].values() for e in per.values())
-        out_bytes += sum(e["bytes"] for e in files["lora"].values())
-        in_bytes = base_ckpt.nbytes + sum(a.file.path.stat().st_size for a in (ft, inf))
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "tool": "epicode-edge",
-            "tool_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "layout": LAYOUT,
-            "mu": mu,
-            "defaults": {"lambda": lam, "alpha": alpha},
-            "arch": base_ckpt.arch,
-            "tokenizer_hash": base_ckpt.tokenizer_hash(),
-            "sources": {
-                "base": {"path": str(Path(base_ckpt.path).absolute()), "format": "hf",
-                         "content_sha256": hasher.hexdigest()},
-                "finetuned": {"path": str(ft.path.absolute()), "format": "peft-lora", "content_sha256": adapter_hash(ft)},
-                "inferior": {"path": str(inf.path.absolute()), "format": "peft-lora", "content_sha256": adapter_hash(inf)},
-            },
-            "files": files,
-            "lora": {"scales": role_scales(mu)},
-            "warnings": [],
-            "summary": {"seconds": round(time.perf_counter() - t0, 3), "tensors": len(base_ckpt.tensors),
-                        "input_bytes": in_bytes, "output_bytes": out_bytes, "peak_rss_bytes": peak_rss_bytes()},
-        }
-        path = bw.commit(manifest)
+        try:
+            for i, q in enumerate(quants):
+                rel = gguf_relpath("base", q)
+                _write_base_gguf(base_ckpt, bw.path(rel), q, progress, hasher if i == 0 else None, (i, len(quants)))
+                if check_model is not None:
+                    check_model(bw.tmp / rel)
+                files["gguf"][q] = {"base": file_entry(bw.tmp, rel)}
+            for which, adapter in (("finetuned", ft), ("inferior", inf)):
+                rel = lora_relpath(which)
+                if progress:
+                    progress(Progress("lora", 0, 0, 0, 0, which))
+                write_lora_gguf(adapter, bw.path(rel), base_ckpt.config, lora_type)
+                files["lora"][which] = file_entry(bw.tmp, rel, r=adapter.r, lora_alpha=adapter.alpha,
+                                                  targets=len(adapter.targets), type=lora_type)
+            out_bytes = sum(e["bytes"] for per in files["gguf"].values() for e in per.values())
+            out_bytes += sum(e["bytes"] for e in files["lora"].values())
+            in_bytes = base_ckpt.nbytes + sum(a.file.path.stat().st_size for a in (ft, inf))
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "tool": "epicode-edge",
+                "tool_version": __version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "layout": LAYOUT,
+                "mu": mu,
+                "defaults": {"lambda": lam, "alpha": alpha},
+                "arch": base_ckpt.arch,
+                "tokenizer_hash": base_ckpt.tokenizer_hash(),
+                "sources": {
+                    "base": {"path": str(Path(base_ckpt.path).absolute()), "format": "hf",
+                             "content_sha256": hasher.hexdigest()},
+                    "finetuned": {"path": str(ft.path.absolute()), "format": "peft-lora", "content_sha256": adapter_hash(ft)},
+                    "inferior": {"path": str(inf.path.absolute()), "format": "peft-lora", "content_sha256": adapter_hash(inf)},
+                },
+                "files": files,
+                "lora": {"scales": role_scales(mu)},
+                "warnings": [],
+                "summary": {"seconds": round(time.perf_counter() - t0, 3), "tensors": len(base_ckpt.tensors),
+                            "input_bytes": in_bytes, "output_bytes": out_bytes, "peak_rss_bytes": peak_rss_bytes()},
+            }
+            path = bw.commit(manifest)
+        except OSError as e:  # a full disk, mostly: one line, and the temporary folder goes
+            raise write_error(e, bw, _shared_base_bytes(base_ckpt, quants, (ft, inf))) from None
     return open_bundle(path)
+
+
+def _shared_base_bytes(base_ckpt, quants, adapters) -> int:
+    """About how many bytes a shared-base bundle takes: the base per quant plus the adapters."""
+    from .convert import estimate_bytes
+
+    base = estimate_bytes(base_ckpt, ["gguf"], quants, False, None) // 2  # estimate_bytes counts two roles
+    return base + sum(a.file.path.stat().st_size for a in adapters)
 
 
 def _write_base_gguf(base_ckpt, path: Path, quant: str, progress, hasher=None, part=(0, 1)) -> None:

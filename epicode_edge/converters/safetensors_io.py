@@ -8,6 +8,7 @@ once and each tensor is a view on a read-only memory map, so a tensor costs memo
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ def from_f32(x: np.ndarray, tag: str) -> np.ndarray:
     return x.astype(STORAGE[tag], copy=False)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
@@ -102,7 +107,7 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CheckpointError(f"{self.path}: corrupted safetensors header (not JSON)") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupted safetensors header")
@@ -111,12 +116,18 @@ class SafetensorsFile:
         self.entries: dict[str, TensorEntry] = {}
         for name, h in header.items():
             try:
-                tag, shape, (s, e) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
+                tag, shape, (s, e) = h["dtype"], h["shape"], h["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{self.path}: corrupted header entry for tensor {name!r}") from None
+            if not isinstance(tag, str) or not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+                raise CheckpointError(f"{self.path}: corrupted header entry for tensor {name!r} (dtype or shape)")
+            if not (_is_int(s) and _is_int(e)):
+                raise CheckpointError(f"{self.path}: corrupted header entry for tensor {name!r} "
+                                      "(data_offsets are not integers)")
             if tag not in STORAGE:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {tag}")
-            count = int(np.prod(shape, dtype=np.int64))
+            shape = tuple(shape)
+            count = math.prod(shape)  # Python integers: no overflow for absurd shapes
             if e - s != count * STORAGE[tag].itemsize or s < 0:
                 raise CheckpointError(f"{self.path}: tensor {name!r} byte range does not match its shape")
             if base + e > size:
@@ -182,7 +193,11 @@ class SafetensorsWriter:
         a = np.ascontiguousarray(array, dtype=STORAGE[tag])
         if a.shape != shape:
             raise ValueError(f"tensor {name!r}: shape {a.shape} != declared {shape}")
-        self._f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")  # no copy of the tensor
+        try:
+            self._f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")  # no copy of the tensor
+        except OSError as e:  # e.g. a full disk: say which file
+            e.filename = e.filename or str(self.path)
+            raise
         self._next += 1
 
     def write_chunks(self, name: str, chunks) -> None:

@@ -291,6 +291,8 @@ def _load_json(path: Path) -> dict:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except (RecursionError, UnicodeDecodeError):
+        raise InputError(f"{path}: invalid JSON (nested too deeply, or not UTF-8)") from None
 
 
 @contextmanager
@@ -302,3 +304,40 @@ def _quiet_gguf():
         yield
     finally:
         log.disabled = old
+
+
+# -------------------------------------------------------------------------------------- chat template
+
+def chat_template_of(tok_dir) -> tuple[object, str] | None:
+    """(the chat template as the GGUF export stores it: a string or a list of {name, template}, where it
+    came from), or None when the tokenizer has none."""
+    tok_dir = Path(tok_dir)
+    with _quiet_gguf():
+        sv = gguf.SpecialVocab(tok_dir, load_merges=False, special_token_types=())
+    if not sv.chat_template:
+        return None
+    where = next((str(tok_dir / f) for f in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+                  if (tok_dir / f).is_file()), str(tok_dir))
+    return sv.chat_template, where
+
+
+def check_chat_template(template, where: str) -> None:
+    """Every template parses as Jinja in the sandbox that renders it (llama-cpp-python parses it when it
+    loads a model: a syntax error there makes the bundle unloadable). InputError naming line and problem."""
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    items = [("", template)] if isinstance(template, str) else [
+        (f" {t.get('name')!r}" if isinstance(t, dict) else "", t.get("template") if isinstance(t, dict) else t)
+        for t in (template or [])]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    for name, text in items:
+        if not isinstance(text, str):
+            raise InputError(f"{where}: chat template{name} is not a string")
+        try:
+            env.parse(text)
+        except TemplateError as e:
+            line = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
+            raise InputError(f"{where}: chat template{name} has a Jinja syntax error{line}: "
+                             f"{' '.join(str(getattr(e, 'message', None) or e).split())}") from None

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .contrastive import plausible_ids
-from .loop import Stats, TextStream, check_limits, check_prompt, common_prefix, processed_scores
+from .loop import ROLES, Stats, TextStream, check_finite, check_limits, check_prompt, common_prefix, processed_scores
 from .sampling import make_logits_processors, make_sampler
 
 
@@ -172,6 +172,7 @@ def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
     them all), or only the slots that need it (lazy, as the single-request loop)."""
     xs = expert_ms.decode([(q.slot, q.feed) for q in seqs])
     for q, x in zip(seqs, xs):
+        check_finite(x, ROLES[0], expert_ms, expert_ms.n_past(q.slot) - 1)
         q.stats.expert_prefill_tokens += len(q.feed) if q.t_first is None else 0
         q.stats.expert_forwards += 1
         q.x, q.feed = x, []
@@ -181,6 +182,7 @@ def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
     if need:
         ys = amateur_ms.decode([(q.slot, q.pending) for q in need])
         for q, y in zip(need, ys):
+            check_finite(y, ROLES[1], amateur_ms, amateur_ms.n_past(q.slot) - 1)
             q.stats.amateur_prefill_tokens += len(q.pending) if len(q.pending) > 1 else 0
             q.stats.amateur_forwards += 1
             q.y, q.pending = y, []

@@ -28,6 +28,9 @@ The prompt prefills overlap too. An error in either forward is raised after both
 first); Ctrl-C waits for the amateur's forward before it propagates, so both caches stay consistent. Engines
 that cannot run forwards from two threads (Backend.concurrent false, e.g. MLX) keep the sequential path.
 
+Broken weights: logits holding NaN or +Inf (or all -Inf) stop the request with a NumericError naming the role
+(expert / amateur) and the token position (`check_finite`, one max over the vocabulary per forward).
+
 Cache reuse: each model keeps what it has cached; a new prompt is compared with it and only the tokens after
 the common prefix are fed (chat turns prefill only their new tokens; the amateur catches up lazily).
 """
@@ -43,9 +46,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import ContextFullError, ParameterError
+from ..errors import ContextFullError, NumericError, ParameterError
 from .contrastive import candidate_scores, check_alpha, check_lam, plausible_ids
 from .sampling import Sampler, greedy
+
+
+ROLES = ("expert", "amateur")  # what error messages call the two models
 
 
 @dataclass
@@ -142,7 +148,7 @@ def check_catch_up(catch_up: str) -> str:
 
 def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                   sampler: Sampler = greedy, processors: Sequence = (), lazy: bool = True,
-                  catch_up: str = "auto", overlap: bool = False) -> Iterator[Step]:
+                  catch_up: str = "auto", overlap: bool = False, roles: tuple[str, str] = ROLES) -> Iterator[Step]:
     """Yield one Step per picked token, forever (close the generator to stop).
 
     expert, amateur: Backends (amateur may be None when lam == 0: one model alone). The expert is stepped
@@ -154,11 +160,11 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
         raise ParameterError("an amateur model is needed when lambda > 0")
     if overlap and can_overlap(expert, amateur, lam, lazy):
         yield from _overlapped_steps(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
-                                     processors=processors)
+                                     processors=processors, roles=roles)
         return
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None  # (T,) ids the processors look back on
-    x = expert.prefill(_reuse_cache(expert, prompt))  # (V,) expert logits
+    x = check_finite(expert.prefill(_reuse_cache(expert, prompt)), roles[0], expert)  # (V,) expert logits
     fresh = None  # prompt ids the amateur has not seen (its cache is matched to the prompt when first needed)
     pending: list[int] = []  # generated ids the amateur has not seen
     y = None  # (V,) amateur logits, current when fresh and pending are empty
@@ -170,7 +176,7 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
         if need and (fresh is None or fresh or pending):
             if fresh is None:
                 fresh = _reuse_cache(amateur, prompt)
-            y = _catch_up(amateur, fresh, pending, catch_up)
+            y = check_finite(_catch_up(amateur, fresh, pending, catch_up), roles[1], amateur)
             fresh, pending = [], []
         token, changed = _pick(x, y, ids, lam, sampler, normalize, processors, history)
         yield Step(token, changed, not need, len(ids))
@@ -178,7 +184,7 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
             history.append(token)
         if amateur is not None:
             pending.append(token)
-        x = expert.step(token)
+        x = check_finite(expert.step(token), roles[0], expert)
 
 
 def can_overlap(expert, amateur, lam: float, lazy: bool) -> bool:
@@ -187,7 +193,7 @@ def can_overlap(expert, amateur, lam: float, lazy: bool) -> bool:
             and expert.concurrent and amateur.concurrent)
 
 
-def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processors) -> Iterator[Step]:
+def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processors, roles=ROLES) -> Iterator[Step]:
     """generate_step with both models fed every token at once (the naive loop's engine calls, overlapped)."""
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None
@@ -197,6 +203,7 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
         x, y = pair.run(lambda: expert.prefill(_reuse_cache(expert, prompt)),
                         lambda: amateur.prefill(_reuse_cache(amateur, prompt)))  # (V,), (V,)
         while True:
+            check_finite(x, roles[0], expert), check_finite(y, roles[1], amateur)
             ids = plausible_ids(x, alpha)  # (K,) ascending
             token, changed = _pick(x, y, ids, lam, sampler, normalize, processors, history)
             yield Step(token, changed, len(ids) == 1, len(ids), pair.take_saved())
@@ -271,6 +278,17 @@ def _join(job):
 _ONE = np.zeros(1, dtype=np.float32)  # the scores of a forced pick
 
 
+def check_finite(logits: np.ndarray, role: str, backend, position: int | None = None) -> np.ndarray:
+    """logits (V,) as given, or NumericError naming the role and the token position when they hold NaN or
+    +Inf, or are all -Inf (broken weights: a too large mu, corrupted files). One max over V: NaN propagates."""
+    m = logits.max()
+    if not np.isfinite(m):
+        n = backend.n_past if position is None else position + 1
+        raise NumericError(f"the {role} model gave non-finite logits (NaN/Inf) at token position {n - 1} "
+                           f"({backend.path}): its weights are broken (a too large mu? a corrupted file?)")
+    return logits
+
+
 def _catch_up(amateur, fresh: list[int], pending: list[int], mode: str) -> np.ndarray:
     """Feed the amateur the prompt ids (fresh) and generated ids (pending) it has not seen; logits (V,) of the
     last. See the module docstring for the modes."""
@@ -340,7 +358,7 @@ def check_limits(max_tokens: int, stop) -> list[str]:
 def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                     sampler: Sampler = greedy, processors: Sequence = (), max_tokens: int = 256,
                     stop: Sequence[str] = (), lazy: bool = True, catch_up: str = "auto",
-                    overlap: bool = False) -> Iterator[Event]:
+                    overlap: bool = False, roles: tuple[str, str] = ROLES) -> Iterator[Event]:
     """Yield an Event per answer token, then a final Event (finish_reason, stopped_by, stats).
 
     Stops on the expert's EOS / end-of-turn ids, a stop string (not emitted, even when it spans tokens),
@@ -354,11 +372,11 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
     yield from _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-                       catch_up, bool(overlap))
+                       catch_up, bool(overlap), roles)
 
 
 def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-            catch_up, overlap) -> Iterator[Event]:
+            catch_up, overlap, roles=ROLES) -> Iterator[Event]:
     models = [expert] + ([amateur] if amateur is not None else [])
     c0 = [_snapshot(m) for m in models]
     st = Stats(prompt_tokens=len(prompt))
@@ -368,7 +386,7 @@ def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens
     reason = ("length", "max_tokens")
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
                           processors=processors, lazy=lazy, catch_up=catch_up,
-                          overlap=overlap) if max_tokens > 0 else _nothing()
+                          overlap=overlap, roles=roles) if max_tokens > 0 else _nothing()
     try:
         for step in steps:
             if t_first is None:
