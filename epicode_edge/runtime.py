@@ -33,7 +33,8 @@ from typing import Iterator, Sequence
 from .backends.base import Backend, check_same_vocab
 from .decoding.batch_loop import IDLE, Cancelled  # noqa: F401  (request sources and servers use them)
 from .decoding.contrastive import check_alpha, check_lam
-from .decoding.loop import Event, Stats, can_overlap, check_catch_up, check_limits, stream_generate
+from .decoding.loop import (Collector, Event, Result, Stats, can_overlap, check_catch_up, check_limits, collect,
+                            stream_generate)
 from .decoding.sampling import check_sampling, make_logits_processors, make_sampler
 from .errors import BackendError, BundleError, EpicodeError, InputError, ParameterError, UnsupportedError
 
@@ -98,44 +99,6 @@ class Settings:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Result:
-    """A finished request (what generate() and compare() return)."""
-
-    text: str
-    tokens: list[int]               # the answer's token ids (the terminating EOS / end-of-turn excluded)
-    finish_reason: str              # "stop" | "length"
-    stopped_by: str                 # "eos" | "stop_string" | "max_tokens" | "context_full"
-    prompt_tokens: int
-    completion_tokens: int
-    changed_tokens: int             # picks where contrastive decoding changed the expert's choice
-    stats: Stats = field(repr=False, default_factory=Stats)
-
-    @property
-    def timings(self) -> dict:
-        """Counts and timings as a flat dict (ttft_s, decode_s, total_s, tokens_per_s, skip_rate, ...)."""
-        return self.stats.as_dict()
-
-    def as_dict(self) -> dict:
-        return {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
-                "stopped_by": self.stopped_by, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "changed_tokens": self.changed_tokens,
-                "timings": self.timings}
-
-
-def collect(events: Iterator[Event]) -> Result:
-    """Join a stream of Events into a Result."""
-    text, tokens, last = [], [], None
-    for ev in events:
-        text.append(ev.text)
-        if ev.token is not None:
-            tokens.append(ev.token)
-        last = ev
-    st = last.stats
-    return Result("".join(text), tokens, last.finish_reason, last.stopped_by, st.prompt_tokens,
-                  st.completion_tokens, st.changed, st)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,7 +405,7 @@ class Runtime:
         else:
             (e, a), vocab = self.multiseq(parallel), self.expert
         try:
-            yield from generate_batched(e, a, vocab, requests, result=Result, on_event=on_event,
+            yield from generate_batched(e, a, vocab, requests, on_event=on_event,
                                         cancelled=cancelled)
         finally:
             e.close()
@@ -537,26 +500,21 @@ class ChatSession:
         return tokenize(rendered, special=True, add_bos=False)
 
     def _run(self, user: dict, rendered: str, ids: list[int], events: Iterator[Event]) -> Iterator[Event]:
-        pieces, tokens, last = [], [], None
+        got = Collector()
         first = next(events)  # a turn refused before any work (e.g. a full context) leaves no trace
         self._known, self._last_prompt = None, ids
         try:
             for ev in itertools.chain([first], events):
-                pieces.append(ev.text)
-                if ev.token is not None:
-                    tokens.append(ev.token)
-                last = ev
-                yield ev
+                yield got.add(ev)
         finally:
             events.close()
-            answer = "".join(pieces)
+            answer = got.text
             self.history += [user, {"role": "assistant", "content": answer}]
-            if last is not None and last.final:
-                st = last.stats
-                self.last = Result(answer, tokens, last.finish_reason, last.stopped_by, st.prompt_tokens,
-                                   st.completion_tokens, st.changed, st)
-                if last.stopped_by != "stop_string":  # the answer's tokens are exactly its text
-                    self._known = (rendered + answer, ids + tokens)
+            res = got.result()
+            if res is not None:
+                self.last = res
+                if res.stopped_by != "stop_string":  # the answer's tokens are exactly its text
+                    self._known = (rendered + answer, ids + res.tokens)
 
     def ask(self, text: str, **overrides) -> Result:
         """send() run to the end."""

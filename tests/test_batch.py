@@ -345,7 +345,6 @@ def test_lazy_and_sync_amateur_feeding_pick_the_same(runtime):
     """The batched loop feeds the amateur either only for the slots that need it (lazy) or, when any does,
     for all (sync, the default): same picks, and the same as one request at a time."""
     from epicode_edge.decoding.batch_loop import generate_batched
-    from epicode_edge.runtime import Result
 
     s = runtime.settings(max_tokens=20, lam=1.0)
     want = [runtime.generate(p, max_tokens=20, lam=1.0) for p in PROMPTS]
@@ -354,7 +353,7 @@ def test_lazy_and_sync_amateur_feeding_pick_the_same(runtime):
         with expert_ms, amateur_ms:
             got = dict(generate_batched(expert_ms, amateur_ms, runtime.expert,
                                         [(i, runtime.encode(p), s) for i, p in enumerate(PROMPTS)],
-                                        result=Result, amateur=mode))
+                                        amateur=mode))
             calls = amateur_ms.counters.prefill_calls + amateur_ms.counters.step_calls
         assert all(_same(got[i], w) for i, w in enumerate(want))
         assert sum(r.stats.amateur_skipped for r in got.values()) == sum(r.stats.amateur_skipped for r in want)
@@ -405,7 +404,7 @@ def test_batched_on_mlx_equals_one_after_another(bundle, settings):
     """MLX: prompts on each slot's own cache, single tokens of several slots in one (B, 1) forward over a
     left-padded batch KV cache; the same answers as one request at a time."""
     from epicode_edge.decoding.batch_loop import generate_batched
-    from epicode_edge.runtime import Result, load
+    from epicode_edge.runtime import load
 
     with load(bundle, backend="mlx", n_ctx=256) as rt:
         seq = [rt.generate(p, **settings) for p in PROMPTS]
@@ -413,7 +412,7 @@ def test_batched_on_mlx_equals_one_after_another(bundle, settings):
         expert_ms, amateur_ms = rt.multiseq(4)
         with expert_ms, amateur_ms:
             got = dict(generate_batched(expert_ms, amateur_ms, rt.expert,
-                                        [(i, rt.encode(p), s) for i, p in enumerate(PROMPTS)], result=Result))
+                                        [(i, rt.encode(p), s) for i, p in enumerate(PROMPTS)]))
             assert expert_ms.batched_forwards > 0 and amateur_ms.batched_forwards > 0
     assert all(_same(got[i], a) for i, a in enumerate(seq))
 

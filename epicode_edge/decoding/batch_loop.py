@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .contrastive import plausible_ids
-from .loop import ROLES, Stats, TextStream, check_finite, check_limits, check_prompt, common_prefix, processed_scores
+from .loop import ROLES, Answer, Step, check_finite, check_limits, check_prompt, common_prefix, pick
 from .sampling import make_logits_processors, make_sampler
 
 
@@ -47,40 +47,33 @@ class Cancelled(Exception):
 
 @dataclass
 class _Seq:
-    """One request in a slot."""
+    """One request in a slot: its pick settings, what each model still has to be fed, and its Answer."""
 
     key: Any
     slot: int
-    prompt: list[int]
     lam: float
     alpha: float
-    max_tokens: int
     lazy: bool
     sampler: Any
     processors: list
-    text: TextStream
-    history: list[int] | None
-    stats: Stats
-    t0: float
+    history: list[int] | None                         # (T,) ids the processors look back on
+    answer: Answer                                    # stop rules, text, tokens, stats (loop.Answer)
     feed: list[int] = field(default_factory=list)     # ids the expert is fed at the next step
     pending: list[int] = field(default_factory=list)  # ids the amateur has not seen
     x: np.ndarray | None = None                       # (V,) expert logits of the last fed position
     y: np.ndarray | None = None                       # (V,) amateur logits, current when pending is empty
     ids: np.ndarray | None = None                     # (K,) candidates the plausibility mask kept
     forced: bool = False                              # a single candidate: no amateur needed
-    pieces: list[str] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    t_first: float | None = None
 
 
 def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any, list[int], Any]], *,
-                     result=None, on_event=None, amateur: str = "sync",
+                     on_event=None, amateur: str = "sync",
                      cancelled: Callable[[Any], bool] | None = None) -> Iterator[tuple[Any, Any]]:
     """Yield (key, result) or (key, exception) per request, in completion order.
 
     vocab: the expert's single-sequence Backend (eos_ids, token_bytes, vocab_size, n_ctx); settings objects
-    have the fields of runtime.Settings. result(text, tokens, finish_reason, stopped_by, prompt_tokens,
-    completion_tokens, changed_tokens, stats) builds each result (runtime.Result; a tuple by default).
+    have the fields of runtime.Settings. Each result is a loop.Result, made by the request's loop.Answer as
+    in the single-request stream.
     on_event(key, Event) is called for every streamed token (optional). amateur: "sync" (when a step needs
     the amateur, every slot catches up: one decode of equal-length entries) or "lazy" (only the slots that
     need it, as loop.py; more, smaller decodes). The picks are the same either way. cancelled(key), asked
@@ -90,7 +83,6 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
         from ..errors import ParameterError
 
         raise ParameterError(f"amateur must be 'sync' or 'lazy', got {amateur!r}")
-    Result = result or (lambda *fields: fields)
     queue = iter(requests)
     free = list(range(expert_ms.n_slots))[::-1]
     active: dict[int, _Seq] = {}
@@ -109,8 +101,8 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
             except Exception as e:  # a bad request fails alone
                 yield key, e
                 continue
-            if seq.max_tokens == 0:
-                yield key, _result(Result, seq, ("length", "max_tokens"))
+            if seq.answer.reason is not None:  # max_tokens 0
+                yield key, seq.answer.result()
                 continue
             active[free.pop()] = seq
         if cancelled is not None:
@@ -138,22 +130,17 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
                 continue
             if reason is not None:
                 _release(seq, active, free)
-                yield seq.key, _result(Result, seq, reason)
+                yield seq.key, seq.answer.result()
 
 
 def _admit(key, slot: int, ids, s, expert_ms, amateur_ms, vocab) -> _Seq:
     stop = check_limits(s.max_tokens, s.stop)
-    prompt = check_prompt(ids, vocab)
-    if len(prompt) > expert_ms.n_ctx:
-        from ..errors import ContextFullError
-
-        raise ContextFullError(f"the prompt has {len(prompt)} tokens, more than the context of {expert_ms.n_ctx} "
-                               f"(raise n_ctx or shorten the prompt)")
-    processors = make_logits_processors(s.repetition_penalty, s.repetition_context_size)
-    seq = _Seq(key, slot, prompt, s.lam, s.alpha, s.max_tokens, s.lazy,
-               make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed), list(processors), TextStream(stop),
-               list(prompt) if processors else None, Stats(prompt_tokens=len(prompt)), time.perf_counter())
-    if seq.max_tokens > 0:
+    prompt = check_prompt(ids, vocab, n_ctx=expert_ms.n_ctx)
+    processors = list(make_logits_processors(s.repetition_penalty, s.repetition_context_size))
+    seq = _Seq(key, slot, s.lam, s.alpha, s.lazy, make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed),
+               processors, list(prompt) if processors else None,
+               Answer(len(prompt), s.max_tokens, stop, vocab, expert_ms.n_ctx))
+    if seq.answer.reason is None:
         seq.feed = _reuse(expert_ms, slot, prompt)
         seq.pending = _reuse(amateur_ms, slot, prompt)
     return seq
@@ -173,8 +160,8 @@ def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
     xs = expert_ms.decode([(q.slot, q.feed) for q in seqs])
     for q, x in zip(seqs, xs):
         check_finite(x, ROLES[0], expert_ms, expert_ms.n_past(q.slot) - 1)
-        q.stats.expert_prefill_tokens += len(q.feed) if q.t_first is None else 0
-        q.stats.expert_forwards += 1
+        q.answer.stats.expert_prefill_tokens += len(q.feed) if q.answer.t_first is None else 0
+        q.answer.stats.expert_forwards += 1
         q.x, q.feed = x, []
     need = [q for q in seqs if _needs_amateur(q) and q.pending]
     if need and sync:
@@ -183,8 +170,8 @@ def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
         ys = amateur_ms.decode([(q.slot, q.pending) for q in need])
         for q, y in zip(need, ys):
             check_finite(y, ROLES[1], amateur_ms, amateur_ms.n_past(q.slot) - 1)
-            q.stats.amateur_prefill_tokens += len(q.pending) if len(q.pending) > 1 else 0
-            q.stats.amateur_forwards += 1
+            q.answer.stats.amateur_prefill_tokens += len(q.pending) if len(q.pending) > 1 else 0
+            q.answer.stats.amateur_forwards += 1
             q.y, q.pending = y, []
 
 
@@ -195,40 +182,15 @@ def _needs_amateur(q: _Seq) -> bool:
 
 
 def _pick(q: _Seq, vocab, expert_ms, on_event) -> tuple[str, str] | None:
-    """The pick of loop.generate_step and the stop rules of loop.stream_generate; the finish reason or None."""
-    from .loop import Event
-
-    ids, forced, lam = q.ids, q.forced, q.lam
-    need = not q.lazy or (lam > 0 and not forced)
-    normalize = bool(q.processors)
-    # a skipped amateur leaves one candidate: its score is irrelevant, the pick (and the draw) the same
-    s = processed_scores(q.x, q.y, ids, lam if need else 0.0, normalize, q.processors, q.history)  # (K,)
-    if lam > 0 and not forced:
-        own = processed_scores(q.x, None, ids, 0.0, normalize, q.processors, q.history)  # (K,) the expert alone
-        k, k_own = q.sampler(s, own)
-    else:
-        (k,), k_own = q.sampler(s), None
-    token, changed = int(ids[k]), k_own is not None and k != k_own
-    if q.t_first is None:
-        q.t_first = time.perf_counter()
-    st = q.stats
-    st.picks += 1
-    st.changed += changed
-    st.amateur_skipped += not need
-    if token in vocab.eos_ids:
-        return "stop", "eos"
-    st.completion_tokens += 1
-    delta, hit = q.text.add(vocab.token_bytes(token))
-    q.pieces.append(delta)
-    q.tokens.append(token)
-    if on_event is not None:
-        on_event(q.key, Event(delta, token, changed, not need))
-    if hit:
-        return "stop", "stop_string"
-    if st.completion_tokens >= q.max_tokens:
-        return "length", "max_tokens"
-    if expert_ms.n_past(q.slot) >= expert_ms.n_ctx:
-        return "length", "context_full"
+    """loop.generate_step's pick, then the request's Answer (loop.stream_generate's stop rules and text);
+    the finish reason or None."""
+    need = not q.lazy or (q.lam > 0 and not q.forced)
+    token, changed = pick(q.x, q.y, q.ids, q.lam, q.sampler, bool(q.processors), q.processors, q.history)
+    ev = q.answer.add(Step(token, changed, not need, len(q.ids)), expert_ms.n_past(q.slot))
+    if ev is not None and on_event is not None:
+        on_event(q.key, ev)
+    if q.answer.reason is not None:
+        return q.answer.reason
     if q.history is not None:
         q.history.append(token)
     q.feed = [token]
@@ -240,14 +202,3 @@ def _release(q: _Seq, active: dict, free: list) -> None:
     """Free the slot; its caches stay, for prefix reuse by the next request there."""
     del active[q.slot]
     free.append(q.slot)
-
-
-def _result(Result, q: _Seq, reason: tuple[str, str]):
-    st = q.stats
-    t_end = time.perf_counter()
-    st.total_s = t_end - q.t0
-    st.ttft_s = (q.t_first or t_end) - q.t0
-    st.decode_s = t_end - q.t_first if q.t_first is not None else 0.0
-    tail = q.text.flush() if reason[1] != "stop_string" else ""
-    text = "".join(q.pieces) + tail
-    return Result(text, q.tokens, reason[0], reason[1], st.prompt_tokens, st.completion_tokens, st.changed, st)

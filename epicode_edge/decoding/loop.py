@@ -178,7 +178,7 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
                 fresh = _reuse_cache(amateur, prompt)
             y = check_finite(_catch_up(amateur, fresh, pending, catch_up), roles[1], amateur)
             fresh, pending = [], []
-        token, changed = _pick(x, y, ids, lam, sampler, normalize, processors, history)
+        token, changed = pick(x, y, ids, lam, sampler, normalize, processors, history)
         yield Step(token, changed, not need, len(ids))
         if history is not None:
             history.append(token)
@@ -205,7 +205,7 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
         while True:
             check_finite(x, roles[0], expert), check_finite(y, roles[1], amateur)
             ids = plausible_ids(x, alpha)  # (K,) ascending
-            token, changed = _pick(x, y, ids, lam, sampler, normalize, processors, history)
+            token, changed = pick(x, y, ids, lam, sampler, normalize, processors, history)
             yield Step(token, changed, len(ids) == 1, len(ids), pair.take_saved())
             if history is not None:
                 history.append(token)
@@ -214,8 +214,9 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
         pair.close()
 
 
-def _pick(x, y, ids, lam, sampler, normalize, processors, history) -> tuple[int, bool]:
-    """The contrastive pick among ids (K,) and whether it differs from the expert's own (same random draw)."""
+def pick(x, y, ids, lam, sampler, normalize, processors, history) -> tuple[int, bool]:
+    """The contrastive pick among ids (K,) and whether it differs from the expert's own (same random draw).
+    x, y: (V,) expert and amateur logits (y is read only when lam > 0 and K > 1)."""
     if len(ids) == 1:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
         (k,), k_own = sampler(_ONE), None
     elif lam > 0:
@@ -332,15 +333,17 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_prompt(prompt: Sequence[int], expert) -> list[int]:
+def check_prompt(prompt: Sequence[int], expert, n_ctx: int | None = None) -> list[int]:
+    """The prompt as ints, checked against the vocabulary and the context (n_ctx, default the expert's)."""
+    n_ctx = expert.n_ctx if n_ctx is None else n_ctx
     prompt = [int(t) for t in prompt]
     if not prompt:
         raise ParameterError("the prompt is empty (no tokens)")
     bad = next((t for t in prompt if not 0 <= t < expert.vocab_size), None)
     if bad is not None:
         raise ParameterError(f"prompt token id {bad} is outside the vocabulary of {expert.vocab_size}")
-    if len(prompt) > expert.n_ctx:
-        raise ContextFullError(f"the prompt has {len(prompt)} tokens, more than the context of {expert.n_ctx} "
+    if len(prompt) > n_ctx:
+        raise ContextFullError(f"the prompt has {len(prompt)} tokens, more than the context of {n_ctx} "
                                f"(raise n_ctx or shorten the prompt)")
     return prompt
 
@@ -379,42 +382,22 @@ def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens
             catch_up, overlap, roles=ROLES) -> Iterator[Event]:
     models = [expert] + ([amateur] if amateur is not None else [])
     c0 = [_snapshot(m) for m in models]
-    st = Stats(prompt_tokens=len(prompt))
-    t0 = time.perf_counter()
-    t_first = None
-    text = TextStream(stop)
-    reason = ("length", "max_tokens")
+    answer = Answer(len(prompt), max_tokens, stop, expert, expert.n_ctx)
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
                           processors=processors, lazy=lazy, catch_up=catch_up,
-                          overlap=overlap, roles=roles) if max_tokens > 0 else _nothing()
+                          overlap=overlap, roles=roles) if answer.reason is None else _nothing()
     try:
         for step in steps:
-            if t_first is None:
-                t_first = time.perf_counter()
-            st.picks += 1
-            st.changed += step.changed
-            st.amateur_skipped += step.skipped
-            st.overlap_s += step.overlap_s
-            if step.token in expert.eos_ids:
-                reason = ("stop", "eos")
-                break
-            st.completion_tokens += 1
-            delta, hit = text.add(expert.token_bytes(step.token))
-            yield Event(delta, step.token, step.changed, step.skipped)
-            if hit:
-                reason = ("stop", "stop_string")
-                break
-            if st.completion_tokens >= max_tokens:
-                break
-            if expert.n_past >= expert.n_ctx:
-                reason = ("length", "context_full")
+            ev = answer.add(step, expert.n_past)
+            if ev is not None:
+                yield ev
+            if answer.reason is not None:
                 break
     finally:
         steps.close()
-    t_end = time.perf_counter()
-    _fill_times(st, t0, t_first, t_end, models, c0)
-    yield Event(text.flush() if reason[1] != "stop_string" else "", None, finish_reason=reason[0],
-                stopped_by=reason[1], stats=st)
+    final = answer.finish()
+    _fill_counters(answer.stats, models, c0)
+    yield final
 
 
 def _nothing() -> Iterator[Step]:
@@ -426,14 +409,145 @@ def _snapshot(backend) -> tuple:
     return c.prefill_tokens, c.forward_calls, c.forward_seconds
 
 
-def _fill_times(st: Stats, t0, t_first, t_end, models, c0) -> None:
-    st.total_s = t_end - t0
-    st.ttft_s = (t_first if t_first is not None else t_end) - t0
-    st.decode_s = t_end - t_first if t_first is not None else 0.0
+def _fill_counters(st: Stats, models, c0) -> None:
     deltas = [tuple(a - b for a, b in zip(_snapshot(m), c)) for m, c in zip(models, c0)]
     st.expert_prefill_tokens, st.expert_forwards, st.expert_forward_s = deltas[0]
     if len(deltas) > 1:
         st.amateur_prefill_tokens, st.amateur_forwards, st.amateur_forward_s = deltas[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# one request's answer: the per-sequence unit both loops drive
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """A finished request (what Runtime.generate() and compare() return)."""
+
+    text: str
+    tokens: list[int]               # the answer's token ids (the terminating EOS / end-of-turn excluded)
+    finish_reason: str              # "stop" | "length"
+    stopped_by: str                 # "eos" | "stop_string" | "max_tokens" | "context_full"
+    prompt_tokens: int
+    completion_tokens: int
+    changed_tokens: int             # picks where contrastive decoding changed the expert's choice
+    stats: Stats = field(repr=False, default_factory=Stats)
+
+    @property
+    def timings(self) -> dict:
+        """Counts and timings as a flat dict (ttft_s, decode_s, total_s, tokens_per_s, skip_rate, ...)."""
+        return self.stats.as_dict()
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+                "stopped_by": self.stopped_by, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "changed_tokens": self.changed_tokens,
+                "timings": self.timings}
+
+
+class Collector:
+    """Joins streamed Events: `add(ev)` each, then `text`, `tokens`, and `result()` once the final one came."""
+
+    def __init__(self):
+        self.pieces: list[str] = []
+        self.tokens: list[int] = []
+        self.last: Event | None = None
+
+    def add(self, ev: Event) -> Event:
+        self.pieces.append(ev.text)
+        if ev.token is not None:
+            self.tokens.append(ev.token)
+        self.last = ev
+        return ev
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def result(self) -> Result | None:
+        """The Result, or None when the stream ended before its final Event (interrupted)."""
+        last = self.last
+        if last is None or not last.final:
+            return None
+        st = last.stats
+        return Result(self.text, list(self.tokens), last.finish_reason, last.stopped_by, st.prompt_tokens,
+                      st.completion_tokens, st.changed, st)
+
+
+def collect(events: Iterator[Event]) -> Result:
+    """Join a stream of Events into a Result."""
+    c = Collector()
+    for ev in events:
+        c.add(ev)
+    return c.result()
+
+
+class Answer:
+    """One request's answer as its picks come: the stop rules (EOS / end-of-turn, stop strings that may span
+    tokens and are never emitted, max_tokens, a full context), the UTF-8-safe text, the tokens and the Stats.
+    The single-request stream (stream_generate) and the multi-request scheduler (batch_loop) both feed it
+    their picks: they stop at the same place and emit the same text by construction.
+
+        answer = Answer(len(prompt), max_tokens, stop, vocab=expert, n_ctx=expert.n_ctx)
+        ev = answer.add(step, n_past)     # the Event to emit (None for the terminating EOS)
+        if answer.reason: final = answer.finish(); result = answer.result()
+    """
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, stop: list[str], vocab, n_ctx: int):
+        self.vocab, self.max_tokens, self.n_ctx = vocab, max_tokens, n_ctx  # vocab: eos_ids, token_bytes
+        self.text = TextStream(stop)
+        self.stats = Stats(prompt_tokens=prompt_tokens)
+        self.tokens: list[int] = []
+        self.pieces: list[str] = []
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+        self.reason: tuple[str, str] | None = ("length", "max_tokens") if max_tokens <= 0 else None
+        self._final: Event | None = None
+
+    def add(self, step: Step, n_past: int) -> Event | None:
+        """Count one pick (n_past: positions the expert holds now); the Event to emit, None for the terminating
+        EOS. Sets `reason` (finish_reason, stopped_by) when the answer is complete."""
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        st = self.stats
+        st.picks += 1
+        st.changed += step.changed
+        st.amateur_skipped += step.skipped
+        st.overlap_s += step.overlap_s
+        if step.token in self.vocab.eos_ids:
+            self.reason = ("stop", "eos")
+            return None
+        st.completion_tokens += 1
+        delta, hit = self.text.add(self.vocab.token_bytes(step.token))
+        self.pieces.append(delta)
+        self.tokens.append(step.token)
+        if hit:
+            self.reason = ("stop", "stop_string")
+        elif st.completion_tokens >= self.max_tokens:
+            self.reason = ("length", "max_tokens")
+        elif n_past >= self.n_ctx:
+            self.reason = ("length", "context_full")
+        return Event(delta, step.token, step.changed, step.skipped)
+
+    def finish(self) -> Event:
+        """The final Event (once): text held back for a possible stop string (unless a stop string ended the
+        answer), finish_reason, stopped_by, and the Stats with their timings."""
+        if self._final is None:
+            reason = self.reason or ("length", "max_tokens")
+            st, t_end = self.stats, time.perf_counter()
+            st.total_s = t_end - self.t0
+            st.ttft_s = (self.t_first if self.t_first is not None else t_end) - self.t0
+            st.decode_s = t_end - self.t_first if self.t_first is not None else 0.0
+            tail = self.text.flush() if reason[1] != "stop_string" else ""
+            self.pieces.append(tail)
+            self._final = Event(tail, None, finish_reason=reason[0], stopped_by=reason[1], stats=st)
+        return self._final
+
+    def result(self) -> Result:
+        final, st = self.finish(), self.stats
+        return Result("".join(self.pieces), list(self.tokens), final.finish_reason, final.stopped_by,
+                      st.prompt_tokens, st.completion_tokens, st.changed, st)
 
 
 class TextStream:
