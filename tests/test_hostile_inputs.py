@@ -4,6 +4,7 @@ line parser."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -117,6 +118,11 @@ def test_invalid_utf8_on_chat_stdin_keeps_the_session(bundle):  # noqa: F811
     assert r.returncode == 0 and "Traceback" not in err, err
     assert "Error: the message is not valid UTF-8 (byte 0xff at character 4)" in err
     assert "turns: 1" in err  # the next message was answered
+    r = run_cli_process("chat", str(bundle), "--max-tokens", "2", "--threads", str(N_THREADS),
+                        stdin=b"/system be \xff\nhello\n/show\n")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Error: the system prompt is not valid UTF-8 (byte 0xff at character 3)" in err
+    assert "system: (none)" in err and re.search(r"\[\d+ tokens, ", err)  # not kept, and the turn ran
 
 
 def test_lone_surrogates_in_a_batch_line_are_an_error_record(rt):  # noqa: F811
