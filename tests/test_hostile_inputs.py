@@ -73,7 +73,7 @@ line_objects = st.fixed_dictionaries({}, optional={
     "lambda": json_values, "stop": json_values, "system": json_values, "temp": json_values, "seed": json_values})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(raw=st.binary(max_size=200) | line_objects.map(lambda o: json.dumps(o).encode()))
 def test_parse_line_never_raises(raw):
     item = batch.parse_line(raw, 7)
@@ -90,7 +90,7 @@ def _blank(raw: bytes) -> bool:
         return False
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.lists(st.binary(max_size=60) | line_objects.map(lambda o: json.dumps(o).encode()), max_size=8))
 def test_parse_input_keeps_every_line_or_reports_it(data):
     text = b"\n".join(data)
