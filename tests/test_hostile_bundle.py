@@ -294,7 +294,7 @@ FIELDS = ["format_version", "mu", "defaults", "defaults.lambda", "defaults.alpha
           "lora", "files.mlx", "files.lora", "created", "tokenizer_hash"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=json_values)
 def test_check_manifest_never_raises_anything_but_bundle_error(value):
     try:
@@ -306,7 +306,7 @@ def test_check_manifest_never_raises_anything_but_bundle_error(value):
 _PROP: dict = {}
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.sampled_from(FIELDS), value=json_values)
 def test_any_manifest_the_loader_accepts_describes_cleanly(tmp_path_factory, field, value):
     if "bundle" not in _PROP:

@@ -4,6 +4,7 @@ line parser."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -72,7 +73,7 @@ line_objects = st.fixed_dictionaries({}, optional={
     "lambda": json_values, "stop": json_values, "system": json_values, "temp": json_values, "seed": json_values})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(raw=st.binary(max_size=200) | line_objects.map(lambda o: json.dumps(o).encode()))
 def test_parse_line_never_raises(raw):
     item = batch.parse_line(raw, 7)
@@ -82,14 +83,21 @@ def test_parse_line_never_raises(raw):
         assert isinstance(item.id, (str, int)) and (item.prompt is None) != (item.messages is None)
 
 
-@settings(max_examples=100, deadline=None)
+def _blank(raw: bytes) -> bool:
+    try:
+        return not raw.decode("utf-8").strip().lstrip("\ufeff")
+    except UnicodeDecodeError:
+        return False
+
+
+@settings(max_examples=60, deadline=None)
 @given(data=st.lists(st.binary(max_size=60) | line_objects.map(lambda o: json.dumps(o).encode()), max_size=8))
 def test_parse_input_keeps_every_line_or_reports_it(data):
     text = b"\n".join(data)
     items, dups = batch.parse_input(text)
     lines = [it.line if isinstance(it, batch.Request) else it["line"] for it in items] + [d[1] for d in dups]
     assert len(lines) == len(set(lines)) and all(1 <= n <= text.count(b"\n") + 1 for n in lines)
-    blank = {n for n, raw in enumerate(text.split(b"\n"), 1) if not raw.strip().lstrip(b"\xef\xbb\xbf")}
+    blank = {n for n, raw in enumerate(text.split(b"\n"), 1) if _blank(raw)}
     assert set(lines) | blank == set(range(1, text.count(b"\n") + 2))  # each line: kept, reported, or blank
 
 
@@ -110,6 +118,11 @@ def test_invalid_utf8_on_chat_stdin_keeps_the_session(bundle):  # noqa: F811
     assert r.returncode == 0 and "Traceback" not in err, err
     assert "Error: the message is not valid UTF-8 (byte 0xff at character 4)" in err
     assert "turns: 1" in err  # the next message was answered
+    r = run_cli_process("chat", str(bundle), "--max-tokens", "2", "--threads", str(N_THREADS),
+                        stdin=b"/system be \xff\nhello\n/show\n")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Error: the system prompt is not valid UTF-8 (byte 0xff at character 3)" in err
+    assert "system: (none)" in err and re.search(r"\[\d+ tokens, ", err)  # not kept, and the turn ran
 
 
 def test_lone_surrogates_in_a_batch_line_are_an_error_record(rt):  # noqa: F811

@@ -241,6 +241,13 @@ class ChatApp:
 
     def cmd_system(self, arg: str) -> None:
         """The conversation stays; the next turn re-prefills from the start (the system prompt comes first)."""
+        from ..runtime import check_text
+
+        try:
+            check_text(arg, "the system prompt")
+        except EpicodeError as e:  # kept out, or every later turn would fail on it
+            self.status(f"Error: {_one_line(e)}")
+            return
         self.session.system = arg or None
         self.status("System prompt set." if arg else "System prompt cleared.")
 
