@@ -323,8 +323,11 @@ class Runtime:
         e = self.expert
         if not e.chat_template:
             raise UnsupportedError(f"{e.path}: the model has no chat template; use a raw prompt (raw=True / --raw)")
-        return render_chat(e.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=e.bos_token, eos_token=e.eos_token)
+        try:
+            return render_chat(e.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=e.bos_token, eos_token=e.eos_token)
+        except InputError as err:
+            raise InputError(f"{e.path}: {err} (a raw prompt needs no template: raw=True / --raw)") from None
 
     # -- requests ----------------------------------------------------------------------------------
     def settings(self, **kw) -> Settings:

@@ -157,30 +157,52 @@ def _decide(mode: str, source: str, refresh: bool) -> Decision:
 
 
 def open_llama(model_path, decision: Decision | None = None, **kwargs):
-    """`llama_cpp.Llama(model_path, **kwargs)` loaded with the CPU kernels `decide()` chose (or `decision`)."""
+    """`llama_cpp.Llama(model_path, **kwargs)` loaded with the CPU kernels `decide()` chose (or `decision`).
+
+    The model's chat templates are not compiled by llama-cpp-python (its create_chat_completion is not used
+    here: the runtime renders templates itself, sandboxed and bounded), so a model whose template is broken
+    still loads and answers raw prompts."""
     import llama_cpp
+    import llama_cpp.llama_chat_format as chat_format
     import llama_cpp.llama_cpp as lowlevel
 
     decision = decision or decide()
-    if not supported():
-        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
     with _lock:  # the high-level class takes its model parameters from llama_model_default_params()
-        default_params = lowlevel.llama_model_default_params
+        default_params, formatter = lowlevel.llama_model_default_params, chat_format.Jinja2ChatFormatter
 
         def params():
             p = default_params()
-            p.use_extra_bufts = decision.use_extra_bufts
+            if supported():
+                p.use_extra_bufts = decision.use_extra_bufts
             return p
 
         lowlevel.llama_model_default_params = params
+        chat_format.Jinja2ChatFormatter = _UncompiledTemplate
         try:
             llm = llama_cpp.Llama(model_path=str(model_path), **kwargs)
         finally:
             lowlevel.llama_model_default_params = default_params
+            chat_format.Jinja2ChatFormatter = formatter
+    if not supported():
+        return llm
     if bool(llm.model_params.use_extra_bufts) != decision.use_extra_bufts:  # a changed llama-cpp-python
         llm.close()
         raise BackendError(f"{model_path}: llama-cpp-python ignored the CPU kernel setting (use_extra_bufts)")
     return llm
+
+
+class _UncompiledTemplate:
+    """Stands in for llama-cpp-python's Jinja2ChatFormatter while a model loads (see open_llama)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def to_chat_handler(self):
+        def handler(*args, **kwargs):
+            raise BackendError("chat completion through llama-cpp-python is not available on models loaded by "
+                               "epicode-edge: use its runtime (Runtime.generate / chat), which renders the template")
+
+        return handler
 
 
 # -- the probe -------------------------------------------------------------------------------------
