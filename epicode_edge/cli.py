@@ -10,6 +10,7 @@ Sections are owned by area (convert / runtime / apps): keep each command's wirin
 from __future__ import annotations
 
 import signal
+import functools
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -202,22 +203,44 @@ def info_cmd(bundle, verify):
 # ----------------------------------------------------------------------------------------------
 
 
+ENGINE_OPTIONS = ("backend", "quant", "amateur_quant", "n_gpu_layers", "n_ctx", "n_threads", "kv_type")
+
+
 def runtime_options(f):
-    """--backend --quant --n-gpu-layers --n-ctx --threads: how `load()` opens a bundle."""
+    """--backend --quant --amateur-quant --n-gpu-layers --n-ctx --threads --cache-type: how `load()` opens a
+    bundle, handed to the command as one `engine` dict of load() keywords (unset ones left out); --overlap is a
+    decoding setting and stays a keyword of its own."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        engine = {k: kw.pop(k) for k in ENGINE_OPTIONS}
+        kw["engine"] = {k: v for k, v in engine.items() if v is not None}
+        return f(*args, **kw)
+
     for opt in reversed([
         click.option("--backend", type=click.Choice(["auto", "llama.cpp", "mlx"]), default="auto", show_default=True,
+                     envvar="EPICODE_EDGE_BACKEND", show_envvar=True,
                      help="Engine: auto = MLX on Apple silicon when the bundle has MLX models, else llama.cpp."),
         click.option("--quant", default=None, help="GGUF quant to load (default: the bundle's first)."),
-        click.option("--n-gpu-layers", type=int, default=0, show_default=True,
-                     help="Layers offloaded to CUDA/Metal on llama.cpp (-1 = all)."),
-        click.option("--n-ctx", type=int, default=2048, show_default=True, help="Context size in tokens."),
-        click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: engine's)."),
+        click.option("--amateur-quant", default=None,
+                     help="The amateur's GGUF at another quant (e.g. Q4_0 beside a Q8_0 expert: faster, only close "
+                          "to the same-quant answers; the bundle must hold it)."),
+        click.option("--n-gpu-layers", type=int, default=0, show_default=True, envvar="EPICODE_EDGE_N_GPU_LAYERS",
+                     show_envvar=True, help="Layers offloaded to CUDA/Metal on llama.cpp (-1 = all)."),
+        click.option("--n-ctx", type=int, default=2048, show_default=True, envvar="EPICODE_EDGE_N_CTX",
+                     show_envvar=True, help="Context size in tokens."),
+        click.option("--threads", "n_threads", type=int, default=None, envvar="EPICODE_EDGE_THREADS",
+                     show_envvar=True, help="CPU threads (default: engine's)."),
+        click.option("--cache-type", "kv_type", type=click.Choice(["f16", "f32", "q8_0"]), default=None,
+                     envvar="EPICODE_EDGE_CACHE_TYPE", show_envvar=True,
+                     help="llama.cpp KV cache type (as -ctk/-ctv): f16 [default], f32 (exact checks: f16 moves "
+                          "logits by ~1e-2), q8_0 (half the memory; needs flash attention, turned on for it)."),
         click.option("--overlap/--no-overlap", default=None,
                      help="Run the two models' forwards at once, half the cores each (default: off; "
                           "helps only with idle cores to spare)."),
     ]):
-        f = opt(f)
-    return f
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 def _notes(rt) -> None:
@@ -251,7 +274,7 @@ def decoding_options(f):
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, counts, timings).")
 @runtime_options
-def generate_cmd(bundle, prompt, system, raw, as_json, backend, quant, n_gpu_layers, n_ctx, n_threads, **settings):
+def generate_cmd(bundle, prompt, system, raw, as_json, engine, **settings):
     """Answer PROMPT with EpiCoDe (expert contrasted with amateur), streaming to stdout."""
     import json
 
@@ -259,7 +282,7 @@ def generate_cmd(bundle, prompt, system, raw, as_json, backend, quant, n_gpu_lay
 
     settings["stop"] = settings["stop"] or None
     Settings().updated(**settings)  # out-of-range values fail before the models load
-    rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    rt = load(bundle, **engine)
     _notes(rt)
     with rt:
         events = rt.stream(prompt, raw=raw, system=system, **settings)
@@ -286,7 +309,7 @@ def generate_cmd(bundle, prompt, system, raw, as_json, backend, quant, n_gpu_lay
 @click.option("--system", default=None, help="System prompt (change it later with /system).")
 @decoding_options
 @runtime_options
-def chat_cmd(bundle, system, backend, quant, n_gpu_layers, n_ctx, n_threads, **settings):
+def chat_cmd(bundle, system, engine, **settings):
     """Chat with EpiCoDe offline. Reads stdin: a terminal (line editing, history) or a pipe (scripted
     sessions: each line a message or a /command). /help lists the commands; Ctrl-C stops an answer and
     keeps the session; Ctrl-D or /bye exits. Each turn prefills only its new tokens."""
@@ -295,7 +318,7 @@ def chat_cmd(bundle, system, backend, quant, n_gpu_layers, n_ctx, n_threads, **s
 
     settings["stop"] = settings["stop"] or None
     Settings().updated(**settings)  # out-of-range values fail before the models load
-    rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    rt = load(bundle, **engine)
     _notes(rt)
     with rt:
         run_repl(ChatApp(rt, system=system, dim=sys.stderr.isatty(), **settings))
@@ -313,8 +336,7 @@ def chat_cmd(bundle, system, backend, quant, n_gpu_layers, n_ctx, n_threads, **s
 @click.option("--system", default=None, help="Default system prompt (a line's own 'system' wins).")
 @decoding_options
 @runtime_options
-def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, system, backend, quant, n_gpu_layers,
-              n_ctx, n_threads, **settings):
+def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, system, engine, **settings):
     """Answer every request of INPUT.jsonl ({"id", "prompt"} or {"id", "messages"} a line, with optional
     per-line max_tokens, lambda, alpha, temp, top_p, top_k, min_p, seed, stop, system) into OUTPUT, one
     record a line, flushed as each finishes (completion order; "line" gives the input order). A bad line or
@@ -335,7 +357,7 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
     if not job.pending:
         click.echo(f"Nothing to do: all {job.total} requests already have a record in {output}.", err=True)
         return
-    rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    rt = load(bundle, **engine)
     _notes(rt)
     if parallel > 1 and not batch.batched_supported(rt):
         click.echo(f"Note: no batched decoding on {rt.backend}: requests run one at a time.", err=True)
@@ -365,8 +387,7 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
               help="The most tokens one request may ask for [default: the context size].")
 @click.option("--name", default=None, help="The model id clients use [default: the bundle folder's name].")
 @runtime_options
-def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit, name, backend, quant,
-              n_gpu_layers, n_ctx, n_threads, overlap):
+def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit, name, engine, overlap):
     """Serve BUNDLE over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for
     chat front ends, editors and the openai client. Model NAME is EpiCoDe, NAME:finetuned the finetuned model
     alone; extra body fields `lambda` and `alpha` set contrastive decoding per request."""
@@ -375,7 +396,7 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
     from .apps.serve import ServeConfig, create_app
     from .runtime import load
 
-    rt = load(bundle, backend=backend, quant=quant, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads)
+    rt = load(bundle, **engine)
     name = name or Path(bundle).resolve().name
     cfg = ServeConfig(name=name, parallel=parallel, max_queue=max_queue, api_key=api_key or None,
                       max_tokens_limit=max_tokens_limit)

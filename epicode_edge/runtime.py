@@ -608,6 +608,9 @@ def open_backend(path, backend: str, *, n_ctx: int = 2048, n_threads: int | None
             return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
         from .backends.mlx import MLXBackend
 
+        if engine_kw.get("kv_type") is not None:
+            raise ParameterError("the KV cache type (kv_type / --cache-type) applies to llama.cpp only")
+        engine_kw.pop("kv_type", None)
         return MLXBackend(path, n_ctx=n_ctx, **engine_kw)
     except EpicodeError:
         raise
@@ -648,7 +651,8 @@ def _runtime(e, a, n_ctx: int | None = None, **kw) -> Runtime:
 
 
 def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: int = 0, n_ctx: int = 2048,
-         n_threads: int | None = None, roles: tuple[str, str] = ("expert", "amateur"), **engine_kw) -> Runtime:
+         n_threads: int | None = None, roles: tuple[str, str] = ("expert", "amateur"),
+         amateur_quant: str | None = None, **engine_kw) -> Runtime:
     """A Runtime over a bundle folder (the output of `convert`).
 
     backend "auto": MLX on Apple silicon when the bundle has MLX models, else llama.cpp (MLX when the bundle
@@ -656,7 +660,8 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     layers to CUDA/Metal on llama.cpp (-1 = all). The bundle's lambda and alpha become the defaults.
     roles: the bundle's models that play expert and amateur, e.g. ("amateur", "inferior") for contrastive
     decoding of the finetuned model against the inferior one (a bundle made with --with-inferior), in either
-    bundle layout.
+    bundle layout. amateur_quant: the amateur's GGUF at another quant than the expert's (a cheaper amateur,
+    e.g. Q4_0 beside a Q8_0 expert: faster, and only close to the same-quant answers).
     """
     from .converters.bundle import open_bundle
 
@@ -668,6 +673,9 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     if b.manifest.get("layout") == "shared-base":  # one base GGUF + LoRA adapters (backends/llamacpp_lora.py)
         if backend == "mlx":
             raise UnsupportedError(f"{b.path}: a shared-base (LoRA) bundle runs on llama.cpp only")
+        if amateur_quant is not None:
+            raise UnsupportedError(f"{b.path}: the roles of a shared-base bundle share one base model: "
+                                   "amateur_quant applies to two-model bundles")
         from .backends.llamacpp_lora import open_roles
         from .converters.lora import shared_base_roles
 
@@ -682,10 +690,12 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     if backend == "auto":
         backend = "mlx" if ("mlx" in b.formats and (apple_silicon() or "gguf" not in b.formats)) else "llama.cpp"
     if backend == "llama.cpp":
-        paths = (b.gguf(roles[0], quant), b.gguf(roles[1], quant))
+        paths = (b.gguf(roles[0], quant), b.gguf(roles[1], amateur_quant or quant))
         quant = paths[0].stem.split("-", 1)[-1]
+        if amateur_quant is not None:
+            quant += "/" + paths[1].stem.split("-", 1)[-1]
     else:
-        if quant is not None:
+        if quant is not None or amateur_quant is not None:
             raise ParameterError("quant picks GGUF files: it applies to the llama.cpp backend only")
         if "mlx" not in b.formats:
             raise BundleError(f"{b.path}: the bundle has no MLX models (formats: {', '.join(b.formats)})")

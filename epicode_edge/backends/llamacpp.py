@@ -22,7 +22,9 @@ from ..errors import BackendError, InputError, ParameterError, UnsupportedError
 from . import cpu_kernels
 from .base import BaseBackend, end_of_turn_ids
 
-KV_TYPES = {"f32": 0, "f16": 1}  # ggml types of the KV cache; f16 is llama.cpp's default, f32 for exact checks
+# KV cache types: ggml type, and whether llama.cpp needs flash attention for it (a quantized V cache does).
+# f16 is llama.cpp's default, f32 for exact checks, q8_0 for half the memory.
+KV_TYPES = {"f32": (0, False), "f16": (1, False), "q8_0": (8, True)}
 
 
 _LOG = {"callback": None, "last": 0, "buffers": []}
@@ -72,9 +74,11 @@ class LlamaCppBackend(BaseBackend):
             self._llm = cpu_kernels.open_llama(
                 path, self.cpu_kernels, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads,
                 n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=False, verbose=False,
-                type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
+                type_k=KV_TYPES[kv_type][0], type_v=KV_TYPES[kv_type][0], flash_attn=KV_TYPES[kv_type][1])
         except (ValueError, RuntimeError, OSError) as e:
-            raise BackendError(f"{path}: llama.cpp cannot load the model ({' '.join(str(e).split())})") from None
+            hint = "; a q8_0 KV cache needs attention head sizes divisible by 32" if kv_type == "q8_0" else ""
+            raise BackendError(f"{path}: llama.cpp cannot load the model ({' '.join(str(e).split())}){hint}") \
+                from None
         self.weight_buffers = tuple(dict.fromkeys(_LOG["buffers"]))  # where the weights live, e.g. CPU_REPACK
         super().__init__(path, self._llm.n_ctx())
         self._ctx = self._llm._ctx.ctx
