@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="folder for the generated model (kept; reused)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--profile", action="store_true", help="profile one lazy run per prompt with pyinstrument")
+    ap.add_argument("--amateur-quant", default=None,
+                    help="also rows with the amateur at this quant (the bundle must hold it, e.g. Q4_0)")
     ap.add_argument("--cpu-repack", choices=("auto", "on", "off"), default=None,
                     help="llama.cpp's extra CPU kernels for every row, the anchor's too (default: $EPICODE_EDGE_CPU_REPACK, else auto)")
     args = ap.parse_args()
@@ -192,15 +194,23 @@ def main() -> None:
             "lazy-batch": {"catch_up": "batch"}, "lazy-auto": {"catch_up": "auto"},
             "overlap": {"overlap": True}, "expert-alone": {"lam": 0.0}}
     ways = {name: {"overlap": False, **kw} for name, kw in ways.items()}
+    runtimes = {name: rt for name in ways}
+    if args.amateur_quant:
+        rt_aq = load(args.bundle, quant=args.quant, amateur_quant=args.amateur_quant, n_threads=args.threads,
+                     n_gpu_layers=args.n_gpu_layers)
+        for name, kw in (("naive", {"lazy": False}), ("lazy-steps", {"catch_up": "steps"}),
+                         ("lazy-auto", {"catch_up": "auto"})):
+            ways[f"{name}/am-{args.amateur_quant}"] = {"overlap": False, **kw}
+            runtimes[f"{name}/am-{args.amateur_quant}"] = rt_aq
     rows = {"anchor": [], **{name: [] for name in ways}}
-    mismatches = {name: 0 for name in ways if name.startswith("lazy") or name == "overlap"}
+    mismatches = {name: 0 for name in ways if name not in ("epicode-naive", "expert-alone")}
     for run in range(args.runs):
         for ids in prompts:
             rows["anchor"].append(anchor_run(llm, ids, args.max_tokens))
             tokens = {}
             for name, kw in ways.items():
-                set_threads(rt, split if kw["overlap"] else args.threads)
-                r = ours_run(rt, ids, args.max_tokens, **{"lam": lam, "alpha": alpha, **kw})
+                set_threads(runtimes[name], split if kw["overlap"] else args.threads)
+                r = ours_run(runtimes[name], ids, args.max_tokens, **{"lam": lam, "alpha": alpha, **kw})
                 tokens[name] = r.pop("tokens")
                 rows[name].append(r)
             for name in mismatches:
@@ -212,7 +222,7 @@ def main() -> None:
                "threads": args.threads, "overlap_threads": split, "n_gpu_layers": args.n_gpu_layers, "lam": lam, "alpha": alpha,
                "runs": args.runs, "prompts": len(prompts), "max_tokens": args.max_tokens,
                "lazy_vs_naive_mismatched_prompts": mismatches, "ways": {}}
-    print(f"\n{'':16}{'tok/s':>9}{'ratio':>8}{'ttft ms':>9}{'ratio':>7}{'skip':>7}{'ovh us':>8}{'ovh %':>7}")
+    print(f"\n{'':24}{'tok/s':>9}{'ratio':>8}{'ttft ms':>9}{'ratio':>7}{'skip':>7}{'ovh us':>8}{'ovh %':>7}")
     for name, rs in rows.items():
         # ratios: median over (run, prompt) of this way against the anchor on the same prompt in the same run,
         # which cancels the drift of a shared machine's load between runs
@@ -220,7 +230,7 @@ def main() -> None:
         ttft_ratio = statistics.median(r["ttft_s"] / a["ttft_s"] for r, a in zip(rs, rows["anchor"]))
         tps, ttft = med(rs, "tokens_per_s"), med(rs, "ttft_s")
         fig = {"tokens_per_s": tps, "ratio": ratio, "ttft_ms": 1e3 * ttft, "ttft_ratio": ttft_ratio}
-        line = f"{name:16}{tps:9.1f}{ratio:8.3f}{1e3 * ttft:9.1f}{ttft_ratio:7.2f}"
+        line = f"{name:24}{tps:9.1f}{ratio:8.3f}{1e3 * ttft:9.1f}{ttft_ratio:7.2f}"
         if name != "anchor" and rs:
             fig.update(skip_rate=med(rs, "skip_rate"), overhead_us=med(rs, "overhead_us"),
                        overhead_share=med(rs, "overhead_share"), per_token_us=med(rs, "per_token_us"))
@@ -240,6 +250,8 @@ def main() -> None:
         set_threads(rt, args.threads)
         profile(rt, prompts, args.max_tokens, lam=lam, alpha=alpha, overlap=False)
     rt.close()
+    if args.amateur_quant:
+        rt_aq.close()
     llm.close()
     if tmp is not None:
         import shutil

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .version import __version__
-from .errors import EpicodeError
+from .errors import EpicodeError, one_line
 
 
 class _Group(click.Group):
@@ -28,7 +28,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except EpicodeError as e:
-            raise click.ClickException(_one_line(e)) from None
+            raise click.ClickException(one_line(e)) from None
         except KeyboardInterrupt as e:
             click.echo("\nTerminated." if isinstance(e, Terminated) else "\nInterrupted.", err=True)
             sys.exit(143 if isinstance(e, Terminated) else 130)
@@ -55,8 +55,6 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -42,3 +42,8 @@ class BackendError(EpicodeError):
 
 class ContextFullError(EpicodeError):
     """The prompt (or prompt plus generation) does not fit the context window."""
+
+
+def one_line(e: BaseException) -> str:
+    """An error as the one line users see: its message with whitespace folded (the class name if empty)."""
+    return " ".join(str(e).split()) or type(e).__name__

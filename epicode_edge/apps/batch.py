@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import EpicodeError, InputError
+from ..errors import EpicodeError, InputError, one_line
 
 # JSON field -> Python keyword of Runtime.generate / Runtime.stream
 OVERRIDES = {
@@ -619,7 +619,7 @@ def _finish(runtime, req: Request, result, messages, settings: dict, compare: bo
 
 def _failure(req: Request, e: BaseException) -> dict:
     """EpicodeError: its one-line message; anything else (a bug) also names its type. Never lose the run."""
-    msg = _one_line(e) if isinstance(e, EpicodeError) else f"{type(e).__name__}: {_one_line(e)}"
+    msg = one_line(e) if isinstance(e, EpicodeError) else f"{type(e).__name__}: {one_line(e)}"
     return _error(req.id, req.line, msg)
 
 
@@ -639,5 +639,3 @@ def _timings(t: dict | None) -> dict:
     return {k: round(float(t[k]), 6) for k in TIMINGS if t.get(k) is not None}
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ContextFullError, EpicodeError, ParameterError
+from ..errors import ContextFullError, EpicodeError, ParameterError, one_line
 
 HELP = """\
 Commands:
@@ -178,7 +178,7 @@ class ChatApp:
         try:
             stream = self.session.send(text)
         except EpicodeError as e:  # e.g. the conversation no longer fits the context
-            self.status(f"Error: {_one_line(e)}")
+            self.status(f"Error: {one_line(e)}")
             return None
         turn, pieces, t0 = Turn(), [], time.perf_counter()
         c0 = [b.counters.prefill_tokens for _, b in _backends(self.runtime)]
@@ -198,7 +198,7 @@ class ChatApp:
                 self.out("\n")
             full = isinstance(e, ContextFullError) and self.session.history
             hint = " (/reset starts a new conversation)" if full else ""
-            self.status(f"Error: {_one_line(e)}{hint}")
+            self.status(f"Error: {one_line(e)}{hint}")
             return None
         finally:
             stream.close()  # GeneratorExit at a yield: the session keeps what was streamed
@@ -246,7 +246,7 @@ class ChatApp:
         try:
             check_text(arg, "the system prompt")
         except EpicodeError as e:  # kept out, or every later turn would fail on it
-            self.status(f"Error: {_one_line(e)}")
+            self.status(f"Error: {one_line(e)}")
             return
         self.session.system = arg or None
         self.status("System prompt set." if arg else "System prompt cleared.")
@@ -260,7 +260,7 @@ class ChatApp:
             key, x = parse_setting(name, value.strip())
             self.session.set(**{key: x})
         except EpicodeError as e:
-            self.status(f"Error: {_one_line(e)}")
+            self.status(f"Error: {one_line(e)}")
             return
         self.status(f"Set {_name(key)} = {x}")
 
@@ -292,7 +292,7 @@ class ChatApp:
         try:
             result = self.session.compare()
         except EpicodeError as e:
-            self.status(f"Error: {_one_line(e)}")
+            self.status(f"Error: {one_line(e)}")
             return
         self.out(f"--- EpiCoDe ---\n{self.last_answer}\n--- finetuned alone ---\n{result.text}\n")
 
@@ -317,8 +317,6 @@ def _name(key: str) -> str:
     return "lambda" if key == "lam" else key
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _backends(runtime) -> list:

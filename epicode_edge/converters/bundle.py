@@ -16,7 +16,6 @@ Writing is atomic: everything goes into a hidden temporary folder next to the ta
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+from ..hashing import sha256_file  # noqa: F401  (part of this module's API: bundle.sha256_file)
 from ..errors import BundleError
 
 FORMAT_VERSION = 1
@@ -197,16 +197,6 @@ def remove_stale_temps(out) -> list[Path]:
             os.close(fd)
     return removed
 
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(1 << 22)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def file_entry(root: Path, rel: str, **extra) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..hashing import sha256_file
 from ..errors import CheckpointError
 from .safetensors_io import FLOAT_TAGS, STORAGE, SafetensorsFile, to_f32
 
@@ -146,14 +147,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------
 # HF folder
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +230,7 @@ class HFCheckpoint(Checkpoint):
         return to_f32(self.read(name), self.tensors[name].dtype)
 
     def tokenizer_digests(self) -> dict[str, str]:
-        return {f: _sha256_file(self.path / f) for f in TOKENIZER_FILES if (self.path / f).is_file()}
+        return {f: sha256_file(self.path / f) for f in TOKENIZER_FILES if (self.path / f).is_file()}
 
     def close(self) -> None:
         for st in self._files.values():

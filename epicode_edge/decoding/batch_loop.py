@@ -27,7 +27,6 @@ catch-ups of mixed lengths, i.e. more and smaller calls). Either way the picks a
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
