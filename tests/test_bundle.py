@@ -178,3 +178,22 @@ def test_describe_shows_other_file_groups_and_warnings(tmp_path):
     (out / MANIFEST).write_text(json.dumps(manifest))
     text = "\n".join(describe(open_bundle(out)))
     assert "lora       finetuned lora/finetuned.gguf 1.5 KB" in text and "warning    mu = 3.0 is large" in text
+
+
+def test_copy_bundle_changes_the_manifest_atomically(tmp_path):
+    """tune writes its bundle this way: a copy with new decoding defaults, through the bundle writer."""
+    from epicode_edge.converters.bundle import copy_bundle
+
+    src = write_bundle(tmp_path / "src", mlx=True)
+    before = (src / MANIFEST).read_text()
+    b = copy_bundle(src, tmp_path / "tuned", defaults={"lambda": 2.0, "alpha": 0.1}, tune={"dev_items": 3})
+    assert (b.lam, b.mu) == (2.0, 0.3) and b.manifest["tune"] == {"dev_items": 3}
+    open_bundle(b.path, verify=True)  # every file copied whole
+    assert (src / MANIFEST).read_text() == before  # the source is untouched
+    with pytest.raises(BundleError, match="already exists"):
+        copy_bundle(src, b.path, defaults={"lambda": 1.0, "alpha": 0.1})
+    assert open_bundle(b.path).lam == 2.0 and siblings(b.path) == ["src", "tuned"]  # no temp folder left
+    assert copy_bundle(src, b.path, force=True, defaults={"lambda": 1.0, "alpha": 0.1}).lam == 1.0
+    with pytest.raises(BundleError, match="defaults"):  # an invalid change is refused by the load check
+        copy_bundle(src, tmp_path / "bad", defaults={"lambda": "high"})
+    assert siblings(b.path) == ["src", "tuned"]  # and nothing is left under its name

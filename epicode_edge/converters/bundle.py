@@ -134,6 +134,35 @@ class BundleWriter:
         return False
 
 
+def build_manifest(*, mu: float, lam: float, alpha: float, arch: str, tokenizer_hash: str, sources: dict,
+                   files: dict, warnings: list, summary: dict, **extra) -> dict:
+    """epicode.json of a new bundle: format and tool versions, creation time, the method's parameters, sources
+    and files; `extra` adds layout-specific fields (a shared-base bundle's layout and LoRA scales)."""
+    from datetime import datetime, timezone
+
+    from ..version import __version__
+
+    return {"format_version": FORMAT_VERSION, "tool": "epicode-edge", "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra, "mu": mu,
+            "defaults": {"lambda": lam, "alpha": alpha}, "arch": arch, "tokenizer_hash": tokenizer_hash,
+            "sources": sources, "files": files, "warnings": warnings, "summary": summary}
+
+
+def copy_bundle(src, out, *, force: bool = False, **changes) -> "Bundle":
+    """A copy of bundle `src` at `out` with manifest fields changed (e.g. tune's decoding defaults), written as
+    every bundle is: under a temporary name, renamed when complete."""
+    b = open_bundle(src)
+    with BundleWriter(out, force) as bw:
+        for item in b.path.iterdir():
+            if item.name in (MANIFEST, LOCK_FILE):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, bw.tmp / item.name)
+        (bw.tmp / MANIFEST).write_text(json.dumps({**b.manifest, **changes}, indent=2) + "\n")
+        open_bundle(bw.tmp)  # the changed manifest is checked before the copy gets its final name
+        path = bw.commit(None)
+    return open_bundle(path)
+
+
 # The temporary folder holds this file, locked (flock) by the writing process for as long as it runs: a
 # folder whose lock can be taken belongs to a process that died (kill -9, power loss) and is removed by the
 # next writer of the same target. The lock goes with the process, so a reused pid cannot fool it.

@@ -22,13 +22,11 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..version import __version__
 from ..errors import BundleError, ParameterError, UnsupportedError
-from .bundle import (FORMAT_VERSION, LOCK_FILE, Bundle, BundleWriter, file_entry, gguf_relpath, hf_relpath,
+from .bundle import (LOCK_FILE, Bundle, BundleWriter, build_manifest, file_entry, gguf_relpath, hf_relpath,
                      human_bytes, mlx_relpath, open_bundle)
 from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
 from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, validate_pair
@@ -364,29 +362,13 @@ def _newest_file(root: Path | None) -> str | None:
 
 
 def _manifest(ft: Checkpoint, inf: Checkpoint, mu, lam, alpha, digests, files, notes, seconds) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "tool": "epicode-edge",
-        "tool_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "mu": mu,
-        "defaults": {"lambda": lam, "alpha": alpha},
-        "arch": ft.arch,
-        "tokenizer_hash": ft.tokenizer_hash(),
-        "sources": {
-            "finetuned": {"path": str(ft.path.absolute()), "format": ft.format, "content_sha256": digests[0]},
-            "inferior": {"path": str(inf.path.absolute()), "format": inf.format, "content_sha256": digests[1]},
-        },
-        "files": files,
-        "warnings": notes,
-        "summary": {
-            "seconds": round(seconds, 3),
-            "tensors": len(ft.tensors),
-            "input_bytes": ft.nbytes + inf.nbytes,
-            "output_bytes": _total_bytes(files),
-            "peak_rss_bytes": peak_rss_bytes(),
-        },
-    }
+    return build_manifest(
+        mu=mu, lam=lam, alpha=alpha, arch=ft.arch, tokenizer_hash=ft.tokenizer_hash(),
+        sources={"finetuned": {"path": str(ft.path.absolute()), "format": ft.format, "content_sha256": digests[0]},
+                 "inferior": {"path": str(inf.path.absolute()), "format": inf.format, "content_sha256": digests[1]}},
+        files=files, warnings=notes,
+        summary={"seconds": round(seconds, 3), "tensors": len(ft.tensors), "input_bytes": ft.nbytes + inf.nbytes,
+                 "output_bytes": _total_bytes(files), "peak_rss_bytes": peak_rss_bytes()})
 
 
 def _sink_name(sink) -> str:

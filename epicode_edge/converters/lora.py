@@ -475,10 +475,8 @@ def _quant_list(quant) -> list[str]:
 def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force, progress, lora_type,
                        check_model=None):
     import time
-    from datetime import datetime, timezone
 
-    from ..version import __version__
-    from .bundle import FORMAT_VERSION, BundleWriter, file_entry, gguf_relpath, open_bundle
+    from .bundle import BundleWriter, build_manifest, file_entry, gguf_relpath, open_bundle
     from .convert import Progress, peak_rss_bytes, check_decoding_defaults, write_error
 
     t0 = time.perf_counter()
@@ -503,28 +501,18 @@ def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force
             out_bytes = sum(e["bytes"] for per in files["gguf"].values() for e in per.values())
             out_bytes += sum(e["bytes"] for e in files["lora"].values())
             in_bytes = base_ckpt.nbytes + sum(a.file.path.stat().st_size for a in (ft, inf))
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "tool": "epicode-edge",
-                "tool_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "layout": LAYOUT,
-                "mu": mu,
-                "defaults": {"lambda": lam, "alpha": alpha},
-                "arch": base_ckpt.arch,
-                "tokenizer_hash": base_ckpt.tokenizer_hash(),
-                "sources": {
-                    "base": {"path": str(Path(base_ckpt.path).absolute()), "format": "hf",
-                             "content_sha256": hasher.hexdigest()},
-                    "finetuned": {"path": str(ft.path.absolute()), "format": "peft-lora", "content_sha256": adapter_hash(ft)},
-                    "inferior": {"path": str(inf.path.absolute()), "format": "peft-lora", "content_sha256": adapter_hash(inf)},
-                },
-                "files": files,
-                "lora": {"scales": role_scales(mu)},
-                "warnings": [],
-                "summary": {"seconds": round(time.perf_counter() - t0, 3), "tensors": len(base_ckpt.tensors),
-                            "input_bytes": in_bytes, "output_bytes": out_bytes, "peak_rss_bytes": peak_rss_bytes()},
-            }
+            manifest = build_manifest(
+                layout=LAYOUT, mu=mu, lam=lam, alpha=alpha, arch=base_ckpt.arch,
+                tokenizer_hash=base_ckpt.tokenizer_hash(),
+                sources={"base": {"path": str(Path(base_ckpt.path).absolute()), "format": "hf",
+                                  "content_sha256": hasher.hexdigest()},
+                         "finetuned": {"path": str(ft.path.absolute()), "format": "peft-lora",
+                                       "content_sha256": adapter_hash(ft)},
+                         "inferior": {"path": str(inf.path.absolute()), "format": "peft-lora",
+                                      "content_sha256": adapter_hash(inf)}},
+                files=files, lora={"scales": role_scales(mu)}, warnings=[],
+                summary={"seconds": round(time.perf_counter() - t0, 3), "tensors": len(base_ckpt.tensors),
+                         "input_bytes": in_bytes, "output_bytes": out_bytes, "peak_rss_bytes": peak_rss_bytes()})
             path = bw.commit(manifest)
         except OSError as e:  # a full disk, mostly: one line, and the temporary folder goes
             raise write_error(e, bw, _shared_base_bytes(base_ckpt, quants, (ft, inf))) from None
