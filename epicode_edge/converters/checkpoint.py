@@ -254,21 +254,15 @@ class GGUFCheckpoint(Checkpoint):
     format = "gguf"
 
     def __init__(self, path: Path):
-        from gguf import GGUFReader
+        from gguf import GGMLQuantizationType
+
+        from .gguf_file import read_header
 
         self.path = Path(path)
         size = self.path.stat().st_size
-        try:
-            reader = GGUFReader(self.path, "r")
-            fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-            raw = [(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())), int(t.n_bytes),
-                    int(t.data_offset)) for t in reader.tensors]
-        except CheckpointError:
-            raise
-        except Exception as e:  # gguf-py raises ValueError, KeyError, IndexError... on bad bytes
-            raise CheckpointError(f"{self.path}: corrupted or truncated GGUF file ({_short(e)})") from None
-        finally:
-            reader = None  # drop the whole-file map
+        fields, entries = read_header(self.path)
+        raw = [(t.name, GGMLQuantizationType(t.ggml_type), tuple(reversed(t.dims)), t.nbytes, t.offset)
+               for t in entries]
         self.tokenizer_fields = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
         self.config = {k: v for k, v in fields.items() if not k.startswith("tokenizer.")}
         self.arch = self.config.get("general.architecture") or ""
@@ -300,10 +294,10 @@ class GGUFCheckpoint(Checkpoint):
         info = self.tensors[name]
         if info.dtype in FLOAT_TAGS:
             return to_f32(self.read(name), info.dtype)
-        from gguf.quants import dequantize
+        from .gguf_file import dequantize
 
         try:
-            return dequantize(self.read(name), self._where[name][0]).reshape(info.shape)
+            return dequantize(self.read(name), int(self._where[name][0]), info.shape)
         except NotImplementedError:
             raise CheckpointError(f"{self.path}: tensor {name!r}: cannot dequantize type {info.dtype}") from None
 

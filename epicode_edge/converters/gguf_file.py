@@ -1,0 +1,210 @@
+"""Read GGUF files fast: the header (metadata and tensor directory) and tensors dequantized at native speed.
+
+gguf-py's GGUFReader parses every element of every metadata array through numpy views: ~10-25 s for the
+49k-token vocabulary and merges of a real model, before one tensor is read. `read_header` parses the same
+header with struct from a memory map (a few hundred ms), giving the values GGUFReader's `contents()` gives.
+
+`dequantize` turns a quantized tensor's bytes into float32 with llama.cpp's own ggml type traits (`to_float`,
+through the library llama-cpp-python ships), checked against gguf-py's block sizes; gguf-py's numpy
+dequantizer is the fallback where that library is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+# GGUF metadata value types: struct format of the scalar ones
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+STRING, ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dims: tuple[int, ...]   # as stored (ne0 first); numpy order is reversed
+    ggml_type: int
+    offset: int             # absolute, in the file
+    nbytes: int
+
+
+class _Cursor:
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+
+    def need(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise CheckpointError(f"{self.path}: corrupted or truncated GGUF file (header runs past the end at "
+                                  f"byte {self.pos})")
+
+    def scalar(self, fmt: str):
+        n = struct.calcsize(fmt)
+        self.need(n)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        self.need(n)
+        s = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return s.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALAR:
+            return self.scalar(_SCALAR[vtype])
+        if vtype == STRING:
+            return self.string()
+        if vtype == ARRAY:
+            etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype in _NUMPY:
+                dt = np.dtype(_NUMPY[etype]).newbyteorder("<")
+                self.need(count * dt.itemsize)
+                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
+                self.pos += count * dt.itemsize
+                return arr.tolist()
+            if etype == STRING:
+                self.need(count * 8)  # at least a length per element
+                return [self.string() for _ in range(count)]
+            if etype == ARRAY:
+                return [self.value(ARRAY) for _ in range(count)]
+        raise CheckpointError(f"{self.path}: corrupted GGUF file (unknown metadata value type {vtype} at byte "
+                              f"{self.pos})")
+
+
+def read_header(path) -> tuple[dict, list[TensorEntry]]:
+    """(metadata {key: value}, tensor directory) of a GGUF file; CheckpointError naming the file when the header
+    is not a GGUF header or runs past the end, or a tensor's data does."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            c = _Cursor(memoryview(mm), path)
+            try:
+                c.need(4)
+                if bytes(c.buf[:4]) != MAGIC:
+                    raise CheckpointError(f"{path}: corrupted or truncated GGUF file (no GGUF magic at the start)")
+                c.pos = 4
+                version, n_tensors, n_kv = c.scalar("<I"), c.scalar("<Q"), c.scalar("<Q")
+                if version not in (2, 3):
+                    raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+                meta = {}
+                for _ in range(n_kv):
+                    key = c.string()
+                    meta[key] = c.value(c.scalar("<I"))
+                raw = []
+                for _ in range(n_tensors):
+                    name = c.string()
+                    n_dims = c.scalar("<I")
+                    if n_dims > 8:
+                        raise CheckpointError(f"{path}: corrupted GGUF file (tensor {name!r} has {n_dims} dims)")
+                    dims = tuple(c.scalar("<Q") for _ in range(n_dims))
+                    raw.append((name, dims, c.scalar("<I"), c.scalar("<Q")))
+                align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+                if not isinstance(align, int) or align <= 0 or align & (align - 1):
+                    raise CheckpointError(f"{path}: corrupted GGUF file (general.alignment {align!r})")
+                data_start = -(-c.pos // align) * align
+            finally:
+                c.buf.release()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # mmap of an empty file
+        raise CheckpointError(f"{path}: corrupted or truncated GGUF file ({e})") from None
+    size = path.stat().st_size
+    tensors = []
+    for name, dims, gtype, rel in raw:
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(gtype)]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"{path}: tensor {name!r} has an unknown ggml type {gtype}") from None
+        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        if dims and n % block:
+            raise CheckpointError(f"{path}: tensor {name!r}: {n} elements are not whole blocks of {block}")
+        nbytes = n // block * type_size
+        offset = data_start + rel
+        if offset + nbytes > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {offset + nbytes}, "
+                                  f"file has {size}")
+        tensors.append(TensorEntry(name, dims, gtype, offset, nbytes))
+    return meta, tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# dequantization
+# ----------------------------------------------------------------------------------------------
+
+
+class _Traits(ctypes.Structure):  # ggml.h: struct ggml_type_traits
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_native: dict = {}
+
+
+def _ggml_base():
+    """llama.cpp's ggml base library as shipped by llama-cpp-python, or None."""
+    if "lib" not in _native:
+        _native["lib"] = None
+        try:
+            import llama_cpp.llama_cpp as lowlevel
+
+            folder = Path(lowlevel._lib._name).parent
+            for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+                if (folder / name).is_file():
+                    lib = ctypes.CDLL(str(folder / name))
+                    lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
+                    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+                    _native["lib"] = lib
+                    break
+        except (ImportError, OSError, AttributeError):
+            pass
+    return _native["lib"]
+
+
+def native_to_float(ggml_type: int):
+    """llama.cpp's to_float for a ggml type, when its library is there and agrees with gguf-py on the type's
+    name and block layout; else None."""
+    key = ("to_float", ggml_type)
+    if key not in _native:
+        _native[key] = None
+        lib = _ggml_base()
+        if lib is not None:
+            from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+            qtype = GGMLQuantizationType(ggml_type)
+            t = lib.ggml_get_type_traits(ggml_type).contents
+            if (t.to_float and (t.blck_size, t.type_size) == GGML_QUANT_SIZES[qtype]
+                    and (t.type_name or b"").decode().lower() == qtype.name.lower()):
+                _native[key] = _TO_FLOAT(t.to_float)
+    return _native[key]
+
+
+def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 values (shape, numpy order) of a tensor's stored bytes (raw: uint8, any layout)."""
+    fn = native_to_float(ggml_type)
+    n = int(np.prod(shape, dtype=np.int64))
+    if fn is None:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as numpy_dequantize
+
+        return numpy_dequantize(raw, GGMLQuantizationType(ggml_type)).reshape(shape)
+    src = np.ascontiguousarray(raw).reshape(-1)
+    out = np.empty(n, dtype=np.float32)  # (n,)
+    fn(src.ctypes.data, out.ctypes.data, n)
+    return out.reshape(shape)
