@@ -3,6 +3,7 @@
     python bench/convert.py                         # hf + gguf F16, then hf + gguf Q8_0; 1 run each
     python bench/convert.py --to hf --repeat 3      # medians of 3 runs
     python bench/convert.py --layers 22             # a ~2.2 GB checkpoint
+    python bench/convert.py --gguf model.gguf --to gguf --quant Q8_0   # a GGUF input (as both checkpoints)
 
 The pair (a wide Llama: hidden 2048, 16 heads / 4 KV heads, MLP 5632, vocab 16384, untied; bf16; shards
 of ~300 MB with an index) is written chunk by chunk into a temporary folder, deleted at the end. Each
@@ -156,6 +157,24 @@ def child(spec: str) -> None:
                       "anon_start": before["RssAnon"], "output_bytes": b.summary["output_bytes"]}))
 
 
+def bench_gguf(a, configs) -> None:
+    """GGUF input: the same file as both checkpoints (mu is applied all the same), each config a child."""
+    one = a.gguf.stat().st_size
+    with tempfile.TemporaryDirectory(prefix="epicode-bench-", dir=a.tmp) as tmp:
+        out = Path(tmp) / "bundle"
+        for to, quant in configs:
+            runs = []
+            for _ in range(a.repeat):
+                shutil.rmtree(out, ignore_errors=True)
+                runs.append(run_child(a.gguf, a.gguf, out, to, quant))
+            med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "peak_rss", "peak_anon")}
+            print(f"GGUF input {a.gguf.name} ({one / 1e6:.0f} MB) -> --to {to} --quant {quant} (median of "
+                  f"{len(runs)}): wall {med['seconds']:.1f} s, read {2 * one / 1e6:.0f} MB at "
+                  f"{2 * one / med['seconds'] / 1e6:.0f} MB/s, wrote {runs[0]['output_bytes'] / 1e6:.0f} MB; peak "
+                  f"private (RssAnon) {med['peak_anon'] / 1e6:.0f} MB = {100 * med['peak_anon'] / one:.0f}% of one "
+                  f"input (interpreter + imports at start: {runs[0]['anon_start'] / 1e6:.0f} MB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=11, help="decoder layers (11: ~1.13 GB per checkpoint)")
@@ -164,11 +183,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--drop-caches", action="store_true", help="drop the page cache before each run (root)")
     ap.add_argument("--tmp", default=None, help="where to write the checkpoints (default: system temp)")
+    ap.add_argument("--gguf", type=Path, default=None,
+                    help="convert this GGUF file (as finetuned and inferior) instead of a generated pair")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child(a.child)
     configs = list(zip(a.to or ["hf,gguf", "hf,gguf"], a.quant or ["F16", "Q8_0"]))
+    if a.gguf is not None:
+        return bench_gguf(a, configs)
     from factory import make_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="epicode-bench-", dir=a.tmp) as tmp:

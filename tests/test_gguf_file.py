@@ -33,7 +33,8 @@ def quantized(tmp_path_factory):
 def test_header_equals_gguf_py(quantized, q):
     from gguf import GGUFReader
 
-    meta, tensors = gguf_file.read_header(quantized[q])
+    h = gguf_file.read_header(quantized[q])
+    meta, tensors = h.meta, h.tensors
     r = GGUFReader(quantized[q])
     want = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
     assert meta == want and len(meta["tokenizer.ggml.tokens"]) > 300
@@ -61,7 +62,7 @@ def test_native_dequantize_equals_numpy(quantized, q):
 
 def test_truncated_or_garbled_headers_are_one_line_errors(quantized, tmp_path):
     data = quantized["Q8_0"].read_bytes()
-    _, tensors = gguf_file.read_header(quantized["Q8_0"])
+    tensors = gguf_file.read_header(quantized["Q8_0"]).tensors
     header_end = min(t.offset for t in tensors)
     bad = tmp_path / "bad.gguf"
     for cut in list(range(0, 64, 7)) + list(range(64, header_end, max(1, header_end // 40))) + [len(data) - 1]:
@@ -78,3 +79,21 @@ def test_truncated_or_garbled_headers_are_one_line_errors(quantized, tmp_path):
             gguf_file.read_header(bad)
         except CheckpointError as e:
             assert "bad.gguf" in str(e) and "\n" not in str(e)
+
+
+@pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_native_quantize_equals_gguf_py(name):
+    """What convert writes: llama.cpp's encoder, byte for byte what gguf-py's numpy encoder (the one
+    llama.cpp's own HF converter uses) writes, rounding ties included."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as numpy_quantize
+
+    qtype = GGMLQuantizationType[name]
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((64, 512)) * 0.05).astype(np.float32)  # (R, C)
+    x[0] = np.round(x[0] * 16) / 16  # exact ties for the rounding rules
+    x[1, :32] = 0.0                  # an all-zero block
+    x[2, :32] = 1e-30                # tiny scales
+    got = gguf_file.quantize(x, int(qtype))
+    np.testing.assert_array_equal(got, numpy_quantize(x, qtype).view(np.uint8).reshape(got.shape))
+    assert got.shape[0] == 64

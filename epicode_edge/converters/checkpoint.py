@@ -260,9 +260,10 @@ class GGUFCheckpoint(Checkpoint):
 
         self.path = Path(path)
         size = self.path.stat().st_size
-        fields, entries = read_header(self.path)
+        self.header = header = read_header(self.path)  # kept: a GGUF output copies its metadata
+        fields = header.meta
         raw = [(t.name, GGMLQuantizationType(t.ggml_type), tuple(reversed(t.dims)), t.nbytes, t.offset)
-               for t in entries]
+               for t in header.tensors]
         self.tokenizer_fields = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
         self.config = {k: v for k, v in fields.items() if not k.startswith("tokenizer.")}
         self.arch = self.config.get("general.architecture") or ""

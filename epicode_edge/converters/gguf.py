@@ -30,8 +30,10 @@ import gguf
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as FT
 
-from epicode_edge.converters.tokenizer_meta import read_tokenizer
-from epicode_edge.errors import BackendError, InputError, NumericError, UnsupportedError
+from ..errors import BackendError, CheckpointError, InputError, NumericError, UnsupportedError
+from .gguf_file import Header, read_header
+from .gguf_file import quantize as quantize_rows
+from .tokenizer_meta import read_tokenizer
 
 # HF model_type -> gguf-py architecture. Mistral, Deepseek-LLM and TinyLlama are Llama in llama.cpp.
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA,
@@ -101,11 +103,13 @@ def count_nonfinite_encoded(encoded: np.ndarray, qtype: Q) -> int:
 def first_nonfinite_tensor(path) -> tuple[str, int, str] | None:
     """(tensor name, NaN/Inf values, type) of the first tensor of a GGUF file holding NaN/Inf (see
     count_nonfinite_encoded), or None. Reads the file once (memory-mapped)."""
-    reader = _open_reader(path)
-    for t in reader.tensors:
-        n = count_nonfinite_encoded(np.asarray(t.data).reshape(-1), t.tensor_type)
+    for t in _open_header(path).tensors:
+        qtype = Q(t.ggml_type)
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,)) if t.nbytes else \
+            np.zeros(0, np.uint8)
+        n = count_nonfinite_encoded(data, qtype)
         if n:
-            return t.name, n, t.tensor_type.name
+            return t.name, n, qtype.name
     return None
 
 
@@ -184,7 +188,7 @@ class _StreamingGGUF:
         bad = 0
         for i in range(0, rows.shape[0], step):
             chunk = np.ascontiguousarray(rows[i:i + step], dtype=np.float32)
-            encoded = gguf.quants.quantize(chunk, qtype)
+            encoded = quantize_rows(chunk, qtype)  # (rows, bytes) uint8: llama.cpp's encoder
             bad += count_nonfinite_encoded(encoded, qtype)
             try:
                 encoded.tofile(fout)
@@ -319,15 +323,15 @@ class GGUFCopySink(_StreamingGGUF):
     GGUF naming and numpy shape order (as GGUFReader-based readers return them, reversed ggml dims):
     tensors: gguf name -> (numpy shape, source tag); `write(gguf_name, f32_array)`; quant as GGUFSink."""
 
-    def __init__(self, out_path, *, source, tensors: dict, quant: str = "F32"):
-        reader = _open_reader(source)
-        arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    def __init__(self, out_path, *, source, tensors: dict, quant: str = "F32", header: Header | None = None):
+        header = header or _open_header(source)
+        arch = header.meta.get(gguf.Keys.General.ARCHITECTURE)
         if arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
             raise UnsupportedError(
                 f"{source}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
         super().__init__(out_path, arch, quant)
         try:
-            copy_metadata(reader, self.writer)
+            copy_metadata(header, self.writer)
             for name, (shape, tag) in tensors.items():
                 self.plan[name] = (tuple(int(d) for d in shape), self._tensor_type(name, tuple(shape), tag))
         except BaseException:
@@ -345,7 +349,7 @@ def gguf_sink_for(checkpoint, out_path, quant: str):
     """The right sink for a Checkpoint (converters.checkpoint): GGUFSink for HF folders, GGUFCopySink for GGUF."""
     tensors = {n: (t.shape, t.dtype) for n, t in checkpoint.tensors.items()}
     if checkpoint.format == "gguf":
-        return GGUFCopySink(out_path, source=checkpoint.path, tensors=tensors, quant=quant)
+        return GGUFCopySink(out_path, source=checkpoint.path, tensors=tensors, quant=quant, header=checkpoint.header)
     return GGUFSink(out_path, config=checkpoint.config, tensors=tensors, tokenizer_dir=checkpoint.tokenizer_dir,
                     quant=quant, name=Path(checkpoint.path).name)
 
@@ -497,16 +501,11 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     return n // block * type_size
 
 
-def _open_reader(path) -> gguf.GGUFReader:
+def _open_header(path) -> Header:
     try:
-        return gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read GGUF ({e})") from None
-
-
-def _field(reader: gguf.GGUFReader, key: str):
-    f = reader.get_field(key)
-    return None if f is None else f.contents()
+        return read_header(path)
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
 
 
 # keys the writer sets itself (header counts, file type, quant version, alignment)
@@ -514,20 +513,14 @@ _OWN_KEYS = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
              gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.ALIGNMENT}
 
 
-def copy_metadata(reader: gguf.GGUFReader, w: gguf.GGUFWriter) -> None:
-    """Every key/value of the source GGUF except the header pseudo-fields and the ones the writer owns."""
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in _OWN_KEYS:
+def copy_metadata(header: Header, w: gguf.GGUFWriter) -> None:
+    """Every key/value of the source GGUF (strings as their stored bytes) except the ones the writer owns."""
+    for key, value in header.raw.items():
+        if key in _OWN_KEYS:
             continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        if sub == gguf.GGUFValueType.STRING:
-            value = [bytes(field.parts[i]) for i in field.data]
-        elif vtype == gguf.GGUFValueType.STRING:
-            value = bytes(field.parts[-1])
-        else:
-            value = field.contents()
-        w.add_key_value(key, value, vtype, sub_type=sub)
+        vtype, sub = header.types[key]
+        w.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                        sub_type=gguf.GGUFValueType(sub) if sub is not None else None)
 
 
 def llama_quantize(src: Path, dst: Path, file_type: FT, nthread: int = 0) -> None:

@@ -2,11 +2,14 @@
 
 gguf-py's GGUFReader parses every element of every metadata array through numpy views: ~10-25 s for the
 49k-token vocabulary and merges of a real model, before one tensor is read. `read_header` parses the same
-header with struct from a memory map (a few hundred ms), giving the values GGUFReader's `contents()` gives.
+header with struct from a memory map (a few hundred ms): `meta` holds the values GGUFReader's `contents()`
+gives, `raw` the same with strings as their stored bytes and `types` each key's (type, array element type),
+for copying metadata exactly.
 
-`dequantize` turns a quantized tensor's bytes into float32 with llama.cpp's own ggml type traits (`to_float`,
-through the library llama-cpp-python ships), checked against gguf-py's block sizes; gguf-py's numpy
-dequantizer is the fallback where that library is missing.
+`dequantize` and `quantize` convert between float32 and a ggml type with llama.cpp's own code (the type
+traits' `to_float`, `ggml_quantize_chunk`, through the library llama-cpp-python ships), checked against
+gguf-py's block layout and bit-identical to gguf-py's numpy versions (tested), which are the fallback where
+that library is missing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,26 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 STRING, ARRAY = 8, 9
+
+
+@dataclass
+class Header:
+    raw: dict                 # key -> value, strings as bytes
+    types: dict               # key -> (GGUF value type, element type of an array or None)
+    tensors: list             # TensorEntry, in file order
+
+    @property
+    def meta(self) -> dict:
+        """key -> value with strings decoded (as gguf-py's contents())."""
+        return {k: _decoded(v) for k, v in self.raw.items()}
+
+
+def _decoded(v):
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="replace")
+    if isinstance(v, list) and v and isinstance(v[0], (bytes, list)):
+        return [_decoded(x) for x in v]
+    return v
 
 
 @dataclass(frozen=True)
@@ -55,20 +78,22 @@ class _Cursor:
         self.pos += n
         return v
 
-    def string(self) -> str:
+    def string(self) -> bytes:
         n = self.scalar("<Q")
         self.need(n)
         s = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
-        return s.decode("utf-8", errors="replace")
+        return s
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, types: list | None = None):
         if vtype in _SCALAR:
             return self.scalar(_SCALAR[vtype])
         if vtype == STRING:
             return self.string()
         if vtype == ARRAY:
             etype, count = self.scalar("<I"), self.scalar("<Q")
+            if types is not None:
+                types.append(etype)
             if etype in _NUMPY:
                 dt = np.dtype(_NUMPY[etype]).newbyteorder("<")
                 self.need(count * dt.itemsize)
@@ -84,9 +109,9 @@ class _Cursor:
                               f"{self.pos})")
 
 
-def read_header(path) -> tuple[dict, list[TensorEntry]]:
-    """(metadata {key: value}, tensor directory) of a GGUF file; CheckpointError naming the file when the header
-    is not a GGUF header or runs past the end, or a tensor's data does."""
+def read_header(path) -> Header:
+    """Metadata and tensor directory of a GGUF file; CheckpointError naming the file when the header is not a
+    GGUF header or runs past the end, or a tensor's data does."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
@@ -101,13 +126,15 @@ def read_header(path) -> tuple[dict, list[TensorEntry]]:
                 version, n_tensors, n_kv = c.scalar("<I"), c.scalar("<Q"), c.scalar("<Q")
                 if version not in (2, 3):
                     raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-                meta = {}
+                meta, types = {}, {}
                 for _ in range(n_kv):
-                    key = c.string()
-                    meta[key] = c.value(c.scalar("<I"))
+                    key = c.string().decode("utf-8", errors="replace")
+                    vtype, sub = c.scalar("<I"), []
+                    meta[key] = c.value(vtype, sub)
+                    types[key] = (vtype, sub[0] if sub else None)
                 raw = []
                 for _ in range(n_tensors):
-                    name = c.string()
+                    name = c.string().decode("utf-8", errors="replace")
                     n_dims = c.scalar("<I")
                     if n_dims > 8:
                         raise CheckpointError(f"{path}: corrupted GGUF file (tensor {name!r} has {n_dims} dims)")
@@ -139,7 +166,7 @@ def read_header(path) -> tuple[dict, list[TensorEntry]]:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {offset + nbytes}, "
                                   f"file has {size}")
         tensors.append(TensorEntry(name, dims, gtype, offset, nbytes))
-    return meta, tensors
+    return Header(meta, types, tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +220,37 @@ def native_to_float(ggml_type: int):
                     and (t.type_name or b"").decode().lower() == qtype.name.lower()):
                 _native[key] = _TO_FLOAT(t.to_float)
     return _native[key]
+
+
+def _native_quantize_chunk():
+    lib = _ggml_base()
+    if lib is None:
+        return None
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
+    return fn
+
+
+def quantize(rows: np.ndarray, ggml_type: int) -> np.ndarray:
+    """rows (R, C) float32 encoded as ggml_type: uint8 (R, bytes per row), as gguf.quants.quantize returns it.
+    Types that need an importance matrix (IQ*) are not taken."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qtype = GGMLQuantizationType(ggml_type)
+    if qtype == GGMLQuantizationType.F32:
+        return np.ascontiguousarray(rows, dtype=np.float32).view(np.uint8)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    fn = _native.setdefault("quantize_chunk", _native_quantize_chunk())
+    if fn is None or native_to_float(ggml_type) is None or rows.shape[-1] % block:
+        from gguf.quants import quantize as numpy_quantize
+
+        return numpy_quantize(rows, qtype)
+    src = np.ascontiguousarray(rows, dtype=np.float32)  # (R, C)
+    out = np.empty((src.shape[0], src.shape[1] // block * type_size), dtype=np.uint8)  # (R, bytes)
+    fn(int(qtype), src.ctypes.data, out.ctypes.data, 0, src.shape[0], src.shape[1], None)
+    return out
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
