@@ -37,7 +37,7 @@ def test_parse_setting_values_and_errors():
     for name, value, msg in [("alpha", "0", "alpha must be in"), ("alpha", "1.5", "alpha must be in"),
                              ("lambda", "-1", "lambda must be"), ("temp", "hot", "temp must be a number"),
                              ("top_p", "0", "top_p must be in"), ("top_k", "2.5", "top_k must be an integer"),
-                             ("min_p", "2", "min_p must be in"), ("max_tokens", "0", "max_tokens must be"),
+                             ("min_p", "2", "min_p must be in"), ("max_tokens", "-1", "max_tokens must be an integer >= 0"),
                              ("seed", "-5", "seed must be"), ("lambda", "nan", "lambda must be a number"),
                              ("beam", "3", "unknown setting 'beam'")]:
         with pytest.raises(ParameterError, match=msg):

@@ -56,22 +56,7 @@ def _seed(v: str):
     return None if v.lower() in ("none", "random", "-1") else int(v)
 
 
-def _check(name: str, value) -> None:
-    from ..decoding.contrastive import check_alpha, check_lam
-    from ..decoding.sampling import check_sampling
-
-    if name == "lam":
-        check_lam(value)
-    elif name == "alpha":
-        check_alpha(value)
-    elif name == "max_tokens":
-        if value < 1:
-            raise ParameterError(f"max_tokens must be an integer >= 1, got {value!r}")
-    else:
-        check_sampling(**{name: value})
-
-
-# /set NAME -> (Python keyword, parser); the ranges are checked by the decoding modules' own checks
+# /set NAME -> (Python keyword, parser); the ranges are checked by runtime.Settings, as for every request
 SETTINGS = {
     "lambda": ("lam", _float), "alpha": ("alpha", _float), "temp": ("temp", _float), "top_p": ("top_p", _float),
     "top_k": ("top_k", int), "min_p": ("min_p", _float), "max_tokens": ("max_tokens", int), "seed": ("seed", _seed),
@@ -92,7 +77,9 @@ def parse_setting(name: str, value: str) -> tuple[str, object]:
     except ValueError:
         raise ParameterError(f"{name} must be {_TYPE_WORDS[parse]}, got {value!r}") from None
     if x is not None:
-        _check(key, x)
+        from ..runtime import Settings
+
+        Settings().updated(**{key: x})
     return key, x
 
 
