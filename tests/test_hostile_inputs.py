@@ -18,6 +18,7 @@ from epicode_edge import runtime as runtime_mod
 from epicode_edge.apps import batch
 from epicode_edge.cli import main
 from epicode_edge.errors import BundleError, InputError
+from epicode_edge import chat_template
 from epicode_edge.runtime import render_chat
 
 NESTED = "[" * 100_000 + "]" * 100_000
@@ -195,10 +196,10 @@ def test_runaway_allocations_are_refused_before_allocating(template):
 
 
 def test_runaway_loops_and_output_are_bounded(monkeypatch):
-    monkeypatch.setattr(runtime_mod, "RENDER_SECONDS", 0.3)
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.3)
     with pytest.raises(InputError, match="took more than 0.3 s to render"):
         render_chat("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", MESSAGES)
-    monkeypatch.setattr(runtime_mod, "RENDER_MAX_CHARS", 10_000)
+    monkeypatch.setattr(chat_template, "RENDER_MAX_CHARS", 10_000)
     with pytest.raises(InputError, match="output exceeds 10000 characters"):
         render_chat("{% for i in range(100000) %}{{ 'abcdefgh' }}{% endfor %}", MESSAGES)
 
