@@ -114,11 +114,6 @@ def run_ray_job(bundle, job: Job, *, address: str | None = None, num_cpus: int |
         for rec in bad_lines:
             writer.write(rec)
         actors = min(actors or _default_actors(ray, threads, gpus), n_blocks)
-        import ray.data
-
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
         ds = ray.data.from_items([{"request": json.dumps(asdict(r), ensure_ascii=False)} for r in requests],
                                  override_num_blocks=n_blocks)
         with warnings.catch_warnings():  # ray_remote_args_fn: deprecated, the only way to max_restarts (< 2.64)
@@ -197,14 +192,19 @@ def _ray_session(ray, address: str | None, num_cpus: int | None):
 
 @contextmanager
 def _quiet_ray_data():
-    """Ray Data logs its plan and a 'progress bars disabled' warning on stderr: we show our own progress."""
-    log = logging.getLogger("ray.data")
-    level = log.level
+    """Ray Data's progress bars and logs (its plan, a 'progress bars disabled' warning) off while we run:
+    we show our own progress."""
+    import ray.data
+
+    ctx, log = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start, log.level
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False
     log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.setLevel(level)
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved[:2]
+        log.setLevel(saved[2])
 
 
 class _Writer:
@@ -264,8 +264,9 @@ class Decoder:
         return {"record": [batch.dumps_record(r) for r in records], "fatal": [""] * len(records)}
 
     def __del__(self):
-        if self.runtime is not None:
-            self.runtime.close()
+        rt = getattr(self, "runtime", None)  # (ray.remote(Decoder) makes instances that never ran __init__)
+        if rt is not None:
+            rt.close()
 
 
 def open_on_worker(spec: dict):
