@@ -199,3 +199,19 @@ def test_a_worker_that_cannot_verify_the_bundle_stops_the_run_with_one_line(bund
     msg = str(e.value)
     assert msg.startswith("worker on ") and "epicode.json: not the driver's bundle" in msg and "\n" not in msg
     assert [r["line"] for r in _lines(out)] == [11, 31]  # the bad lines' records only; a rerun resumes
+
+
+def test_cli_ray_options_fail_with_one_line_before_ray_starts(bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from epicode_edge.cli import main
+
+    inp = _input(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    run = CliRunner().invoke
+    res = run(main, ["batch", str(bundle), str(inp), "-o", str(out), "--actors", "2"])
+    assert res.exit_code == 2 and "--actors applies to --ray only" in res.stderr
+    _needs_ray()
+    res = run(main, ["batch", str(tmp_path / "nowhere"), str(inp), "-o", str(out), "--ray"])
+    assert res.exit_code == 1 and res.stderr == f"Error: {tmp_path / 'nowhere'}: no such bundle folder\n"
+    assert not out.exists()  # nothing written, not even the bad lines' records
