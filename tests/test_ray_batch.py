@@ -192,6 +192,7 @@ def test_a_worker_that_cannot_verify_the_bundle_stops_the_run_with_one_line(bund
     inp = _input(tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
     monkeypatch.setattr(ray_batch, "manifest_digest", lambda b: "0" * 64)  # the driver's differs from theirs
+    sigterm = signal.getsignal(signal.SIGTERM)
     with batch.prepare(inp, out) as job:
         with pytest.raises(BundleError) as e:
             ray_batch.run_ray_job(bundle, job, num_cpus=2, actors=1, load_options={"quant": "F32", "n_ctx": 256},
@@ -199,6 +200,7 @@ def test_a_worker_that_cannot_verify_the_bundle_stops_the_run_with_one_line(bund
     msg = str(e.value)
     assert msg.startswith("worker on ") and "epicode.json: not the driver's bundle" in msg and "\n" not in msg
     assert [r["line"] for r in _lines(out)] == [11, 31]  # the bad lines' records only; a rerun resumes
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # ray.init's own SIGTERM handler is gone again
 
 
 def test_cli_ray_options_fail_with_one_line_before_ray_starts(bundle, tmp_path):

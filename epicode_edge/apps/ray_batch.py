@@ -33,7 +33,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -175,20 +177,25 @@ def _ray_session(ray, address: str | None, num_cpus: int | None):
         yield
         return
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    if address is not None and num_cpus is not None:
+        raise ParameterError("num_cpus applies to a local Ray only (a cluster has its own)")
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init sets its own (sys.exit): ours again afterwards
     try:
-        if address is None:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kw)
-        else:
-            if num_cpus is not None:
-                raise ParameterError("num_cpus applies to a local Ray only (a cluster has its own)")
-            ray.init(address=address, **kw)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = "a local Ray" if address is None else f"the Ray cluster at {address}"
-        raise RayJobError(f"cannot start or reach {where}: {_first_line(e)}") from None
-    try:
-        yield
+        try:
+            if address is None:
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kw)
+            else:
+                ray.init(address=address, **kw)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = "a local Ray" if address is None else f"the Ray cluster at {address}"
+            raise RayJobError(f"cannot start or reach {where}: {_first_line(e)}") from None
+        try:
+            yield
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 @contextmanager
