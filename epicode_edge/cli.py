@@ -332,9 +332,15 @@ def chat_cmd(bundle, system, engine, **settings):
               help="Requests decoded together (batched decoding on llama.cpp).")
 @click.option("--retry-errors", is_flag=True, help="Run again the requests whose record is an error.")
 @click.option("--system", default=None, help="Default system prompt (a line's own 'system' wins).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run on Ray actors (pip install 'epicode-edge[ray]'): a local Ray, or the cluster at ADDRESS "
+                   "(BUNDLE at the same path on every node). Put it last, or write --ray=ADDRESS.")
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="With --ray: actors, each loading the bundle once [default: CPUs / --threads].")
 @decoding_options
 @runtime_options
-def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, system, engine, **settings):
+def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, system, ray_address, actors, engine,
+              **settings):
     """Answer every request of INPUT.jsonl ({"id", "prompt"} or {"id", "messages"} a line, with optional
     per-line max_tokens, lambda, alpha, temp, top_p, top_k, min_p, seed, stop, system) into OUTPUT, one
     record a line, flushed as each finishes (completion order; "line" gives the input order). A bad line or
@@ -342,6 +348,8 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
     from .apps import batch
     from .runtime import Settings, load
 
+    if actors is not None and ray_address is None:
+        raise click.UsageError("--actors applies to --ray only")
     settings["stop"] = settings["stop"] or None
     Settings().updated(**settings)  # out-of-range values fail before the models load
     job = batch.prepare(input_path, output, retry_errors=retry_errors)  # bad paths fail before loading too
@@ -355,6 +363,10 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
     if not job.pending:
         click.echo(f"Nothing to do: all {job.total} requests already have a record in {output}.", err=True)
         return
+    if ray_address is not None:
+        load_options = {k: v for k, v in engine.items() if k != "n_threads"}
+        return _ray_batch(bundle, job, ray_address, actors, engine.get("n_threads"), parallel, compare, system,
+                          settings, load_options)
     rt = load(bundle, **engine)
     _notes(rt)
     if parallel > 1 and not batch.batched_supported(rt):
@@ -364,6 +376,22 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
         with rt, bar:
             summary = batch.run_job(rt, job, compare=compare, progress=bar.update, parallel=parallel,
                                     system=system, **settings)
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted after {bar.new} new records; run the same command again to resume.", err=True)
+        sys.exit(130)
+    click.echo(summary.line(), err=True)
+
+
+def _ray_batch(bundle, job, address, actors, n_threads, parallel, compare, system, settings, load_options):
+    """batch --ray: the same job on Ray actors (apps/ray_batch.py); --threads is the CPUs of each actor."""
+    from .apps.ray_batch import run_ray_job
+
+    bar = _BatchBar()
+    try:
+        with bar:
+            summary = run_ray_job(bundle, job, address=None if address == "local" else address, actors=actors,
+                                  threads=n_threads or 1, parallel=parallel, compare=compare, progress=bar.update,
+                                  load_options=load_options, system=system, **settings)
     except KeyboardInterrupt:
         click.echo(f"\nInterrupted after {bar.new} new records; run the same command again to resume.", err=True)
         sys.exit(130)

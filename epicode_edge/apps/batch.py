@@ -399,7 +399,7 @@ def _rewrite(path: Path, records: list[dict]) -> int:
         _lock(fd, path)
         if hasattr(os, "fchmod"):  # mkstemp makes it 0600; the output keeps the umask's permissions
             os.fchmod(fd, 0o666 & ~_umask())
-        data = "".join(_dumps(rec) for rec in records).encode("utf-8")
+        data = "".join(dumps_record(rec) for rec in records).encode("utf-8")
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -418,7 +418,7 @@ def _umask() -> int:
     return mask
 
 
-def _dumps(rec: dict) -> str:
+def dumps_record(rec: dict) -> str:
     return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
@@ -473,10 +473,10 @@ def run_job(runtime, job: Job, *, compare: bool = False, progress: Progress | No
     n_requests = sum(isinstance(it, Request) for it in job.pending)
     parallel = max(1, min(parallel, n_requests))  # no more slots (KV caches) than requests
     try:
-        with closing(_records(runtime, job.pending, defaults, compare, parallel)) as records:
+        with closing(job_records(runtime, job.pending, defaults, compare, parallel)) as records:
             for rec in records:  # (closing: an interrupted run frees the batched contexts at once)
-                out.append(_dumps(rec).encode("utf-8"))
-                _count(summary, rec)
+                out.append(dumps_record(rec).encode("utf-8"))
+                count_record(summary, rec)
                 done += 1
                 summary.seconds = time.perf_counter() - t0
                 if progress:
@@ -488,7 +488,7 @@ def run_job(runtime, job: Job, *, compare: bool = False, progress: Progress | No
     return summary
 
 
-def _count(summary: Summary, rec: dict) -> None:
+def count_record(summary: Summary, rec: dict) -> None:
     if "error" in rec:
         summary.n_errors += 1
         return
@@ -497,7 +497,7 @@ def _count(summary: Summary, rec: dict) -> None:
     summary.completion_tokens += rec.get("completion_tokens") or 0
 
 
-def _records(runtime, items: list, defaults: dict, compare: bool, parallel: int) -> Iterator[dict]:
+def job_records(runtime, items: list, defaults: dict, compare: bool, parallel: int) -> Iterator[dict]:
     """Records in completion order. Error records of bad lines come out when their line is reached."""
     if parallel > 1 and batched_supported(runtime):
         yield from _batched_records(runtime, items, defaults, compare, parallel)
