@@ -78,7 +78,10 @@ def main(cpu_repack, verbose):
     _preload_llama_cpp()
     from . import runtime
 
-    runtime.set_cpu_repack(cpu_repack)
+    from click.core import ParameterSource
+
+    from_env = click.get_current_context().get_parameter_source("cpu_repack") == ParameterSource.ENVIRONMENT
+    runtime.set_cpu_repack(None if from_env else cpu_repack, via="option")  # the library reads the variable
     if verbose:
         click.echo(runtime.cpu_kernels().describe(), err=True)
 

@@ -371,12 +371,12 @@ class ChatSession:
 # ----------------------------------------------------------------------------------------------
 
 
-def set_cpu_repack(mode: str | None) -> None:
+def set_cpu_repack(mode: str | None, via: str = "set_mode") -> None:
     """llama.cpp's extra CPU kernels (AMX, repacked weights) for models loaded from now on: "auto" (use them
     where a one-off probe shows they run on this CPU), "on", "off"; None: $EPICODE_EDGE_CPU_REPACK, else auto."""
     from .backends import cpu_kernels as ck
 
-    ck.set_mode(mode)
+    ck.set_mode(mode, via)
 
 
 def cpu_kernels(refresh: bool = False):

@@ -72,11 +72,12 @@ def test_cli_option_and_env(monkeypatch):
     monkeypatch.setenv(ck.ENV, "off")
     r = CliRunner().invoke(main, ["-v", "doctor"])
     assert r.exit_code == 0, r.output
-    assert "plain CPU kernels" in r.output and "forced off" in r.output
+    assert "plain CPU kernels" in r.output and f"forced off (set by ${ck.ENV})" in r.output
     r = CliRunner().invoke(main, ["--cpu-repack", "on", "doctor", "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)["llama.cpp"]
-    assert info["use_extra_bufts"] is True and info["mode_source"] == "set_mode"
+    assert info["use_extra_bufts"] is True and info["mode_source"] == "option"
+    assert "set by --cpu-repack" in info["reason"]
 
 
 # -- the probe -------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ CACHE_FILE = "cpu-probe.json"
 PROBE_VERSION = 1  # bump when the probe changes, so that cached results are not reused
 WRONG_RESULTS = 4  # the child's exit code when the extra kernels ran but gave non-finite or different logits
 
-_state = {"mode": None}  # set_mode()'s value; None: the environment decides
+_state = {"mode": None, "via": "set_mode"}  # set_mode()'s value (None: the environment decides) and who set it
 _decisions: dict[str, "Decision"] = {}  # per mode, once per process
 _lock = threading.Lock()
 
@@ -77,7 +77,7 @@ class Decision:
 
     use_extra_bufts: bool
     mode: str                      # auto | on | off
-    source: str                    # where the mode came from: "default", "environment", "set_mode"
+    source: str                    # where the mode came from: "default", "environment", "set_mode", "option"
     reason: str                    # one line
     probe: ProbeResult | None = None
 
@@ -99,18 +99,19 @@ def check_mode(mode: str, what: str = "cpu repack mode") -> str:
     return mode
 
 
-def set_mode(mode: str | None) -> None:
+def set_mode(mode: str | None, via: str = "set_mode") -> None:
     """Force the CPU kernels for this process: "on", "off", or "auto" (probe); None: back to $EPICODE_EDGE_CPU_REPACK.
-    Applies to models loaded after the call."""
+    Applies to models loaded after the call. via: who set it, for the reason shown ("set_mode" for the Python
+    API, "option" for the CLI's --cpu-repack)."""
     if mode is not None:
         check_mode(mode)
-    _state["mode"] = mode
+    _state["mode"], _state["via"] = mode, via
 
 
 def current_mode() -> tuple[str, str]:
     """(mode, where it came from)."""
     if _state["mode"] is not None:
-        return _state["mode"], "set_mode"
+        return _state["mode"], _state["via"]
     env = os.environ.get(ENV, "").strip().lower()
     if env:
         return check_mode(env, f"${ENV}"), "environment"
@@ -137,7 +138,8 @@ def decide(refresh: bool = False) -> Decision:
 
 
 def _decide(mode: str, source: str, refresh: bool) -> Decision:
-    how = {"set_mode": "set by the Python API", "environment": f"set by ${ENV}", "default": "the default"}[source]
+    how = {"set_mode": "set by the Python API", "option": "set by --cpu-repack", "environment": f"set by ${ENV}",
+           "default": "the default"}[source]
     if not supported():
         return Decision(True, mode, source, "this llama-cpp-python cannot turn the extra buffer types off "
                                             "(it predates llama.cpp's use_extra_bufts model parameter)")
