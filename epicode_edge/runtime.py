@@ -491,17 +491,17 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     backend "auto": MLX on Apple silicon when the bundle has MLX models, else llama.cpp (MLX when the bundle
     has no GGUF files). quant picks the GGUF files (default: the bundle's first quant). n_gpu_layers offloads
     layers to CUDA/Metal on llama.cpp (-1 = all). The bundle's lambda and alpha become the defaults.
-    roles: the bundle's models that play expert and amateur, e.g. ("amateur", "inferior") for contrastive
-    decoding of the finetuned model against the inferior one (a bundle made with --with-inferior), in either
-    bundle layout. amateur_quant: the amateur's GGUF at another quant than the expert's (a cheaper amateur,
+    roles: the bundle's models that play expert and amateur, in either bundle layout: ("amateur", "inferior")
+    for contrastive decoding of the finetuned model against the inferior one (eval's CD-only row; a bundle made
+    with --with-inferior), or ("amateur", "amateur") for the finetuned model alone with the full sampling settings. amateur_quant: the amateur's GGUF at another quant than the expert's (a cheaper amateur,
     e.g. Q4_0 beside a Q8_0 expert: faster, and only close to the same-quant answers).
     """
     from .converters.bundle import open_bundle
 
     _check_backend(backend)
     _check_engine_options(n_ctx, n_threads, n_gpu_layers)
-    if len(roles) != 2 or roles[0] == roles[1] or not all(isinstance(r, str) for r in roles):
-        raise ParameterError(f"roles must be two different role names (expert, amateur), got {roles!r}")
+    if len(roles) != 2 or not all(isinstance(r, str) for r in roles):
+        raise ParameterError(f"roles must be two role names (expert, amateur), got {roles!r}")
     b = open_bundle(bundle)
     if b.manifest.get("layout") == "shared-base":  # one base GGUF + LoRA adapters (backends/llamacpp_lora.py)
         if backend == "mlx":
@@ -516,9 +516,15 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
         if any(r not in per_role for r in roles):
             raise BundleError(f"{b.path}: shared-base bundle has no role "
                               f"{next(r for r in roles if r not in per_role)!r} (has {', '.join(per_role)})")
-        r = open_roles(base, per_role, roles, n_ctx=n_ctx, n_threads=n_threads,
+        r = open_roles(base, per_role, tuple(dict.fromkeys(roles)), n_ctx=n_ctx, n_threads=n_threads,
                        n_gpu_layers=n_gpu_layers, **engine_kw)
-        return _runtime(r[roles[0]], r[roles[1]], n_ctx, lam=b.lam, alpha=b.alpha, bundle=b,
+        e = r[roles[0]]
+        try:  # one role twice (the finetuned model alone, sampled): a second context, same base and adapters
+            a = e.twin() if roles[0] == roles[1] else r[roles[1]]
+        except BaseException:
+            e.close()
+            raise
+        return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b,
                         quant=b.gguf("base", quant).stem.split("-", 1)[-1])
     if backend == "auto":
         backend = "mlx" if ("mlx" in b.formats and (apple_silicon() or "gguf" not in b.formats)) else "llama.cpp"

@@ -225,8 +225,15 @@ def test_roles_other_than_expert_and_amateur_from_either_layout(family):
         assert merged.expert.path.name.startswith("amateur") and merged.amateur.path.name.startswith("inferior")
     finally:
         shared.close(), merged.close()
-    with pytest.raises(ParameterError, match="two different role names"):
-        load(family["shared"].path, roles=("expert", "expert"))
+    with pytest.raises(ParameterError, match="roles must be two role names"):
+        load(family["shared"].path, roles=("expert",))
+    # one role twice (the finetuned model alone, sampled): two contexts over one base, the same answers as the
+    # merged bundle's two copies of the file, and lambda 0 equals the model's own greedy answer
+    for bundle in (family["shared"], family["merged"]):
+        with load(bundle.path, roles=("amateur", "amateur"), n_ctx=128, n_threads=1, kv_type="f32") as rt:
+            assert rt.expert is not rt.amateur
+            a = rt.generate(PROMPT, raw=True, max_tokens=12, lam=1.0)
+            assert a.changed_tokens == 0 and a.tokens == rt.generate(PROMPT, raw=True, max_tokens=12, lam=0.0).tokens
 
 
 def test_load_picks_shared_base_backend(family):

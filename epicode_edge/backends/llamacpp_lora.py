@@ -69,6 +69,7 @@ class SharedBase:
         else:
             ctx, batch = self._new_context()
         backend = LoraRoleBackend.over(self, ctx, batch, pointers, label)
+        backend.role_spec = (list(adapters), label)  # what twin() makes again
         self._first_context_free = False
         self._roles += 1
         return backend
@@ -123,6 +124,10 @@ class LoraRoleBackend(LlamaCppBackend):
         self._adapter_ptrs = list(adapters)
         set_lora_adapters(self._lib, self._ctx, adapters, self.path)
         return self
+
+    def twin(self) -> "LoraRoleBackend":
+        """Another context (own KV cache) over the same base with the same adapters: the same role twice."""
+        return self._shared.role(*self.role_spec)
 
     def _adapters(self) -> list:
         return list(self._adapter_ptrs)  # the batched form (multiseq) applies them too
