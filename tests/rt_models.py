@@ -78,7 +78,7 @@ class ScriptBackend(BaseBackend):
         return [repr(bytes([i])) for i in range(256)] + ["<eos>", "<a>", "<b>"]
 
     def _forward(self, ids):
-        seq = self._tokens + ids
+        seq = self.tokens + ids
         return np.asarray(self.fn(seq), dtype=np.float32)
 
     def _trim(self, n):

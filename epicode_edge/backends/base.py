@@ -78,6 +78,29 @@ class ForwardCosts:
         return n % self.RETRY == 0  # now and then, measure the batch again
 
 
+class CachedTokens:
+    """The token ids an engine context holds in each of its KV sequences (one for a Backend, n_slots for its
+    multi-sequence form), and the checks both forms make before the engine sees a call."""
+
+    def __init__(self, path: Path, n_ctx: int, n_seq: int = 1):
+        self.path, self.n_ctx = Path(path), int(n_ctx)
+        self.ids: list[list[int]] = [[] for _ in range(n_seq)]
+
+    def n_past(self, seq: int = 0) -> int:
+        return len(self.ids[seq])
+
+    def check_room(self, n_new: int, seq: int = 0, where: str = "") -> None:
+        """ContextFullError when n_new more tokens do not fit the sequence's context."""
+        if self.n_past(seq) + n_new > self.n_ctx:
+            raise ContextFullError(f"{self.path.name}: {where}{self.n_past(seq)} cached + {n_new} new tokens exceed "
+                                   f"the context of {self.n_ctx} (raise n_ctx)")
+
+    def check_truncate(self, n: int, seq: int = 0, where: str = "") -> None:
+        if not isinstance(n, int) or not 0 <= n <= self.n_past(seq):
+            raise ParameterError(f"{self.path.name}: cannot truncate {where}to {n} of {self.n_past(seq)} "
+                                 "cached tokens")
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the decoding loop and the runtime need from an engine."""
@@ -126,18 +149,18 @@ class BaseBackend:
         self.n_ctx = int(n_ctx)
         self.counters = Counters()
         self.costs = ForwardCosts()
-        self._tokens: list[int] = []
-        self._dirty = False  # True while a forward runs: the engine may hold more positions than _tokens
+        self._held = CachedTokens(self.path, self.n_ctx)
+        self._dirty = False  # True while a forward runs: the engine may hold more positions than the cache
 
     # -- cache state -------------------------------------------------------------------------------
     @property
     def n_past(self) -> int:
-        return len(self._tokens)
+        return self._held.n_past()
 
     @property
     def tokens(self) -> list[int]:
         """The token ids whose keys/values are cached, in order (a copy)."""
-        return list(self._tokens)
+        return list(self._held.ids[0])
 
     def reset_counters(self) -> None:
         self.counters = Counters()
@@ -173,27 +196,23 @@ class BaseBackend:
         dt = time.perf_counter() - t
         self.counters.forward_seconds += dt
         self.costs.record(len(ids), dt)
-        self._tokens.extend(ids)
+        self._held.ids[0].extend(ids)
         self._dirty = False
         return logits
 
     def truncate(self, n: int) -> None:
         """Keep the first n cached positions, drop the rest."""
-        if not 0 <= n <= self.n_past:
-            raise ParameterError(f"{self.path.name}: cannot truncate to {n} of {self.n_past} cached tokens")
+        self._held.check_truncate(n)
         if n == self.n_past and not self._dirty:
             return
         self._trim(n)
         self._dirty = False
         if n < self.n_past:
-            del self._tokens[n:]
+            del self._held.ids[0][n:]
             self.counters.truncations += 1
 
     def _check_room(self, n: int) -> None:
-        if self.n_past + n > self.n_ctx:
-            raise ContextFullError(
-                f"{self.path.name}: {self.n_past} cached + {n} new tokens exceed the context of {self.n_ctx} "
-                f"(raise n_ctx)")
+        self._held.check_room(n)
 
     # -- engine hooks ------------------------------------------------------------------------------
     def _forward(self, ids: list[int]) -> np.ndarray:  # pragma: no cover - abstract

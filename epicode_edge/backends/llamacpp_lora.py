@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import BackendError, InputError
-from .base import Counters
+from .base import CachedTokens, Counters
 from .llamacpp import LlamaCppBackend
 from .llamacpp_batch import set_lora_adapters
 
@@ -106,7 +106,7 @@ class LoraRoleBackend(LlamaCppBackend):
     follows whatever that backend keeps about the model; _PER_CONTEXT lists the state that is per context.
     """
 
-    _PER_CONTEXT = ("_ctx", "_batch", "_mem", "_views", "_tokens", "counters")  # swapped in over()
+    _PER_CONTEXT = ("_ctx", "_batch", "_mem", "_views", "_held", "counters")  # swapped in over()
 
     @classmethod
     def over(cls, shared: SharedBase, ctx_obj, batch_obj, adapters: list[tuple[object, float]],
@@ -117,9 +117,9 @@ class LoraRoleBackend(LlamaCppBackend):
         if ctx_obj is not None:
             self._ctx, self._batch = ctx_obj.ctx, batch_obj
             self._mem = self._lib.llama_get_memory(self._ctx)
-        self._views, self._tokens, self.counters = {}, [], Counters()
         if label is not None:
             self.path = shared.path.with_name(f"{shared.path.name}+{label}")
+        self._views, self._held, self.counters = {}, CachedTokens(self.path, self.n_ctx), Counters()
         self.adapters = [s for _, s in adapters]  # scales, for display
         self._adapter_ptrs = list(adapters)
         set_lora_adapters(self._lib, self._ctx, adapters, self.path)

@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ContextFullError, ParameterError
-from .base import Counters
+from ..errors import ParameterError
+from .base import CachedTokens, Counters
 
 
 class MultiSeqBase:
@@ -29,23 +29,22 @@ class MultiSeqBase:
             raise ParameterError(f"n_slots must be an integer >= 1, got {n_slots!r}")
         self.path, self.n_slots, self.n_ctx, self.vocab_size = path, n_slots, int(n_ctx), vocab_size
         self._max_group_tokens = max(1, int(max_group_tokens))  # tokens one engine call may take
-        self._tokens: list[list[int]] = [[] for _ in range(n_slots)]
+        self._held = CachedTokens(path, self.n_ctx, n_slots)
         self.counters = Counters()
 
     # -- state -------------------------------------------------------------------------------------
     def n_past(self, slot: int) -> int:
-        return len(self._tokens[slot])
+        return self._held.n_past(slot)
 
     def tokens(self, slot: int) -> list[int]:
-        return list(self._tokens[slot])
+        return list(self._held.ids[slot])
 
     def truncate(self, slot: int, n: int = 0) -> None:
         """Keep the first n positions of a slot (0: the slot is empty, free for a new request)."""
-        if not 0 <= n <= self.n_past(slot):
-            raise ParameterError(f"{self.path.name}: cannot truncate slot {slot} to {n} of {self.n_past(slot)}")
+        self._held.check_truncate(n, slot, f"slot {slot} ")
         if n < self.n_past(slot):
             self._trim(slot, n)
-            del self._tokens[slot][n:]
+            del self._held.ids[slot][n:]
             self.counters.truncations += 1
 
     def clear(self, slot: int) -> None:
@@ -68,7 +67,7 @@ class MultiSeqBase:
                 raise
             for j, x in zip(group, logits):
                 out[j] = x
-                self._tokens[entries[j][0]].extend(entries[j][1])
+                self._held.ids[entries[j][0]].extend(entries[j][1])
         self.counters.prefill_tokens += sum(len(ids) for _, ids in entries if len(ids) > 1)
         self.counters.prefill_calls += sum(len(ids) > 1 for _, ids in entries)
         self.counters.step_calls += sum(len(ids) == 1 for _, ids in entries)
@@ -80,9 +79,7 @@ class MultiSeqBase:
             if not 0 <= s < self.n_slots or s in seen or not ids:
                 raise ParameterError(f"decode: bad entry for slot {s} (unknown, repeated or empty)")
             seen.add(s)
-            if self.n_past(s) + len(ids) > self.n_ctx:
-                raise ContextFullError(f"{self.path.name}: slot {s}: {self.n_past(s)} cached + {len(ids)} new "
-                                       f"tokens exceed the context of {self.n_ctx} (raise n_ctx)")
+            self._held.check_room(len(ids), s, f"slot {s}: ")
 
     def _groups(self, entries) -> list[list[int]]:
         """Entry indices grouped by length, each group small enough for one engine call."""
