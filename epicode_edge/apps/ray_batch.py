@@ -20,7 +20,7 @@ fails any of it (or cannot load the models) stops the run with one line naming t
 records already written stay, and the same command resumes.
 
 Local Ray (address=None): a private instance with num_cpus (default: all cores), shut down at the end.
-A cluster: address is given to ray.init ("auto" on a node of the cluster, or the head's "10.0.0.1:6379"). If
+A cluster: address is given to ray.init ("auto" on a node of the cluster, or the head's "HOST:6379"). If
 the caller has already called ray.init, that session is used and left running. Summary.seconds counts from
 the start of the run: Ray's start and the actors' loading included.
 
