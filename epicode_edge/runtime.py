@@ -461,12 +461,15 @@ def _runtime(e, a, **kw) -> Runtime:
 
 
 def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: int = 0, n_ctx: int = 2048,
-         n_threads: int | None = None, **engine_kw) -> Runtime:
+         n_threads: int | None = None, roles: tuple[str, str] = ("expert", "amateur"), **engine_kw) -> Runtime:
     """A Runtime over a bundle folder (the output of `convert`).
 
     backend "auto": MLX on Apple silicon when the bundle has MLX models, else llama.cpp (MLX when the bundle
     has no GGUF files). quant picks the GGUF files (default: the bundle's first quant). n_gpu_layers offloads
     layers to CUDA/Metal on llama.cpp (-1 = all). The bundle's lambda and alpha become the defaults.
+    roles: which of the bundle's models play expert and amateur, e.g. ("amateur", "inferior") for
+    contrastive decoding without extrapolation (eval's CD-only row) or ("amateur", "amateur") for the
+    finetuned model alone with sampling.
     """
     from .converters.bundle import open_bundle
 
@@ -478,21 +481,24 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
             raise UnsupportedError(f"{b.path}: a shared-base (LoRA) bundle runs on llama.cpp only")
         from .backends.llamacpp_lora import open_roles
 
-        r = open_roles(b, ("expert", "amateur"), quant=quant, n_ctx=n_ctx, n_threads=n_threads,
+        r = open_roles(b, tuple(dict.fromkeys(roles)), quant=quant, n_ctx=n_ctx, n_threads=n_threads,
                        n_gpu_layers=n_gpu_layers, **engine_kw)
-        return _runtime(r["expert"], r["amateur"], lam=b.lam, alpha=b.alpha, bundle=b,
+        if roles[0] == roles[1]:  # one role twice: a second context over the same base and adapters
+            r = dict(r, _twin=open_roles(b, (roles[1],), quant=quant, n_ctx=n_ctx, n_threads=n_threads,
+                                         n_gpu_layers=n_gpu_layers, **engine_kw)[roles[1]])
+        return _runtime(r[roles[0]], r["_twin" if roles[0] == roles[1] else roles[1]], lam=b.lam, alpha=b.alpha, bundle=b,
                         quant=b.gguf("base", quant).stem.split("-", 1)[-1])
     if backend == "auto":
         backend = "mlx" if ("mlx" in b.formats and (apple_silicon() or "gguf" not in b.formats)) else "llama.cpp"
     if backend == "llama.cpp":
-        paths = (b.gguf("expert", quant), b.gguf("amateur", quant))
+        paths = (b.gguf(roles[0], quant), b.gguf(roles[1], quant))
         quant = paths[0].stem.split("-", 1)[-1]
     else:
         if quant is not None:
             raise ParameterError("quant picks GGUF files: it applies to the llama.cpp backend only")
         if "mlx" not in b.formats:
             raise BundleError(f"{b.path}: the bundle has no MLX models (formats: {', '.join(b.formats)})")
-        paths = (b.mlx("expert"), b.mlx("amateur"))
+        paths = (b.mlx(roles[0]), b.mlx(roles[1]))
     opts = dict(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
     e = open_backend(paths[0], backend, **opts)
     try:
