@@ -232,7 +232,7 @@ def restore_base(model, base_w, torch) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def run(cfg: dict, out: Path, log_only: bool = False, say=print) -> dict:
+def run(cfg: dict, out: Path, log_only: bool = False, say=print, cache: Path | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from peft import LoraConfig, get_peft_model
@@ -251,8 +251,16 @@ def run(cfg: dict, out: Path, log_only: bool = False, say=print) -> dict:
     n_bottom = n_layers - cfg["lora_layers"]
     data = make_data.splits()
     train, dev = Cached(data["train"][: cfg["n_train"]], tok), Cached(data["dev"], tok)
-    train.fill(inner, n_bottom, torch)
-    dev.fill(inner, n_bottom, torch)
+    stash = cache / f"bottom-{n_bottom}-{cfg['n_train']}-{cfg['threads']}.pt" if cache else None
+    if stash is not None and stash.is_file():  # the same frozen layers on the same items: computed before
+        train.states, dev.states = torch.load(stash)
+    else:
+        train.fill(inner, n_bottom, torch)
+        dev.fill(inner, n_bottom, torch)
+        if stash is not None:
+            stash.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((train.states, dev.states), stash.with_suffix(".tmp"))
+            stash.with_suffix(".tmp").replace(stash)
     say(f"cached the bottom {n_bottom} layers for {len(train.rows)} train / {len(dev.rows)} dev items "
         f"({time.time() - t0:.0f} s)")
     lcfg = LoraConfig(r=cfg["rank"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0, target_modules=cfg["targets"],
@@ -315,6 +323,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--log-only", action="store_true", help="Score and log only; save no adapters.")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="Keep the frozen bottom layers' outputs here and reuse them (a search over settings).")
     for k, v in CONFIG.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
@@ -323,7 +333,7 @@ def main(argv=None) -> None:
     for k in cfg:
         if hasattr(args, k):
             cfg[k] = getattr(args, k)
-    log = run(cfg, args.out, log_only=args.log_only, say=lambda s: print(s, flush=True))
+    log = run(cfg, args.out, log_only=args.log_only, say=lambda s: print(s, flush=True), cache=args.cache)
     if not log["gate"]["passed"]:
         print("The premise gate did NOT hold on dev: do not ship these adapters as a family.", flush=True)
 
