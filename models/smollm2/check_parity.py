@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mu", type=float, default=0.5)
     ap.add_argument("--n", type=int, default=3)
+    ap.add_argument("--family", type=Path, default=HERE)
     args = ap.parse_args()
     import torch
     from peft import PeftModel
@@ -45,7 +46,7 @@ def main() -> None:
     rows = make_data.splits()["dev"][: args.n]
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        b = convert_lora(gguf, HERE / "finetuned", HERE / "inferior", Path(tmp) / "b", mu=args.mu, quant=("F32",))
+        b = convert_lora(gguf, args.family / "finetuned", args.family / "inferior", Path(tmp) / "b", mu=args.mu, quant=("F32",))
         rt = load(b.path, n_ctx=256, kv_type="f32")
         try:
             for role in ("amateur", "expert"):
@@ -54,7 +55,7 @@ def main() -> None:
                         "expert": [("finetuned", 1 + args.mu), ("inferior", -args.mu)]}[role]
                 deltas = {}
                 for which, c in coef:
-                    m = PeftModel.from_pretrained(hf, HERE / which)
+                    m = PeftModel.from_pretrained(hf, args.family / which)
                     for name, d in recipe.lora_deltas(m, torch).items():
                         deltas[name.replace("base_model.model.", "", 1)] = deltas.get(
                             name.replace("base_model.model.", "", 1), 0) + c * d
