@@ -464,7 +464,7 @@ def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, quan
 @click.option("-n", "--n", "n", type=int, default=6, show_default=True, help="How many test prompts to answer.")
 @click.option("--max-tokens", type=int, default=None, help="Answer length limit [default: the family's].")
 @click.option("--family", type=click.Path(path_type=Path), default=None,
-              help="The family folder (models/demo, or a folder like models/smollm2) [default: models/demo].")
+              help="The family folder [default: models/smollm2 of this checkout; models/demo is the tiny one].")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None,
               help="Score the family's tuned bundle on this JSONL (all four methods) instead of the side-by-side.")
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,

