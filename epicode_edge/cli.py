@@ -509,11 +509,17 @@ class _StageBars:
 @click.option("--methods", default=",".join(("finetuned", "extrapolation", "cd", "epicode")), show_default=True,
               help="Rows to run, comma-separated.")
 @click.option("--lambda", "lam", type=float, default=None, help="Contrastive strength [default: the bundle's].")
+@click.option("--cd-lambda", "cd_lam", type=float, default=None,
+              help="The CD-only row's lambda [default: tune's choice for CD on dev, else the bundle's lambda].")
 @click.option("--alpha", type=float, default=None, help="Plausibility threshold [default: the bundle's].")
+@click.option("--runs", type=int, default=1, show_default=True,
+              help="Also N sampled runs (seeds 0..N-1) with a paired t-test across runs (N >= 2).")
+@click.option("--temp", type=float, default=0.7, show_default=True, help="Sampling temperature of the runs.")
 @click.option("--backend", type=click.Choice(["auto", "llama.cpp", "mlx"]), default="auto", show_default=True)
 @click.option("--quant", default=None, help="GGUF quant of the bundle to use [default: its first].")
 @click.option("--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
-def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, alpha, backend, quant, n_threads):
+def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd_lam, alpha, runs, temp, backend,
+             quant, n_threads):
     """Accuracy of finetuned, extrapolation only, CD only and EpiCoDe on the same items of DATA (JSONL of
     {"id", "prompt"|"messages", "answer"}), with 95% intervals and exact McNemar tests against finetuned."""
     from .apps.eval import evaluate
@@ -525,14 +531,17 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, al
     check_output_dir(out_dir, "eval output folder")  # before the scoring, not after it
     with _StageBars() as bars:
         report = evaluate(bundle, data, out_dir=out_dir, max_tokens=max_tokens, extract=extract, limit=limit,
-                          methods=methods, lam=lam, alpha=alpha, backend=backend, quant=quant,
-                          n_threads=n_threads, progress=bars)
+                          methods=methods, lam=lam, alpha=alpha, cd_lam=cd_lam, runs=runs, temp=temp,
+                          backend=backend, quant=quant, n_threads=n_threads, progress=bars)
     for w in report.warnings:
         click.echo(f"Warning: {w}", err=True)
     s = report.settings
     click.echo(f"{s['n_items']} items, mu = {s['mu']:g}, lambda = {s['lam']:g}, alpha = {s['alpha']:g}, "
                f"{s['backend']}, {s['seconds']:.0f} s")
     click.echo(report.table())
+    if report.runs:
+        click.echo(f"\n{runs} sampled runs (temperature {temp:g}):")
+        click.echo(report.runs_table())
     click.echo(f"Wrote {out_dir / 'eval.jsonl'}, {out_dir / 'report.md'} (chart {out_dir / 'accuracy.png'})")
 
 
@@ -541,12 +550,17 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, al
 @click.option("--inferior", required=True, type=click.Path(path_type=Path), help="An earlier checkpoint of its run.")
 @click.option("--dev", required=True, type=click.Path(path_type=Path), help="Dev JSONL (never the test set).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="The bundle folder to write.")
-@click.option("--mu-grid", default="0.1,0.2,0.5,1.0", show_default=True, help="mu values to try (> 0).")
-@click.option("--lambda-grid", "lam_grid", default="0.1,0.3,0.5,1.0", show_default=True,
-              help="lambda values to try at the best mu (>= 0).")
-@click.option("--alpha", type=float, default=0.1, show_default=True, help="Plausibility threshold.")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="The base model when --finetuned/--inferior are PEFT LoRA adapters (HF folder or llama GGUF).")
+@click.option("--mu-grid", default="0.025,0.05,0.1,0.2,0.3,0.5", show_default=True,
+              help="mu values to try (> 0); mu = 0, the finetuned model, always competes.")
+@click.option("--lambda-grid", "lam_grid", default="0.1,0.25,0.5,1,2,4", show_default=True,
+              help="lambda values to try at the best mu (> 0); lambda = 0, that mu alone, always competes.")
+@click.option("--alpha", type=float, default=0.1, show_default=True, help="Plausibility threshold (the paper's).")
 @click.option("--quant", default="Q8_0", show_default=True, help="GGUF quant of the bundles.")
 @click.option("--with-inferior", is_flag=True, help="Also put the inferior model in the bundle (for eval's CD row).")
+@click.option("--cd/--no-cd", "cd", default=None,
+              help="Tune the CD-only row's own lambda on dev [default: when the bundle has the inferior model].")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Converted bundles, state.json (resume), charts [default: OUT.tune].")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
@@ -554,8 +568,8 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, al
 @click.option("--limit", type=int, default=None, help="Use only the first N dev items.")
 @click.option("--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
-def tune_cmd(finetuned, inferior, dev, out, mu_grid, lam_grid, alpha, quant, with_inferior, work_dir, max_tokens,
-             extract, limit, n_threads, force):
+def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, quant, with_inferior, cd, work_dir,
+             max_tokens, extract, limit, n_threads, force):
     """The paper's tuning: pick mu with the extrapolated model alone on DEV, then lambda at that mu; write
     the bundle with both. Interrupted? Run the same command again: finished grid points are kept."""
     from .apps.tune import tune
@@ -565,24 +579,37 @@ def tune_cmd(finetuned, inferior, dev, out, mu_grid, lam_grid, alpha, quant, wit
 
     with _StageBars() as bars:
         result = tune(finetuned, inferior, dev, out, mu_grid=mu_grid, lam_grid=lam_grid, alpha=alpha, quant=quant,
-                      with_inferior=with_inferior, work_dir=work_dir, max_tokens=max_tokens, extract=extract,
+                      with_inferior=with_inferior, base=base, cd=cd, work_dir=work_dir, max_tokens=max_tokens,
+                      extract=extract,
                       limit=limit, n_threads=n_threads, force=force, progress=bars, warn=warn)
     if result.resumed:
         click.echo(f"Resumed: {len(result.resumed)} grid points were already done ({result.work_dir / 'state.json'})")
     click.echo(result.table())
-    click.echo(f"Chose mu = {result.mu:g}, lambda = {result.lam:g} (alpha = {result.alpha:g}); wrote {result.bundle}")
+    if result.beats_finetuned:
+        click.echo(f"Chose mu = {result.mu:g}, lambda = {result.lam:g} (alpha = {result.alpha:g}); wrote {result.bundle}")
+    else:
+        click.echo(f"NO GAIN: nothing beat the finetuned model on dev; wrote {result.bundle} as the finetuned model "
+                   "itself (mu = 0, lambda = 0), flagged in its manifest")
+    if result.cd_lam is not None:
+        click.echo(f"CD-only lambda (its own, on dev): {result.cd_lam:g}")
     click.echo(f"Charts: {', '.join(str(c) for c in result.charts)}")
 
 
 @main.command("demo")
 @click.option("-n", "--n", "n", type=int, default=6, show_default=True, help="How many test prompts to answer.")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help="Answer length limit [default: the family's].")
 @click.option("--family", type=click.Path(path_type=Path), default=None,
-              help="The demo family folder [default: models/demo of this checkout].")
+              help="The family folder [default: models/smollm2 of this checkout; models/demo is the tiny one].")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None,
+              help="Score the family's tuned bundle on this JSONL (all four methods) instead of the side-by-side.")
+@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
+              help="With --eval: where report.md, summary.json, eval.jsonl go [default: ./demo-eval].")
+@click.option("--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
 @click.option("--color/--no-color", default=None, help="Highlight changed picks [default: on a terminal].")
-def demo_cmd(n, max_tokens, family, color):
-    """The shipped demo: convert the demo family into a bundle (cached), then answer test prompts with the
-    finetuned model alone and with EpiCoDe, highlighting the picks that contrastive decoding changed."""
+def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
+    """The shipped demo: convert a model family into a bundle (cached), then answer test prompts with the
+    finetuned model alone and with EpiCoDe, highlighting the picks that contrastive decoding changed, and
+    end with the family's test table. With --eval DATA: score the tuned bundle on your own draw."""
     import time
 
     from .apps import demo, tasks
@@ -592,25 +619,48 @@ def demo_cmd(n, max_tokens, family, color):
     n = demo.check_n(n)
     fam = demo.family_dir(family)
     s = demo.demo_settings(fam)
+    max_tokens = s["max_tokens"] if max_tokens is None else max_tokens
     with _StageBars() as bars:
         bundle, reused = demo.demo_bundle(
-            fam, mu=s["mu"], progress=lambda p: bars("convert", p.tensors_done, p.tensors_total or 1))
+            fam, mu=s["mu"], base=s["base"], with_inferior=eval_data is not None,
+            progress=lambda p: bars("convert", p.tensors_done, p.tensors_total or 1))
     click.echo(f"{'Reused' if reused else 'Made'} bundle {bundle.path} (mu = {s['mu']:g}) from {fam}")
-    items = tasks.load_items(fam / "data" / "test.jsonl", limit=n)
+    if eval_data is not None:
+        from .apps.eval import evaluate
+
+        out_dir = out_dir or Path("demo-eval")
+        with _StageBars() as bars:
+            report = evaluate(bundle.path, eval_data, out_dir=out_dir, max_tokens=max_tokens, extract=s["extract"],
+                              lam=s["lambda"], alpha=s["alpha"], cd_lam=s["cd_lambda"], n_threads=n_threads,
+                              progress=bars)
+        for w in report.warnings:
+            click.echo(f"Warning: {w}", err=True)
+        click.echo(f"{len(report.items)} items of {eval_data}, extract {s['extract']}, "
+                   f"{report.settings['seconds']:.0f} s")
+        click.echo(report.table())
+        click.echo(f"Wrote {out_dir / 'report.md'} and {out_dir / 'summary.json'}")
+        return
+    items = demo.pick_items(tasks.load_items(fam / "data" / "test.jsonl"), s["examples"], n)
     if color is None:
         color = sys.stdout.isatty()
     click.echo(f"EpiCoDe: lambda = {s['lambda']:g}, alpha = {s['alpha']:g}; greedy; "
-               + ("highlighted" if color else "[[bracketed]]") + " = picks contrastive decoding changed\n")
+               + ("highlighted" if color else "[[bracketed]]") + " = picks contrastive decoding changed"
+               + (f"; the first {min(n, len(s['examples']))} are test items where the two differed" if s["examples"] else "")
+               + "\n")
     rows = []
-    with load(bundle.path) as rt:
-        for i, row in enumerate(demo.run_demo(rt, items, max_tokens=max_tokens, lam=s["lambda"], alpha=s["alpha"]), 1):
+    with load(bundle.path, n_threads=n_threads) as rt:
+        for i, row in enumerate(demo.run_demo(rt, items, max_tokens=max_tokens, extract=s["extract"],
+                                              lam=s["lambda"], alpha=s["alpha"]), 1):
             rows.append(row)
             for line in demo.render_row(i, len(items), row, color=color):
                 click.echo(line, color=color)
     click.echo("")
     for line in demo.summary_lines(rows):
         click.echo(line)
-    click.echo(f"({time.perf_counter() - t0:.1f} s. The full comparison: epicode-edge eval on {fam / 'data' / 'test.jsonl'})")
+    if s["test_table"] and (fam / s["test_table"]).is_file():
+        click.echo(f"\nThe family's test table ({fam / s['test_table']}):")
+        click.echo((fam / s["test_table"]).read_text().rstrip())
+    click.echo(f"({time.perf_counter() - t0:.1f} s. Your own data: epicode-edge demo --eval DATA.jsonl -o DIR)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -493,7 +493,8 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     layers to CUDA/Metal on llama.cpp (-1 = all). The bundle's lambda and alpha become the defaults.
     roles: the bundle's models that play expert and amateur, in either bundle layout: ("amateur", "inferior")
     for contrastive decoding of the finetuned model against the inferior one (eval's CD-only row; a bundle made
-    with --with-inferior), or ("amateur", "amateur") for the finetuned model alone with the full sampling settings. amateur_quant: the amateur's GGUF at another quant than the expert's (a cheaper amateur,
+    with --with-inferior), or ("amateur", "amateur") for the finetuned model alone with the full sampling
+    settings. amateur_quant: the amateur's GGUF at another quant than the expert's (a cheaper amateur,
     e.g. Q4_0 beside a Q8_0 expert: faster, and only close to the same-quant answers).
     """
     from .converters.bundle import open_bundle

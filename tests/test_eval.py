@@ -113,3 +113,65 @@ def test_cli_eval_empty_data_and_bad_extract(family, tmp_path):
     assert res.exit_code == 1 and "no items" in res.output
     res = CliRunner().invoke(main, ["eval", str(family["bundle"]), str(family["data"]), "--extract", "regex:("])
     assert res.exit_code == 1 and "invalid" in res.output
+
+
+def test_sampled_runs_and_paired_t_test(family, tmp_path):
+    """--runs 3: every method sampled with seeds 0..2 (temperature), the same seed giving the same outputs;
+    the runs table pairs each method's runs with finetuned's and reports a t-test."""
+    kw = dict(max_tokens=8, extract="exact", methods="finetuned,epicode", runs=3, temp=1.5)
+    r = evaluate(family["bundle"], family["data"], out_dir=tmp_path / "o", **kw)
+    assert [len(r.runs[m]) for m in ("finetuned", "epicode")] == [3, 3]
+    texts = [x.texts for x in r.runs["epicode"]]
+    assert texts[0] != texts[1] or texts[1] != texts[2]  # the seeds really sample
+    again = evaluate(family["bundle"], family["data"], **dict(kw, runs=2))
+    assert [x.texts for x in again.runs["epicode"]] == texts[:2]  # seeded
+    # greedy rows are still there, unchanged by the runs
+    assert r.results["finetuned"].texts == evaluate(family["bundle"], family["data"], max_tokens=8, extract="exact",
+                                                   methods="finetuned").results["finetuned"].texts
+    from epicode_edge.apps.eval import runs_rows
+
+    rows = {x.method: x for x in runs_rows(r.runs)}
+    assert rows["finetuned"].delta is None and len(rows["epicode"].accuracies) == 3
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["settings"]["runs"] == 3 and [x["method"] for x in summary["runs"]] == ["finetuned", "epicode"]
+    assert "sampled runs" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_runs_table_statistics():
+    from epicode_edge.apps.eval import MethodResult, runs_rows
+
+    def res(name, ks):  # accuracies k/10 per run
+        return [MethodResult(name, correct=[True] * k + [False] * (10 - k)) for k in ks]
+
+    rows = runs_rows({"finetuned": res("finetuned", [5, 6, 5, 6]), "epicode": res("epicode", [7, 7, 8, 7])})
+    ep = rows[1]
+    assert abs(ep.delta - 0.175) < 1e-12 and abs(ep.mean - 0.725) < 1e-12
+    from epicode_edge.apps.tasks import paired_t
+
+    assert (ep.delta, ep.t, ep.p_value) == paired_t([0.5, 0.6, 0.5, 0.6], [0.7, 0.7, 0.8, 0.7])
+    assert 0.03 < ep.p_value < 0.04  # t = 3.66 on 3 degrees of freedom
+
+
+def test_paired_t_against_known_values():
+    from epicode_edge.apps.tasks import paired_t, t_two_sided
+
+    assert abs(t_two_sided(2.262157, 9) - 0.05) < 1e-4  # the tabulated 97.5% quantile of t(9)
+    assert abs(t_two_sided(12.7062, 1) - 0.05) < 1e-4
+    assert abs(t_two_sided(0.0, 5) - 1.0) < 1e-12
+    mean, t, p = paired_t([1, 2, 3, 4], [2, 4, 3, 6])  # d = 1, 2, 0, 2: mean 1.25, sd 0.957
+    assert abs(mean - 1.25) < 1e-12 and abs(t - 2.6112) < 1e-3 and abs(p - 0.0796) < 1e-3
+    assert paired_t([0.5, 0.5], [0.5, 0.5]) == (0.0, 0.0, 1.0)
+    with pytest.raises(ValueError):
+        paired_t([0.5], [0.6])
+
+
+def test_cd_row_uses_its_own_lambda(family, tmp_path):
+    from epicode_edge.apps.eval import cd_lambda
+    from epicode_edge.converters.bundle import open_bundle
+
+    b = open_bundle(family["bundle"])
+    assert cd_lambda(b) == (0.5, "the bundle's lambda (no CD lambda tuned on dev)")
+    r = evaluate(family["bundle"], family["data"], max_tokens=8, extract="exact", methods="cd", cd_lam=0.0)
+    plain = evaluate(family["bundle"], family["data"], max_tokens=8, extract="exact", methods="finetuned")
+    assert r.results["cd"].texts == plain.results["finetuned"].texts  # CD at lambda 0 is finetuned alone
+    assert r.settings["cd_lam"] == 0.0 and r.settings["cd_lam_from"] == "given"

@@ -58,17 +58,22 @@ def test_resume_skips_finished_points(pair, tmp_path):
     res = tune(ft, inf, dev, out, progress=lambda s, d, t: stages2.append(s), warn=warned.append, **kw)
     assert sorted(res.resumed) == ["finetuned", "mu=0.5"]
     scored = {s for s in stages2 if s.startswith("score")}
-    assert scored == {"score mu=1", f"score lambda=0.5", "score lambda=1"}
+    # every answer is wrong: mu ties go to the smaller, so lambda is swept at mu = 0.5
+    assert scored == {"score mu=1", "score mu=0.5,lambda=0.5", "score mu=0.5,lambda=1"}
     assert not any(s == "convert mu=0.5" for s in stages2)  # the converted bundle was reused
     assert any("only 6 items" in w for w in warned)
 
-    # the final bundle carries the chosen mu and lambda
+    # nothing beat finetuned (all 0%): the bundle is the finetuned model itself, flagged
+    assert res.mu == 0.0 and res.lam == 0.0 and not res.beats_finetuned
+    assert any(w.startswith("NO GAIN") for w in warned)
     b = open_bundle(out)
-    assert b.mu == res.mu and b.lam == res.lam and res.mu in (0.5, 1.0)
+    assert b.mu == 0.0 and b.lam == 0.0
+    assert b.manifest["tune"]["beats_finetuned"] is False and "verdict" in b.manifest["tune"]
     assert b.manifest["tune"]["dev_items"] == len(PROMPTS)
     assert (tmp_path / "bundle.tune" / "tune_mu.png").is_file()
     assert (tmp_path / "bundle.tune" / "tune_lambda.png").is_file()
     assert "EpiCoDe" in res.table() and "finetuned alone" in res.table()
+    assert "Nothing beat the finetuned model" in (tmp_path / "bundle.tune" / "tune.md").read_text()
 
     # a third run redoes nothing; changed settings start afresh
     stages3 = []
@@ -81,13 +86,66 @@ def test_resume_skips_finished_points(pair, tmp_path):
     assert "score finetuned" in stages4
 
 
+@pytest.fixture(scope="module")
+def expert_dev(pair, tmp_path_factory):
+    """A dev set whose answers are what the expert at mu = 0.5 says (greedy): there, extrapolation wins."""
+    import warnings
+
+    from epicode_edge.converters.convert import convert
+    from epicode_edge.runtime import load
+
+    ft, inf, _ = pair
+    root = tmp_path_factory.mktemp("expert_dev")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = convert(ft, inf, root / "b", mu=0.5, quant=("F32",))
+    rows = []
+    with load(b.path) as rt:
+        for i, p in enumerate(PROMPTS):
+            exp = rt.generate([{"role": "user", "content": p}], max_tokens=6, lam=0.0).text
+            fin = rt.compare([{"role": "user", "content": p}], max_tokens=6).text
+            rows.append((i, p, exp, fin))
+    assert any(e != f for _, _, e, f in rows)  # the expert differs from finetuned somewhere
+    dev = root / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"id": i, "prompt": p, "answer": e}) + "\n" for i, p, e, _ in rows))
+    return dev
+
+
+def test_mu_that_beats_finetuned_is_chosen_and_lambda_grid_goes_past_1(pair, expert_dev, tmp_path):
+    ft, inf, _ = pair
+    res = tune(ft, inf, expert_dev, tmp_path / "b", mu_grid="0.05,0.5", lam_grid="0.5,2,4", quant="F32",
+               max_tokens=6, extract="exact", with_inferior=True)
+    assert res.points["mu=0.5"].accuracy == 1.0 and res.points["finetuned"].accuracy < 1.0
+    assert res.beats_finetuned and res.mu == 0.5 and res.sweep_mu == 0.5
+    assert res.lam in (0.0, 0.5, 2.0, 4.0)
+    assert res.chosen().accuracy == max(p.accuracy for p in res.points.values() if p.kind in ("mu", "lambda"))
+    assert {p.lam for p in res.points.values() if p.kind == "lambda"} == {0.5, 2.0, 4.0}
+    # the CD-only row got its own lambda from its own dev points (finetuned against inferior)
+    cd = {p.lam: p for p in res.points.values() if p.kind == "cd"}
+    assert set(cd) == {0.5, 2.0, 4.0}
+    assert res.cd_lam == max(cd.values(), key=lambda p: (p.accuracy, -p.lam)).lam
+    b = open_bundle(res.bundle)
+    assert b.mu == 0.5 and b.lam == res.lam and b.manifest["tune"]["beats_finetuned"] is True
+    assert b.manifest["tune"]["cd_lambda"] == res.cd_lam
+    from epicode_edge.apps.eval import cd_lambda
+
+    assert cd_lambda(b) == (res.cd_lam, "tuned for CD on dev (manifest tune.cd_lambda)")
+
+
+def test_default_grids_reach_small_mu_and_large_lambda():
+    from epicode_edge.apps.tune import DEFAULT_LAM_GRID, DEFAULT_MU_GRID
+
+    assert min(DEFAULT_MU_GRID) <= 0.05 and max(DEFAULT_MU_GRID) <= 0.5
+    assert max(DEFAULT_LAM_GRID) > 1
+
+
 def test_lambda_zero_point_is_the_mu_point(pair, tmp_path):
     """lambda = 0 in the grid adds no work: it is the extrapolated model alone, scored in the mu sweep."""
     ft, inf, dev = pair
     stages = []
     res = tune(ft, inf, dev, tmp_path / "b", mu_grid="0.5", lam_grid="0", quant="F32", max_tokens=6,
                extract="exact", progress=lambda s, d, t: stages.append(s))
-    assert res.lam == 0.0 and res.mu == 0.5
+    assert res.lam == 0.0
     assert not [s for s in stages if "lambda" in s]
 
 
@@ -106,7 +164,7 @@ def test_cli_tune_runs(pair, tmp_path):
             "--with-inferior"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "Chose mu = 0.5" in res.output and "Warning:" in res.output
+    assert "NO GAIN" in res.output and "Warning:" in res.output and "CD-only lambda" in res.output
     assert "inferior" in open_bundle(tmp_path / "b").roles
     res = CliRunner().invoke(main, args)  # the output exists now
     assert res.exit_code == 1 and "already exists" in res.output

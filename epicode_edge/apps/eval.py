@@ -10,6 +10,13 @@ Methods (rows), each greedy:
                    (needs a bundle made with `convert --with-inferior`; else left out with the reason)
     epicode        the expert against the amateur with the bundle's lambda and alpha
 
+The CD-only row uses its own lambda: the one `tune` chose for it on dev (the manifest's tune.cd_lambda),
+else the bundle's lambda (the report says which).
+
+runs > 1 adds N sampled runs of every method (temperature `temp`, seeds 0..N-1, the same seed for every
+method of a run) and a paired t-test across runs against finetuned, as the paper compares its 10 runs,
+beside the greedy table's one-run McNemar test.
+
 Writes OUT/eval.jsonl (one line per item: every method's output, extracted answer, correctness),
 OUT/report.md (settings, table, chart, disagreements) with OUT/accuracy.png, and OUT/summary.json.
 """
@@ -17,6 +24,7 @@ OUT/report.md (settings, table, chart, disagreements) with OUT/accuracy.png, and
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,18 +134,68 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
 
 
 @dataclass
+class RunsRow:
+    """One method over N sampled runs: accuracy per run, and the paired t-test against finetuned."""
+
+    method: str
+    label: str
+    accuracies: list[float]
+    delta: float | None = None  # mean over runs of (accuracy - finetuned's accuracy in the same run)
+    t: float | None = None
+    p_value: float | None = None
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+    @property
+    def sd(self) -> float:
+        n, m = len(self.accuracies), self.mean
+        return math.sqrt(sum((a - m) ** 2 for a in self.accuracies) / (n - 1)) if n > 1 else 0.0
+
+
+def runs_rows(runs: dict[str, list[MethodResult]], baseline: str = "finetuned") -> list[RunsRow]:
+    """Rows of the runs table: mean and sd of accuracy over runs, paired t-test against `baseline`."""
+    base = runs.get(baseline)
+    out = []
+    for name, rs in runs.items():
+        row = RunsRow(name, LABELS.get(name, name), [r.accuracy for r in rs])
+        if base is not None and name != baseline and len(base) == len(rs) >= 2:
+            row.delta, row.t, row.p_value = tasks.paired_t([r.accuracy for r in base], row.accuracies)
+        out.append(row)
+    return out
+
+
+def format_runs_table(rows: list[RunsRow], markdown: bool = False) -> str:
+    head = ["method", "mean accuracy", "sd", "runs", "vs finetuned (mean)", "paired t", "t-test p"]
+    body = [[r.label, f"{100 * r.mean:.1f}%", f"{100 * r.sd:.1f}", " ".join(f"{100 * a:.1f}" for a in r.accuracies),
+             "" if r.delta is None else f"{100 * r.delta:+.1f} pts", "" if r.t is None else f"{r.t:.2f}",
+             "" if r.p_value is None else f"{r.p_value:.3g}"] for r in rows]
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+@dataclass
 class EvalReport:
     items: list[Item]
     results: dict[str, MethodResult]
     settings: dict
     out_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    runs: dict[str, list[MethodResult]] = field(default_factory=dict)  # sampled runs per method (runs > 1)
 
     def rows(self) -> list[Row]:
         return compare_rows(self.results)
 
     def table(self, markdown: bool = False) -> str:
         return format_table(self.rows(), markdown)
+
+    def runs_table(self, markdown: bool = False) -> str:
+        return format_runs_table(runs_rows(self.runs), markdown) if self.runs else ""
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -189,60 +247,83 @@ def check_methods(methods) -> list[str]:
 # ---------------------------------------------------------------------------------------------- running
 
 
+DEFAULT_TEMP = 0.7  # sampled runs only (runs > 1); a common sampling temperature, not tuned
+
+
+def cd_lambda(b) -> tuple[float, str]:
+    """The CD-only row's lambda: what tune chose for it on dev, else the bundle's (EpiCoDe's) lambda."""
+    tuned = (b.manifest.get("tune") or {}).get("cd_lambda")
+    if isinstance(tuned, (int, float)) and not isinstance(tuned, bool):
+        return float(tuned), "tuned for CD on dev (manifest tune.cd_lambda)"
+    return b.lam, "the bundle's lambda (no CD lambda tuned on dev)"
+
+
 def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str = "last-number",
              limit: int | None = None, methods=METHODS, lam: float | None = None, alpha: float | None = None,
+             cd_lam: float | None = None, runs: int = 1, temp: float = DEFAULT_TEMP,
              backend: str = "auto", quant: str | None = None, n_threads: int | None = None,
              progress: ProgressFn | None = None) -> EvalReport:
     """Score the methods on the same items (greedy) and, with out_dir, write the JSONL, report and chart.
 
-    lam / alpha default to the bundle's. Methods the bundle cannot run (cd without an inferior model) are
-    kept as rows with the reason. Warnings (extraction misses, too few items) are in report.warnings.
+    lam / alpha default to the bundle's; cd_lam (the CD-only row's lambda) to tune's choice for it, else the
+    bundle's lambda. Methods the bundle cannot run (cd without an inferior model) are kept as rows with the
+    reason. runs > 1 adds that many sampled runs (temp, seeds 0..runs-1) and a paired t-test across them.
+    Warnings (extraction misses, too few items) are in report.warnings.
     """
     from ..converters.bundle import open_bundle
     from ..decoding.contrastive import check_alpha, check_lam
 
     methods = check_methods(methods)
     tasks.make_extractor(extract)  # validate before any work
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ParameterError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    from ..runtime import Settings
+
+    Settings().updated(max_tokens=max_tokens)  # the one max_tokens rule (an integer >= 0)
     if limit is not None and limit < 1:
         raise ParameterError(f"limit must be >= 1, got {limit!r}")
+    if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
+        raise ParameterError(f"runs must be an integer >= 1, got {runs!r}")
+    if runs > 1 and (not isinstance(temp, (int, float)) or not math.isfinite(temp) or temp <= 0):
+        raise ParameterError(f"temp must be a number > 0 for sampled runs, got {temp!r}")
     b = open_bundle(bundle)
     lam = check_lam(b.lam if lam is None else lam)
     alpha = check_alpha(b.alpha if alpha is None else alpha)
+    cd_lam, cd_lam_from = (check_lam(cd_lam), "given") if cd_lam is not None else cd_lambda(b)
     items = tasks.load_items(data, limit=limit)
     t0 = time.perf_counter()
-    results: dict[str, MethodResult] = {}
     opts = dict(backend=backend, quant=quant, n_threads=n_threads)
-    main_methods = [m for m in methods if m != "cd"]
+    settings_of = {"finetuned": {}, "extrapolation": {"lam": 0.0}, "epicode": {"lam": lam, "alpha": alpha},
+                   "cd": {"lam": cd_lam, "alpha": alpha}}
+    results: dict[str, MethodResult] = {}
+    sampled: dict[str, list[MethodResult]] = {}
     used_backend = backend
-    if main_methods:
-        rt = _load(b, **opts)
+    for m in methods:
+        roles = {"cd": ("amateur", "inferior"), "finetuned": ("amateur", "amateur")}.get(m, ("expert", "amateur"))
+        if m == "cd" and "inferior" not in b.roles:
+            results[m] = MethodResult(m, skipped="the bundle has no inferior model (make it with convert --with-inferior)")
+            continue
+        if m == "finetuned" and runs == 1:
+            roles = ("expert", "amateur")  # greedy: the amateur alone through compare(), no second copy
+        rt = _load(b, roles=roles, **opts)
         try:
-            for m in main_methods:
-                settings = {"finetuned": {}, "extrapolation": {"lam": 0.0}, "epicode": {"lam": lam, "alpha": alpha}}[m]
-                results[m] = score(runner(rt, m, settings, max_tokens), items, extract, m, progress)
-                results[m].settings = settings
+            results[m] = score(runner(rt, m, settings_of[m], max_tokens), items, extract, m, progress)
+            results[m].settings = dict(settings_of[m])
+            for seed in range(runs if runs > 1 else 0):
+                s = dict(settings_of[m], temp=float(temp), seed=seed)
+                if m == "finetuned":
+                    s["lam"] = 0.0  # the finetuned model as expert, alone
+                r = score(runner(rt, "sampled", s, max_tokens), items, extract, f"{m} run {seed + 1}/{runs}",
+                          progress)
+                r.name, r.settings = m, s
+                sampled.setdefault(m, []).append(r)
             used_backend = rt.backend
         finally:
             rt.close()
-    if "cd" in methods:
-        rt_cd, why = _load_cd(b, lam=lam, alpha=alpha, **opts)
-        if rt_cd is None:
-            results["cd"] = MethodResult("cd", skipped=why)
-        else:
-            try:
-                results["cd"] = score(runner(rt_cd, "cd", {"lam": lam, "alpha": alpha}, max_tokens), items,
-                                      extract, "cd", progress)
-                results["cd"].settings = {"lam": lam, "alpha": alpha}
-                used_backend = rt_cd.backend
-            finally:
-                rt_cd.close()
     results = {m: results[m] for m in methods}
     settings = {"bundle": str(b.path), "data": str(data), "mu": b.mu, "lam": lam, "alpha": alpha,
-                "max_tokens": max_tokens, "extract": extract, "backend": used_backend, "quant": quant,
-                "n_items": len(items), "seconds": round(time.perf_counter() - t0, 2)}
-    report = EvalReport(items, results, settings)
+                "cd_lam": cd_lam, "cd_lam_from": cd_lam_from, "max_tokens": max_tokens, "extract": extract,
+                "backend": used_backend, "quant": quant, "n_items": len(items), "runs": runs,
+                "temp": temp if runs > 1 else None, "seconds": round(time.perf_counter() - t0, 2)}
+    report = EvalReport(items, results, settings, runs=sampled)
     report.warnings = extraction_warnings(results, extract)
     small = tasks.too_small_warning(len(items), "the data set")
     if small:
@@ -252,26 +333,10 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     return report
 
 
-def _load(b, *, backend, quant, n_threads):
+def _load(b, *, roles, backend, quant, n_threads):
     from ..runtime import load
 
-    return load(b.path, backend=backend, quant=quant, n_threads=n_threads)
-
-
-def _load_cd(b, *, lam, alpha, backend, quant, n_threads):
-    """(Runtime with finetuned as expert and inferior as amateur, None) or (None, why not)."""
-    from ..runtime import apple_silicon, load_models
-
-    if "inferior" not in b.roles:
-        return None, "the bundle has no inferior model (make it with convert --with-inferior)"
-    use_mlx = backend == "mlx" or (backend == "auto" and "mlx" in b.formats
-                                   and (apple_silicon() or "gguf" not in b.formats))
-    if use_mlx:
-        paths = (b.mlx("amateur"), b.mlx("inferior"))
-    else:
-        paths = (b.gguf("amateur", quant), b.gguf("inferior", quant))
-    return load_models(*paths, backend="mlx" if use_mlx else "llama.cpp", n_threads=n_threads,
-                       lam=lam, alpha=alpha), None
+    return load(b.path, backend=backend, quant=quant, n_threads=n_threads, roles=roles)
 
 
 def runner(rt, method: str, settings: dict, max_tokens: int):
@@ -310,6 +375,8 @@ def write_outputs(report: EvalReport, out_dir) -> dict[str, Path]:
     rows = report.rows()
     summary = {"settings": report.settings, "warnings": report.warnings,
                "rows": [{k: v for k, v in r.__dict__.items()} for r in rows]}
+    if report.runs:
+        summary["runs"] = [dict(r.__dict__, mean=r.mean, sd=r.sd) for r in runs_rows(report.runs)]
     _atomic_lines(paths["summary"], [json.dumps(summary, indent=2)])
     accuracy_chart(rows, paths["chart"], title=f"{report.settings.get('data', '')} "
                                                f"(n={len(report.items)})")
@@ -364,6 +431,12 @@ def markdown_report(report: EvalReport, rows: list[Row], chart_name: str, n_exam
         "got right; p is the exact McNemar test on them (two-sided).", "",
         f"![accuracy]({chart_name})", "",
     ]
+    if s.get("cd_lam") is not None and "cd" in report.results and not report.results["cd"].skipped:
+        lines[3:3] = [f"- CD only: lambda = {s['cd_lam']:g} ({s.get('cd_lam_from')})"]
+    if report.runs:
+        lines += [f"## {s.get('runs')} sampled runs (temperature {s.get('temp')}, seeds 0..{s.get('runs', 1) - 1})", "",
+                  report.runs_table(markdown=True), "",
+                  "Paired t-test across runs against finetuned (the same seed pairs the runs), two-sided.", ""]
     if report.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     lines += _disagreements(report, n_examples)

@@ -1,14 +1,21 @@
 """`tune`: the paper's procedure on a dev set (DESIGN.md section 1, step 3).
 
-    result = tune("ft/", "ep1/", "dev.jsonl", "bundle/", mu_grid=(0.1, 0.2, 0.5, 1.0),
-                  lam_grid=(0.1, 0.3, 0.5, 1.0))
+    result = tune("ft/", "ep1/", "dev.jsonl", "bundle/")                  # full checkpoints
+    result = tune("ep2-adapter/", "ep1-adapter/", "dev.jsonl", "bundle/", base="base.gguf")   # LoRA
 
 1. Score the finetuned model alone on dev (the baseline, mu = 0).
 2. For each mu: convert finetuned/inferior into a bundle in the work folder; score the expert alone
-   (lambda = 0). Keep the best mu (ties: the smaller).
-3. With that mu frozen, score EpiCoDe for each lambda. Keep the best lambda (ties: the smaller). A 0 in the
-   lambda grid lets the expert alone (the mu point, no extra work) compete too.
-4. Write the final bundle: the best mu's bundle with the chosen lambda as its default.
+   (lambda = 0). mu = 0 (the finetuned model) competes: the best of {0} and the grid is kept (ties: the
+   smaller mu).
+3. Score EpiCoDe for each lambda at the best positive mu (when mu = 0 won, at the best positive mu still:
+   contrastive decoding can gain where extrapolation alone does not). The pick is the best of finetuned,
+   that mu alone (lambda = 0) and its lambda points (ties: the simpler, finetuned first, then smaller lambda).
+4. With cd=True (the bundle has the inferior model): the CD-only row's own lambda, scored on dev as
+   finetuned against inferior for each lambda of the grid; stored in the manifest as tune.cd_lambda, where
+   `eval` reads it.
+5. Write the final bundle: the chosen mu's bundle with the chosen lambda as its default. When nothing beat
+   the finetuned model on dev, the bundle is made at mu = 0 and lambda = 0 (the finetuned model itself), the
+   manifest says tune.beats_finetuned = false, and the result carries a loud warning.
 
 Resumable: every finished grid point is stored in WORK/state.json (keyed by the inputs' content and the
 settings), and converted bundles are kept in WORK/; a rerun skips what is done. Charts of dev accuracy
@@ -17,21 +24,22 @@ against mu and against lambda, and a Markdown table, go to WORK/.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import InputError, ParameterError
+from ..errors import ParameterError
 from . import tasks
 
 STATE = "state.json"
-DEFAULT_MU_GRID = (0.1, 0.2, 0.5, 1.0)
-DEFAULT_LAM_GRID = (0.1, 0.3, 0.5, 1.0)
+# mu: the paper has mu << 1; on SmolLM2-135M (DESIGN.md section 5) mu = 1 overshot and the gains sat at
+# mu <= 0.5, so the grid is dense at small values (down to 0.025); mu = 0 (finetuned) always competes.
+DEFAULT_MU_GRID = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5)
+# lambda: the paper's error analysis puts the best lambda near 1/(k-1) for an amateur whose error is k times
+# the expert's, which is large when the two are close (k near 1): the grid reaches well past 1.
+DEFAULT_LAM_GRID = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 # progress(stage, done, total): stage is e.g. "convert mu=0.5", "score mu=0.5", "score lambda=0.3"
 ProgressFn = Callable[[str, int, int], None]
@@ -68,7 +76,7 @@ class Point:
     """One scored grid point."""
 
     key: str
-    kind: str  # "finetuned" | "mu" | "lambda"
+    kind: str  # "finetuned" | "mu" | "lambda" | "cd" (finetuned against inferior, its own lambda)
     mu: float
     lam: float
     correct: list[bool]
@@ -91,9 +99,23 @@ class TuneResult:
     warnings: list[str] = field(default_factory=list)
     charts: list[Path] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)  # keys found done in the state file
+    cd_lam: float | None = None  # the CD-only row's own lambda (cd=True)
+    sweep_mu: float | None = None  # the mu the lambda sweep ran at
+
+    @property
+    def beats_finetuned(self) -> bool:
+        """Whether the chosen setting is better than the finetuned model on dev (False: the bundle is
+        the finetuned model itself, mu = 0 and lambda = 0)."""
+        return self.mu > 0
+
+    def chosen(self) -> Point | None:
+        if self.mu == 0:
+            return self.points.get("finetuned")
+        return next((p for p in self.points.values() if (p.kind == "lambda" and p.mu == self.mu and p.lam == self.lam)
+                     or (p.kind == "mu" and p.mu == self.mu and self.lam == 0)), None)
 
     def rows(self) -> list[tuple[str, Point]]:
-        order = {"finetuned": 0, "mu": 1, "lambda": 2}
+        order = {"finetuned": 0, "mu": 1, "lambda": 2, "cd": 3}
         return sorted(((k, p) for k, p in self.points.items()),
                       key=lambda kp: (order[kp[1].kind], kp[1].mu if kp[1].kind == "mu" else kp[1].lam))
 
@@ -109,9 +131,10 @@ class TuneResult:
                 wins_lost = tasks.discordant(base.correct, p.correct)
                 delta = f"{100 * (p.accuracy - base.accuracy):+.1f} pts"
                 p_val = f"{tasks.mcnemar_exact(*wins_lost):.3g}"
-            stage = {"finetuned": "finetuned alone", "mu": "extrapolated alone", "lambda": "EpiCoDe"}[p.kind]
-            chosen = "<- chosen" if p.kind == "lambda" and p.lam == self.lam and p.mu == self.mu or (
-                p.kind == "mu" and p.mu == self.mu and self.lam == 0) else ""
+            stage = {"finetuned": "finetuned alone", "mu": "extrapolated alone", "lambda": "EpiCoDe",
+                     "cd": "CD only (ft vs inferior)"}[p.kind]
+            chosen = "<- chosen" if p is self.chosen() else "<- CD's lambda" if (
+                p.kind == "cd" and p.lam == self.cd_lam) else ""
             body.append([stage, f"{p.mu:g}", f"{p.lam:g}", f"{100 * p.accuracy:.1f}% ({k}/{n})",
                          f"{100 * lo:.1f}-{100 * hi:.1f}", delta, p_val, chosen])
         if markdown:
@@ -127,15 +150,9 @@ class TuneResult:
 
 def file_digest(path: Path) -> str:
     """sha256 over a file, or over a folder's files (names and contents, sorted)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    from ..hashing import sha256_tree
+
+    return sha256_tree(path)
 
 
 class State:
@@ -182,11 +199,12 @@ def tune_charts(result: TuneResult) -> list[Path]:
     out = []
     series = {
         "mu": ([base] if base else []) + sorted((p for p in pts.values() if p.kind == "mu"), key=lambda p: p.mu),
-        "lambda": [p for p in pts.values() if p.kind == "mu" and p.mu == result.mu]
+        "lambda": [p for p in pts.values() if p.kind == "mu" and p.mu == result.sweep_mu]
         + sorted((p for p in pts.values() if p.kind == "lambda"), key=lambda p: p.lam),
+        "cd": ([base] if base else []) + sorted((p for p in pts.values() if p.kind == "cd"), key=lambda p: p.lam),
     }
     for name, ps in series.items():
-        if not ps:
+        if len(ps) < 2:
             continue
         xs = [p.mu if name == "mu" else p.lam for p in ps]
         acc = [100 * p.accuracy for p in ps]
@@ -199,8 +217,10 @@ def tune_charts(result: TuneResult) -> list[Path]:
             ax.legend(fontsize=8)
         if name == "mu":
             ax.set_xlabel("mu (extrapolated model alone; mu = 0 is finetuned)")
+        elif name == "lambda":
+            ax.set_xlabel(f"lambda (EpiCoDe at mu = {result.sweep_mu:g}; lambda = 0 is the expert alone)")
         else:
-            ax.set_xlabel(f"lambda (EpiCoDe at mu = {result.mu:g}; lambda = 0 is the expert alone)")
+            ax.set_xlabel("lambda (CD only: finetuned against inferior; lambda = 0 is finetuned)")
         ax.set_ylabel(f"dev accuracy (%), n = {result.n_items}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -215,21 +235,32 @@ def tune_charts(result: TuneResult) -> list[Path]:
 
 
 def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEFAULT_LAM_GRID,
-         alpha: float = 0.1, quant: str = "Q8_0", with_inferior: bool = False, work_dir=None,
-         extract: str = "last-number", max_tokens: int = 128, limit: int | None = None, backend: str = "llama.cpp",
-         n_threads: int | None = None, force: bool = False, progress: ProgressFn | None = None,
-         warn: WarnFn | None = None) -> TuneResult:
-    """Pick mu (extrapolated model alone on dev), then lambda (EpiCoDe at that mu); write the bundle `out`
-    with that mu and lambda as its default. Resumes from WORK/state.json (default work folder: OUT.tune)."""
+         alpha: float = 0.1, quant: str = "Q8_0", with_inferior: bool = False, base=None, cd: bool | None = None,
+         work_dir=None, extract: str = "last-number", max_tokens: int = 128, limit: int | None = None,
+         backend: str = "llama.cpp", n_threads: int | None = None, force: bool = False,
+         progress: ProgressFn | None = None, warn: WarnFn | None = None) -> TuneResult:
+    """Pick mu (extrapolated model alone on dev, mu = 0 competing), then lambda (EpiCoDe at that mu), and,
+    with cd, the CD-only row's own lambda; write the bundle `out` with that mu and lambda as its default.
+    base: the base model when finetuned/inferior are PEFT LoRA adapters (a shared-base bundle, which always
+    holds the inferior model). cd defaults to whether the bundles hold the inferior model.
+    Resumes from WORK/state.json (default work folder: OUT.tune). alpha = 0.1 is the paper's."""
     from ..converters.bundle import check_output
     from ..decoding.contrastive import check_alpha
 
-    mus = parse_grid(mu_grid, "mu")
-    lams = parse_grid(lam_grid, "lambda", allow_zero=True)
+    mus = parse_grid(mu_grid, "mu", allow_zero=True)
+    mus = [m for m in mus if m > 0]  # mu = 0 is the finetuned baseline, scored anyway
+    if not mus:
+        raise ParameterError("mu grid has no value > 0")
+    lams = [lam for lam in parse_grid(lam_grid, "lambda", allow_zero=True) if lam > 0]  # 0 = the mu point
     alpha = check_alpha(alpha)
+    with_inferior = bool(with_inferior or base is not None)
+    cd = with_inferior if cd is None else bool(cd)
+    if cd and not with_inferior:
+        raise ParameterError("tuning the CD-only lambda needs the inferior model in the bundle (--with-inferior)")
     tasks.make_extractor(extract)
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ParameterError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    from ..runtime import Settings
+
+    Settings().updated(max_tokens=max_tokens)  # the one max_tokens rule (an integer >= 0)
     out = check_output(out, force)  # refuse an existing output before hours of work
     items = tasks.load_items(dev, limit=limit)
     warnings_ = []
@@ -241,40 +272,47 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".tune")
     work.mkdir(parents=True, exist_ok=True)
     key = {"finetuned": file_digest(Path(finetuned)), "inferior": file_digest(Path(inferior)),
+           "base": file_digest(Path(base)) if base is not None else None,
            "dev": file_digest(Path(dev)), "limit": limit, "extract": extract, "max_tokens": max_tokens,
            "alpha": alpha, "quant": quant, "backend": backend, "with_inferior": with_inferior}
     state = State(work, key)
     if state.stale and warn:
         warn(f"{state.path}: made with other inputs or settings; starting afresh")
-    run = _Runner(finetuned, inferior, items, work, state, quant=quant, with_inferior=with_inferior,
+    run = _Runner(finetuned, inferior, items, work, state, quant=quant, with_inferior=with_inferior, base=base,
                   extract=extract, max_tokens=max_tokens, backend=backend, n_threads=n_threads,
                   progress=progress)
     resumed = [k for k in state.points]
 
-    # 1-2. the baseline and the mu sweep (the extrapolated model alone)
-    run.point("finetuned", mus[0], 0.0)
-    for mu in mus:
-        run.point("mu", mu, 0.0)
-    mu_pts = [run.points[point_key("mu", mu)] for mu in mus]
-    best_mu = max(mu_pts, key=lambda p: (p.accuracy, -p.mu)).mu
-    # 3. the lambda sweep at that mu (lambda = 0 is the mu point itself)
-    for lam in lams:
-        if lam > 0:
-            run.point("lambda", best_mu, lam)
-    cands = [run.points[point_key("mu", best_mu)]] * (0.0 in lams) + [
-        run.points[point_key("lambda", lam)] for lam in lams if lam > 0]
-    best = max(cands, key=lambda p: (p.accuracy, -p.lam))
-    result = TuneResult(out, best_mu, best.lam, alpha, dict(run.points), work, len(items), warnings_,
-                        resumed=resumed)
-    result.warnings += _tune_warnings(result)
+    # 1-2. the baseline and the mu sweep (the extrapolated model alone); mu = 0 competes
+    base_pt = run.point("finetuned", mus[0], 0.0)
+    mu_pts = [run.point("mu", mu, 0.0) for mu in mus]
+    best_pos = max(mu_pts, key=lambda p: (p.accuracy, -p.mu))
+    # 3. the lambda sweep at the best positive mu; the pick among finetuned, that mu alone and its lambdas
+    lam_pts = [run.point("lambda", best_pos.mu, lam) for lam in lams]
+    cands = [base_pt, best_pos] + lam_pts  # in order of simplicity: ties go to the earlier
+    best = max(cands, key=lambda p: (p.accuracy, -cands.index(p)))
+    chosen_mu, chosen_lam = (0.0, 0.0) if best is base_pt else (best.mu, best.lam)
+    # 4. the CD-only row's own lambda (finetuned against inferior; no mu involved)
+    cd_lam = None
+    if cd:
+        cd_pts = [run.point("cd", best_pos.mu, lam) for lam in lams]
+        cd_lam = max(cd_pts, key=lambda p: (p.accuracy, -p.lam)).lam
+    result = TuneResult(out, chosen_mu, chosen_lam, alpha, dict(run.points), work, len(items), warnings_,
+                        resumed=resumed, cd_lam=cd_lam, sweep_mu=best_pos.mu)
+    new = _tune_warnings(result)
+    result.warnings = warnings_ + new
     if warn:
-        for w in result.warnings[len(warnings_):]:
+        for w in new:
             warn(w)
-    # 4. the final bundle
-    write_final(run.bundle_dir(best_mu), out, lam=best.lam, alpha=alpha, force=force, tune_info=_tune_info(result))
+    # 5. the final bundle (mu = 0: the finetuned model itself, flagged)
+    src = run.bundle_dir(chosen_mu) if chosen_mu > 0 else run.bundle(0.0).path
+    write_final(src, out, lam=chosen_lam, alpha=alpha, force=force, tune_info=_tune_info(result))
     result.charts = tune_charts(result)
-    (work / "tune.md").write_text(f"# tune\n\nmu = {best_mu:g}, lambda = {best.lam:g}, alpha = {alpha:g}, "
-                                  f"{len(items)} dev items from `{dev}`\n\n{result.table(markdown=True)}\n\n"
+    verdict = ("" if result.beats_finetuned else "**Nothing beat the finetuned model on dev: the bundle is the "
+               "finetuned model itself (mu = 0, lambda = 0).**\n\n")
+    (work / "tune.md").write_text(f"# tune\n\n{verdict}mu = {chosen_mu:g}, lambda = {chosen_lam:g}, alpha = {alpha:g}"
+                                  + (f", CD-only lambda = {cd_lam:g}" if cd_lam is not None else "")
+                                  + f", {len(items)} dev items from `{dev}`\n\n{result.table(markdown=True)}\n\n"
                                   + "".join(f"![{c.stem}]({c.name})\n" for c in result.charts))
     return result
 
@@ -282,10 +320,11 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
 class _Runner:
     """Converts the mu bundles (kept in WORK/mu-X) and scores grid points, storing each in the state."""
 
-    def __init__(self, finetuned, inferior, items, work, state, *, quant, with_inferior, extract, max_tokens,
+    def __init__(self, finetuned, inferior, items, work, state, *, quant, with_inferior, base, extract, max_tokens,
                  backend, n_threads, progress):
         self.finetuned, self.inferior, self.items, self.work, self.state = finetuned, inferior, items, work, state
         self.quant, self.with_inferior, self.extract, self.max_tokens = quant, with_inferior, extract, max_tokens
+        self.base = base
         self.backend, self.n_threads, self.progress = backend, n_threads, progress
         self.points: dict[str, Point] = {}
 
@@ -316,32 +355,42 @@ class _Runner:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            from ..runtime import check_gguf_runs  # each written GGUF loads and gives finite logits
+
+            if self.base is not None:
+                from ..converters.lora import convert_lora
+
+                return convert_lora(self.base, self.finetuned, self.inferior, path, mu=mu, quant=(self.quant,),
+                                    force=True, progress=prog, check_model=check_gguf_runs)
             return convert(self.finetuned, self.inferior, path, mu=mu, to=("gguf",), quant=(self.quant,),
-                           with_inferior=self.with_inferior, force=True, progress=prog)
+                           with_inferior=self.with_inferior, force=True, progress=prog, check_model=check_gguf_runs)
 
     def point(self, kind: str, mu: float, lam: float) -> Point:
         from ..runtime import load
         from .eval import runner, score
 
         key = point_key(kind) if kind == "finetuned" else point_key(kind, mu if kind == "mu" else lam)
+        if kind == "lambda":
+            key = f"mu={mu:g},lambda={lam:g}"  # a lambda point belongs to its mu
         done = self.state.get(key)
         if done is not None and len(done["correct"]) == len(self.items):
             p = Point(key, kind, done["mu"], done["lam"], [bool(c) for c in done["correct"]], done["seconds"])
             self.points[key] = p
             return p
         b = self.bundle(mu)
-        rt = load(b.path, backend=self.backend, quant=self.quant, n_threads=self.n_threads)
+        roles = ("amateur", "inferior") if kind == "cd" else ("expert", "amateur")
+        rt = load(b.path, backend=self.backend, quant=self.quant, n_threads=self.n_threads, roles=roles)
         try:
-            method = "finetuned" if kind == "finetuned" else "extrapolation" if kind == "mu" else "epicode"
+            method = {"finetuned": "finetuned", "mu": "extrapolation"}.get(kind, "epicode")
             settings = {"lam": lam} if kind != "finetuned" else {}
-            if kind == "lambda":
+            if kind in ("lambda", "cd"):
                 settings["alpha"] = self.state.key["alpha"]
             stage = f"score {key}"
             prog = (lambda _m, d, t: self.progress(stage, d, t)) if self.progress else None
             r = score(runner(rt, method, settings, self.max_tokens), self.items, self.extract, key, prog)
         finally:
             rt.close()
-        p = Point(key, kind, 0.0 if kind == "finetuned" else mu, lam, r.correct, round(r.seconds, 2))
+        p = Point(key, kind, 0.0 if kind in ("finetuned", "cd") else mu, lam, r.correct, round(r.seconds, 2))
         self.state.put(key, {"mu": p.mu, "lam": p.lam, "correct": [int(c) for c in p.correct],
                              "accuracy": p.accuracy, "seconds": p.seconds})
         self.points[key] = p
@@ -349,18 +398,20 @@ class _Runner:
 
 
 def _tune_warnings(result: TuneResult) -> list[str]:
-    """Say when the dev set cannot tell the chosen settings from finetuned, or when nothing beat it."""
+    """Say loudly when nothing beat the finetuned model, and when the dev set cannot tell the pick from it."""
     base = result.points.get("finetuned")
-    chosen = next((p for p in result.points.values()
-                   if (p.kind == "lambda" and p.mu == result.mu and p.lam == result.lam)
-                   or (p.kind == "mu" and p.mu == result.mu and result.lam == 0)), None)
-    if base is None or chosen is None:
+    if base is None:
         return []
+    if not result.beats_finetuned:
+        best = max((p for p in result.points.values() if p.kind in ("mu", "lambda")), key=lambda p: p.accuracy,
+                   default=None)
+        return [f"NO GAIN: nothing beat the finetuned model on dev ({100 * base.accuracy:.1f}%; best other "
+                + (f"{100 * best.accuracy:.1f}% at {best.key}" if best else "none")
+                + "): the bundle written is the finetuned model itself (mu = 0, lambda = 0), flagged in its "
+                "manifest (tune.beats_finetuned = false)"]
+    chosen = result.chosen()
     wins_losses = tasks.discordant(base.correct, chosen.correct)
     p = tasks.mcnemar_exact(*wins_losses)
-    if chosen.accuracy <= base.accuracy:
-        return [f"no setting beat the finetuned model on dev ({100 * base.accuracy:.1f}% vs best "
-                f"{100 * chosen.accuracy:.1f}%)"]
     if p >= 0.05:
         return [f"the chosen setting beats finetuned on dev by {100 * (chosen.accuracy - base.accuracy):.1f} points, "
                 f"but the dev set cannot tell them apart (McNemar p = {p:.2g}, {wins_losses[1]} wins / "
@@ -369,35 +420,22 @@ def _tune_warnings(result: TuneResult) -> list[str]:
 
 
 def _tune_info(result: TuneResult) -> dict:
-    return {"mu_grid": sorted(p.mu for p in result.points.values() if p.kind == "mu"),
+    info = {"mu_grid": sorted(p.mu for p in result.points.values() if p.kind == "mu"),
             "lambda_grid": sorted(p.lam for p in result.points.values() if p.kind == "lambda"),
+            "lambda_swept_at_mu": result.sweep_mu,
             "dev_items": result.n_items,
-            "dev_accuracy": {k: round(p.accuracy, 4) for k, p in result.points.items()}}
+            "dev_accuracy": {k: round(p.accuracy, 4) for k, p in result.points.items()},
+            "beats_finetuned": result.beats_finetuned}
+    if result.cd_lam is not None:
+        info["cd_lambda"] = result.cd_lam
+    if not result.beats_finetuned:
+        info["verdict"] = "nothing beat the finetuned model on dev: this bundle is the finetuned model (mu = 0)"
+    return info
 
 
 def write_final(src: Path, out: Path, *, lam: float, alpha: float, force: bool, tune_info: dict) -> Path:
-    """Copy the chosen mu's bundle to `out` with lambda/alpha as its defaults (atomic: temp name, rename)."""
-    from ..converters.bundle import MANIFEST, open_bundle
+    """Copy the chosen mu's bundle to `out` with lambda/alpha as its defaults, through the bundle writer
+    (temporary name, checked, renamed when complete)."""
+    from ..converters.bundle import copy_bundle
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-tune")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    mpath = tmp / MANIFEST
-    manifest = json.loads(mpath.read_text())
-    manifest["defaults"] = {"lambda": lam, "alpha": alpha}
-    manifest["tune"] = tune_info
-    mpath.write_text(json.dumps(manifest, indent=2) + "\n")
-    open_bundle(tmp)  # still valid
-    if out.exists():
-        if not force:
-            shutil.rmtree(tmp)
-            raise InputError(f"{out}: already exists (use --force to replace it)")
-        old = out.with_name(f".{out.name}.old-{int(time.time())}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-    return out
+    return copy_bundle(src, out, force=force, defaults={"lambda": lam, "alpha": alpha}, tune=tune_info).path

@@ -375,6 +375,29 @@ def _gguf_mapping(config: dict):
 LAYOUT = "shared-base"
 
 
+def base_config(base_ckpt: Checkpoint) -> dict:
+    """The HF config fields the LoRA export needs: the HF base's config.json, or, for a GGUF base (llama
+    only), the same fields read from its metadata. PEFT adapters trained on a GGUF base loaded by
+    transformers are in HF layout (transformers un-permutes q/k on load), so they map like an HF base's."""
+    if base_ckpt.format != "gguf":
+        return base_ckpt.config
+    m, arch = base_ckpt.config, base_ckpt.arch
+    if arch != "llama":
+        raise UnsupportedError(f"{base_ckpt.path}: a GGUF base for LoRA adapters must be a llama model, not {arch!r}")
+    try:
+        heads = int(m[f"{arch}.attention.head_count"])
+        return {"model_type": arch, "hidden_size": int(m[f"{arch}.embedding_length"]),
+                "num_attention_heads": heads,
+                "num_key_value_heads": int(m.get(f"{arch}.attention.head_count_kv", heads)),
+                "num_hidden_layers": int(m[f"{arch}.block_count"]),
+                "intermediate_size": int(m[f"{arch}.feed_forward_length"]),
+                "max_position_embeddings": int(m[f"{arch}.context_length"]),
+                "rms_norm_eps": float(m[f"{arch}.attention.layer_norm_rms_epsilon"]),
+                "vocab_size": int(base_ckpt.tensors["token_embd.weight"].shape[0])}
+    except KeyError as e:
+        raise CheckpointError(f"{base_ckpt.path}: GGUF metadata lacks {e.args[0]!r}") from None
+
+
 def lora_relpath(which: str) -> str:
     return f"lora/{which}.gguf"
 
@@ -402,9 +425,17 @@ def open_adapters(base, finetuned, inferior):
         base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         if base_ckpt is not base:
             opened.append(base_ckpt)
-        if base_ckpt.format != "hf":
-            raise UnsupportedError(f"{base_ckpt.path}: the base model of LoRA adapters must be an HF folder")
-        shapes = {n: t.shape for n, t in base_ckpt.tensors.items()}
+        if base_ckpt.format == "gguf":  # a llama GGUF base (e.g. a published quantized model)
+            name_of, _ = _gguf_mapping(base_config(base_ckpt))
+            shapes = {}
+            for t in set(ft.targets) | set(inf.targets):
+                gname = name_of(t)  # e.g. blk.0.attn_q.weight
+                if gname in base_ckpt.tensors:
+                    shapes[t] = base_ckpt.tensors[gname].shape
+        elif base_ckpt.format == "hf":
+            shapes = {n: t.shape for n, t in base_ckpt.tensors.items()}
+        else:
+            raise UnsupportedError(f"{base_ckpt.path}: the base model of LoRA adapters must be an HF folder or a GGUF file")
         check_against_base(ft, shapes, base_ckpt.path)
         check_against_base(inf, shapes, base_ckpt.path)
     except BaseException:
@@ -417,7 +448,8 @@ def open_adapters(base, finetuned, inferior):
 def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: bool = False,
                  lam: float = 0.5, alpha: float = 0.1, force: bool = False, progress=None,
                  lora_type: str | None = None, **convert_kw):
-    """A bundle from two PEFT LoRA adapters (finetuned, inferior) over one HF base model.
+    """A bundle from two PEFT LoRA adapters (finetuned, inferior) over one base model: an HF folder, or
+    (shared base only) a llama GGUF file such as a published quantized model.
 
     merge=False: a shared-base bundle: gguf/base-<QUANT>.gguf per quant, lora/finetuned.gguf,
     lora/inferior.gguf, and the role scales in the manifest (layout "shared-base"). The adapters' tensors
@@ -495,7 +527,7 @@ def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force
                 rel = lora_relpath(which)
                 if progress:
                     progress(Progress("lora", 0, 0, 0, 0, which))
-                write_lora_gguf(adapter, bw.path(rel), base_ckpt.config, lora_type)
+                write_lora_gguf(adapter, bw.path(rel), base_config(base_ckpt), lora_type)
                 files["lora"][which] = file_entry(bw.tmp, rel, r=adapter.r, lora_alpha=adapter.alpha,
                                                   targets=len(adapter.targets), type=lora_type)
             out_bytes = sum(e["bytes"] for per in files["gguf"].values() for e in per.values())
@@ -504,7 +536,7 @@ def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force
             manifest = build_manifest(
                 layout=LAYOUT, mu=mu, lam=lam, alpha=alpha, arch=base_ckpt.arch,
                 tokenizer_hash=base_ckpt.tokenizer_hash(),
-                sources={"base": {"path": str(Path(base_ckpt.path).absolute()), "format": "hf",
+                sources={"base": {"path": str(Path(base_ckpt.path).absolute()), "format": base_ckpt.format,
                                   "content_sha256": hasher.hexdigest()},
                          "finetuned": {"path": str(ft.path.absolute()), "format": "peft-lora",
                                        "content_sha256": adapter_hash(ft)},
@@ -540,7 +572,8 @@ def _write_base_gguf(base_ckpt, path: Path, quant: str, progress, hasher=None, p
             stored = base_ckpt.read(name)
             if hasher is not None:
                 hasher.update(info, stored)
-            sink.write(name, to_f32(stored, info.dtype))
+            direct = info.dtype in ("F32", "F16", "BF16")  # else a GGUF quant type: dequantized by the reader
+            sink.write(name, to_f32(stored, info.dtype) if direct else base_ckpt.read_f32(name))
             done += info.nbytes
             if progress:
                 progress(Progress("extrapolate", i + 1, len(names), done, total, f"base {quant}: {name}"))
