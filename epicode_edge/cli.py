@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from .version import __version__
+from .defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
 from .errors import EpicodeError, one_line
 
 
@@ -114,8 +115,10 @@ def _preload_llama_cpp() -> None:
               help="Quantize the MLX folders to this many bits (default: not quantized).")
 @click.option("--mlx-group-size", type=int, default=64, show_default=True, help="MLX quantization group size.")
 @click.option("--with-inferior", is_flag=True, help="Also export the inferior model (for comparisons).")
-@click.option("--lambda", "lam", type=float, default=0.5, show_default=True, help="Default contrastive strength.")
-@click.option("--alpha", type=float, default=0.1, show_default=True, help="Default plausibility threshold.")
+@click.option("--lambda", "lam", type=float, default=DEFAULT_LAMBDA, show_default=True,
+              help="Default contrastive strength (not tuned: run tune on your dev set).")
+@click.option("--alpha", type=float, default=DEFAULT_ALPHA, show_default=True,
+              help="Default plausibility threshold (the paper's).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="The bundle folder to write.")
 @click.option("--base", type=click.Path(path_type=Path), default=None,
@@ -556,7 +559,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
               help="mu values to try (> 0); mu = 0, the finetuned model, always competes.")
 @click.option("--lambda-grid", "lam_grid", default="0.1,0.25,0.5,1,2,4", show_default=True,
               help="lambda values to try at the best mu (> 0); lambda = 0, that mu alone, always competes.")
-@click.option("--alpha", type=float, default=0.1, show_default=True, help="Plausibility threshold (the paper's).")
+@click.option("--alpha", type=float, default=DEFAULT_ALPHA, show_default=True, help="Plausibility threshold (the paper's).")
 @click.option("--quant", default="Q8_0", show_default=True, help="GGUF quant of the bundles.")
 @click.option("--with-inferior", is_flag=True, help="Also put the inferior model in the bundle (for eval's CD row).")
 @click.option("--cd/--no-cd", "cd", default=None,

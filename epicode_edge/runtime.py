@@ -14,7 +14,7 @@ token, the naive loop), catch_up ("auto" | "batch" | "steps": how a lazy amateur
 "steps" is bit-identical to the naive loop, see decoding/loop.py), overlap (True: the amateur's forward
 runs beside the expert's in a worker thread, every token, bit-identical to lazy=False; with no n_threads given
 at load each model then gets max(1, cores // 2) threads; False: one model at a time; None = auto: on for
-llama.cpp on a CPU with >= 2 cores when AUTO_OVERLAP is set, which it is not by default).
+llama.cpp on a CPU with >= 2 cores, see AUTO_OVERLAP).
 Defaults for lam and alpha come from the
 bundle's manifest.
 """
@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 from .backends.base import Backend, check_same_vocab
 from .decoding.batch_loop import IDLE, Cancelled  # noqa: F401  (request sources and servers use them)
 from .decoding.contrastive import check_alpha, check_lam
+from .defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
 from .decoding.loop import (Collector, Event, Result, Stats, can_overlap, check_catch_up, check_limits, collect,
                             stream_generate)
 from .decoding.sampling import check_sampling, make_logits_processors, make_sampler
@@ -41,10 +42,11 @@ from .errors import BackendError, BundleError, EpicodeError, InputError, Paramet
 __all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "Event", "Result", "Stats"]
 
 BACKENDS = ("auto", "llama.cpp", "mlx")
-# overlap=None turns overlap on where it applies only if True. Off: on the shared 2-core CI CPU (load ~5) the
-# overlap row of bench/decode.py equalled the naive loop at the same thread count (77 vs 80 tok/s, 1 thread each);
-# its gain needs a second idle core. Measure on the target (bench/decode.py) before turning it on.
-AUTO_OVERLAP = False
+# overlap=None (the default) turns overlap on where it applies (llama.cpp on a CPU with >= 2 cores, no thread
+# count that would oversubscribe them). It is the naive loop's engine calls, so its answers equal the naive
+# loop's, and on a real model it was the fastest of the exact modes: bench/decode.py on SmolLM2-135M Q8_0, 2 cores
+# (numbers in the README, issue 12's note).
+AUTO_OVERLAP = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,8 +59,8 @@ class Settings:
     """Decoding settings of one request; `updated(**kw)` validates and returns a new one."""
 
     max_tokens: int = 256
-    lam: float = 0.5
-    alpha: float = 0.1
+    lam: float = DEFAULT_LAMBDA
+    alpha: float = DEFAULT_ALPHA
     temp: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -113,7 +115,7 @@ class Runtime:
     None), path, quant, mu. Not thread-safe: one request at a time per Runtime (each model has one cache).
     """
 
-    def __init__(self, expert: Backend, amateur: Backend, *, lam: float = 0.5, alpha: float = 0.1,
+    def __init__(self, expert: Backend, amateur: Backend, *, lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA,
                  bundle=None, quant: str | None = None):
         if expert is amateur:
             raise ParameterError("expert and amateur must be two backends (each holds its own cache)")
@@ -456,7 +458,8 @@ def open_backend(path, backend: str, *, n_ctx: int = 2048, n_threads: int | None
 
 
 def load_models(expert, amateur, *, backend: str = "auto", n_ctx: int = 2048, n_threads: int | None = None,
-                n_gpu_layers: int = 0, lam: float = 0.5, alpha: float = 0.1, **engine_kw) -> Runtime:
+                n_gpu_layers: int = 0, lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA,
+                **engine_kw) -> Runtime:
     """A Runtime from two explicit model paths (two .gguf files, or two MLX/HF folders)."""
     _check_backend(backend)
     _check_engine_options(n_ctx, n_threads, n_gpu_layers)

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "epicode_edge"
 
 # Lower numbers are lower layers; a module may import its own group or lower layers only.
 LAYERS = {
-    "errors": 0, "version": 0, "userdirs": 0, "hashing": 0,
+    "errors": 0, "version": 0, "userdirs": 0, "hashing": 0, "defaults": 0,
     "backends": 1, "decoding": 1, "converters": 1, "chat_template": 1,
     "runtime": 2,
     "apps": 3,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..defaults import DEFAULT_ALPHA
 from ..errors import ParameterError
 from . import tasks
 
@@ -235,7 +236,7 @@ def tune_charts(result: TuneResult) -> list[Path]:
 
 
 def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEFAULT_LAM_GRID,
-         alpha: float = 0.1, quant: str = "Q8_0", with_inferior: bool = False, base=None, cd: bool | None = None,
+         alpha: float = DEFAULT_ALPHA, quant: str = "Q8_0", with_inferior: bool = False, base=None, cd: bool | None = None,
          work_dir=None, extract: str = "last-number", max_tokens: int = 128, limit: int | None = None,
          backend: str = "llama.cpp", n_threads: int | None = None, force: bool = False,
          progress: ProgressFn | None = None, warn: WarnFn | None = None) -> TuneResult:

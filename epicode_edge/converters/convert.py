@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
 from ..errors import BundleError, ParameterError, UnsupportedError
 from .bundle import (LOCK_FILE, Bundle, BundleWriter, build_manifest, file_entry, gguf_relpath, hf_relpath,
                      human_bytes, mlx_relpath, open_bundle)
@@ -247,7 +248,7 @@ def peak_rss_bytes() -> int:
 
 def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",), quant: Iterable[str] | str = ("Q8_0",),
             mlx_bits: int | None = None, mlx_group_size: int = 64, with_inferior: bool = False, force: bool = False,
-            lam: float = 0.5, alpha: float = 0.1, progress: ProgressFn | None = None,
+            lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA, progress: ProgressFn | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES, check_model: Callable[[Path], None] | None = None) -> Bundle:
     """Extrapolate finetuned/inferior with mu and write a bundle at `out` (DESIGN.md section 3).
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
 from ..errors import CheckpointError, InputError, MismatchError, NumericError, UnsupportedError
 from .checkpoint import Checkpoint
 from .safetensors_io import SafetensorsFile, from_f32, to_f32
@@ -446,7 +447,7 @@ def open_adapters(base, finetuned, inferior):
 
 
 def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: bool = False,
-                 lam: float = 0.5, alpha: float = 0.1, force: bool = False, progress=None,
+                 lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA, force: bool = False, progress=None,
                  lora_type: str | None = None, **convert_kw):
     """A bundle from two PEFT LoRA adapters (finetuned, inferior) over one base model: an HF folder, or
     (shared base only) a llama GGUF file such as a published quantized model.
