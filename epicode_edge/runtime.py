@@ -38,6 +38,7 @@ from .decoding.loop import (Collector, Event, Result, Stats, can_overlap, check_
 from .decoding.sampling import check_sampling, make_logits_processors, make_sampler
 from .chat_template import check_messages, check_text, render_chat  # noqa: F401  (part of the runtime's API)
 from .errors import BackendError, BundleError, EpicodeError, InputError, ParameterError, UnsupportedError
+from .userdirs import unwritable_reason
 
 __all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "Event", "Result", "Stats"]
 
@@ -627,11 +628,7 @@ def check_output_dir(path, what: str = "output folder") -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: the {what} exists and is not a folder")
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InputError(f"{path}: the {what} cannot be made ({ancestor} is not a folder)")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InputError(f"{path}: the {what} cannot be written ({ancestor}: permission denied)")
+    why = None if path.exists() and os.access(path, os.W_OK | os.X_OK) else unwritable_reason(path / "x")
+    if why:
+        raise InputError(f"{path}: the {what} cannot be written ({why})")
     return path

@@ -14,3 +14,15 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "epicode-edge"
+
+
+def unwritable_reason(path) -> str | None:
+    """Why a folder could not be made at `path` (its nearest existing parent is not a writable folder), or None."""
+    ancestor = Path(path).parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor}: permission denied"
+    return None

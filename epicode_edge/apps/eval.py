@@ -125,12 +125,7 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
             "" if r.delta is None else f"{r.wins}/{r.losses}",
             "" if r.p_value is None else f"{r.p_value:.3g}",
         ])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(c for c in b) + " |" for b in body])
-    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+    return tasks.render_table(head, body, markdown)
 
 
 @dataclass
@@ -171,12 +166,7 @@ def format_runs_table(rows: list[RunsRow], markdown: bool = False) -> str:
     body = [[r.label, f"{100 * r.mean:.1f}%", f"{100 * r.sd:.1f}", " ".join(f"{100 * a:.1f}" for a in r.accuracies),
              "" if r.delta is None else f"{100 * r.delta:+.1f} pts", "" if r.t is None else f"{r.t:.2f}",
              "" if r.p_value is None else f"{r.p_value:.3g}"] for r in rows]
-    if markdown:
-        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                         + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+    return tasks.render_table(head, body, markdown)
 
 
 @dataclass

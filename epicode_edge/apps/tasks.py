@@ -306,3 +306,16 @@ def paired_t(a: list[float], b: list[float]) -> tuple[float, float, float]:
         return mean, (0.0 if mean == 0 else math.copysign(math.inf, mean)), (1.0 if mean == 0 else 0.0)
     t = mean / math.sqrt(var / n)
     return mean, t, t_two_sided(t, n - 1)
+
+
+def render_table(head: list[str], body: list[list[str]], markdown: bool = False) -> str:
+    """Rows of cells as aligned text (terminal) or as a Markdown table."""
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])

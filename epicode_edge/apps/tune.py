@@ -138,12 +138,7 @@ class TuneResult:
                 p.kind == "cd" and p.lam == self.cd_lam) else ""
             body.append([stage, f"{p.mu:g}", f"{p.lam:g}", f"{100 * p.accuracy:.1f}% ({k}/{n})",
                          f"{100 * lo:.1f}-{100 * hi:.1f}", delta, p_val, chosen])
-        if markdown:
-            return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                             + ["| " + " | ".join(b) + " |" for b in body])
-        widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-        fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+        return tasks.render_table(head, body, markdown)
 
 
 # ---------------------------------------------------------------------------------------------- state

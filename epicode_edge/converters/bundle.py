@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from ..hashing import sha256_file  # noqa: F401  (part of this module's API: bundle.sha256_file)
+from ..userdirs import unwritable_reason
 from ..errors import BundleError
 
 FORMAT_VERSION = 1
@@ -61,13 +62,9 @@ def check_output(out, force: bool = False, marker: str = MANIFEST) -> Path:
         if not (out / marker).is_file() and any(out.iterdir()):
             what = "an epicode bundle" if marker == MANIFEST else "a model folder"
             raise BundleError(f"{out}: exists and is not {what} (no {marker}); refusing to replace it")
-    ancestor = out.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise BundleError(f"{out}: cannot be written ({ancestor} is not a folder)")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise BundleError(f"{out}: cannot be written ({ancestor}: permission denied)")
+    why = unwritable_reason(out)
+    if why:
+        raise BundleError(f"{out}: cannot be written ({why})")
     return out
 
 
