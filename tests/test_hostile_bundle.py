@@ -34,13 +34,7 @@ def run_info(bundle, *extra):
     return r.exit_code, r.output
 
 
-def assert_one_line_error(code, output, *expect):
-    assert code == 1, output
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    for e in expect:
-        assert e in errors[0], (e, errors[0])
+from cli_helpers import assert_one_line_error  # noqa: E402
 
 
 @pytest.fixture

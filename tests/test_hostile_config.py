@@ -37,14 +37,11 @@ def convert_cli(ft, inf, out, *extra):
                                   "-o", str(out), *extra])
     return r.exit_code, r.output
 
+from cli_helpers import assert_one_line_error  # noqa: E402
+
 
 def assert_refused(code, output, out, *expect):
-    assert code == 1, output
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    for e in expect:
-        assert e in errors[0], (e, errors[0])
+    assert_one_line_error(code, output, *expect)
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 

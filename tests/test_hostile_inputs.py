@@ -9,31 +9,20 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rt_models import N_THREADS, bundle, bundle_dir, rt  # noqa: F401 - fixtures
 
 from epicode_edge import runtime as runtime_mod
 from epicode_edge.apps import batch
-from epicode_edge.cli import main
-from epicode_edge.errors import BundleError, InputError
+from epicode_edge.errors import InputError
 from epicode_edge import chat_template
 from epicode_edge.runtime import render_chat
 
 NESTED = "[" * 100_000 + "]" * 100_000
 
 
-def cli(*args, input=None):
-    r = CliRunner().invoke(main, [str(a) for a in args], input=input)
-    return r.exit_code, r.output
-
-
-def one_error_line(output):
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    return errors[0]
+from cli_helpers import cli, one_error_line  # noqa: E402
 
 
 def run_cli_process(*args, stdin: bytes = b""):

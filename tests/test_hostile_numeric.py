@@ -7,10 +7,8 @@ import warnings
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from rt_models import EOS, N_THREADS, VOCAB, ScriptBackend, pair_dir
 
-from epicode_edge.cli import main
 from epicode_edge.converters.convert import convert
 from epicode_edge.decoding.loop import stream_generate
 from epicode_edge.errors import BackendError, NumericError
@@ -74,16 +72,7 @@ def broken_bundle(tmp_path_factory):
     return out
 
 
-def cli(*args, input=None):
-    r = CliRunner().invoke(main, [str(a) for a in args], input=input)
-    return r.exit_code, r.output
-
-
-def one_error_line(output):
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    return errors[0]
+from cli_helpers import cli, one_error_line  # noqa: E402
 
 
 @pytest.mark.parametrize("lam,extra", [("0", ()), ("0.5", ()), ("0.5", ("--overlap",))])
