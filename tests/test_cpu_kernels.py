@@ -165,12 +165,6 @@ def quant_family(tmp_path_factory):
     return bundle
 
 
-def _modes():
-    """off always; on only where the probe shows the extra kernels run on this CPU (elsewhere they would kill
-    the test process: that is what the probe is for)."""
-    return ["off", "on"]
-
-
 def _run_all_paths(bundle, quant):
     """(single, multi-sequence, LoRA expert) logits of one prefill and one step, and the single backend's facts."""
     from epicode_edge.backends.llamacpp import LlamaCppBackend
@@ -204,9 +198,9 @@ def _run_all_paths(bundle, quant):
 def test_prefill_and_decode_on_both_kernel_paths(quant_family, quant):
     auto = ck.decide()
     out = {}
-    for mode in _modes():
+    for mode in ("off", "on"):
         if mode == "on" and not auto.use_extra_bufts and auto.mode == "auto":
-            continue  # the probe failed here: loading with them would crash this process
+            continue  # "on" only where the probe shows the extra kernels run here: elsewhere they kill the process
         ck.set_mode(mode)
         single, multi, lora, (used, buffers, decision) = _run_all_paths(quant_family, quant)
         assert used is (mode == "on") and decision.use_extra_bufts is (mode == "on")
