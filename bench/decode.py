@@ -78,6 +78,29 @@ def anchor_run(llm, ids: list[int], max_tokens: int) -> dict:
     return {"ttft_s": t_first - t0, "tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0, "picks": n}
 
 
+def anchor_model(bundle: Path, quant: str, rt) -> tuple[Path, list[tuple[Path, float]]]:
+    """The anchor's GGUF and LoRA adapters: the expert's GGUF, or for a shared-base (LoRA) bundle the base with
+    the expert's adapters at the expert's scales (the same model as our expert)."""
+    from epicode_edge.converters.bundle import open_bundle
+    from epicode_edge.converters.lora import is_shared_base, shared_base_roles
+
+    b = open_bundle(bundle)
+    if not is_shared_base(b):
+        return rt.expert.path, []
+    base, roles = shared_base_roles(b, quant)
+    return base, roles["expert"]
+
+
+def attach_adapters(llm, adapters: list[tuple[Path, float]], path: Path) -> str:
+    import llama_cpp
+
+    from epicode_edge.backends.llamacpp_batch import set_lora_adapters
+
+    ptrs = [(llama_cpp.llama_adapter_lora_init(llm._model.model, str(p).encode()), s) for p, s in adapters]
+    set_lora_adapters(llama_cpp, llm._ctx.ctx, ptrs, path)
+    return "".join(f" + {p.stem} x {s:g}" for p, s in adapters)
+
+
 def ours_run(rt, ids: list[int], max_tokens: int, **settings) -> dict:
     for b in (rt.expert, rt.amateur):
         b.truncate(0)  # no cache reuse between runs: every run prefills its prompt
@@ -88,6 +111,25 @@ def ours_run(rt, ids: list[int], max_tokens: int, **settings) -> dict:
             "overhead_us": st.overhead_us_per_token, "overhead_share": st.loop_overhead_s / st.total_s,
             "per_token_us": 1e6 * per_token, "changed": st.changed,
             "tokens": [e.token for e in events if e.token is not None]}
+
+
+def batch_rounding(backend, ids: list[int], generated: list[int], k: int = 8) -> float:
+    """max |logit difference| between feeding the last k of ids + generated in one batch and feeding them one
+    step at a time (the same tokens, the same model): llama.cpp's batch-size-dependent rounding, the only
+    difference between a batched catch-up and the naive loop's steps."""
+    seq = list(ids) + list(generated)
+    k = min(k, len(generated))
+    if k < 2:
+        return float("nan")
+    backend.truncate(0)
+    backend.prefill(seq[:-k])
+    batched = np.array(backend.prefill(seq[-k:]), dtype=np.float32)
+    backend.truncate(0)
+    backend.prefill(seq[:-k])
+    for t in seq[-k:]:
+        stepped = backend.step(t)
+    backend.truncate(0)
+    return float(np.abs(batched - np.asarray(stepped, dtype=np.float32)).max())
 
 
 def set_threads(rt, n: int) -> None:
@@ -146,6 +188,9 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=None, help="default: the bundle's")
     ap.add_argument("--alpha", type=float, default=None, help="default: the bundle's")
     ap.add_argument("--prompt", action="append", default=None, help="a prompt (repeat; default: three built-in)")
+    ap.add_argument("--prompts-file", type=Path, default=None,
+                    help="take the prompts from a JSONL file's 'prompt' fields (e.g. a family's test split)")
+    ap.add_argument("--n-prompts", type=int, default=6, help="with --prompts-file: the first N (default 6)")
     ap.add_argument("--raw", action="store_true", help="raw prompts (default: the chat template when the model has one)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the generated model (kept; reused)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -173,16 +218,21 @@ def main() -> None:
     set_cpu_repack(args.cpu_repack)
     print(cpu_kernels().describe())
     rt = load(args.bundle, quant=args.quant, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
-    expert_path = rt.expert.path
+    expert_path, expert_adapters = anchor_model(args.bundle, args.quant, rt)
     llm = open_llama(expert_path, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
                      n_gpu_layers=args.n_gpu_layers, logits_all=False, verbose=False)
+    anchor_lora = attach_adapters(llm, expert_adapters, expert_path)
     n_params = llama_cpp.llama_model_n_params(llm._model.model) / 1e6
     lam = rt.defaults.lam if args.lam is None else args.lam
     alpha = rt.defaults.alpha if args.alpha is None else args.alpha
     raw = args.raw or not rt.expert.chat_template
-    prompts = [rt.encode(p, raw=raw) for p in (args.prompt or PROMPTS)]
+    texts = args.prompt or PROMPTS
+    if args.prompts_file:
+        lines = [json.loads(x) for x in args.prompts_file.read_text().splitlines() if x.strip()]
+        texts = [d["prompt"] for d in lines[:args.n_prompts]]
+    prompts = [rt.encode(p, raw=raw) for p in texts]
     split = args.overlap_threads or max(1, args.threads // 2)
-    print(f"expert: {expert_path.name}, {n_params:.1f}M params, vocab {rt.expert.vocab_size}, threads {args.threads} "
+    print(f"expert: {expert_path.name}{anchor_lora}, {n_params:.1f}M params, vocab {rt.expert.vocab_size}, threads {args.threads} "
           f"(overlap: {split} per model), "
           f"n_gpu_layers {args.n_gpu_layers}; lambda {lam}, alpha {alpha}; {args.runs} runs x {len(prompts)} prompts "
           f"x {args.max_tokens} tokens; {'raw prompts' if raw else 'chat template'}")
@@ -199,13 +249,15 @@ def main() -> None:
         rt_aq = load(args.bundle, quant=args.quant, amateur_quant=args.amateur_quant, n_threads=args.threads,
                      n_gpu_layers=args.n_gpu_layers)
         for name, kw in (("naive", {"lazy": False}), ("lazy-steps", {"catch_up": "steps"}),
-                         ("lazy-auto", {"catch_up": "auto"})):
+                         ("lazy-batch", {"catch_up": "batch"}), ("lazy-auto", {"catch_up": "auto"}),
+                         ("overlap", {"overlap": True})):
             ways[f"{name}/am-{args.amateur_quant}"] = {"overlap": False, **kw}
             runtimes[f"{name}/am-{args.amateur_quant}"] = rt_aq
     rows = {"anchor": [], **{name: [] for name in ways}}
     mismatches = {name: 0 for name in ways if name not in ("epicode-naive", "expert-alone")}
+    last_tokens = [[] for _ in prompts]  # the naive loop's answer to each prompt
     for run in range(args.runs):
-        for ids in prompts:
+        for i, ids in enumerate(prompts):
             rows["anchor"].append(anchor_run(llm, ids, args.max_tokens))
             tokens = {}
             for name, kw in ways.items():
@@ -213,8 +265,10 @@ def main() -> None:
                 r = ours_run(runtimes[name], ids, args.max_tokens, **{"lam": lam, "alpha": alpha, **kw})
                 tokens[name] = r.pop("tokens")
                 rows[name].append(r)
-            for name in mismatches:
-                mismatches[name] += tokens[name] != tokens["epicode-naive"]
+            last_tokens[i] = tokens["epicode-naive"]
+            for name in mismatches:  # a cheaper amateur's rows against its own naive row; that one against ours
+                ref = "epicode-naive" if name.startswith("naive/") or "/" not in name else "naive/" + name.split("/")[1]
+                mismatches[name] += tokens[name] != tokens[ref]
         print(f"  run {run + 1}/{args.runs}: " + ", ".join(
             f"{name} {med(rs[-len(prompts):], 'tokens_per_s'):.1f}" for name, rs in rows.items()) + " tok/s")
 
@@ -239,8 +293,15 @@ def main() -> None:
         print(line)
     n = args.runs * len(prompts)
     print("answers differing from the naive loop's: " + ", ".join(f"{k} {v}/{n}" for k, v in mismatches.items())
-          + "  (steps, overlap: the naive loop's engine calls (overlap: at its own thread count); batch: the engine's batch-size rounding, amplified by random"
-            " weights)")
+          + "  (rows with /am-Q: against naive/am-Q, which is against epicode-naive; steps, overlap: the naive loop's engine"
+            " calls (overlap: at its own thread count); batch: the engine's batch-size-dependent rounding)")
+    set_threads(rt, args.threads)
+    gaps = [batch_rounding(rt.amateur, ids, gen) for ids, gen in zip(prompts, last_tokens)]
+    gaps = [g for g in gaps if g == g]
+    if gaps:
+        summary["batch_vs_steps_max_logit_diff"] = max(gaps)
+        print(f"llama.cpp's own batch-size rounding: the amateur fed the last 8 tokens in one batch vs one by one: "
+              f"max |logit difference| {max(gaps):.3g} (median over prompts {statistics.median(gaps):.3g})")
     summary["scoring"] = [scoring_cost(v) for v in (384, 32000, 128256)]
     print("mask + scores + pick on synthetic logits: " + ", ".join(
         f"V={s['vocab']}: {s['us_per_token']:.1f} us/token" for s in summary["scoring"]))

@@ -511,9 +511,6 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     if b.manifest.get("layout") == "shared-base":  # one base GGUF + LoRA adapters (backends/llamacpp_lora.py)
         if backend == "mlx":
             raise UnsupportedError(f"{b.path}: a shared-base (LoRA) bundle runs on llama.cpp only")
-        if amateur_quant is not None:
-            raise UnsupportedError(f"{b.path}: the roles of a shared-base bundle share one base model: "
-                                   "amateur_quant applies to two-model bundles")
         from .backends.llamacpp_lora import open_roles
         from .converters.lora import shared_base_roles
 
@@ -521,16 +518,26 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
         if any(r not in per_role for r in roles):
             raise BundleError(f"{b.path}: shared-base bundle has no role "
                               f"{next(r for r in roles if r not in per_role)!r} (has {', '.join(per_role)})")
-        r = open_roles(base, per_role, tuple(dict.fromkeys(roles)), n_ctx=n_ctx, n_threads=n_threads,
-                       n_gpu_layers=n_gpu_layers, **engine_kw)
-        e = r[roles[0]]
-        try:  # one role twice (the finetuned model alone, sampled): a second context, same base and adapters
-            a = e.twin() if roles[0] == roles[1] else r[roles[1]]
-        except BaseException:
-            e.close()
-            raise
-        return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b,
-                        quant=b.gguf("base", quant).stem.split("-", 1)[-1])
+        opts = dict(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
+        label = base.stem.split("-", 1)[-1]
+        if amateur_quant is None:  # both roles over one loaded base
+            r = open_roles(base, per_role, tuple(dict.fromkeys(roles)), **opts)
+            e = r[roles[0]]
+            try:  # one role twice (the finetuned model alone, sampled): a second context, same base and adapters
+                a = e.twin() if roles[0] == roles[1] else r[roles[1]]
+            except BaseException:
+                e.close()
+                raise
+        else:  # a cheaper amateur: the base at amateur_quant loaded beside it, with the amateur's adapters
+            base_a, _ = shared_base_roles(b, amateur_quant)
+            label += "/" + base_a.stem.split("-", 1)[-1]
+            e = open_roles(base, per_role, roles[:1], **opts)[roles[0]]
+            try:
+                a = open_roles(base_a, per_role, roles[1:], **opts)[roles[1]]
+            except BaseException:
+                e.close()
+                raise
+        return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=label)
     if backend == "auto":
         backend = "mlx" if ("mlx" in b.formats and (apple_silicon() or "gguf" not in b.formats)) else "llama.cpp"
     if backend == "llama.cpp":

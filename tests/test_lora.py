@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from epicode_edge.converters import lora
-from epicode_edge.errors import BackendError, EpicodeError, InputError, MismatchError, UnsupportedError
+from epicode_edge.errors import BackendError, BundleError, EpicodeError, InputError, MismatchError, UnsupportedError
 from factory import make_hf_model, make_lora_adapter, make_lora_pair
 
 MU = 0.5
@@ -428,3 +428,22 @@ def test_nan_adapter_is_refused(small, tmp_path):
     with pytest.raises(NumericError) as e:
         lora.convert_lora(small["base"], small["ft"], ad, tmp_path / "b", mu=0.5, quant="F32")
     assert "up_proj" in _one_line(e.value) and not (tmp_path / "b").exists()
+
+
+def test_shared_base_amateur_at_another_quant(family, tmp_path):
+    """load(amateur_quant=) on a shared-base bundle: the expert keeps the first base, the amateur gets the base at
+    the other quant with the amateur's adapters: its logits are those of that quant's amateur role, not the expert's."""
+    from epicode_edge.runtime import load
+
+    b = lora.convert_lora(family["base"], family["ft"], family["inf"], tmp_path / "two", mu=MU, quant=["F32", "Q8_0"])
+    with load(b.path, quant="F32", n_threads=1) as same, \
+            load(b.path, quant="F32", amateur_quant="Q8_0", n_threads=1) as mixed, \
+            load(b.path, quant="Q8_0", n_threads=1) as low:
+        assert mixed.quant == "F32/Q8_0"
+        ids = same.encode(PROMPT, raw=True)
+        assert np.array_equal(mixed.expert.prefill(ids), same.expert.prefill(ids))
+        y_mixed, y_low, y_same = (rt.amateur.prefill(ids).copy() for rt in (mixed, low, same))
+        assert np.array_equal(y_mixed, y_low)
+        assert 0 < np.abs(y_mixed - y_same).max() < 0.1 * np.abs(y_same).max()
+    with pytest.raises(BundleError, match="Q4_0"):
+        load(b.path, quant="F32", amateur_quant="Q4_0")

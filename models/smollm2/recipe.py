@@ -42,6 +42,8 @@ CONFIG = {
     "seed": 0,
     "lr": 5e-4,  # run c2 of train_log.md, the shipped adapters (1e-3, run c1, failed the gate; 2e-4 was too slow)
     "warmup_steps": 5,
+    "schedule": "constant",  # after the warm-up: "constant", or "linear" decay to 0 at the end of the last epoch
+    "types": "",  # train and score on these task types only (comma list; "" = all)
     "batch_size": 16,
     "epochs": 4,  # 1 -> inferior, 2 -> finetuned, 3 and 4 scored only
     "rank": 8,
@@ -250,8 +252,11 @@ def run(cfg: dict, out: Path, log_only: bool = False, say=print, cache: Path | N
     n_layers = len(inner.layers)
     n_bottom = n_layers - cfg["lora_layers"]
     data = make_data.splits()
-    train, dev = Cached(data["train"][: cfg["n_train"]], tok), Cached(data["dev"], tok)
-    stash = cache / f"bottom-{n_bottom}-{cfg['n_train']}-{cfg['threads']}.pt" if cache else None
+    types = [t for t in cfg["types"].split(",") if t]
+    keep = (lambda items: [d for d in items if d["type"] in types]) if types else (lambda items: items)
+    train, dev = Cached(keep(data["train"][: cfg["n_train"]]), tok), Cached(keep(data["dev"]), tok)
+    tag = f"-{'+'.join(types)}" if types else ""
+    stash = cache / f"bottom-{n_bottom}-{cfg['n_train']}-{cfg['threads']}{tag}.pt" if cache else None
     if stash is not None and stash.is_file():  # the same frozen layers on the same items: computed before
         train.states, dev.states = torch.load(stash)
     else:
@@ -270,7 +275,8 @@ def run(cfg: dict, out: Path, log_only: bool = False, say=print, cache: Path | N
               if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg["warmup_steps"])))
+    total = cfg["epochs"] * math.ceil(len(train.rows) / cfg["batch_size"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg["warmup_steps"], total, cfg["schedule"]))
     log = {"config": cfg, "base": f"{BASE_PACKAGE}/{BASE_FILE}", "torch": torch.__version__, "loss": [],
            "dev": {}, "dev_correct": {}, "answer_tokens": 0}
     rng = random.Random(cfg["seed"])
@@ -309,6 +315,18 @@ def run(cfg: dict, out: Path, log_only: bool = False, say=print, cache: Path | N
     return log
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The learning rate's multiplier at optimizer step `step` (0-based): a linear warm-up over `warmup` steps,
+    then 1 ("constant") or a linear decay reaching 0 after `total` steps ("linear")."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    raise ValueError(f"schedule must be constant or linear, got {schedule!r}")
+
+
 def save_adapter(model, path: Path) -> None:
     """The PEFT folder, small and portable: no README, the base named by its package path, not this machine's."""
     model.save_pretrained(path)
@@ -328,6 +346,8 @@ def main(argv=None) -> None:
     for k, v in CONFIG.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+    ap.add_argument("--schedule", choices=("constant", "linear"), default=CONFIG["schedule"])
+    ap.add_argument("--types", default=CONFIG["types"], help="task types to train and score on (comma list)")
     args = ap.parse_args(argv)
     cfg = dict(CONFIG)
     for k in cfg:
