@@ -111,6 +111,18 @@ def test_gate_bookkeeping():
         recipe.gate(d)
 
 
+def test_learning_rate_schedules():
+    f = recipe.lr_factor
+    # the warm-up, then constant: the schedule of the shipped run (c2)
+    assert [f(s, 5, 100, "constant") for s in (0, 4, 5, 99)] == [0.2, 1.0, 1.0, 1.0]
+    # linear: the same warm-up, then down to 0 at the last step, never below
+    assert [f(s, 5, 100, "linear") for s in (0, 4, 5)] == [0.2, 1.0, 1.0]
+    assert f(55, 5, 105, "linear") == pytest.approx(0.5)
+    assert f(100, 5, 100, "linear") == 0.0 and f(120, 5, 100, "linear") == 0.0
+    with pytest.raises(ValueError, match="cosine"):
+        f(10, 5, 100, "cosine")
+
+
 def test_exact_grading_matches_eval():
     from epicode_edge.apps import tasks
 
