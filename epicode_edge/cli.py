@@ -240,8 +240,8 @@ def runtime_options(f):
                      help="llama.cpp KV cache type (as -ctk/-ctv): f16 [default], f32 (exact checks: f16 moves "
                           "logits by ~1e-2), q8_0 (half the memory; needs flash attention, turned on for it)."),
         click.option("--overlap/--no-overlap", default=None,
-                     help="Run the two models' forwards at once, half the cores each (default: off; "
-                          "helps only with idle cores to spare)."),
+                     help="Run the two models' forwards at once, half the cores each (default: on for "
+                          "llama.cpp on a CPU with >= 2 cores unless --threads would oversubscribe them)."),
     ]):
         wrapper = opt(wrapper)
     return wrapper
@@ -518,11 +518,9 @@ class _StageBars:
 @click.option("--runs", type=int, default=1, show_default=True,
               help="Also N sampled runs (seeds 0..N-1) with a paired t-test across runs (N >= 2).")
 @click.option("--temp", type=float, default=0.7, show_default=True, help="Sampling temperature of the runs.")
-@click.option("--backend", type=click.Choice(["auto", "llama.cpp", "mlx"]), default="auto", show_default=True)
-@click.option("--quant", default=None, help="GGUF quant of the bundle to use [default: its first].")
-@click.option("--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
-def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd_lam, alpha, runs, temp, backend,
-             quant, n_threads):
+@runtime_options
+def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd_lam, alpha, runs, temp, engine,
+             overlap):
     """Accuracy of finetuned, extrapolation only, CD only and EpiCoDe on the same items of DATA (JSONL of
     {"id", "prompt"|"messages", "answer"}), with 95% intervals and exact McNemar tests against finetuned."""
     from .apps.eval import evaluate
@@ -535,7 +533,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
     with _StageBars() as bars:
         report = evaluate(bundle, data, out_dir=out_dir, max_tokens=max_tokens, extract=extract, limit=limit,
                           methods=methods, lam=lam, alpha=alpha, cd_lam=cd_lam, runs=runs, temp=temp,
-                          backend=backend, quant=quant, n_threads=n_threads, progress=bars)
+                          engine=engine, overlap=overlap, progress=bars)
     for w in report.warnings:
         click.echo(f"Warning: {w}", err=True)
     s = report.settings

@@ -175,3 +175,20 @@ def test_cd_row_uses_its_own_lambda(family, tmp_path):
     plain = evaluate(family["bundle"], family["data"], max_tokens=8, extract="exact", methods="finetuned")
     assert r.results["cd"].texts == plain.results["finetuned"].texts  # CD at lambda 0 is finetuned alone
     assert r.settings["cd_lam"] == 0.0 and r.settings["cd_lam_from"] == "given"
+
+
+def test_eval_takes_the_engine_options(family, tmp_path):
+    """eval shares the engine options of generate/chat/batch: --amateur-quant gives the contrast rows a cheaper
+    amateur and leaves the finetuned row at the main quant."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = convert(family["ft"], family["inf"], tmp_path / "two", mu=0.5, to=("gguf",), quant=("F32", "Q8_0"),
+                    with_inferior=True)
+    kw = dict(max_tokens=12, extract="exact", methods="finetuned,epicode")
+    same = evaluate(b.path, family["data"], quant="F32", **kw)
+    mixed = evaluate(b.path, family["data"], quant="F32", engine={"amateur_quant": "Q8_0"}, **kw)
+    assert mixed.settings["amateur_quant"] == "Q8_0" and same.settings["amateur_quant"] is None
+    assert mixed.results["finetuned"].texts == same.results["finetuned"].texts
+    r = CliRunner().invoke(main, ["eval", str(b.path), str(family["data"]), "--quant", "F32", "--amateur-quant",
+                                  "Q4_0", "-o", str(tmp_path / "o"), "--max-tokens", "4", "--extract", "exact"])
+    assert r.exit_code != 0 and "Q4_0" in r.output and len(r.output.strip().splitlines()) == 1

@@ -252,13 +252,16 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
              limit: int | None = None, methods=METHODS, lam: float | None = None, alpha: float | None = None,
              cd_lam: float | None = None, runs: int = 1, temp: float = DEFAULT_TEMP,
              backend: str = "auto", quant: str | None = None, n_threads: int | None = None,
+             engine: dict | None = None, overlap: bool | None = None,
              progress: ProgressFn | None = None) -> EvalReport:
     """Score the methods on the same items (greedy) and, with out_dir, write the JSONL, report and chart.
 
     lam / alpha default to the bundle's; cd_lam (the CD-only row's lambda) to tune's choice for it, else the
     bundle's lambda. Methods the bundle cannot run (cd without an inferior model) are kept as rows with the
     reason. runs > 1 adds that many sampled runs (temp, seeds 0..runs-1) and a paired t-test across them.
-    Warnings (extraction misses, too few items) are in report.warnings.
+    Warnings (extraction misses, too few items) are in report.warnings. engine: more load() keywords
+    (amateur_quant, n_gpu_layers, n_ctx, kv_type; backend, quant, n_threads there win over the arguments);
+    overlap: the decoding setting of the contrastive rows (None: auto).
     """
     from ..converters.bundle import open_bundle
     from ..decoding.contrastive import check_alpha, check_lam
@@ -280,9 +283,10 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     cd_lam, cd_lam_from = (check_lam(cd_lam), "given") if cd_lam is not None else cd_lambda(b)
     items = tasks.load_items(data, limit=limit)
     t0 = time.perf_counter()
-    opts = dict(backend=backend, quant=quant, n_threads=n_threads)
-    settings_of = {"finetuned": {}, "extrapolation": {"lam": 0.0}, "epicode": {"lam": lam, "alpha": alpha},
-                   "cd": {"lam": cd_lam, "alpha": alpha}}
+    opts = {"backend": backend, "quant": quant, "n_threads": n_threads, **(engine or {})}
+    ov = {} if overlap is None else {"overlap": bool(overlap)}
+    settings_of = {"finetuned": {}, "extrapolation": {"lam": 0.0}, "epicode": {"lam": lam, "alpha": alpha, **ov},
+                   "cd": {"lam": cd_lam, "alpha": alpha, **ov}}
     results: dict[str, MethodResult] = {}
     sampled: dict[str, list[MethodResult]] = {}
     used_backend = backend
@@ -293,7 +297,8 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
             continue
         if m == "finetuned" and runs == 1:
             roles = ("expert", "amateur")  # greedy: the amateur alone through compare(), no second copy
-        rt = _load(b, roles=roles, **opts)
+        # the finetuned row is the finetuned model at the main quant, whatever quant the contrast model has
+        rt = _load(b, roles=roles, **({**opts, "amateur_quant": None} if m == "finetuned" else opts))
         try:
             results[m] = score(runner(rt, m, settings_of[m], max_tokens), items, extract, m, progress)
             results[m].settings = dict(settings_of[m])
@@ -311,7 +316,8 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     results = {m: results[m] for m in methods}
     settings = {"bundle": str(b.path), "data": str(data), "mu": b.mu, "lam": lam, "alpha": alpha,
                 "cd_lam": cd_lam, "cd_lam_from": cd_lam_from, "max_tokens": max_tokens, "extract": extract,
-                "backend": used_backend, "quant": quant, "n_items": len(items), "runs": runs,
+                "backend": used_backend, "quant": opts["quant"], "amateur_quant": opts.get("amateur_quant"),
+                "n_items": len(items), "runs": runs,
                 "temp": temp if runs > 1 else None, "seconds": round(time.perf_counter() - t0, 2)}
     report = EvalReport(items, results, settings, runs=sampled)
     report.warnings = extraction_warnings(results, extract)
@@ -323,10 +329,10 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     return report
 
 
-def _load(b, *, roles, backend, quant, n_threads):
+def _load(b, *, roles, **opts):
     from ..runtime import load
 
-    return load(b.path, backend=backend, quant=quant, n_threads=n_threads, roles=roles)
+    return load(b.path, roles=roles, **opts)
 
 
 def runner(rt, method: str, settings: dict, max_tokens: int):
