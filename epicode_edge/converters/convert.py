@@ -7,7 +7,8 @@ Everything is validated (parameters, output path, inputs, architecture, quant na
 is written. Then ONE pass over the input tensors feeds every sink: the expert HF folder (also the MLX
 source), and one GGUF sink per role and quant (K-quants are finished by llama.cpp when the sink closes).
 MLX folders are made afterwards from HF folders (expert: the one just written; amateur / inferior: the
-input folders). The bundle appears under its final name only when complete.
+input folders, or for GGUF inputs HF folders the pass rebuilds: converters/gguf_to_hf.py). The bundle
+appears under its final name only when complete.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .bundle import (LOCK_FILE, Bundle, BundleWriter, build_manifest, file_entry
 from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
 from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, validate_pair
 from .hf import MAX_SHARD_BYTES, HFSink
-from .safetensors_io import to_f32
+from .safetensors_io import FLOAT_TAGS, to_f32
 
 FORMATS = ("gguf", "mlx", "hf")
 
@@ -106,15 +107,18 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
         if ckpt.config.get("general.type") == "adapter":
             raise UnsupportedError(f"{ckpt.path}: a GGUF LoRA adapter, not a model (give full checkpoints, or "
                                    "PEFT adapter folders with --base)")
-        if set(formats) - {"gguf"}:
-            raise UnsupportedError(f"{ckpt.path}: GGUF inputs can only be converted to GGUF (use --to gguf, "
-                                   "or give HF folders for mlx/hf outputs)")
         from .gguf import ARCHS, SUPPORTED_ARCHS
         import gguf
 
         if ckpt.arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
             raise UnsupportedError(f"{ckpt.path}: architecture {ckpt.arch!r} is not supported for GGUF; "
                                    f"supported: {', '.join(SUPPORTED_ARCHS)}")
+        if {"hf", "mlx"} & set(formats):
+            from .gguf_to_hf import hf_plan
+
+            hf_plan(ckpt)  # config, tensor names and tokenizer can be rebuilt (else one line naming the field)
+        if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{_mlx_arch(ckpt.arch)}") is None:
+            raise UnsupportedError(f"{ckpt.path}: architecture {ckpt.arch!r} is not supported by mlx_lm")
         return
     if "gguf" in formats:
         from .gguf import check_arch
@@ -204,7 +208,13 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
             hf_dirs[role] = source.path
             continue
         hf_dirs[role] = bw.path(hf_relpath(role) if role == "expert" and "hf" in formats else f".work/hf-{role}")
-        sinks.hf[role] = HFSink(hf_dirs[role], source.config, source.tensors, source.tokenizer_dir, max_shard_bytes)
+        if source.format == "gguf":  # names, config and tokenizer rebuilt from the GGUF
+            from .gguf_to_hf import GGUFToHFSink
+
+            sinks.hf[role] = GGUFToHFSink(hf_dirs[role], source, max_shard_bytes)
+        else:
+            sinks.hf[role] = HFSink(hf_dirs[role], source.config, source.tensors, source.tokenizer_dir,
+                                    max_shard_bytes)
     if "gguf" in formats:
         from .gguf import gguf_sink_for
 
@@ -321,8 +331,8 @@ def estimate_bytes(ft: Checkpoint, formats, quants, with_inferior: bool, mlx_bit
     total = 0
     if "gguf" in formats:
         total += roles * sum(int(n * _BYTES_PER_WEIGHT.get(q, 4)) for q in quants)
-    if "hf" in formats:
-        total += ft.nbytes
+    if "hf" in formats:  # stored as read; quantized GGUF tensors as float32
+        total += sum(t.nbytes if t.dtype in FLOAT_TAGS else math.prod(t.shape) * 4 for t in ft.tensors.values())
     if "mlx" in formats:
         total += roles * int(n * (4 if mlx_bits is None else mlx_bits / 8 * 1.1))
     return total
