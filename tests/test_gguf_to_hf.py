@@ -151,6 +151,21 @@ def test_f32_gguf_to_hf_equals_hf_input(root, kind):
     assert got.manifest["files"].keys() == want.manifest["files"].keys() == {"hf"}
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_rebuilt_tokenizer_tokenizes_as_llama_cpp(root, kind):
+    """The rebuilt tokenizer against llama.cpp's own reading of the same GGUF (pre-tokenizer regexes,
+    ignore_merges for llama-bpe, special tokens)."""
+    from gguf_helpers import llama_model
+
+    g = gguf_pair(root, kind, "F32")[0]
+    b = run(*gguf_pair(root, kind, "F32"), root / f"b-{kind}-gguf-F32", mu=MU, to="hf")
+    tok, llm = fast_tokenizer(b.path / "hf/expert"), llama_model(g, vocab_only=True)
+    for text in TEXTS:
+        assert tok.encode(text, add_special_tokens=False) == llm.tokenize(text.encode(), add_bos=False,
+                                                                          special=True), text
+        assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=True), text
+
+
 def test_f16_gguf_to_hf_is_exact(root, tmp_path):
     """mu = 0: the original F16 tensors (norms, kept F32 in GGUF, hold the same values); mu > 0: the HF-input
     expert (matrices bit for bit; norms computed in F32, equal after rounding to F16)."""
@@ -215,6 +230,21 @@ def test_f32_gguf_to_mlx_equals_hf_input(root, kind):
     assert got.manifest["files"]["gguf"] == alone.manifest["files"]["gguf"]
 
 
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_runtime_same_tokens_from_the_gguf_and_mlx_models_of_a_gguf_input_bundle(root, lam):
+    """One bundle from GGUF inputs: llama.cpp on its GGUF files and MLX on its rebuilt folders (chat template,
+    tokenizer, eos ids from the GGUF metadata) pick the same contrastive tokens."""
+    from epicode_edge.runtime import load
+
+    b = run(*gguf_pair(root, "llama", "F32"), root / "m-llama-gguf", mu=MU, to="gguf,hf,mlx", quant="F32",
+            with_inferior=True)
+    with load(b.path, quant="F32", n_threads=2, kv_type="f32") as lc, load(b.path, backend="mlx") as mx:
+        assert lc.expert.eos_ids == mx.expert.eos_ids
+        for text in PROMPTS:
+            x, y = lc.generate(text, lam=lam, max_tokens=24), mx.generate(text, lam=lam, max_tokens=24)
+            assert x.tokens == y.tokens and x.text == y.text and len(x.tokens) > 3
+
+
 def test_q8_0_gguf_to_mlx_close_to_hf_input(root):
     """Within the error of Q8_0 itself, measured by the other engine: llama.cpp's logits of the finetuned
     model from the F32 GGUF against the Q8_0 GGUF (tol). The amateur's weights carry that error, the
@@ -261,6 +291,30 @@ def test_unknown_pre_tokenizer_is_refused():
         check_tokenizer(meta, "x.gguf")
 
 
+def test_token_types_and_named_chat_templates():
+    """Control tokens are special, user-defined ones plain added tokens, unused padding is left out; named
+    templates come back as HF's list of {name, template}."""
+    from tokenizers import Tokenizer
+
+    from epicode_edge.converters.tokenizer_from_gguf import hf_tokenizer_files
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.tokens": ["a", "b", "ab", "<|x|>", "<tool>", "[PAD5]"],
+            "tokenizer.ggml.token_type": [1, 1, 1, 3, 4, 5], "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.bos_token_id": 3, "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.chat_template": "{{ bos_token }}", "tokenizer.chat_templates": ["tool_use"],
+            "tokenizer.chat_template.tool_use": "{{ tools }}"}
+    files = hf_tokenizer_files(meta, "x.gguf")
+    tok = Tokenizer.from_str(files["tokenizer.json"])
+    assert tok.encode("ab<tool>a<|x|>").ids == [3, 2, 4, 0, 3]
+    assert tok.get_vocab_size() == 5 and tok.id_to_token(5) is None
+    assert [t.special for t in tok.get_added_tokens_decoder().values()] == [True, False]
+    cfg = json.loads(files["tokenizer_config.json"])
+    assert cfg["bos_token"] == "<|x|>" and cfg["eos_token"] is None and cfg["add_bos_token"] is True
+    assert cfg["chat_template"] == [{"name": "default", "template": "{{ bos_token }}"},
+                                    {"name": "tool_use", "template": "{{ tools }}"}]
+
+
 def test_failure_leaves_nothing(root, tmp_path):
     def interrupt(p):
         if p.tensors_done == 3:
@@ -282,6 +336,7 @@ def smollm2() -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_smollm2_q4_1_to_hf(tmp_path):
     """The real model (tied embeddings, ChatML, 'smollm' pre-tokenizer): tokenizer against llama.cpp's own
     tokenization; logits of the HF folder in mlx_lm against llama.cpp on the Q4_1 file (llama.cpp quantizes
