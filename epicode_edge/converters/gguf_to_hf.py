@@ -105,11 +105,15 @@ def hf_plan(ckpt: GGUFCheckpoint) -> HFPlan:
                                    "turned back into config.json rope_scaling; use --to gguf")
         if name not in names:
             raise UnsupportedError(f"{where}: tensor {name!r} has no HF name for architecture {arch!r}")
+        heads = {"attn_q": n_head, "attn_k": n_head_kv}.get(name.split(".")[2] if name.startswith("blk.") else "")
+        if heads and ckpt.tensors[name].shape[0] != heads * head_dim:
+            raise UnsupportedError(f"{where}: tensor {name!r} has {ckpt.tensors[name].shape[0]} rows, not "
+                                   f"{heads} heads x {head_dim} (from the {arch}.attention.* metadata)")
     embd = ckpt.tensors.get("token_embd.weight")
     if embd is None:
         raise UnsupportedError(f"{where}: no token_embd.weight tensor")
     ids = special_ids(meta)
-    tensors = [TensorInfo(names[n], storage_tag(t), t.shape, t.nbytes) for n, t in ckpt.tensors.items()]
+    tensors = [TensorInfo(names[n], storage_tag(t), t.shape) for n, t in ckpt.tensors.items()]
     matrices = Counter(t.dtype for t in tensors if len(t.shape) == 2)
     model_type, hf_class = HF_CLASSES[arch]
     config = {
