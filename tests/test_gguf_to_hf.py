@@ -166,6 +166,16 @@ def test_rebuilt_tokenizer_tokenizes_as_llama_cpp(root, kind):
         assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=True), text
 
 
+def test_extrapolate_library_call_takes_gguf_inputs(root, tmp_path):
+    from epicode_edge.converters.convert import extrapolate
+
+    want = run(*hf_pair(root, "llama"), root / "b-llama-hf", mu=MU, to="hf")
+    out = extrapolate(*gguf_pair(root, "llama", "F32"), tmp_path / "expert", mu=MU)
+    g, w = tensors(out), tensors(want.path / "hf/expert")
+    assert sorted(g) == sorted(w) and all(np.array_equal(g[n], w[n]) for n in w)
+    assert (out / "tokenizer.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["expert"]
+
+
 def test_f16_gguf_to_hf_is_exact(root, tmp_path):
     """mu = 0: the original F16 tensors (norms, kept F32 in GGUF, hold the same values); mu > 0: the HF-input
     expert (matrices bit for bit; norms computed in F32, equal after rounding to F16)."""

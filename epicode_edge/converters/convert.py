@@ -1,7 +1,7 @@
 """`convert` and `extrapolate`: the offline half of EpiCoDe, as library calls.
 
     bundle = convert("ft/", "ep1/", "bundle/", mu=0.3, to=("gguf", "mlx"), quant=("Q8_0", "Q4_K_M"))
-    expert_dir = extrapolate("ft/", "ep1/", "expert/", mu=0.3)
+    expert_dir = extrapolate("ft/", "ep1/", "expert/", mu=0.3)   # HF folders or GGUF files in, HF folder out
 
 Everything is validated (parameters, output path, inputs, architecture, quant names) before any output
 is written. Then ONE pass over the input tensors feeds every sink: the expert HF folder (also the MLX
@@ -208,13 +208,7 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
             hf_dirs[role] = source.path
             continue
         hf_dirs[role] = bw.path(hf_relpath(role) if role == "expert" and "hf" in formats else f".work/hf-{role}")
-        if source.format == "gguf":  # names, config and tokenizer rebuilt from the GGUF
-            from .gguf_to_hf import GGUFToHFSink
-
-            sinks.hf[role] = GGUFToHFSink(hf_dirs[role], source, max_shard_bytes)
-        else:
-            sinks.hf[role] = HFSink(hf_dirs[role], source.config, source.tensors, source.tokenizer_dir,
-                                    max_shard_bytes)
+        sinks.hf[role] = _hf_sink(hf_dirs[role], source, max_shard_bytes)
     if "gguf" in formats:
         from .gguf import gguf_sink_for
 
@@ -223,6 +217,15 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
             for q in quants:
                 sinks.gguf[role].append(gguf_sink_for(source, bw.path(gguf_relpath(role, q)), q))
     return hf_dirs
+
+
+def _hf_sink(out_dir: Path, source: Checkpoint, max_shard_bytes: int):
+    """The HF folder writer for a source: GGUF inputs get their names, config and tokenizer rebuilt."""
+    if source.format == "gguf":
+        from .gguf_to_hf import GGUFToHFSink
+
+        return GGUFToHFSink(out_dir, source, max_shard_bytes)
+    return HFSink(out_dir, source.config, source.tensors, source.tokenizer_dir, max_shard_bytes)
 
 
 def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progress: ProgressFn | None):
@@ -416,21 +419,19 @@ def extrapolate(finetuned, inferior, out, *, mu, force: bool = False, progress: 
                 max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write the expert alone as an HF folder at `out` (sharded safetensors, config, tokenizer), atomically.
 
-    Inputs are HF folders; the same validation as convert. Returns the folder.
+    Inputs are HF folders or GGUF files (as convert --to hf); the same validation as convert. Returns the folder.
     """
     mu = check_mu(mu)
     bw = BundleWriter(out, force, marker="config.json")
     with _open(finetuned) as ft, _open(inferior) as inf:
         notes = validate_pair(ft, inf, mu)
-        if ft.format != "hf":
-            raise UnsupportedError(f"{ft.path}: extrapolate writes an HF folder from HF folders; "
-                                   "for GGUF inputs use convert --to gguf")
+        check_support(ft, ["hf"])
         for note in notes:
             warnings.warn(note, ExtrapolationWarning, stacklevel=2)
         with bw:
             sinks = _Sinks()
             try:
-                sinks.hf["expert"] = HFSink(bw.tmp, ft.config, ft.tensors, ft.tokenizer_dir, max_shard_bytes)
+                sinks.hf["expert"] = _hf_sink(bw.tmp, ft, max_shard_bytes)
                 _run_pass(ft, inf, mu, sinks, progress)
                 sinks.hf["expert"].close()
             except BaseException:
