@@ -191,6 +191,15 @@ def _roles(with_inferior: bool) -> list[str]:
     return ["expert", "amateur"] + (["inferior"] if with_inferior else [])
 
 
+def _hf_sink(out_dir: Path, source: Checkpoint, max_shard_bytes: int):
+    """The HF folder writer for a source: GGUF inputs get their names, config and tokenizer rebuilt."""
+    if source.format == "gguf":
+        from .gguf_to_hf import GGUFToHFSink
+
+        return GGUFToHFSink(out_dir, source, max_shard_bytes)
+    return HFSink(out_dir, source.config, source.tensors, source.tokenizer_dir, max_shard_bytes)
+
+
 def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quants, with_inferior,
                 max_shard_bytes, sinks: _Sinks) -> dict[str, Path]:
     """Create the sinks inside the temporary bundle; returns role -> HF folder for the MLX export.
@@ -217,15 +226,6 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
             for q in quants:
                 sinks.gguf[role].append(gguf_sink_for(source, bw.path(gguf_relpath(role, q)), q))
     return hf_dirs
-
-
-def _hf_sink(out_dir: Path, source: Checkpoint, max_shard_bytes: int):
-    """The HF folder writer for a source: GGUF inputs get their names, config and tokenizer rebuilt."""
-    if source.format == "gguf":
-        from .gguf_to_hf import GGUFToHFSink
-
-        return GGUFToHFSink(out_dir, source, max_shard_bytes)
-    return HFSink(out_dir, source.config, source.tensors, source.tokenizer_dir, max_shard_bytes)
 
 
 def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progress: ProgressFn | None):
