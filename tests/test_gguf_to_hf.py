@@ -7,7 +7,9 @@ then `convert` runs once from the GGUF files and once from the HF folders:
     original HF tensors; config.json fields equal; the rebuilt tokenizer encodes text, special tokens and the
     chat template to the same ids as the original;
   - mlx: mlx_lm loads the folder, and its last-token logits equal the HF-input MLX folder's (F32: to 1e-5;
-    Q8_0: see the test).
+    Q8_0: within 1.5x (amateur) and 1.5 (1 + 2 mu)x (expert) of what Q8_0 itself moves llama.cpp's logits);
+  - the rebuilt tokenizer also tokenizes as llama.cpp reads the same GGUF, and the runtime picks the same
+    contrastive tokens with llama.cpp on the bundle's GGUF files and with MLX on its rebuilt folders.
 The real SmolLM2 Q4_1 GGUF: its rebuilt tokenizer against llama.cpp's own tokenization, its logits in mlx_lm
 against llama.cpp's.
 """
