@@ -1,13 +1,14 @@
 """`convert` and `extrapolate`: the offline half of EpiCoDe, as library calls.
 
     bundle = convert("ft/", "ep1/", "bundle/", mu=0.3, to=("gguf", "mlx"), quant=("Q8_0", "Q4_K_M"))
-    expert_dir = extrapolate("ft/", "ep1/", "expert/", mu=0.3)
+    expert_dir = extrapolate("ft/", "ep1/", "expert/", mu=0.3)   # HF folders or GGUF files in, HF folder out
 
 Everything is validated (parameters, output path, inputs, architecture, quant names) before any output
 is written. Then ONE pass over the input tensors feeds every sink: the expert HF folder (also the MLX
 source), and one GGUF sink per role and quant (K-quants are finished by llama.cpp when the sink closes).
 MLX folders are made afterwards from HF folders (expert: the one just written; amateur / inferior: the
-input folders). The bundle appears under its final name only when complete.
+input folders, or for GGUF inputs HF folders the pass rebuilds: converters/gguf_to_hf.py). The bundle
+appears under its final name only when complete.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .bundle import (LOCK_FILE, Bundle, BundleWriter, build_manifest, file_entry
 from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
 from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, validate_pair
 from .hf import MAX_SHARD_BYTES, HFSink
-from .safetensors_io import to_f32
+from .safetensors_io import FLOAT_TAGS, to_f32
 
 FORMATS = ("gguf", "mlx", "hf")
 
@@ -106,15 +107,18 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
         if ckpt.config.get("general.type") == "adapter":
             raise UnsupportedError(f"{ckpt.path}: a GGUF LoRA adapter, not a model (give full checkpoints, or "
                                    "PEFT adapter folders with --base)")
-        if set(formats) - {"gguf"}:
-            raise UnsupportedError(f"{ckpt.path}: GGUF inputs can only be converted to GGUF (use --to gguf, "
-                                   "or give HF folders for mlx/hf outputs)")
         from .gguf import ARCHS, SUPPORTED_ARCHS
         import gguf
 
         if ckpt.arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
             raise UnsupportedError(f"{ckpt.path}: architecture {ckpt.arch!r} is not supported for GGUF; "
                                    f"supported: {', '.join(SUPPORTED_ARCHS)}")
+        if {"hf", "mlx"} & set(formats):
+            from .gguf_to_hf import hf_plan
+
+            hf_plan(ckpt)  # config, tensor names and tokenizer can be rebuilt (else one line naming the field)
+        if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{_mlx_arch(ckpt.arch)}") is None:
+            raise UnsupportedError(f"{ckpt.path}: architecture {ckpt.arch!r} is not supported by mlx_lm")
         return
     if "gguf" in formats:
         from .gguf import check_arch
@@ -187,6 +191,15 @@ def _roles(with_inferior: bool) -> list[str]:
     return ["expert", "amateur"] + (["inferior"] if with_inferior else [])
 
 
+def _hf_sink(out_dir: Path, source: Checkpoint, max_shard_bytes: int):
+    """The HF folder writer for a source: GGUF inputs get their names, config and tokenizer rebuilt."""
+    if source.format == "gguf":
+        from .gguf_to_hf import GGUFToHFSink
+
+        return GGUFToHFSink(out_dir, source, max_shard_bytes)
+    return HFSink(out_dir, source.config, source.tensors, source.tokenizer_dir, max_shard_bytes)
+
+
 def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quants, with_inferior,
                 max_shard_bytes, sinks: _Sinks) -> dict[str, Path]:
     """Create the sinks inside the temporary bundle; returns role -> HF folder for the MLX export.
@@ -204,7 +217,7 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
             hf_dirs[role] = source.path
             continue
         hf_dirs[role] = bw.path(hf_relpath(role) if role == "expert" and "hf" in formats else f".work/hf-{role}")
-        sinks.hf[role] = HFSink(hf_dirs[role], source.config, source.tensors, source.tokenizer_dir, max_shard_bytes)
+        sinks.hf[role] = _hf_sink(hf_dirs[role], source, max_shard_bytes)
     if "gguf" in formats:
         from .gguf import gguf_sink_for
 
@@ -321,8 +334,8 @@ def estimate_bytes(ft: Checkpoint, formats, quants, with_inferior: bool, mlx_bit
     total = 0
     if "gguf" in formats:
         total += roles * sum(int(n * _BYTES_PER_WEIGHT.get(q, 4)) for q in quants)
-    if "hf" in formats:
-        total += ft.nbytes
+    if "hf" in formats:  # stored as read; quantized GGUF tensors as float32
+        total += sum(t.nbytes if t.dtype in FLOAT_TAGS else math.prod(t.shape) * 4 for t in ft.tensors.values())
     if "mlx" in formats:
         total += roles * int(n * (4 if mlx_bits is None else mlx_bits / 8 * 1.1))
     return total
@@ -406,21 +419,19 @@ def extrapolate(finetuned, inferior, out, *, mu, force: bool = False, progress: 
                 max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write the expert alone as an HF folder at `out` (sharded safetensors, config, tokenizer), atomically.
 
-    Inputs are HF folders; the same validation as convert. Returns the folder.
+    Inputs are HF folders or GGUF files (as convert --to hf); the same validation as convert. Returns the folder.
     """
     mu = check_mu(mu)
     bw = BundleWriter(out, force, marker="config.json")
     with _open(finetuned) as ft, _open(inferior) as inf:
         notes = validate_pair(ft, inf, mu)
-        if ft.format != "hf":
-            raise UnsupportedError(f"{ft.path}: extrapolate writes an HF folder from HF folders; "
-                                   "for GGUF inputs use convert --to gguf")
+        check_support(ft, ["hf"])
         for note in notes:
             warnings.warn(note, ExtrapolationWarning, stacklevel=2)
         with bw:
             sinks = _Sinks()
             try:
-                sinks.hf["expert"] = HFSink(bw.tmp, ft.config, ft.tensors, ft.tokenizer_dir, max_shard_bytes)
+                sinks.hf["expert"] = _hf_sink(bw.tmp, ft, max_shard_bytes)
                 _run_pass(ft, inf, mu, sinks, progress)
                 sinks.hf["expert"].close()
             except BaseException:
