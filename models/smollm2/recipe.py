@@ -307,9 +307,11 @@ def run(cfg: dict, out: Path, log_only: bool = False, say=print, cache: Path | N
             set_extrapolated(model, base_w, deltas[2], deltas[1], mu, torch)
             say(f"extrapolated mu={mu:g}: dev {scored(f'mu={mu:g}'):.1f}%")
         restore_base(model, base_w, torch)
-    log["gate"] = gate(log["dev"])
+    # the gate needs epoch 3; fewer epochs (--epochs 2: remake the shipped adapters) leave it unchecked
+    log["gate"] = gate(log["dev"]) if cfg["epochs"] >= 3 else None
     log["runtime_s"] = round(time.time() - t0, 1)
-    say(f"gate: {json.dumps(log['gate'])}; {log['runtime_s']:.0f} s")
+    say(f"gate: {json.dumps(log['gate']) if log['gate'] else 'not checked (it needs --epochs 3 or more)'}; "
+        f"{log['runtime_s']:.0f} s")
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_log.json").write_text(json.dumps(log) + "\n")
     return log
@@ -334,6 +336,8 @@ def save_adapter(model, path: Path) -> None:
     cfg_path = path / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = f"{BASE_PACKAGE}/{BASE_FILE}"
+    if isinstance(cfg.get("target_modules"), list):  # peft saves a set: its order changes with the hash seed
+        cfg["target_modules"] = sorted(cfg["target_modules"])
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -354,7 +358,7 @@ def main(argv=None) -> None:
         if hasattr(args, k):
             cfg[k] = getattr(args, k)
     log = run(cfg, args.out, log_only=args.log_only, say=lambda s: print(s, flush=True), cache=args.cache)
-    if not log["gate"]["passed"]:
+    if log["gate"] is not None and not log["gate"]["passed"]:
         print("The premise gate did NOT hold on dev: do not ship these adapters as a family.", flush=True)
 
 
