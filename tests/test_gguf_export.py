@@ -261,6 +261,33 @@ def test_gguf_to_gguf_copy_sink(gguf_file, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in outs.values())
 
 
+def test_copy_sink_rows_in_pieces(gguf_file, tmp_path):
+    """write_rows: pieces of rows in order give write()'s bytes; a gap, an overlap or a wrong width is refused."""
+    from epicode_edge.converters.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(gguf_file("llama", "F32"))
+    whole = gx.gguf_sink_for(ck, tmp_path / "whole.gguf", "Q8_0")
+    pieces = gx.gguf_sink_for(ck, tmp_path / "pieces.gguf", "Q8_0")
+    for n in ck.tensors:
+        x = ck.read_f32(n)
+        whole.write(n, x)
+        rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # (R, C)
+        for i in range(0, len(rows), 7):
+            pieces.write_rows(n, i, rows[i:i + 7])
+    assert pieces.close().read_bytes() == whole.close().read_bytes()
+    sink = gx.gguf_sink_for(ck, tmp_path / "bad.gguf", "Q8_0")
+    rows = ck.read_f32("token_embd.weight")  # (V, C)
+    sink.write_rows("token_embd.weight", 0, rows[:5])
+    for start, piece in ((6, rows[6:9]), (4, rows[4:9]), (5, rows[5:9, :-1]), (5, rows[5:].repeat(2, axis=0))):
+        with pytest.raises(InputError, match="do not continue"):
+            sink.write_rows("token_embd.weight", start, piece)
+    sink.write_rows("token_embd.weight", 5, rows[5:])
+    with pytest.raises(InputError, match="written twice"):
+        sink.write_rows("token_embd.weight", 0, rows[:1])
+    sink.abort()
+    assert not (tmp_path / "bad.gguf").exists()
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 def test_unknown_quant(hf, tmp_path):

@@ -56,6 +56,16 @@ class Checkpoint:
         """One tensor as float32 (dequantized where needed)."""
         raise NotImplementedError
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of one tensor seen as (rows, last dim), as stored: (n, C) for float types,
+        (n, bytes per row) for GGUF quants (their blocks run along the last dim). A view of the mapped file."""
+        a = self.read(name)
+        return (a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1))[start:stop]
+
+    def decode(self, name: str, stored: np.ndarray) -> np.ndarray:
+        """float32 values (n, C) of rows of tensor `name` as read_rows returns them."""
+        return to_f32(stored, self.tensors[name].dtype)
+
     def tokenizer_digests(self) -> dict[str, str]:
         """sha256 of each part of the tokenizer (file names for HF, metadata keys for GGUF)."""
         raise NotImplementedError
@@ -102,7 +112,14 @@ class ContentHasher:
         self._h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
 
     def update(self, info: TensorInfo, array: np.ndarray) -> None:
+        self.begin(info)
+        self.feed(array)
+
+    def begin(self, info: TensorInfo) -> None:
+        """Start a tensor; its stored bytes follow through feed(), in one or more pieces in order."""
         self._h.update(f"{info.name}|{info.dtype}|{list(info.shape)}\n".encode())
+
+    def feed(self, array: np.ndarray) -> None:
         a = np.ascontiguousarray(array)
         if a.size:
             self._h.update(memoryview(a.reshape(-1)).cast("B"))
@@ -299,6 +316,18 @@ class GGUFCheckpoint(Checkpoint):
 
         try:
             return dequantize(self.read(name), int(self._where[name][0]), info.shape)
+        except NotImplementedError:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: cannot dequantize type {info.dtype}") from None
+
+    def decode(self, name: str, stored: np.ndarray) -> np.ndarray:
+        info = self.tensors[name]
+        if info.dtype in FLOAT_TAGS:
+            return to_f32(stored, info.dtype)
+        from .gguf_file import dequantize
+
+        cols = info.shape[-1] if info.shape else 1
+        try:
+            return dequantize(stored, int(self._where[name][0]), (stored.shape[0], cols))  # (n, C)
         except NotImplementedError:
             raise CheckpointError(f"{self.path}: tensor {name!r}: cannot dequantize type {info.dtype}") from None
 

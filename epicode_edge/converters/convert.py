@@ -30,7 +30,7 @@ from ..errors import BundleError, ParameterError, UnsupportedError
 from .bundle import (LOCK_FILE, Bundle, BundleWriter, build_manifest, file_entry, gguf_relpath, hf_relpath,
                      human_bytes, mlx_relpath, open_bundle)
 from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
-from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, validate_pair
+from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, iter_expert_rows, validate_pair
 from .hf import MAX_SHARD_BYTES, HFSink
 from .safetensors_io import to_f32
 
@@ -175,6 +175,17 @@ class _Sinks:
                     sink.write(t.name, x)
                 del x
 
+    def take_rows(self) -> bool:
+        """Whether every sink takes tensors in pieces of rows (GGUF -> GGUF); else whole tensors."""
+        return all(hasattr(sink, "write_rows") for sink in self.all())
+
+    def write_rows(self, p) -> None:
+        for role, array in (("expert", p.expert), ("amateur", p.finetuned), ("inferior", p.inferior)):
+            if self.gguf[role]:
+                x = to_f32(array, p.tag)  # (n, C) f32
+                for sink in self.gguf[role]:
+                    sink.write_rows(p.name, p.start, x)
+
     def abort(self) -> None:
         for sink in self.all():
             try:
@@ -215,18 +226,35 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
     return hf_dirs
 
 
+PIECE_ELEMENTS = 1 << 18  # values per piece of rows when the sinks take pieces: 1 MB per float32 array
+
+
 def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progress: ProgressFn | None):
+    """Feed every sink, whole tensors or (GGUF -> GGUF) pieces of rows; progress after each tensor."""
     hashers = (ft.content_hasher(), inf.content_hasher())
     total = ft.nbytes + inf.nbytes
-    n, done = len(ft.tensors), 0
-    for i, t in enumerate(iter_expert(ft, inf, mu, hashers=hashers)):
-        sinks.write(t)
-        name = t.name
-        done += ft.tensors[name].nbytes + inf.tensors[name].nbytes
-        del t  # release this tensor's arrays and maps before the next one
-        if progress:
-            progress(Progress("extrapolate", i + 1, n, done, total, name))
+    n, i, done = len(ft.tensors), 0, 0
+    if sinks.take_rows():
+        for p in iter_expert_rows(ft, inf, mu, hashers=hashers, chunk_elements=PIECE_ELEMENTS):
+            sinks.write_rows(p)
+            name, last = p.name, p.start + len(p.expert) >= p.rows
+            del p
+            if last:
+                i, done = _tensor_done(ft, inf, name, i, n, done, total, progress)
+    else:
+        for t in iter_expert(ft, inf, mu, hashers=hashers):
+            sinks.write(t)
+            name = t.name
+            del t  # release this tensor's arrays and maps before the next one
+            i, done = _tensor_done(ft, inf, name, i, n, done, total, progress)
     return hashers[0].hexdigest(), hashers[1].hexdigest()
+
+
+def _tensor_done(ft, inf, name, i, n, done, total, progress) -> tuple[int, int]:
+    done += ft.tensors[name].nbytes + inf.tensors[name].nbytes
+    if progress:
+        progress(Progress("extrapolate", i + 1, n, done, total, name))
+    return i + 1, done
 
 
 def _open(source):
