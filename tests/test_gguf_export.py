@@ -261,6 +261,30 @@ def test_gguf_to_gguf_copy_sink(gguf_file, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in outs.values())
 
 
+def test_copied_metadata_is_what_gguf_py_packs(gguf_file, tmp_path):
+    """copy_metadata writes the source's stored bytes: the same file as gguf-py packing the decoded values."""
+    from epicode_edge.converters.gguf_file import read_header
+
+    h = read_header(gguf_file("qwen2", "Q8_0"))
+    assert len(h.raw["tokenizer.ggml.tokens"]) > 300 and "tokenizer.ggml.merges" in h.raw
+    files = []
+    for writer in (gguf.GGUFWriter, gx._Writer):
+        w = writer(tmp_path / f"{writer.__name__}.gguf", "qwen2")
+        if writer is gx._Writer:
+            gx.copy_metadata(h, w)
+        else:
+            for key, value in h.raw.items():
+                if key not in gx._OWN_KEYS:
+                    vtype, sub = h.types[key]
+                    w.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                                    sub_type=gguf.GGUFValueType(sub) if sub is not None else None)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        files.append((tmp_path / f"{writer.__name__}.gguf").read_bytes())
+    assert files[0] == files[1] and len(files[0]) > 4000
+
+
 def test_copy_sink_rows_in_pieces(gguf_file, tmp_path):
     """write_rows: pieces of rows in order give write()'s bytes; a gap, an overlap or a wrong width is refused."""
     from epicode_edge.converters.checkpoint import open_checkpoint

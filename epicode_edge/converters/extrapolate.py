@@ -184,8 +184,9 @@ def iter_expert_rows(ft: Checkpoint, inf: Checkpoint, mu, *, hashers: tuple[Cont
         if hashers:
             hashers[0].begin(info)
             hashers[1].begin(inf.tensors[name])
+        whole = _as_rows(ft.read(name)), _as_rows(inf.read(name))  # (R, C or bytes per row) mapped, as stored
         for start in range(0, rows, step) if rows else [0]:
-            stored = ft.read_rows(name, start, start + step), inf.read_rows(name, start, start + step)
+            stored = whole[0][start:start + step], whole[1][start:start + step]
             if hashers:
                 hashers[0].feed(stored[0])
                 hashers[1].feed(stored[1])
@@ -194,6 +195,11 @@ def iter_expert_rows(ft: Checkpoint, inf: Checkpoint, mu, *, hashers: tuple[Cont
             if count_nonfinite(expert, tag):
                 raise NumericError(_nonfinite_message(name, *_whole(ft, inf, name, tag, mu), tag, mu))
             yield ExpertRows(name, tag, start, rows, expert, a, b)
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """A stored tensor seen as rows of its last dim (GGUF quant blocks run along it); 1-D: one row."""
+    return a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
 
 
 def _whole(ft: Checkpoint, inf: Checkpoint, name: str, tag: str, mu: float):
