@@ -277,6 +277,46 @@ def test_nan_from_extrapolation_leaves_nothing(pairs, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.filterwarnings("ignore::epicode_edge.converters.extrapolate.ExtrapolationWarning")
+@pytest.mark.parametrize("source_quant", ["F16", "Q8_0"])
+def test_gguf_overflow_in_pieces_is_the_whole_tensor_error(pairs, tmp_path, monkeypatch, source_quant):
+    """The error raised in the read-ahead worker, mid-tensor, is the whole-tensor path's, and nothing is left."""
+    import epicode_edge.converters.convert as cv
+    from epicode_edge.converters.gguf import hf_to_gguf
+
+    ft, inf = (hf_to_gguf(p, tmp_path / f"{p.name}.gguf", source_quant) for p in pairs["f16"])
+    monkeypatch.setattr(cv, "PIECE_ELEMENTS", 64)
+    monkeypatch.setattr(cv, "_cores", lambda: 2)
+    mu = 1e7 if source_quant == "F16" else 1e38  # F16 overflows in the formula; float32 only in the encoder
+    with pytest.raises(NumericError) as pieces:
+        convert(ft, inf, tmp_path / "out" / "b", mu=mu, to="gguf", quant="F16")
+    monkeypatch.setattr(cv._Sinks, "take_rows", lambda self: False)
+    with pytest.raises(NumericError) as whole:
+        convert(ft, inf, tmp_path / "out" / "b", mu=mu, to="gguf", quant="F16")
+    assert str(pieces.value) == str(whole.value) and "NaN/Inf" in str(whole.value)
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_read_ahead_hands_over_errors_and_stops_early():
+    from epicode_edge.converters.convert import read_ahead
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"item {i}")
+            yield i
+
+    assert list(read_ahead(items(50), 2)) == list(range(50))
+    with pytest.raises(ValueError, match="item 7"):
+        list(read_ahead(items(50, fail_at=7), 2))
+    source = items(10**9)
+    for i in read_ahead(source, 2):
+        if i == 3:
+            break
+    with pytest.raises(StopIteration):  # the worker stopped and the source was closed
+        next(source)
+
+
 def test_bad_parameters_are_refused_before_reading(pairs, tmp_path):
     ft, inf = pairs["f32"]
     with pytest.raises(UnsupportedError, match="unknown quant type 'Q3_X'; supported: F32, F16"):
