@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -183,19 +183,12 @@ class _Sinks:
         """Whether every sink takes tensors in pieces of rows (GGUF -> GGUF); else whole tensors."""
         return all(hasattr(sink, "write_rows") for sink in self.all())
 
-    def write_rows(self, p, pool: ThreadPoolExecutor | None = None) -> None:
-        """One piece to every sink; with a pool, the sinks encode it in parallel (this thread takes one)."""
-        jobs = [(sink, to_f32(array, p.tag))  # (n, C) f32
-                for role, array in (("expert", p.expert), ("amateur", p.finetuned), ("inferior", p.inferior))
-                for sink in self.gguf[role]]
-        futures = [pool.submit(sink.write_rows, p.name, p.start, x) for sink, x in jobs[1:]] if pool else []
-        try:
-            for sink, x in jobs[:1] if pool else jobs:
-                sink.write_rows(p.name, p.start, x)
-        finally:
-            wait(futures)
-        for f in futures:
-            f.result()
+    def write_rows(self, p) -> None:
+        for role, array in (("expert", p.expert), ("amateur", p.finetuned), ("inferior", p.inferior)):
+            if self.gguf[role]:
+                x = to_f32(array, p.tag)  # (n, C) f32
+                for sink in self.gguf[role]:
+                    sink.write_rows(p.name, p.start, x)
 
     def abort(self) -> None:
         for sink in self.all():
@@ -237,7 +230,7 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
     return hf_dirs
 
 
-PIECE_ELEMENTS = 1 << 18  # values per piece of rows when the sinks take pieces: 1 MB per float32 array
+PIECE_ELEMENTS = 1 << 16  # values per piece of rows when the sinks take pieces: 256 KB per float32 array
 AHEAD = 2  # pieces made ahead by a worker thread (0: no threads)
 
 
@@ -246,17 +239,14 @@ def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progres
     hashers = (ft.content_hasher(), inf.content_hasher())
     total = ft.nbytes + inf.nbytes
     n, i, done = len(ft.tensors), 0, 0
-    if sinks.take_rows():
-        # on several cores, a worker thread makes the pieces ahead while the sinks encode them in parallel
-        parallel = _cores() > 1 and AHEAD > 0
+    if sinks.take_rows():  # on several cores, a worker thread makes the pieces while this one encodes them
         pieces = iter_expert_rows(ft, inf, mu, hashers=hashers, chunk_elements=PIECE_ELEMENTS)
-        with ThreadPoolExecutor(max(1, len(sinks.all()) - 1), thread_name_prefix="epicode-encode") as pool:
-            for p in read_ahead(pieces, AHEAD) if parallel else pieces:
-                sinks.write_rows(p, pool if parallel else None)
-                name, last = p.name, p.start + len(p.expert) >= p.rows
-                del p
-                if last:
-                    i, done = _tensor_done(ft, inf, name, i, n, done, total, progress)
+        for p in read_ahead(pieces, AHEAD) if AHEAD and _cores() > 1 else pieces:
+            sinks.write_rows(p)
+            name, last = p.name, p.start + len(p.expert) >= p.rows
+            del p
+            if last:
+                i, done = _tensor_done(ft, inf, name, i, n, done, total, progress)
     else:
         for t in iter_expert(ft, inf, mu, hashers=hashers):
             sinks.write(t)

@@ -321,7 +321,9 @@ def quantize(rows: np.ndarray, ggml_type: int) -> np.ndarray:
     if qtype == GGMLQuantizationType.F32:
         return np.ascontiguousarray(rows, dtype=np.float32).view(np.uint8)
     block, type_size = GGML_QUANT_SIZES[qtype]
-    fn = _native.setdefault("quantize_chunk", _native_quantize_chunk())
+    if "quantize_chunk" not in _native:
+        _native["quantize_chunk"] = _native_quantize_chunk()
+    fn = _native["quantize_chunk"]
     if fn is None or native_to_float(ggml_type) is None or rows.shape[-1] % block:
         from gguf.quants import quantize as numpy_quantize
 
