@@ -184,7 +184,7 @@ def iter_expert_rows(ft: Checkpoint, inf: Checkpoint, mu, *, hashers: tuple[Cont
         if hashers:
             hashers[0].begin(info)
             hashers[1].begin(inf.tensors[name])
-        whole = _as_rows(ft.read(name)), _as_rows(inf.read(name))  # (R, C or bytes per row) mapped, as stored
+        whole = _as_rows(ft.read(name), rows), _as_rows(inf.read(name), rows)  # (R, C or bytes per row), mapped
         for start in range(0, rows, step) if rows else [0]:
             stored = whole[0][start:start + step], whole[1][start:start + step]
             if hashers:
@@ -197,9 +197,9 @@ def iter_expert_rows(ft: Checkpoint, inf: Checkpoint, mu, *, hashers: tuple[Cont
             yield ExpertRows(name, tag, start, rows, expert, a, b)
 
 
-def _as_rows(a: np.ndarray) -> np.ndarray:
+def _as_rows(a: np.ndarray, rows: int) -> np.ndarray:
     """A stored tensor seen as rows of its last dim (GGUF quant blocks run along it); 1-D: one row."""
-    return a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
+    return a.reshape(rows, a.size // rows if rows else 0)
 
 
 def _whole(ft: Checkpoint, inf: Checkpoint, name: str, tag: str, mu: float):
