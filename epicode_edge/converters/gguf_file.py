@@ -15,7 +15,9 @@ that library is missing.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import mmap
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -264,23 +266,39 @@ _native: dict = {}
 
 
 def _ggml_base():
-    """llama.cpp's ggml base library as shipped by llama-cpp-python, or None."""
+    """llama.cpp's ggml base library as shipped by llama-cpp-python, or None. Found where llama_cpp loads its
+    libraries from (LLAMA_CPP_LIB_PATH, else the package's lib/) without importing llama_cpp, which would
+    load libllama and the CPU backend too (~6 MB of private memory, ~0.1 s) for a few pure functions."""
     if "lib" not in _native:
         _native["lib"] = None
-        try:
-            import llama_cpp.llama_cpp as lowlevel
-
-            folder = Path(lowlevel._lib._name).parent
+        for folder in _llama_cpp_lib_folders():
             for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
                 if (folder / name).is_file():
-                    lib = ctypes.CDLL(str(folder / name))
-                    lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
-                    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+                    try:
+                        lib = ctypes.CDLL(str(folder / name))
+                        lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
+                        lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+                    except (OSError, AttributeError):
+                        continue
                     _native["lib"] = lib
-                    break
-        except (ImportError, OSError, AttributeError):
-            pass
+                    return lib
     return _native["lib"]
+
+
+def _llama_cpp_lib_folders():
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        yield Path(override)
+        return
+    spec = importlib.util.find_spec("llama_cpp")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        yield Path(location) / "lib"
+    try:  # another layout: next to the library the binding loaded
+        import llama_cpp.llama_cpp as lowlevel
+
+        yield Path(lowlevel._lib._name).parent
+    except (ImportError, OSError, AttributeError):
+        pass
 
 
 def native_to_float(ggml_type: int):
