@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-_BLOCK = 1 << 22
+_BLOCK = 1 << 20
 
 
 def _update_with_file(h, path: Path) -> None:
@@ -17,7 +17,7 @@ def _update_with_file(h, path: Path) -> None:
 
 
 def sha256_file(path) -> str:
-    """The sha256 of one file's bytes, read in 4 MB blocks."""
+    """The sha256 of one file's bytes, read in 1 MB blocks."""
     h = hashlib.sha256()
     _update_with_file(h, Path(path))
     return h.hexdigest()

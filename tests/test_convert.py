@@ -143,6 +143,32 @@ def test_gguf_inputs_give_the_same_expert_as_hf_inputs(f32_bundle, pairs, tmp_pa
         assert max(np.abs(got[n] - want[n]).max() / (np.abs(want[n]).max() + 1e-6) for n in got) < 0.05
 
 
+@pytest.mark.parametrize("source_quant", ["BF16", "Q4_0"])
+def test_gguf_inputs_in_pieces_of_rows_give_the_whole_tensor_bytes(pairs, tmp_path, monkeypatch, source_quant):
+    """GGUF -> GGUF streams pieces of rows: with pieces of 3 rows (most row counts not a multiple of 3), the
+    files and the input hashes are byte for byte those of the whole-tensor path."""
+    import epicode_edge.converters.convert as cv
+    from epicode_edge.converters.gguf import hf_to_gguf
+
+    ft, inf = (hf_to_gguf(p, tmp_path / f"{p.name}.gguf", source_quant) for p in pairs["f32"])
+    cols = open_checkpoint(ft).tensors["token_embd.weight"].shape[-1]
+    monkeypatch.setattr(cv, "PIECE_ELEMENTS", 3 * cols)
+    rows = [t.shape[0] for t in open_checkpoint(ft).tensors.values() if len(t.shape) == 2 and t.shape[-1] == cols]
+    assert any(r % 3 for r in rows)
+    written = []
+    monkeypatch.setattr(cv._Sinks, "write", lambda self, t: written.append(t.name))  # pieces never use it
+    kw = dict(mu=0.3, to="gguf", quant="Q8_0,F16,Q4_K_M", with_inferior=True)
+    pieces = convert(ft, inf, tmp_path / "pieces", **kw)
+    assert written == []
+    monkeypatch.undo()
+    monkeypatch.setattr(cv._Sinks, "take_rows", lambda self: False)
+    whole = convert(ft, inf, tmp_path / "whole", **kw)
+    for q in ("Q8_0", "F16", "Q4_K_M"):
+        for role in ("expert", "amateur", "inferior"):
+            assert pieces.gguf(role, q).read_bytes() == whole.gguf(role, q).read_bytes(), (q, role)
+    assert pieces.manifest["sources"] == whole.manifest["sources"]
+
+
 def test_extrapolate_library_call_loads_in_mlx(f32_bundle, pairs, tmp_path):
     import mlx.core as mx
     from mlx_lm import load
@@ -247,6 +273,46 @@ def test_nan_from_extrapolation_leaves_nothing(pairs, tmp_path):
     with pytest.raises(NumericError, match=r"tensor '[\w.]+': extrapolation with mu = 10000000.0 produced"):
         convert(*pairs["f16"], tmp_path / "b", mu=1e7, to="gguf,hf")
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.filterwarnings("ignore::epicode_edge.converters.extrapolate.ExtrapolationWarning")
+@pytest.mark.parametrize("source_quant", ["F16", "Q8_0"])
+def test_gguf_overflow_in_pieces_is_the_whole_tensor_error(pairs, tmp_path, monkeypatch, source_quant):
+    """The error raised in the read-ahead worker, mid-tensor, is the whole-tensor path's, and nothing is left."""
+    import epicode_edge.converters.convert as cv
+    from epicode_edge.converters.gguf import hf_to_gguf
+
+    ft, inf = (hf_to_gguf(p, tmp_path / f"{p.name}.gguf", source_quant) for p in pairs["f16"])
+    monkeypatch.setattr(cv, "PIECE_ELEMENTS", 64)
+    monkeypatch.setattr(cv, "_cores", lambda: 2)
+    mu = 1e7 if source_quant == "F16" else 1e38  # F16 overflows in the formula; float32 only in the encoder
+    with pytest.raises(NumericError) as pieces:
+        convert(ft, inf, tmp_path / "out" / "b", mu=mu, to="gguf", quant="F16")
+    monkeypatch.setattr(cv._Sinks, "take_rows", lambda self: False)
+    with pytest.raises(NumericError) as whole:
+        convert(ft, inf, tmp_path / "out" / "b", mu=mu, to="gguf", quant="F16")
+    assert str(pieces.value) == str(whole.value) and "NaN/Inf" in str(whole.value)
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_read_ahead_hands_over_errors_and_stops_early():
+    from epicode_edge.converters.convert import read_ahead
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"item {i}")
+            yield i
+
+    assert list(read_ahead(items(50), 2)) == list(range(50))
+    with pytest.raises(ValueError, match="item 7"):
+        list(read_ahead(items(50, fail_at=7), 2))
+    source = items(10**9)
+    for i in read_ahead(source, 2):
+        if i == 3:
+            break
+    with pytest.raises(StopIteration):  # the worker stopped and the source was closed
+        next(source)
 
 
 def test_bad_parameters_are_refused_before_reading(pairs, tmp_path):

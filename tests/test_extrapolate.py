@@ -208,3 +208,34 @@ def test_count_nonfinite():
     assert count_nonfinite(x, "F32") == 3
     assert count_nonfinite(x.astype(np.float16), "F16") == 3
     assert count_nonfinite(f32_to_bf16(x), "BF16") == 3
+
+
+def test_pieces_of_rows_hold_the_whole_tensors_values():
+    """iter_expert_rows: pieces of any size (1 value up to more than a tensor) concatenate to iter_expert's
+    tensors, for 0-D, 1-D, 2-D, 3-D and empty tensors."""
+    from epicode_edge.converters.checkpoint import Checkpoint, TensorInfo
+    from epicode_edge.converters.extrapolate import iter_expert_rows
+
+    class Arrays(Checkpoint):
+        def __init__(self, arrays):
+            self.arrays, self.config = arrays, {}
+            self.tensors = {n: TensorInfo(n, "F32", a.shape, a.nbytes) for n, a in arrays.items()}
+
+        def read(self, name):
+            return self.arrays[name]
+
+    rng = np.random.default_rng(0)
+    ft = {"empty": np.zeros((5, 0), np.float32), "scalar": np.float32(3).reshape(()),
+          "vector": rng.standard_normal(7).astype(np.float32), "matrix": rng.standard_normal((10, 4)).astype(np.float32),
+          "cube": rng.standard_normal((3, 4, 8)).astype(np.float32)}
+    inf = {n: a * np.float32(0.5) for n, a in ft.items()}
+    whole = {t.name: t.expert for t in iter_expert(Arrays(ft), Arrays(inf), 0.3)}
+    for n, a in ft.items():
+        assert whole[n].shape == a.shape and np.array_equal(whole[n], a + np.float32(0.3) * (a - inf[n])), n
+    for chunk in (1, 3, 8, 17, 1000):
+        pieces: dict = {}
+        for p in iter_expert_rows(Arrays(ft), Arrays(inf), 0.3, chunk_elements=chunk):
+            assert p.start == sum(len(x) for x in pieces.get(p.name, [])), (p.name, chunk)
+            pieces.setdefault(p.name, []).append(p.expert)
+        for n, a in ft.items():
+            assert np.array_equal(np.concatenate(pieces[n]).reshape(a.shape), whole[n]), (n, chunk)

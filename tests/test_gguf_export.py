@@ -261,6 +261,57 @@ def test_gguf_to_gguf_copy_sink(gguf_file, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in outs.values())
 
 
+def test_copied_metadata_is_what_gguf_py_packs(gguf_file, tmp_path):
+    """copy_metadata writes the source's stored bytes: the same file as gguf-py packing the decoded values."""
+    from epicode_edge.converters.gguf_file import read_header
+
+    h = read_header(gguf_file("qwen2", "Q8_0"))
+    assert len(h.raw["tokenizer.ggml.tokens"]) > 300 and "tokenizer.ggml.merges" in h.raw
+    files = []
+    for writer in (gguf.GGUFWriter, gx._Writer):
+        w = writer(tmp_path / f"{writer.__name__}.gguf", "qwen2")
+        if writer is gx._Writer:
+            gx.copy_metadata(h, w)
+        else:
+            for key, value in h.raw.items():
+                if key not in gx._OWN_KEYS:
+                    vtype, sub = h.types[key]
+                    w.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                                    sub_type=gguf.GGUFValueType(sub) if sub is not None else None)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        files.append((tmp_path / f"{writer.__name__}.gguf").read_bytes())
+    assert files[0] == files[1] and len(files[0]) > 4000
+
+
+def test_copy_sink_rows_in_pieces(gguf_file, tmp_path):
+    """write_rows: pieces of rows in order give write()'s bytes; a gap, an overlap or a wrong width is refused."""
+    from epicode_edge.converters.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(gguf_file("llama", "F32"))
+    whole = gx.gguf_sink_for(ck, tmp_path / "whole.gguf", "Q8_0")
+    pieces = gx.gguf_sink_for(ck, tmp_path / "pieces.gguf", "Q8_0")
+    for n in ck.tensors:
+        x = ck.read_f32(n)
+        whole.write(n, x)
+        rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # (R, C)
+        for i in range(0, len(rows), 7):
+            pieces.write_rows(n, i, rows[i:i + 7])
+    assert pieces.close().read_bytes() == whole.close().read_bytes()
+    sink = gx.gguf_sink_for(ck, tmp_path / "bad.gguf", "Q8_0")
+    rows = ck.read_f32("token_embd.weight")  # (V, C)
+    sink.write_rows("token_embd.weight", 0, rows[:5])
+    for start, piece in ((6, rows[6:9]), (4, rows[4:9]), (5, rows[5:9, :-1]), (5, rows[5:].repeat(2, axis=0))):
+        with pytest.raises(InputError, match="do not continue"):
+            sink.write_rows("token_embd.weight", start, piece)
+    sink.write_rows("token_embd.weight", 5, rows[5:])
+    with pytest.raises(InputError, match="written twice"):
+        sink.write_rows("token_embd.weight", 0, rows[:1])
+    sink.abort()
+    assert not (tmp_path / "bad.gguf").exists()
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 def test_unknown_quant(hf, tmp_path):

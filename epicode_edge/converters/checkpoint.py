@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,11 @@ class Checkpoint:
     def read_f32(self, name: str) -> np.ndarray:
         """One tensor as float32 (dequantized where needed)."""
         raise NotImplementedError
+
+    def decode(self, name: str, stored: np.ndarray) -> np.ndarray:
+        """float32 values (n, C) of rows n of tensor `name` as stored: (n, C) for float types, (n, bytes per
+        row) for GGUF quants (their blocks run along the last dim)."""
+        return to_f32(stored, self.tensors[name].dtype)
 
     def tokenizer_digests(self) -> dict[str, str]:
         """sha256 of each part of the tokenizer (file names for HF, metadata keys for GGUF)."""
@@ -102,7 +108,14 @@ class ContentHasher:
         self._h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
 
     def update(self, info: TensorInfo, array: np.ndarray) -> None:
+        self.begin(info)
+        self.feed(array)
+
+    def begin(self, info: TensorInfo) -> None:
+        """Start a tensor; its stored bytes follow through feed(), in one or more pieces in order."""
         self._h.update(f"{info.name}|{info.dtype}|{list(info.shape)}\n".encode())
+
+    def feed(self, array: np.ndarray) -> None:
         a = np.ascontiguousarray(array)
         if a.size:
             self._h.update(memoryview(a.reshape(-1)).cast("B"))
@@ -261,11 +274,12 @@ class GGUFCheckpoint(Checkpoint):
         self.path = Path(path)
         size = self.path.stat().st_size
         self.header = header = read_header(self.path)  # kept: a GGUF output copies its metadata
-        fields = header.meta
         raw = [(t.name, GGMLQuantizationType(t.ggml_type), tuple(reversed(t.dims)), t.nbytes, t.offset)
                for t in header.tensors]
-        self.tokenizer_fields = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
-        self.config = {k: v for k, v in fields.items() if not k.startswith("tokenizer.")}
+        # the tokenizer's arrays (~100k strings on a real model) are read from the file when asked for
+        self.tokenizer_fields = _Subset(header.meta, [k for k in header.types if k.startswith("tokenizer.")])
+        self.config = {k: header.meta[k] for k in header.types if not k.startswith("tokenizer.")}
+        self._tokenizer_digests: dict[str, str] | None = None
         self.arch = self.config.get("general.architecture") or ""
         if not self.arch:
             raise CheckpointError(f"{self.path}: no general.architecture in GGUF metadata")
@@ -302,9 +316,54 @@ class GGUFCheckpoint(Checkpoint):
         except NotImplementedError:
             raise CheckpointError(f"{self.path}: tensor {name!r}: cannot dequantize type {info.dtype}") from None
 
+    def decode(self, name: str, stored: np.ndarray) -> np.ndarray:
+        info = self.tensors[name]
+        if info.dtype in FLOAT_TAGS:
+            return to_f32(stored, info.dtype)
+        from .gguf_file import dequantize
+
+        cols = info.shape[-1] if info.shape else 1
+        try:
+            return dequantize(stored, int(self._where[name][0]), (stored.shape[0], cols))  # (n, C)
+        except NotImplementedError:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: cannot dequantize type {info.dtype}") from None
+
     def tokenizer_digests(self) -> dict[str, str]:
-        return {k: hashlib.sha256(json.dumps(v, default=str).encode()).hexdigest()
-                for k, v in self.tokenizer_fields.items()}
+        if self._tokenizer_digests is None:  # one key at a time: the decoded arrays are not kept
+            stored = self.header.stored(self.tokenizer_fields)
+            self._tokenizer_digests = {k: _json_digest(self.tokenizer_fields, k, v) for k, v in stored.items()}
+        return dict(self._tokenizer_digests)
+
+
+_JSON_DIGESTS: dict[bytes, str] = {}  # sha256 of a stored value -> sha256 of its JSON (two saves of a run share them)
+
+
+def _json_digest(values: Mapping, key: str, stored: bytes) -> str:
+    """sha256 of a metadata value's JSON, computed once per stored value (decoding 100k strings takes ~0.1 s)."""
+    memo = hashlib.sha256(stored).digest()
+    if memo not in _JSON_DIGESTS:
+        if len(_JSON_DIGESTS) > 64:
+            _JSON_DIGESTS.clear()
+        _JSON_DIGESTS[memo] = hashlib.sha256(json.dumps(values[key], default=str).encode()).hexdigest()
+    return _JSON_DIGESTS[memo]
+
+
+class _Subset(Mapping):
+    """Some keys of a mapping, values looked up when asked for."""
+
+    def __init__(self, values: Mapping, keys: list[str]):
+        self._values, self._keys = values, keys
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
 
 
 def _short(e: BaseException) -> str:

@@ -16,22 +16,26 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import os
+import queue
 import re
 import resource
 import shutil
 import sys
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from ..defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
 from ..errors import BundleError, ParameterError, UnsupportedError
 from .bundle import (LOCK_FILE, Bundle, BundleWriter, build_manifest, file_entry, gguf_relpath, hf_relpath,
                      human_bytes, mlx_relpath, open_bundle)
 from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
-from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, validate_pair
+from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, iter_expert_rows, validate_pair
 from .hf import MAX_SHARD_BYTES, HFSink
 from .safetensors_io import FLOAT_TAGS, to_f32
 
@@ -179,6 +183,17 @@ class _Sinks:
                     sink.write(t.name, x)
                 del x
 
+    def take_rows(self) -> bool:
+        """Whether every sink takes tensors in pieces of rows (GGUF -> GGUF); else whole tensors."""
+        return all(hasattr(sink, "write_rows") for sink in self.all())
+
+    def write_rows(self, p) -> None:
+        for role, array in (("expert", p.expert), ("amateur", p.finetuned), ("inferior", p.inferior)):
+            if self.gguf[role]:
+                x = to_f32(array, p.tag)  # (n, C) f32
+                for sink in self.gguf[role]:
+                    sink.write_rows(p.name, p.start, x)
+
     def abort(self) -> None:
         for sink in self.all():
             try:
@@ -228,18 +243,88 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
     return hf_dirs
 
 
+PIECE_ELEMENTS = 1 << 16  # values per piece of rows when the sinks take pieces: 256 KB per float32 array
+AHEAD = 2  # pieces made ahead by a worker thread (0: no threads)
+
+
 def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progress: ProgressFn | None):
+    """Feed every sink, whole tensors or (GGUF -> GGUF) pieces of rows; progress after each tensor."""
     hashers = (ft.content_hasher(), inf.content_hasher())
     total = ft.nbytes + inf.nbytes
-    n, done = len(ft.tensors), 0
-    for i, t in enumerate(iter_expert(ft, inf, mu, hashers=hashers)):
-        sinks.write(t)
-        name = t.name
-        done += ft.tensors[name].nbytes + inf.tensors[name].nbytes
-        del t  # release this tensor's arrays and maps before the next one
-        if progress:
-            progress(Progress("extrapolate", i + 1, n, done, total, name))
+    n, i, done = len(ft.tensors), 0, 0
+    if sinks.take_rows():  # on several cores, a worker thread makes the pieces while this one encodes them
+        pieces = iter_expert_rows(ft, inf, mu, hashers=hashers, chunk_elements=PIECE_ELEMENTS)
+        for p in read_ahead(pieces, AHEAD) if AHEAD and _cores() > 1 else pieces:
+            sinks.write_rows(p)
+            name, last = p.name, p.start + len(p.expert) >= p.rows
+            del p
+            if last:
+                i, done = _tensor_done(ft, inf, name, i, n, done, total, progress)
+    else:
+        for t in iter_expert(ft, inf, mu, hashers=hashers):
+            sinks.write(t)
+            name = t.name
+            del t  # release this tensor's arrays and maps before the next one
+            i, done = _tensor_done(ft, inf, name, i, n, done, total, progress)
     return hashers[0].hexdigest(), hashers[1].hexdigest()
+
+
+def read_ahead(items: Iterator, depth: int) -> Iterator:
+    """The items of `items`, made by a worker thread up to `depth` ahead of the caller. llama.cpp's (de)quantizers,
+    numpy and hashlib release the GIL, so making piece i+1 overlaps encoding piece i on a second core. The
+    worker's exception is raised here; when the caller stops early, the worker stops after its current item."""
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            put((end, e))
+
+    worker = threading.Thread(target=work, name="epicode-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = box.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+            del item
+    finally:
+        stop.set()
+        worker.join()
+        if hasattr(items, "close"):
+            items.close()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _tensor_done(ft, inf, name, i, n, done, total, progress) -> tuple[int, int]:
+    done += ft.tensors[name].nbytes + inf.tensors[name].nbytes
+    if progress:
+        progress(Progress("extrapolate", i + 1, n, done, total, name))
+    return i + 1, done
 
 
 def _open(source):
@@ -345,7 +430,6 @@ def write_error(e: OSError, bw: BundleWriter, need: int) -> BundleError:
     """One line for an OSError while writing the bundle: what was being written, and for a full disk the
     space the bundle needs and what is free on that device."""
     import errno
-    import os
 
     where = bw.tmp or bw.out.parent
     try:
@@ -399,15 +483,22 @@ def _export_mlx_all(bw, hf_dirs: dict[str, Path], bits, group_size, progress) ->
 
 
 def _file_entries(root: Path, formats, quants, with_inferior, mlx_bits, mlx_group_size) -> dict:
+    """The manifest's file entries; the files are hashed in parallel (hashlib releases the GIL)."""
     roles = _roles(with_inferior)
     files: dict = {}
-    if "gguf" in formats:
-        files["gguf"] = {q: {r: file_entry(root, gguf_relpath(r, q)) for r in roles} for q in quants}
-    if "mlx" in formats:
-        files["mlx"] = {r: file_entry(root, mlx_relpath(r), bits=mlx_bits, group_size=mlx_group_size) for r in roles}
-    if "hf" in formats:
-        files["hf"] = {"expert": file_entry(root, hf_relpath("expert"))}
-    return files
+    with ThreadPoolExecutor(min(_cores(), 4)) as pool:
+        if "gguf" in formats:
+            files["gguf"] = {q: {r: pool.submit(file_entry, root, gguf_relpath(r, q)) for r in roles} for q in quants}
+        if "mlx" in formats:
+            files["mlx"] = {r: pool.submit(file_entry, root, mlx_relpath(r), bits=mlx_bits, group_size=mlx_group_size)
+                            for r in roles}
+        if "hf" in formats:
+            files["hf"] = {"expert": pool.submit(file_entry, root, hf_relpath("expert"))}
+    return {fmt: _results(entries) for fmt, entries in files.items()}
+
+
+def _results(tree):
+    return {k: _results(v) for k, v in tree.items()} if isinstance(tree, dict) else tree.result()
 
 
 def _total_bytes(files: dict) -> int:

@@ -6,6 +6,8 @@ with one rounding. mu is taken as float32. mu = 0 returns the finetuned tensor i
     warnings = validate_pair(ft, inf, mu)        # before any output
     for t in iter_expert(ft, inf, mu):           # one tensor in memory at a time
         sink.write(t.name, t.expert)
+    for p in iter_expert_rows(ft, inf, mu):      # or a few MB of rows at a time
+        sink.write_rows(p.name, p.start, p.expert)
 """
 
 from __future__ import annotations
@@ -142,6 +144,18 @@ def _check_tensors(ft: Checkpoint, inf: Checkpoint) -> None:
             raise MismatchError(f"tensor {name!r}: dtype {a.dtype} in finetuned, {b.dtype} in inferior")
 
 
+class ExpertRows(NamedTuple):
+    """A piece of whole rows of one tensor, the tensor seen as (rows, last dim)."""
+
+    name: str
+    tag: str
+    start: int  # first row of the piece
+    rows: int  # rows of the whole tensor
+    expert: np.ndarray  # (n, C) storage array
+    finetuned: np.ndarray  # (n, C) storage array (float32 for dequantized GGUF types)
+    inferior: np.ndarray  # (n, C)
+
+
 def iter_expert(ft: Checkpoint, inf: Checkpoint, mu, *, hashers: tuple[ContentHasher, ContentHasher] | None = None
                 ) -> Iterator[ExpertTensor]:
     """Stream the expert, one tensor at a time, in finetuned's file order (call validate_pair first).
@@ -150,19 +164,48 @@ def iter_expert(ft: Checkpoint, inf: Checkpoint, mu, *, hashers: tuple[ContentHa
     is float32. `hashers` (finetuned, inferior) are fed each tensor as read, for content hashes.
     Raises NumericError naming the tensor if the expert holds NaN/Inf.
     """
+    for p in iter_expert_rows(ft, inf, mu, hashers=hashers, chunk_elements=None):
+        shape = ft.tensors[p.name].shape
+        yield ExpertTensor(p.name, p.tag, *(a.reshape(shape) for a in (p.expert, p.finetuned, p.inferior)))
+
+
+def iter_expert_rows(ft: Checkpoint, inf: Checkpoint, mu, *, hashers: tuple[ContentHasher, ContentHasher] | None = None,
+                     chunk_elements: int | None = CHUNK) -> Iterator[ExpertRows]:
+    """iter_expert in pieces of whole rows, about chunk_elements values each (None: whole tensors), so that
+    memory is bounded by the piece, not by the largest tensor. Rows are independent: every piece holds
+    exactly the values the whole tensor would. The NumericError is the whole tensor's."""
     mu = check_mu(mu)
     for name, info in ft.tensors.items():
-        if info.dtype in FLOAT_TAGS:
-            tag, a, b = info.dtype, ft.read(name), inf.read(name)
-        else:
-            tag, a, b = "F32", ft.read_f32(name), inf.read_f32(name)
+        tag = info.dtype if info.dtype in FLOAT_TAGS else "F32"
+        n_values = math.prod(info.shape)
+        cols = max(info.shape[-1] if len(info.shape) > 1 else n_values, 1)
+        rows = n_values // cols
+        step = rows if chunk_elements is None else max(1, chunk_elements // cols)
         if hashers:
-            hashers[0].update(info, ft.read(name) if tag != info.dtype else a)
-            hashers[1].update(inf.tensors[name], inf.read(name) if tag != info.dtype else b)
-        expert = extrapolate_tensor(a, b, mu, tag)
-        if count_nonfinite(expert, tag):
-            raise NumericError(_nonfinite_message(name, a, b, expert, tag, mu))
-        yield ExpertTensor(name, tag, expert, a, b)
+            hashers[0].begin(info)
+            hashers[1].begin(inf.tensors[name])
+        whole = _as_rows(ft.read(name), rows), _as_rows(inf.read(name), rows)  # (R, C or bytes per row), mapped
+        for start in range(0, rows, step) if rows else [0]:
+            stored = whole[0][start:start + step], whole[1][start:start + step]
+            if hashers:
+                hashers[0].feed(stored[0])
+                hashers[1].feed(stored[1])
+            a, b = stored if tag == info.dtype else (ft.decode(name, stored[0]), inf.decode(name, stored[1]))
+            expert = extrapolate_tensor(a, b, mu, tag)
+            if count_nonfinite(expert, tag):
+                raise NumericError(_nonfinite_message(name, *_whole(ft, inf, name, tag, mu), tag, mu))
+            yield ExpertRows(name, tag, start, rows, expert, a, b)
+
+
+def _as_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """A stored tensor seen as rows of its last dim (GGUF quant blocks run along it); 1-D: one row."""
+    return a.reshape(rows, a.size // rows if rows else 0)
+
+
+def _whole(ft: Checkpoint, inf: Checkpoint, name: str, tag: str, mu: float):
+    """(finetuned, inferior, expert) of a whole tensor, for the message of a non-finite expert."""
+    a, b = (ft.read(name), inf.read(name)) if tag == ft.tensors[name].dtype else (ft.read_f32(name), inf.read_f32(name))
+    return a, b, extrapolate_tensor(a, b, mu, tag)
 
 
 def _nonfinite_message(name: str, ft: np.ndarray, inf: np.ndarray, expert: np.ndarray, tag: str, mu: float) -> str:

@@ -14,7 +14,8 @@ precision next to the output, then `llama_cpp.llama_model_quantize` (which picks
 back for rows that are not a multiple of the block size, as llama-quantize does). 1-D tensors and norms stay
 F32. Output files appear under their final name only when complete.
 
-`GGUFCopySink` is the same for GGUF inputs: metadata copied from the source GGUF, tensors in GGUF naming.
+`GGUFCopySink` is the same for GGUF inputs: metadata copied from the source GGUF, tensors in GGUF naming,
+whole (`write`) or in pieces of rows (`write_rows`, in order), with the same bytes.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def count_nonfinite_encoded(encoded: np.ndarray, qtype: Q) -> int:
         blocks = encoded.view(np.uint8).reshape(-1, size)  # (blocks, bytes)
         bad = np.zeros(len(blocks), dtype=bool)
         for off in _F16_SCALES[qtype]:
-            scale = np.ascontiguousarray(blocks[:, off:off + 2]).view(np.float16).reshape(-1)  # (blocks,)
-            bad |= ~np.isfinite(scale)
+            scale = blocks[:, off:off + 2].view("<u2")[:, 0]  # (blocks,) f16 bits, strided: no copy
+            bad |= (scale & 0x7C00) == 0x7C00  # exponent all ones: Inf or NaN
         return int(block * np.count_nonzero(bad))
     return 0
 
@@ -128,10 +129,11 @@ class _StreamingGGUF:
         self._part = self.out_path.with_name(self.out_path.name + ".part")
         self._inter = self.out_path.with_name(self.out_path.name + ".unquantized.part")
         self._path = self._inter if self.direct_type is None else self._part
-        self.writer = gguf.GGUFWriter(self._path, arch_name)
+        self.writer = _Writer(self._path, arch_name)
         self.plan: dict[str, tuple[tuple[int, ...], Q]] = {}
         self._written: set[str] = set()
         self._offsets: dict[str, int] = {}
+        self._rows_done: dict[str, tuple[int, int]] = {}  # tensor in progress -> (rows written, NaN/Inf seen)
         self._closed = False
 
     # -- planning
@@ -176,29 +178,46 @@ class _StreamingGGUF:
 
     # -- data
     def _write_gguf(self, gguf_name: str, x: np.ndarray) -> None:
-        shape, qtype = self.plan[gguf_name]
+        """Write one whole tensor (float32, its numpy shape)."""
+        shape, _ = self.plan[gguf_name]
         if gguf_name in self._written:
             raise InputError(f"tensor {gguf_name!r} written twice to {self.out_path.name}")
         if tuple(x.shape) != tuple(shape):
             raise InputError(f"tensor {gguf_name!r}: shape {tuple(x.shape)} != planned {tuple(shape)}")
-        fout = self.writer.fout[0]
-        fout.seek(self._data_start + self._offsets[gguf_name])
         rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # (R, C)
-        step = max(1, _CHUNK_ELEMENTS // rows.shape[1])  # encode a few MB at a time: bounded extra memory
-        bad = 0
-        for i in range(0, rows.shape[0], step):
-            chunk = np.ascontiguousarray(rows[i:i + step], dtype=np.float32)
-            encoded = quantize_rows(chunk, qtype)  # (rows, bytes) uint8: llama.cpp's encoder
-            bad += count_nonfinite_encoded(encoded, qtype)
-            try:
-                encoded.tofile(fout)
-            except OSError as e:  # e.g. a full disk: say which file (numpy's error names none)
-                e.filename = e.filename or str(self.out_path)
-                raise
+        step = max(1, _CHUNK_ELEMENTS // max(rows.shape[1], 1))  # encode a few MB at a time: bounded extra memory
+        for i in range(0, rows.shape[0], step) if rows.shape[0] else [0]:
+            self._write_rows(gguf_name, i, rows[i:i + step])
+
+    def _write_rows(self, gguf_name: str, start: int, rows: np.ndarray) -> None:
+        """Write rows start:start+n (float32, (n, C)) of a tensor seen as (rows, last dim); a tensor's pieces
+        come in order, and its NaN/Inf check is made when the last one is written."""
+        shape, qtype = self.plan[gguf_name]
+        n_rows, cols = _rows_cols(shape)
+        done, bad = self._rows_done.get(gguf_name, (0, 0))
+        if gguf_name in self._written:
+            raise InputError(f"tensor {gguf_name!r} written twice to {self.out_path.name}")
+        if start != done or rows.ndim != 2 or rows.shape[1] != cols or start + rows.shape[0] > n_rows:
+            raise InputError(f"tensor {gguf_name!r}: rows {start}:{start + rows.shape[0]} of shape {tuple(rows.shape)} "
+                             f"do not continue rows 0:{done} of planned {tuple(shape)}")
+        fout = self.writer.fout[0]
+        fout.seek(self._data_start + self._offsets[gguf_name] + start * _nbytes((cols,), qtype))
+        encoded = quantize_rows(np.ascontiguousarray(rows, dtype=np.float32), qtype)  # (n, bytes) uint8: llama.cpp's encoder
+        bad += count_nonfinite_encoded(encoded, qtype)
+        try:
+            fout.write(np.ascontiguousarray(encoded).data)  # (numpy's tofile costs ~10 us more per call)
+        except OSError as e:  # e.g. a full disk: say which file
+            e.filename = e.filename or str(self.out_path)
+            raise
+        done += rows.shape[0]
+        self._rows_done[gguf_name] = (done, bad)
+        if done < n_rows:
+            return
         if bad:
             raise NumericError(f"tensor {gguf_name!r}: {bad} values are NaN/Inf as {qtype.name} in {self.out_path.name} "
                                f"(out of that type's range: use a smaller mu, or quant F32)")
         self._written.add(gguf_name)
+        del self._rows_done[gguf_name]
 
     def close(self) -> Path:
         """Finish the file (quantize with llama.cpp if asked) and move it to its final name."""
@@ -343,6 +362,13 @@ class GGUFCopySink(_StreamingGGUF):
         if gguf_name not in self.plan:
             raise InputError(f"tensor {gguf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
         self._write_gguf(gguf_name, x)
+
+    def write_rows(self, gguf_name: str, start: int, rows: np.ndarray) -> None:
+        """Rows start:start+n of a tensor seen as (rows, last dim), float32 (n, C); pieces of one tensor in
+        order (iter_expert_rows gives them so). Bytes are those write() gives for the whole tensor."""
+        if gguf_name not in self.plan:
+            raise InputError(f"tensor {gguf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
+        self._write_rows(gguf_name, start, rows)
 
 
 def gguf_sink_for(checkpoint, out_path, quant: str):
@@ -495,6 +521,13 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ GGUF helpers
 
+def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, C) of a tensor seen as rows of its last dim; a 1-D (or 0-D) tensor is one row."""
+    n = math.prod(shape)
+    cols = shape[-1] if len(shape) > 1 else n
+    return (n // cols if cols else 0), cols
+
+
 def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     n = int(np.prod(shape, dtype=np.int64))
@@ -513,14 +546,30 @@ _OWN_KEYS = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
              gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.ALIGNMENT}
 
 
-def copy_metadata(header: Header, w: gguf.GGUFWriter) -> None:
-    """Every key/value of the source GGUF (strings as their stored bytes) except the ones the writer owns."""
-    for key, value in header.raw.items():
-        if key in _OWN_KEYS:
-            continue
+def copy_metadata(header: Header, w: "_Writer") -> None:
+    """Every key/value of the source GGUF except the ones the writer owns, as their stored bytes (which are
+    what gguf-py packs from the decoded values: tested)."""
+    keys = [k for k in header.types if k not in _OWN_KEYS]
+    for key, stored in header.stored(keys).items():
         vtype, sub = header.types[key]
-        w.add_key_value(key, value, gguf.GGUFValueType(vtype),
+        w.add_key_value(key, _Stored(stored), gguf.GGUFValueType(vtype),
                         sub_type=gguf.GGUFValueType(sub) if sub is not None else None)
+
+
+class _Stored(bytes):
+    """A metadata value as a GGUF file stores it: type field and payload."""
+
+
+class _Writer(gguf.GGUFWriter):
+    """gguf-py's writer; a _Stored value is written as is, not packed again element by element (a real
+    vocabulary and its merges are ~300k values: 0.3 s per file in gguf-py's packer). This hooks the packer
+    that gguf-py's write_kv_data_to_file calls once per value (test_copied_metadata_is_what_gguf_py_packs
+    fails if a gguf-py release stops doing so)."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        if isinstance(val, _Stored) and add_vtype:
+            return bytes(val)
+        return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
 
 
 def llama_quantize(src: Path, dst: Path, file_type: FT, nthread: int = 0) -> None:

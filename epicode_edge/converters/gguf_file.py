@@ -2,9 +2,9 @@
 
 gguf-py's GGUFReader parses every element of every metadata array through numpy views: ~10-25 s for the
 49k-token vocabulary and merges of a real model, before one tensor is read. `read_header` parses the same
-header with struct from a memory map (a few hundred ms): `meta` holds the values GGUFReader's `contents()`
-gives, `raw` the same with strings as their stored bytes and `types` each key's (type, array element type),
-for copying metadata exactly.
+header with struct from a memory map (tens of ms: arrays are walked over, and parsed only when asked for):
+`meta` holds the values GGUFReader's `contents()` gives, `raw` the same with strings as their stored bytes,
+`types` each key's (type, array element type), and `stored()` the values' bytes, for copying metadata exactly.
 
 `dequantize` and `quantize` convert between float32 and a ggml type with llama.cpp's own code (the type
 traits' `to_float`, `ggml_quantize_chunk`, through the library llama-cpp-python ships), checked against
@@ -15,8 +15,11 @@ that library is missing.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import mmap
+import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +36,67 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
 STRING, ARRAY = 8, 9
 
 
-@dataclass
 class Header:
-    raw: dict                 # key -> value, strings as bytes
-    types: dict               # key -> (GGUF value type, element type of an array or None)
-    tensors: list             # TensorEntry, in file order
+    """A GGUF file's metadata and tensor directory.
 
-    @property
-    def meta(self) -> dict:
-        """key -> value with strings decoded (as gguf-py's contents())."""
-        return {k: _decoded(v) for k, v in self.raw.items()}
+    Scalars and strings are parsed at open; arrays (the tokenizer's vocabulary, merges, scores: ~100k
+    elements on a real model) only when asked for, from the file, and not kept: `raw` and `meta` are
+    read-only mappings. `stored(keys)` gives values as the file stores them, for copying them exactly.
+    """
+
+    def __init__(self, path: Path, types: dict, spans: dict, scalars: dict, tensors: list):
+        self.path = path
+        self.types = types        # key -> (GGUF value type, element type of an array or None)
+        self.spans = spans        # key -> (start, stop): the value in the file, its type field included
+        self._scalars = scalars   # key -> value, for all but arrays (strings as bytes)
+        self.tensors = tensors    # TensorEntry, in file order
+        self.raw = _Values(self, decode=False)   # key -> value, strings as bytes
+        self.meta = _Values(self, decode=True)   # key -> value with strings decoded (as gguf-py's contents())
+
+    def _value(self, key: str, decode: bool):
+        if key in self._scalars:
+            return _decoded(self._scalars[key]) if decode else self._scalars[key]
+        start, stop = self.spans[key]  # KeyError for an absent key
+        data = _read_bytes(self.path, start, stop)
+        return _Cursor(memoryview(data), self.path).value(decode=decode)
+
+    def stored(self, keys) -> dict[str, bytes]:
+        """key -> the value's bytes in the file (type field and payload), read in one go."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        lo, hi = min(self.spans[k][0] for k in keys), max(self.spans[k][1] for k in keys)
+        data = _read_bytes(self.path, lo, hi)
+        return {k: data[self.spans[k][0] - lo:self.spans[k][1] - lo] for k in keys}
+
+
+class _Values(Mapping):
+    def __init__(self, header: Header, decode: bool):
+        self._header, self._decode = header, decode
+
+    def __getitem__(self, key):
+        return self._header._value(key, self._decode)
+
+    def __iter__(self):
+        return iter(self._header.types)
+
+    def __len__(self):
+        return len(self._header.types)
+
+    def __contains__(self, key):
+        return key in self._header.types
+
+
+def _read_bytes(path: Path, start: int, stop: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(stop - start)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) != stop - start:
+        raise CheckpointError(f"{path}: changed while being read (metadata at byte {start})")
+    return data
 
 
 def _decoded(v):
@@ -85,7 +139,12 @@ class _Cursor:
         self.pos += n
         return s
 
-    def value(self, vtype: int, types: list | None = None):
+    def value(self, vtype: int | None = None, types: list | None = None, parse: bool = True, decode: bool = False):
+        """The value at the cursor, of type vtype (None: read from the type field at the cursor); with
+        parse=False an array is only walked over (its elements checked to fit) and None returned; decode:
+        strings inside arrays as str (UTF-8, errors replaced), else bytes."""
+        if vtype is None:
+            vtype = self.scalar("<I")
         if vtype in _SCALAR:
             return self.scalar(_SCALAR[vtype])
         if vtype == STRING:
@@ -97,16 +156,35 @@ class _Cursor:
             if etype in _NUMPY:
                 dt = np.dtype(_NUMPY[etype]).newbyteorder("<")
                 self.need(count * dt.itemsize)
-                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
-                self.pos += count * dt.itemsize
-                return arr.tolist()
+                pos, self.pos = self.pos, self.pos + count * dt.itemsize
+                return np.frombuffer(self.buf, dtype=dt, count=count, offset=pos).tolist() if parse else None
             if etype == STRING:
                 self.need(count * 8)  # at least a length per element
-                return [self.string() for _ in range(count)]
+                return self._strings(count, parse, decode)
             if etype == ARRAY:
-                return [self.value(ARRAY) for _ in range(count)]
+                items = [self.value(ARRAY, parse=parse, decode=decode) for _ in range(count)]
+                return items if parse else None
         raise CheckpointError(f"{self.path}: corrupted GGUF file (unknown metadata value type {vtype} at byte "
                               f"{self.pos})")
+
+    def _strings(self, count: int, parse: bool, decode: bool) -> list | None:
+        """count strings (u64 length + bytes each): the list, or None after checking they fit (parse=False)."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, struct.Struct("<Q").unpack_from
+        out = [] if parse else None
+        for _ in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8)  # raises, naming the byte
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > size - pos:
+                self.pos = pos
+                self.need(n)
+            if parse:
+                out.append(str(buf[pos:pos + n], "utf-8", "replace") if decode else bytes(buf[pos:pos + n]))
+            pos += n
+        self.pos = pos
+        return out
 
 
 def read_header(path) -> Header:
@@ -126,12 +204,15 @@ def read_header(path) -> Header:
                 version, n_tensors, n_kv = c.scalar("<I"), c.scalar("<Q"), c.scalar("<Q")
                 if version not in (2, 3):
                     raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-                meta, types = {}, {}
+                scalars, types, spans = {}, {}, {}
                 for _ in range(n_kv):
                     key = c.string().decode("utf-8", errors="replace")
+                    start = c.pos
                     vtype, sub = c.scalar("<I"), []
-                    meta[key] = c.value(vtype, sub)
-                    types[key] = (vtype, sub[0] if sub else None)
+                    value = c.value(vtype, sub, parse=False)
+                    if vtype != ARRAY:
+                        scalars[key] = value
+                    types[key], spans[key] = (vtype, sub[0] if sub else None), (start, c.pos)
                 raw = []
                 for _ in range(n_tensors):
                     name = c.string().decode("utf-8", errors="replace")
@@ -140,7 +221,7 @@ def read_header(path) -> Header:
                         raise CheckpointError(f"{path}: corrupted GGUF file (tensor {name!r} has {n_dims} dims)")
                     dims = tuple(c.scalar("<Q") for _ in range(n_dims))
                     raw.append((name, dims, c.scalar("<I"), c.scalar("<Q")))
-                align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+                align = scalars.get("general.alignment", DEFAULT_ALIGNMENT)
                 if not isinstance(align, int) or align <= 0 or align & (align - 1):
                     raise CheckpointError(f"{path}: corrupted GGUF file (general.alignment {align!r})")
                 data_start = -(-c.pos // align) * align
@@ -166,7 +247,7 @@ def read_header(path) -> Header:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {offset + nbytes}, "
                                   f"file has {size}")
         tensors.append(TensorEntry(name, dims, gtype, offset, nbytes))
-    return Header(meta, types, tensors)
+    return Header(path, types, spans, scalars, tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,23 +266,39 @@ _native: dict = {}
 
 
 def _ggml_base():
-    """llama.cpp's ggml base library as shipped by llama-cpp-python, or None."""
+    """llama.cpp's ggml base library as shipped by llama-cpp-python, or None. Found where llama_cpp loads its
+    libraries from (LLAMA_CPP_LIB_PATH, else the package's lib/) without importing llama_cpp, which would
+    load libllama and the CPU backend too (~6 MB of private memory, ~0.1 s) for a few pure functions."""
     if "lib" not in _native:
         _native["lib"] = None
-        try:
-            import llama_cpp.llama_cpp as lowlevel
-
-            folder = Path(lowlevel._lib._name).parent
+        for folder in _llama_cpp_lib_folders():
             for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
                 if (folder / name).is_file():
-                    lib = ctypes.CDLL(str(folder / name))
-                    lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
-                    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+                    try:
+                        lib = ctypes.CDLL(str(folder / name))
+                        lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
+                        lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+                    except (OSError, AttributeError):
+                        continue
                     _native["lib"] = lib
-                    break
-        except (ImportError, OSError, AttributeError):
-            pass
+                    return lib
     return _native["lib"]
+
+
+def _llama_cpp_lib_folders():
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        yield Path(override)
+        return
+    spec = importlib.util.find_spec("llama_cpp")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        yield Path(location) / "lib"
+    try:  # another layout: next to the library the binding loaded
+        import llama_cpp.llama_cpp as lowlevel
+
+        yield Path(lowlevel._lib._name).parent
+    except (ImportError, OSError, AttributeError):
+        pass
 
 
 def native_to_float(ggml_type: int):
@@ -242,7 +339,9 @@ def quantize(rows: np.ndarray, ggml_type: int) -> np.ndarray:
     if qtype == GGMLQuantizationType.F32:
         return np.ascontiguousarray(rows, dtype=np.float32).view(np.uint8)
     block, type_size = GGML_QUANT_SIZES[qtype]
-    fn = _native.setdefault("quantize_chunk", _native_quantize_chunk())
+    if "quantize_chunk" not in _native:
+        _native["quantize_chunk"] = _native_quantize_chunk()
+    fn = _native["quantize_chunk"]
     if fn is None or native_to_float(ggml_type) is None or rows.shape[-1] % block:
         from gguf.quants import quantize as numpy_quantize
 
