@@ -4,6 +4,7 @@
     python bench/convert.py --to hf --repeat 3      # medians of 3 runs
     python bench/convert.py --layers 22             # a ~2.2 GB checkpoint
     python bench/convert.py --gguf model.gguf --to gguf --quant Q8_0   # a GGUF input (as both checkpoints)
+    python bench/convert.py --to hf --mergekit /tmp/mk/bin/mergekit-yaml --repeat 3   # with the anchor row
 
 The pair (a wide Llama: hidden 2048, 16 heads / 4 KV heads, MLP 5632, vocab 16384, untied; bf16; shards
 of ~300 MB with an index) is written chunk by chunk into a temporary folder, deleted at the end. Each
@@ -15,7 +16,9 @@ convert runs in a child process that the parent polls through /proc/PID/status e
 Streaming means private memory stays far below the input size (the target is < 25% of one checkpoint).
 Input reads come from the page cache unless --drop-caches (root) empties it first. "wall" is the convert()
 call in the child (imports and interpreter start not counted); MB/s is input bytes (finetuned + inferior)
-over that time. For a GGUF input the peak is also given above the child's private memory at start
+over that time. The anchor, when mergekit is installed (its own venv: it pins torch and transformers), is
+mergekit's linear merge of the same pair (weights 1 + mu and -mu), timed as a whole process as ours is in
+its row (interpreter start and imports included), with time and private-memory ratios. For a GGUF input the peak is also given above the child's private memory at start
 (interpreter + numpy + gguf-py + epicode_edge imports): what the conversion itself adds.
 """
 
@@ -39,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 CHUNK_ROWS_BYTES = 16 << 20  # the generator writes 16 MB pieces
+MU = 0.3
 
 
 def wide_llama(layers: int) -> dict:
@@ -129,22 +133,91 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def run_child(ft: Path, inf: Path, out: Path, to: str, quant: str) -> dict:
-    """convert() in a child process polled every 10 ms; returns the child's own timing + memory peaks."""
-    args = json.dumps({"ft": str(ft), "inf": str(inf), "out": str(out), "to": to, "quant": quant})
-    proc = subprocess.Popen([sys.executable, __file__, "--child", args], stdout=subprocess.PIPE, text=True)
-    peak_anon = peak_hwm = base_anon = 0
+def poll(proc) -> tuple[int, int]:
+    """Wait for a child, reading /proc every 10 ms: (peak RssAnon, peak VmHWM) seen."""
+    peak_anon = peak_hwm = 0
     while proc.poll() is None:
         s = _status(proc.pid)
         peak_anon = max(peak_anon, s.get("RssAnon", 0))
         peak_hwm = max(peak_hwm, s.get("VmHWM", 0))
         time.sleep(0.01)
+    return peak_anon, peak_hwm
+
+
+def run_child(ft: Path, inf: Path, out: Path, to: str, quant: str) -> dict:
+    """convert() in a child process polled every 10 ms; returns the child's own timing + memory peaks, and the
+    child's whole wall time (interpreter start and imports included: what the mergekit anchor is timed on)."""
+    args = json.dumps({"ft": str(ft), "inf": str(inf), "out": str(out), "to": to, "quant": quant})
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", args], stdout=subprocess.PIPE, text=True)
+    peak_anon, peak_hwm = poll(proc)
+    process_s = time.perf_counter() - t0
     stdout = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}): {stdout}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result.update(peak_rss=max(peak_hwm, result["vm_hwm"]), peak_anon=max(peak_anon, result["anon_end"]))
+    result.update(peak_rss=max(peak_hwm, result["vm_hwm"]), peak_anon=max(peak_anon, result["anon_end"]),
+                  process_s=process_s)
     return result
+
+
+def mergekit_config(ft: Path, inf: Path, mu: float) -> str:
+    """mergekit's linear merge with weights 1 + mu and -mu, not normalised: ft + mu * (ft - inf), the expert;
+    computed in float32 and written as bf16, as our --to hf writes a bf16 pair."""
+    return (f"merge_method: linear\nparameters:\n  normalize: false\ndtype: float32\nout_dtype: bfloat16\n"
+            f"models:\n  - model: {ft}\n    parameters:\n      weight: {1 + mu}\n"
+            f"  - model: {inf}\n    parameters:\n      weight: {-mu}\n")
+
+
+def run_mergekit(exe: str, ft: Path, inf: Path, out: Path, mu: float) -> dict:
+    """The anchor: `mergekit-yaml` on the same pair in a child polled like ours (its whole process is timed)."""
+    cfg = out.parent / "mergekit.yml"
+    cfg.write_text(mergekit_config(ft, inf, mu))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([exe, str(cfg), str(out), "--copy-tokenizer", "--quiet"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    peak_anon, peak_hwm = poll(proc)
+    seconds = time.perf_counter() - t0
+    err = proc.stderr.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"mergekit failed ({proc.returncode}): {err[-2000:]}")
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return {"process_s": seconds, "peak_anon": peak_anon, "peak_rss": peak_hwm, "output_bytes": size}
+
+
+def same_expert(ours: Path, theirs: Path) -> float:
+    """max |difference| between our expert's tensors and mergekit's (both bf16): 0 when the two merges agree."""
+    from epicode_edge.converters.checkpoint import open_checkpoint
+
+    worst = 0.0
+    with open_checkpoint(ours) as a, open_checkpoint(theirs) as b:
+        for name in a.tensors:
+            worst = max(worst, float(np.abs(a.read_f32(name) - b.read_f32(name)).max()))
+    return worst
+
+
+def bench_mergekit(a, exe: str, tmp: Path, one: int) -> None:
+    """Ours (--to hf, bf16 out) against mergekit's linear merge on the same pair, runs interleaved."""
+    ours, theirs = [], []
+    for _ in range(a.repeat):
+        for path in (tmp / "bundle", tmp / "mergekit"):
+            shutil.rmtree(path, ignore_errors=True)
+        ours.append(run_child(tmp / "finetuned", tmp / "inferior", tmp / "bundle", "hf", "F16"))
+        theirs.append(run_mergekit(exe, tmp / "finetuned", tmp / "inferior", tmp / "mergekit", MU))
+    from epicode_edge.converters.bundle import open_bundle
+
+    diff = same_expert(open_bundle(tmp / "bundle").hf("expert"), tmp / "mergekit")
+    m = {k: statistics.median(r[k] for r in theirs) for k in ("process_s", "peak_anon")}
+    o = {k: statistics.median(r[k] for r in ours) for k in ("process_s", "peak_anon")}
+    print(f"anchor: mergekit linear merge (weights {1 + MU:g}, {-MU:g}; float32 math, bf16 out; median of "
+          f"{len(theirs)}): whole process {m['process_s']:.1f} s, wrote {theirs[0]['output_bytes'] / 1e9:.2f} GB "
+          f"(the expert), peak private {m['peak_anon'] / 1e6:.0f} MB = {100 * m['peak_anon'] / one:.1f}% of one "
+          f"checkpoint")
+    print(f"ours --to hf, whole process: {o['process_s']:.1f} s (time ratio ours/mergekit "
+          f"{statistics.median(r['process_s'] / t['process_s'] for r, t in zip(ours, theirs)):.2f}), wrote "
+          f"{ours[0]['output_bytes'] / 1e9:.2f} GB (expert + amateur), peak private {o['peak_anon'] / 1e6:.0f} MB "
+          f"(ratio {statistics.median(r['peak_anon'] / t['peak_anon'] for r, t in zip(ours, theirs)):.2f}); "
+          f"our expert vs mergekit's: max |difference| {diff:.3g}")
 
 
 def child(spec: str) -> None:
@@ -153,7 +226,7 @@ def child(spec: str) -> None:
     a = json.loads(spec)
     before = _status(os.getpid())
     t0 = time.perf_counter()
-    b = convert(a["ft"], a["inf"], a["out"], mu=0.3, to=a["to"], quant=a["quant"])
+    b = convert(a["ft"], a["inf"], a["out"], mu=MU, to=a["to"], quant=a["quant"])
     seconds = time.perf_counter() - t0
     s = _status(os.getpid())
     print(json.dumps({"seconds": seconds, "vm_hwm": s["VmHWM"], "anon_end": s["RssAnon"],
@@ -190,6 +263,9 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="where to write the checkpoints (default: system temp)")
     ap.add_argument("--gguf", type=Path, default=None,
                     help="convert this GGUF file (as finetuned and inferior) instead of a generated pair")
+    ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
+                    help="mergekit-yaml to run as the anchor (default: on PATH; not a dependency: "
+                         "python -m venv /tmp/mk && /tmp/mk/bin/pip install mergekit)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -226,6 +302,10 @@ def main() -> None:
                   f"peak private (RssAnon) {med['peak_anon'] / 1e6:.0f} MB = "
                   f"{100 * med['peak_anon'] / one:.1f}% of one checkpoint, {100 * med['peak_anon'] / read:.1f}% "
                   f"of the input read (interpreter + imports at start: {runs[0]['anon_start'] / 1e6:.0f} MB)")
+        if a.mergekit:
+            bench_mergekit(a, a.mergekit, tmp, one)
+        else:
+            print("anchor: mergekit not found (--mergekit PATH, or mergekit-yaml on PATH): no ratio row")
         shutil.rmtree(tmp / "bundle", ignore_errors=True)
 
 
