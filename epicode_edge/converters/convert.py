@@ -184,11 +184,13 @@ class _Sinks:
                 del x
 
     def take_rows(self) -> bool:
-        """Whether every sink takes tensors in pieces of rows (GGUF -> GGUF); else whole tensors."""
+        """Whether every sink takes tensors in pieces of rows (GGUF inputs); else whole tensors."""
         return all(hasattr(sink, "write_rows") for sink in self.all())
 
     def write_rows(self, p) -> None:
         for role, array in (("expert", p.expert), ("amateur", p.finetuned), ("inferior", p.inferior)):
+            if role in self.hf:
+                self.hf[role].write_rows(p.name, p.start, array)
             if self.gguf[role]:
                 x = to_f32(array, p.tag)  # (n, C) f32
                 for sink in self.gguf[role]:

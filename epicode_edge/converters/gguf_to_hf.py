@@ -189,6 +189,8 @@ class GGUFToHFSink:
         self.plan = plan or hf_plan(ckpt)
         self.out_dir = Path(out_dir)
         self._sink = HFSink(out_dir, self.plan.config, self.plan.tensors, None, max_shard_bytes)
+        self._shapes = {t.name: t.shape for t in self.plan.tensors}
+        self._held: list[np.ndarray] = []  # q/k rows waiting to make whole heads
 
     def write(self, gguf_name: str, array: np.ndarray) -> None:
         hf_name = self.plan.names[gguf_name]
@@ -197,6 +199,37 @@ class GGUFToHFSink:
         elif self.plan.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             array = unpermute_qk(array, self.plan.n_head_kv)
         self._sink.write(hf_name, array)
+
+    def write_rows(self, gguf_name: str, start: int, rows: np.ndarray) -> None:
+        """Rows start:start+n of a tensor seen as (rows, last dim), pieces of one tensor in order (the pass's
+        pieces): written as they come, except that Llama's q/k rows wait until they make whole heads (the row
+        order is undone per head). Bytes are those write() gives for the whole tensor."""
+        hf_name = self.plan.names[gguf_name]
+        shape = self._shapes[hf_name]
+        n_head = self._qk_heads(hf_name)
+        if n_head is None:
+            self._sink.write_part(hf_name, rows)  # C-order bytes: the shape of the piece does not matter
+            return
+        if len(shape) == 1:  # a q/k bias is one row: whole
+            self._sink.write_part(hf_name, unpermute_qk(rows.reshape(shape), n_head))
+            return
+        if start == 0:
+            self._held = []
+        self._held.append(rows)
+        per_head = shape[0] // n_head
+        held = sum(len(r) for r in self._held)
+        if held >= per_head:
+            block = np.concatenate(self._held) if len(self._held) > 1 else self._held[0]
+            k = held // per_head * per_head
+            self._sink.write_part(hf_name, unpermute_qk(block[:k], k // per_head))
+            self._held = [block[k:]] if k < held else []
+
+    def _qk_heads(self, hf_name: str) -> int | None:
+        if self.plan.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            return self.plan.n_head
+        if self.plan.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            return self.plan.n_head_kv
+        return None
 
     def close(self) -> Path:
         out = self._sink.close()

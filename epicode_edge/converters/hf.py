@@ -71,6 +71,14 @@ class HFSink:
         self._writer.write(name, array)
         self._left -= 1
 
+    def write_part(self, name: str, piece: np.ndarray) -> None:
+        """The next piece of a tensor (split along its first axis; pieces in order), so that the writer never
+        holds the whole tensor; the bytes are those write() gives."""
+        if self._left == 0:
+            self._next_shard()
+        if self._writer.write_part(name, piece):
+            self._left -= 1
+
     def close(self) -> Path:
         """Finish the last shard, write index (if sharded), config and tokenizer files."""
         if self._shard < len(self.shards) - 1 or self._left:

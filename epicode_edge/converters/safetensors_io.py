@@ -200,6 +200,27 @@ class SafetensorsWriter:
             raise
         self._next += 1
 
+    def write_part(self, name: str, piece: np.ndarray) -> bool:
+        """The next C-order piece of tensor `name` (split along its first axis), pieces in order; True when it
+        completes the tensor. The first piece of a tensor must be the declared next one."""
+        want, tag, shape, nbytes = self._order[self._next]
+        if name != want:
+            raise ValueError(f"tensor {name!r} written out of order (expected {want!r})")
+        a = np.ascontiguousarray(piece, dtype=STORAGE[tag])
+        self._part = getattr(self, "_part", 0) + a.nbytes
+        if self._part > nbytes:
+            raise ValueError(f"tensor {name!r}: {self._part} bytes written, {nbytes} declared")
+        try:
+            self._f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+        except OSError as e:
+            e.filename = e.filename or str(self.path)
+            raise
+        if self._part < nbytes:
+            return False
+        self._part = 0
+        self._next += 1
+        return True
+
     def write_chunks(self, name: str, chunks) -> None:
         """Like write, from an iterable of C-order pieces (the tensor split along its first axis),
         so that a writer never holds a whole tensor."""
