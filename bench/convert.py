@@ -4,7 +4,7 @@
     python bench/convert.py --to hf --repeat 3      # medians of 3 runs
     python bench/convert.py --layers 22             # a ~2.2 GB checkpoint
     python bench/convert.py --gguf model.gguf --to gguf --quant Q8_0   # a GGUF input (as both checkpoints)
-    python bench/convert.py --to hf --mergekit /tmp/mk/bin/mergekit-yaml --repeat 3   # with the anchor row
+    python bench/convert.py --to hf --mergekit mk/bin/mergekit-yaml --repeat 3   # with the anchor row
 
 The pair (a wide Llama: hidden 2048, 16 heads / 4 KV heads, MLP 5632, vocab 16384, untied; bf16; shards
 of ~300 MB with an index) is written chunk by chunk into a temporary folder, deleted at the end. Each
@@ -272,7 +272,7 @@ def main() -> None:
                     help="convert this GGUF file (as finetuned and inferior) instead of a generated pair")
     ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
                     help="mergekit-yaml to run as the anchor (default: on PATH; not a dependency: "
-                         "python -m venv /tmp/mk && /tmp/mk/bin/pip install mergekit)")
+                         "python -m venv mk && mk/bin/pip install mergekit)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

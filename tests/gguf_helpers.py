@@ -46,3 +46,24 @@ def mlx_load_f32(path):
     model, tok = mlx_lm.load(str(path))
     model.set_dtype(mx.float32)
     return model, tok
+
+
+def convert_in_pieces_and_whole(ft, inf, out, monkeypatch, **kw):
+    """convert() of GGUF inputs twice: in pieces of 3 rows (the whole-tensor write never called), then with the
+    whole-tensor path forced. Returns the (pieces, whole) bundles, to be compared byte for byte."""
+    import epicode_edge.converters.convert as cv
+    from epicode_edge.converters.checkpoint import open_checkpoint
+
+    tensors = open_checkpoint(ft).tensors
+    cols = tensors["token_embd.weight"].shape[-1]
+    assert any(t.shape[0] % 3 for t in tensors.values() if len(t.shape) == 2)  # pieces that cut tensors unevenly
+    written = []
+    with monkeypatch.context() as m:
+        m.setattr(cv, "PIECE_ELEMENTS", 3 * cols)
+        m.setattr(cv._Sinks, "write", lambda self, t: written.append(t.name))  # pieces never use it
+        pieces = cv.convert(ft, inf, out / "pieces", **kw)
+    assert written == []
+    with monkeypatch.context() as m:
+        m.setattr(cv._Sinks, "take_rows", lambda self: False)
+        whole = cv.convert(ft, inf, out / "whole", **kw)
+    return pieces, whole

@@ -147,22 +147,12 @@ def test_gguf_inputs_give_the_same_expert_as_hf_inputs(f32_bundle, pairs, tmp_pa
 def test_gguf_inputs_in_pieces_of_rows_give_the_whole_tensor_bytes(pairs, tmp_path, monkeypatch, source_quant):
     """GGUF -> GGUF streams pieces of rows: with pieces of 3 rows (most row counts not a multiple of 3), the
     files and the input hashes are byte for byte those of the whole-tensor path."""
-    import epicode_edge.converters.convert as cv
     from epicode_edge.converters.gguf import hf_to_gguf
+    from gguf_helpers import convert_in_pieces_and_whole
 
     ft, inf = (hf_to_gguf(p, tmp_path / f"{p.name}.gguf", source_quant) for p in pairs["f32"])
-    cols = open_checkpoint(ft).tensors["token_embd.weight"].shape[-1]
-    monkeypatch.setattr(cv, "PIECE_ELEMENTS", 3 * cols)
-    rows = [t.shape[0] for t in open_checkpoint(ft).tensors.values() if len(t.shape) == 2 and t.shape[-1] == cols]
-    assert any(r % 3 for r in rows)
-    written = []
-    monkeypatch.setattr(cv._Sinks, "write", lambda self, t: written.append(t.name))  # pieces never use it
-    kw = dict(mu=0.3, to="gguf", quant="Q8_0,F16,Q4_K_M", with_inferior=True)
-    pieces = convert(ft, inf, tmp_path / "pieces", **kw)
-    assert written == []
-    monkeypatch.undo()
-    monkeypatch.setattr(cv._Sinks, "take_rows", lambda self: False)
-    whole = convert(ft, inf, tmp_path / "whole", **kw)
+    pieces, whole = convert_in_pieces_and_whole(ft, inf, tmp_path, monkeypatch, mu=0.3, to="gguf",
+                                                quant="Q8_0,F16,Q4_K_M", with_inferior=True)
     for q in ("Q8_0", "F16", "Q4_K_M"):
         for role in ("expert", "amateur", "inferior"):
             assert pieces.gguf(role, q).read_bytes() == whole.gguf(role, q).read_bytes(), (q, role)

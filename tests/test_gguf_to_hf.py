@@ -385,26 +385,13 @@ def test_smollm2_q4_1_to_hf(tmp_path):
 def test_gguf_to_hf_in_pieces_of_rows_gives_the_whole_tensor_bytes(tmp_path, monkeypatch):
     """GGUF inputs -> hf, mlx and gguf stream pieces of rows: with pieces of 3 rows (q/k rows wait for whole heads,
     most row counts are not multiples of 3) every file equals the whole-tensor path's, byte for byte."""
-    import epicode_edge.converters.convert as cv
-    from epicode_edge.converters.checkpoint import open_checkpoint
-    from epicode_edge.converters.gguf import hf_to_gguf
+    from gguf_helpers import convert_in_pieces_and_whole
 
-    base = make_hf_model(tmp_path / "ft", arch="llama", seed=4)
-    inf = make_hf_model(tmp_path / "inf", arch="llama", seed=5)
-    ft_g, inf_g = (hf_to_gguf(p, tmp_path / f"{p.name}.gguf", "Q8_0") for p in (base, inf))
-    cols = open_checkpoint(ft_g).tensors["token_embd.weight"].shape[-1]
-    monkeypatch.setattr(cv, "PIECE_ELEMENTS", 3 * cols)
-    rows = [t.shape[0] for t in open_checkpoint(ft_g).tensors.values() if len(t.shape) == 2]
-    assert any(r % 3 for r in rows)
-    written = []
-    monkeypatch.setattr(cv._Sinks, "write", lambda self, t: written.append(t.name))  # pieces never use it
-    kw = dict(mu=0.3, to="hf,gguf", quant="Q8_0", with_inferior=True)
-    pieces = convert(ft_g, inf_g, tmp_path / "pieces", **kw)
-    assert written == []
-    monkeypatch.undo()
-    monkeypatch.setattr(cv._Sinks, "take_rows", lambda self: False)
-    whole = convert(ft_g, inf_g, tmp_path / "whole", **kw)
+    ft, inf = (make_hf_model(tmp_path / name, arch="llama", seed=seed) for name, seed in (("ft", 4), ("inf", 5)))
+    ft_g, inf_g = (hf_to_gguf(p, tmp_path / f"{p.name}.gguf", "Q8_0") for p in (ft, inf))
+    pieces, whole = convert_in_pieces_and_whole(ft_g, inf_g, tmp_path, monkeypatch, mu=0.3, to="hf,gguf,mlx",
+                                                quant="Q8_0", with_inferior=True)
     files = sorted(p.relative_to(whole.path) for p in whole.path.rglob("*") if p.is_file() and p.name != "epicode.json")
-    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.parts[0] for f in files if f.suffix == ".safetensors"} == {"hf", "mlx"}
     for f in files:
         assert (pieces.path / f).read_bytes() == (whole.path / f).read_bytes(), f
