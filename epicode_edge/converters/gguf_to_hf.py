@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import UnsupportedError
 from .checkpoint import GGUFCheckpoint, TensorInfo
 from .gguf import ARCHS
-from .hf import MAX_SHARD_BYTES, HFSink
+from .hf import MAX_SHARD_BYTES, ClosingSink, HFSink
 from .safetensors_io import FLOAT_TAGS
 from .tokenizer_from_gguf import hf_tokenizer_files, special_ids
 
@@ -180,7 +180,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-class GGUFToHFSink:
+class GGUFToHFSink(ClosingSink):
     """Streams one GGUF checkpoint into an HF folder at out_dir (HFSink underneath: same sharding, index,
     config.json); `write(gguf_name, storage_array)` in the checkpoint's tensor order, then `close()`."""
 
@@ -239,12 +239,3 @@ class GGUFToHFSink:
 
     def abort(self) -> None:
         self._sink.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -40,7 +40,20 @@ def _nbytes(t: TensorInfo) -> int:
     return int(np.prod(t.shape, dtype=np.int64)) * STORAGE[t.dtype].itemsize
 
 
-class HFSink:
+class ClosingSink:
+    """A sink as a context manager: close() when the block ends normally, abort() when it raises."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class HFSink(ClosingSink):
     """Streams one HF checkpoint into out_dir (which must not hold another checkpoint)."""
 
     def __init__(self, out_dir, config: dict, tensors, tokenizer_dir=None, max_shard_bytes: int = MAX_SHARD_BYTES):
@@ -101,12 +114,3 @@ class HFSink:
         """Close open files; the caller removes the folder."""
         if self._writer is not None:
             self._writer.__exit__(KeyboardInterrupt, None, None)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
