@@ -41,7 +41,8 @@ def test_demo_command_then_reuses_the_bundle(tmp_path, monkeypatch):
     assert m, res.output
     res2 = CliRunner().invoke(main, ["demo", "--family", str(FAMILY), "-n", "1", "--no-color"])
     assert res2.exit_code == 0 and "Reused bundle" in res2.output
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    # one demo bundle, reused (the cache folder may also hold the CPU-kernel verdict when this test runs first)
+    assert len(list((tmp_path / "cache").glob("demo-*"))) == 1
 
 
 def test_demo_bad_family(tmp_path):
