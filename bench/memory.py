@@ -3,7 +3,7 @@
     python bench/memory.py                          # ~76M-param Llama, Q8_0, n_ctx 512 and 2048, 5 runs each
     python bench/memory.py --quant Q4_K_M --runs 3 --n-ctx 4096 --kv-heads 12
     python bench/memory.py --hidden 1536 --intermediate 4096   # ~300M params
-    python bench/memory.py --work /tmp/mem --keep   # keep (and reuse) the generated models and bundles
+    python bench/memory.py --work runs/mem --keep   # keep (and reuse) the generated models and bundles
 
 Two bundles of the same EpiCoDe pair, where finetuned and inferior are LoRA adapters (rank 16 on q/k/v/o and
 the MLP) over one base model (hidden 768, 12 layers, 12 heads with 4 KV heads (GQA, as current Llama/Qwen

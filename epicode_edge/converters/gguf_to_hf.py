@@ -24,8 +24,8 @@ import numpy as np
 from ..errors import UnsupportedError
 from .checkpoint import GGUFCheckpoint, TensorInfo
 from .gguf import ARCHS
-from .hf import MAX_SHARD_BYTES, ClosingSink, HFSink
-from .safetensors_io import FLOAT_TAGS
+from .hf import MAX_SHARD_BYTES, HFSink
+from .safetensors_io import FLOAT_TAGS, ClosingSink
 from .tokenizer_from_gguf import hf_tokenizer_files, special_ids
 
 # GGUF architecture -> (HF model_type, HF class)

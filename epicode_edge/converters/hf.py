@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import INDEX_FILE, TOKENIZER_FILES, TensorInfo
-from .safetensors_io import STORAGE, SafetensorsWriter
+from .safetensors_io import STORAGE, ClosingSink, SafetensorsWriter
 
 MAX_SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained("5GB")
 EXTRA_FILES = ("generation_config.json",)
@@ -38,19 +38,6 @@ def plan_shards(tensors: list[TensorInfo], max_shard_bytes: int) -> list[list[Te
 
 def _nbytes(t: TensorInfo) -> int:
     return int(np.prod(t.shape, dtype=np.int64)) * STORAGE[t.dtype].itemsize
-
-
-class ClosingSink:
-    """A sink as a context manager: close() when the block ends normally, abort() when it raises."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class HFSink(ClosingSink):
@@ -113,4 +100,4 @@ class HFSink(ClosingSink):
     def abort(self) -> None:
         """Close open files; the caller removes the folder."""
         if self._writer is not None:
-            self._writer.__exit__(KeyboardInterrupt, None, None)
+            self._writer.abort()

@@ -161,7 +161,20 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, tuple[np.ndarr
             w.write(name, array)
 
 
-class SafetensorsWriter:
+class ClosingSink:
+    """A writer as a context manager: close() when the block ends normally, abort() when it raises."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(ClosingSink):
     """Streams tensors into one .safetensors file whose tensor list is known up front.
 
     Use as a context manager; `write(name, array)` in the declared order. The header is written first,
@@ -243,11 +256,6 @@ class SafetensorsWriter:
         if self._next != len(self._order):
             raise ValueError(f"{self.path}: {len(self._order) - self._next} declared tensors never written")
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self._f.close()
+    def abort(self) -> None:
+        """Close the file as it is (the caller removes it)."""
+        self._f.close()

