@@ -305,6 +305,44 @@ def test_read_ahead_hands_over_errors_and_stops_early():
         next(source)
 
 
+def test_encode_ahead_keeps_order_hands_over_errors_and_stops_early():
+    import threading
+    import time
+
+    from epicode_edge.converters.convert import encode_ahead
+
+    threads = set()
+
+    def encode(i):  # later items finish first: the order must come from encode_ahead, not from the pool
+        threads.add(threading.current_thread().name)
+        time.sleep(0.002 * (i % 3 == 0))
+        if i == 11:
+            raise ValueError(f"item {i}")
+        return i * i
+
+    assert list(encode_ahead(iter(range(10)), encode, 3)) == [(i, i * i) for i in range(10)]
+    assert len(threads) > 1 and threading.current_thread().name not in threads
+    assert list(encode_ahead(iter(range(10)), encode, 1)) == [(i, i * i) for i in range(10)]
+    got = []
+    with pytest.raises(ValueError, match="item 11"):
+        for i, _ in encode_ahead(iter(range(30)), encode, 3):
+            got.append(i)
+    assert got == list(range(11))  # every item before the failing one, in order
+    started = []
+
+    def slow(i):
+        started.append(i)
+        time.sleep(0.01)
+        return i
+
+    source = iter(range(10**6))
+    for i, _ in encode_ahead(source, slow, 2):
+        if i == 3:
+            break
+    assert len(started) <= 3 + 1 + 2  # items not yet started when the caller stopped were dropped
+    assert next(source) <= 3 + 1 + 2 + 1
+
+
 def test_bad_parameters_are_refused_before_reading(pairs, tmp_path):
     ft, inf = pairs["f32"]
     with pytest.raises(UnsupportedError, match="unknown quant type 'Q3_X'; supported: F32, F16"):

@@ -13,6 +13,7 @@ appears under its final name only when complete.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import math
@@ -185,16 +186,26 @@ class _Sinks:
 
     def take_rows(self) -> bool:
         """Whether every sink takes tensors in pieces of rows (GGUF inputs); else whole tensors."""
-        return all(hasattr(sink, "write_rows") for sink in self.all())
+        return (all(hasattr(sink, "write_rows") for sink in self.hf.values())
+                and all(hasattr(sink, "encode_rows") for group in self.gguf.values() for sink in group))
 
-    def write_rows(self, p) -> None:
+    def encode_rows(self, p) -> list:
+        """The GGUF sinks' encodings of a piece (thread-safe: nothing written); put_rows writes them."""
+        out = []
+        for role, array in (("expert", p.expert), ("amateur", p.finetuned), ("inferior", p.inferior)):
+            if self.gguf[role]:
+                x = to_f32(array, p.tag)  # (n, C) f32
+                out.extend(sink.encode_rows(p.name, x) for sink in self.gguf[role])
+        return out
+
+    def put_rows(self, p, encoded: list) -> None:
+        """write_rows with the GGUF encodings made by encode_rows (in any thread), written here in order."""
+        it = iter(encoded)
         for role, array in (("expert", p.expert), ("amateur", p.finetuned), ("inferior", p.inferior)):
             if role in self.hf:
                 self.hf[role].write_rows(p.name, p.start, array)
-            if self.gguf[role]:
-                x = to_f32(array, p.tag)  # (n, C) f32
-                for sink in self.gguf[role]:
-                    sink.write_rows(p.name, p.start, x)
+            for sink in self.gguf[role]:
+                sink.put_rows(p.name, p.start, next(it))
 
     def abort(self) -> None:
         for sink in self.all():
@@ -247,6 +258,7 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
 
 PIECE_ELEMENTS = 1 << 16  # values per piece of rows when the sinks take pieces: 256 KB per float32 array
 AHEAD = 2  # pieces made ahead by a worker thread (0: no threads)
+MAX_ENCODERS = 4  # threads encoding pieces for the GGUF sinks (at most one per core)
 
 
 def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progress: ProgressFn | None):
@@ -254,12 +266,16 @@ def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progres
     hashers = (ft.content_hasher(), inf.content_hasher())
     total = ft.nbytes + inf.nbytes
     n, i, done = len(ft.tensors), 0, 0
-    if sinks.take_rows():  # on several cores, a worker thread makes the pieces while this one encodes them
+    if sinks.take_rows():  # pieces of rows, on several cores made by one thread and encoded by others
         pieces = iter_expert_rows(ft, inf, mu, hashers=hashers, chunk_elements=PIECE_ELEMENTS)
-        for p in read_ahead(pieces, AHEAD) if AHEAD and _cores() > 1 else pieces:
-            sinks.write_rows(p)
+        cores = _cores()
+        if AHEAD and cores > 1:
+            pieces = read_ahead(pieces, AHEAD)
+        encoders = min(cores, MAX_ENCODERS) if AHEAD else 1
+        for p, encoded in encode_ahead(pieces, sinks.encode_rows, encoders):
+            sinks.put_rows(p, encoded)
             name, last = p.name, p.start + len(p.expert) >= p.rows
-            del p
+            del p, encoded
             if last:
                 i, done = _tensor_done(ft, inf, name, i, n, done, total, progress)
     else:
@@ -269,6 +285,30 @@ def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progres
             del t  # release this tensor's arrays and maps before the next one
             i, done = _tensor_done(ft, inf, name, i, n, done, total, progress)
     return hashers[0].hexdigest(), hashers[1].hexdigest()
+
+
+def encode_ahead(items: Iterator, encode: Callable, workers: int) -> Iterator[tuple]:
+    """(item, encode(item)) in the order of `items`, with up to `workers` items encoded at once on a thread
+    pool (llama.cpp's encoders release the GIL); one worker: in this thread. An encoder's exception is raised
+    here, in order; when the caller stops early, items not started are dropped and running ones finish."""
+    if workers <= 1:
+        for item in items:
+            yield item, encode(item)
+        return
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="epicode-encode") as pool:
+        try:
+            for item in items:
+                pending.append((item, pool.submit(encode, item)))
+                if len(pending) > workers:
+                    item, future = pending.popleft()
+                    yield item, future.result()
+            while pending:
+                item, future = pending.popleft()
+                yield item, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
 def read_ahead(items: Iterator, depth: int) -> Iterator:

@@ -192,24 +192,44 @@ class _StreamingGGUF:
     def _write_rows(self, gguf_name: str, start: int, rows: np.ndarray) -> None:
         """Write rows start:start+n (float32, (n, C)) of a tensor seen as (rows, last dim); a tensor's pieces
         come in order, and its NaN/Inf check is made when the last one is written."""
-        shape, qtype = self.plan[gguf_name]
-        n_rows, cols = _rows_cols(shape)
-        done, bad = self._rows_done.get(gguf_name, (0, 0))
+        self._check_rows(gguf_name, start, rows.shape)
+        self._put_rows(gguf_name, start, rows.shape[0], *self._encode_rows(gguf_name, rows))
+
+    def _check_rows(self, gguf_name: str, start: int, shape: tuple[int, ...]) -> None:
+        """That rows start:start+n of this shape continue the tensor's pieces written so far."""
+        planned, _ = self.plan[gguf_name]
+        n_rows, cols = _rows_cols(planned)
+        done, _ = self._rows_done.get(gguf_name, (0, 0))
         if gguf_name in self._written:
             raise InputError(f"tensor {gguf_name!r} written twice to {self.out_path.name}")
-        if start != done or rows.ndim != 2 or rows.shape[1] != cols or start + rows.shape[0] > n_rows:
-            raise InputError(f"tensor {gguf_name!r}: rows {start}:{start + rows.shape[0]} of shape {tuple(rows.shape)} "
-                             f"do not continue rows 0:{done} of planned {tuple(shape)}")
+        if start != done or len(shape) != 2 or shape[1] != cols or start + shape[0] > n_rows:
+            raise InputError(f"tensor {gguf_name!r}: rows {start}:{start + shape[0]} of shape {tuple(shape)} "
+                             f"do not continue rows 0:{done} of planned {tuple(planned)}")
+
+    def _encode_rows(self, gguf_name: str, rows: np.ndarray) -> tuple[np.ndarray, int]:
+        """(encoded rows (n, bytes) uint8, NaN/Inf values in them): llama.cpp's encoder, nothing written, no
+        state touched, so pieces can be encoded on several threads (the GIL is released meanwhile)."""
+        _, qtype = self.plan[gguf_name]
+        if rows.ndim != 2 or rows.shape[1] != _rows_cols(self.plan[gguf_name][0])[1]:
+            raise InputError(f"tensor {gguf_name!r}: rows of shape {tuple(rows.shape)} do not fit planned "
+                             f"{tuple(self.plan[gguf_name][0])}")
+        encoded = quantize_rows(np.ascontiguousarray(rows, dtype=np.float32), qtype)  # (n, bytes) uint8
+        return encoded, count_nonfinite_encoded(encoded, qtype)
+
+    def _put_rows(self, gguf_name: str, start: int, n: int, encoded: np.ndarray, bad: int) -> None:
+        """Write encoded rows start:start+n at their place in the file (pieces of a tensor in order)."""
+        shape, qtype = self.plan[gguf_name]
+        n_rows, cols = _rows_cols(shape)
+        self._check_rows(gguf_name, start, (n, cols))
+        done, seen = self._rows_done.get(gguf_name, (0, 0))
         fout = self.writer.fout[0]
         fout.seek(self._data_start + self._offsets[gguf_name] + start * _nbytes((cols,), qtype))
-        encoded = quantize_rows(np.ascontiguousarray(rows, dtype=np.float32), qtype)  # (n, bytes) uint8: llama.cpp's encoder
-        bad += count_nonfinite_encoded(encoded, qtype)
         try:
             fout.write(np.ascontiguousarray(encoded).data)  # (numpy's tofile costs ~10 us more per call)
         except OSError as e:  # e.g. a full disk: say which file
             e.filename = e.filename or str(self.out_path)
             raise
-        done += rows.shape[0]
+        done, bad = done + n, seen + bad
         self._rows_done[gguf_name] = (done, bad)
         if done < n_rows:
             return
@@ -369,6 +389,19 @@ class GGUFCopySink(_StreamingGGUF):
         if gguf_name not in self.plan:
             raise InputError(f"tensor {gguf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
         self._write_rows(gguf_name, start, rows)
+
+    def encode_rows(self, gguf_name: str, rows: np.ndarray) -> tuple[np.ndarray, int]:
+        """write_rows in two halves: encode (thread-safe, nothing written) here, then put_rows in order."""
+        if gguf_name not in self.plan:
+            raise InputError(f"tensor {gguf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
+        return self._encode_rows(gguf_name, rows)
+
+    def put_rows(self, gguf_name: str, start: int, encoded: tuple[np.ndarray, int]) -> None:
+        """Write what encode_rows gave for rows start:start+n; the same checks and bytes as write_rows."""
+        if gguf_name not in self.plan:
+            raise InputError(f"tensor {gguf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
+        data, bad = encoded
+        self._put_rows(gguf_name, start, data.shape[0], data, bad)
 
 
 def gguf_sink_for(checkpoint, out_path, quant: str):
