@@ -56,6 +56,11 @@ SUPPORTED_QUANTS = tuple(QUANTS)
 _SOURCE_TYPE = {"F32": (Q.F32, FT.ALL_F32), "F16": (Q.F16, FT.MOSTLY_F16), "BF16": (Q.BF16, FT.MOSTLY_BF16)}
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
 _CHUNK_ELEMENTS = 1 << 22  # rows encoded per step: ~16 MB of float32
+# The largest magnitude a tensor that llama.cpp quantizes (Q6_K, Q4_K_M, Q4_0, ...) may hold: every ggml block
+# type stores its scales (d, and m / dmin) as float16, and beyond this they overflow. llama.cpp's quantizer then
+# writes Inf blocks (and fails its own validation, naming no tensor) or, past about 1e19 where x*x overflows in
+# its scale search, finite all-zero blocks that load and run (measured: Q6_K from 1e30-scaled float32 weights).
+QUANT_INPUT_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def check_quant(quant: str) -> str:
@@ -133,17 +138,22 @@ class _StreamingGGUF:
         self.plan: dict[str, tuple[tuple[int, ...], Q]] = {}
         self._written: set[str] = set()
         self._offsets: dict[str, int] = {}
-        self._rows_done: dict[str, tuple[int, int]] = {}  # tensor in progress -> (rows written, NaN/Inf seen)
+        self._rows_done: dict[str, tuple[int, int, int]] = {}  # in progress -> (rows, NaN/Inf, out of range)
         self._closed = False
 
     # -- planning
     def _tensor_type(self, gguf_name: str, shape: tuple[int, ...], source_tag: str) -> Q:
         """As convert_hf_to_gguf: 1-D tensors and norms F32; else the quant's type, F16 if rows don't fit."""
-        if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+        if self._kept_f32(gguf_name, shape):
             return Q.F32
         qtype = self.direct_type if self.direct_type is not None else _SOURCE_TYPE.get(source_tag, _SOURCE_TYPE["F16"])[0]
         block, _ = gguf.GGML_QUANT_SIZES[qtype]
         return qtype if shape[-1] % block == 0 else Q.F16
+
+    @staticmethod
+    def _kept_f32(gguf_name: str, shape: tuple[int, ...]) -> bool:
+        """1-D tensors and norms: F32 here, and left as they are by llama.cpp's quantizer."""
+        return len(shape) <= 1 or gguf_name.endswith("_norm.weight")
 
     def _begin(self) -> None:
         """Write header, metadata and tensor infos; remember where each tensor's bytes go."""
@@ -191,10 +201,11 @@ class _StreamingGGUF:
 
     def _write_rows(self, gguf_name: str, start: int, rows: np.ndarray) -> None:
         """Write rows start:start+n (float32, (n, C)) of a tensor seen as (rows, last dim); a tensor's pieces
-        come in order, and its NaN/Inf check is made when the last one is written."""
+        come in order, and its NaN/Inf check (and, for llama.cpp to quantize, its range check) is made when the
+        last one is written."""
         shape, qtype = self.plan[gguf_name]
         n_rows, cols = _rows_cols(shape)
-        done, bad = self._rows_done.get(gguf_name, (0, 0))
+        done, bad, over = self._rows_done.get(gguf_name, (0, 0, 0))
         if gguf_name in self._written:
             raise InputError(f"tensor {gguf_name!r} written twice to {self.out_path.name}")
         if start != done or rows.ndim != 2 or rows.shape[1] != cols or start + rows.shape[0] > n_rows:
@@ -204,18 +215,25 @@ class _StreamingGGUF:
         fout.seek(self._data_start + self._offsets[gguf_name] + start * _nbytes((cols,), qtype))
         encoded = quantize_rows(np.ascontiguousarray(rows, dtype=np.float32), qtype)  # (n, bytes) uint8: llama.cpp's encoder
         bad += count_nonfinite_encoded(encoded, qtype)
+        if self.direct_type is None and not self._kept_f32(gguf_name, shape):
+            with np.errstate(invalid="ignore"):
+                over += int(np.count_nonzero(np.abs(rows) > QUANT_INPUT_MAX))  # (NaN: not counted here)
         try:
             fout.write(np.ascontiguousarray(encoded).data)  # (numpy's tofile costs ~10 us more per call)
         except OSError as e:  # e.g. a full disk: say which file
             e.filename = e.filename or str(self.out_path)
             raise
         done += rows.shape[0]
-        self._rows_done[gguf_name] = (done, bad)
+        self._rows_done[gguf_name] = (done, bad, over)
         if done < n_rows:
             return
         if bad:
             raise NumericError(f"tensor {gguf_name!r}: {bad} values are NaN/Inf as {qtype.name} in {self.out_path.name} "
                                f"(out of that type's range: use a smaller mu, or quant F32)")
+        if over:
+            raise NumericError(f"tensor {gguf_name!r}: {over} values beyond +-{QUANT_INPUT_MAX:g} cannot be quantized "
+                               f"to {self.quant} in {self.out_path.name} (its block scales are float16: use a smaller "
+                               f"mu, or quant F32)")
         self._written.add(gguf_name)
         del self._rows_done[gguf_name]
 
