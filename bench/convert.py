@@ -227,17 +227,78 @@ def bench_mergekit(a, exe: str, tmp: Path, one: int) -> None:
           f"tensor's largest value")
 
 
+def _import_for(to: str) -> list[str]:
+    """Import what convert() would import on first use for these formats (gguf-py with its vocab module,
+    llama.cpp's library, mlx), so that "wall" is the conversion, as the module doc says; their time is
+    printed apart."""
+    import importlib
+
+    names = ["gguf", "epicode_edge.converters.gguf"]
+    if "hf" in to or "mlx" in to:
+        names += ["epicode_edge.converters.gguf_to_hf", "epicode_edge.converters.tokenizer_from_gguf"]
+    if "mlx" in to and importlib.util.find_spec("mlx_lm") is not None:
+        names += ["mlx_lm"]
+    for name in names:
+        importlib.import_module(name)
+    from epicode_edge.converters import gguf_file
+
+    gguf_file.native_to_float(8)  # Q8_0: loads llama.cpp's base library
+    return names
+
+
 def child(spec: str) -> None:
     from epicode_edge.converters.convert import convert
 
     a = json.loads(spec)
+    if a.get("anchor"):
+        return anchor_child(a)
+    t0 = time.perf_counter()
+    imports = _import_for(a["to"])
+    imports_s = time.perf_counter() - t0
     before = _status(os.getpid())
     t0 = time.perf_counter()
     b = convert(a["ft"], a["inf"], a["out"], mu=MU, to=a["to"], quant=a["quant"])
     seconds = time.perf_counter() - t0
     s = _status(os.getpid())
-    print(json.dumps({"seconds": seconds, "vm_hwm": s["VmHWM"], "anon_end": s["RssAnon"],
+    print(json.dumps({"seconds": seconds, "imports_s": imports_s, "imports": imports, "vm_hwm": s["VmHWM"],
+                      "anon_end": s["RssAnon"],
                       "anon_start": before["RssAnon"], "output_bytes": b.summary["output_bytes"]}))
+
+
+def anchor_child(a: dict) -> None:
+    """llama.cpp's own requantize of the input to the quant (llama_model_quantize, allow_requantize, all cores):
+    one input read, dequantized and encoded once, by llama.cpp's reference encoders, as llama-quantize does."""
+    import llama_cpp
+
+    from epicode_edge.converters.gguf import QUANTS, llama_quantize
+
+    params = llama_cpp.llama_model_quantize_default_params  # llama_quantize takes the defaults: allow requantize
+    llama_cpp.llama_model_quantize_default_params = lambda: _requantize(params())
+    before = _status(os.getpid())
+    t0 = time.perf_counter()
+    llama_quantize(Path(a["ft"]), Path(a["out"]), QUANTS[a["quant"]][0])
+    seconds = time.perf_counter() - t0
+    s = _status(os.getpid())
+    print(json.dumps({"seconds": seconds, "vm_hwm": s["VmHWM"], "anon_end": s["RssAnon"],
+                      "anon_start": before["RssAnon"], "output_bytes": Path(a["out"]).stat().st_size}))
+
+
+def _requantize(params):
+    params.allow_requantize = True
+    return params
+
+
+def run_anchor(gguf_in: Path, out: Path, quant: str) -> dict:
+    spec = json.dumps({"anchor": True, "ft": str(gguf_in), "out": str(out), "quant": quant})
+    proc = subprocess.Popen([sys.executable, __file__, "--child", spec], stdout=subprocess.PIPE, text=True)
+    peak_anon, _ = poll(proc)
+    stdout = proc.stdout.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"anchor child failed ({proc.returncode}): {stdout}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_anon"] = max(peak_anon, result["anon_end"])
+    out.unlink(missing_ok=True)
+    return result
 
 
 def bench_gguf(a, configs) -> None:
@@ -246,18 +307,32 @@ def bench_gguf(a, configs) -> None:
     with tempfile.TemporaryDirectory(prefix="epicode-bench-", dir=a.tmp) as tmp:
         out = Path(tmp) / "bundle"
         for to, quant in configs:
-            runs = []
-            for _ in range(a.repeat):
+            runs, anchors = [], []
+            anchor = to == "gguf" and "," not in quant and quant not in ("F32", "F16", "BF16")
+            for _ in range(a.repeat):  # interleaved with the anchor
                 shutil.rmtree(out, ignore_errors=True)
                 runs.append(run_child(a.gguf, a.gguf, out, to, quant))
-            med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "peak_rss", "peak_anon")}
+                if anchor:
+                    anchors.append(run_anchor(a.gguf, Path(tmp) / "anchor.gguf", quant))
+            med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "peak_rss", "peak_anon", "imports_s")}
             base = statistics.median(r["anon_start"] for r in runs)
+            secs = ", ".join(f"{r['seconds']:.2f}" for r in runs)
+            print(f"  runs: {secs} s; first-use imports before each "
+                  f"(not counted: {', '.join(runs[0]['imports'])}): {med['imports_s']:.2f} s")
             print(f"GGUF input {a.gguf.name} ({one / 1e6:.0f} MB) -> --to {to} --quant {quant} (median of "
                   f"{len(runs)}): wall {med['seconds']:.1f} s, read {2 * one / 1e6:.0f} MB at "
                   f"{2 * one / med['seconds'] / 1e6:.0f} MB/s, wrote {runs[0]['output_bytes'] / 1e6:.0f} MB; peak "
                   f"private (RssAnon) {med['peak_anon'] / 1e6:.0f} MB = {100 * med['peak_anon'] / one:.0f}% of one "
                   f"input, {(med['peak_anon'] - base) / 1e6:.0f} MB = {100 * (med['peak_anon'] - base) / one:.0f}% "
                   f"above the interpreter + imports at start ({base / 1e6:.0f} MB)")
+            if anchors:
+                t = statistics.median(r["seconds"] for r in anchors)
+                ratio = statistics.median(r["seconds"] / (2 * q["seconds"]) for r, q in zip(runs, anchors))
+                print(f"anchor: llama.cpp's own requantize of the input to {quant} (llama_model_quantize, "
+                      f"{os.cpu_count()} threads; one input, one output; median of {len(anchors)}): {t:.2f} s, "
+                      f"{one / t / 1e6:.0f} MB/s of input, peak private "
+                      f"{statistics.median(r['peak_anon'] for r in anchors) / 1e6:.0f} MB; ours makes two outputs "
+                      f"from two inputs: time / (2 x anchor) = {ratio:.2f}")
 
 
 def main() -> None:

@@ -212,10 +212,16 @@ def info_cmd(bundle, verify):
 ENGINE_OPTIONS = ("backend", "quant", "amateur_quant", "n_gpu_layers", "n_ctx", "n_threads", "kv_type")
 
 
-def runtime_options(f):
+_LOAD_QUANT = click.option("--quant", default=None, help="GGUF quant to load (default: the bundle's first).")
+
+
+def runtime_options(f=None, *, quant=_LOAD_QUANT):
     """--backend --quant --amateur-quant --n-gpu-layers --n-ctx --threads --cache-type: how `load()` opens a
     bundle, handed to the command as one `engine` dict of load() keywords (unset ones left out); --overlap is a
-    decoding setting and stays a keyword of its own."""
+    decoding setting and stays a keyword of its own. quant: the command's own --quant option (tune: the quant
+    it converts to, and loads)."""
+    if f is None:
+        return lambda g: runtime_options(g, quant=quant)
 
     @functools.wraps(f)
     def wrapper(*args, **kw):
@@ -227,7 +233,7 @@ def runtime_options(f):
         click.option("--backend", type=click.Choice(["auto", "llama.cpp", "mlx"]), default="auto", show_default=True,
                      envvar="EPICODE_EDGE_BACKEND", show_envvar=True,
                      help="Engine: auto = MLX on Apple silicon when the bundle has MLX models, else llama.cpp."),
-        click.option("--quant", default=None, help="GGUF quant to load (default: the bundle's first)."),
+        quant,
         click.option("--amateur-quant", default=None,
                      help="The amateur's GGUF at another quant (e.g. Q4_0 beside a Q8_0 expert: faster, only close "
                           "to the same-quant answers; the bundle must hold it)."),
@@ -235,7 +241,7 @@ def runtime_options(f):
                      show_envvar=True, help="Layers offloaded to CUDA/Metal on llama.cpp (-1 = all)."),
         click.option("--n-ctx", type=int, default=2048, show_default=True, envvar="EPICODE_EDGE_N_CTX",
                      show_envvar=True, help="Context size in tokens."),
-        click.option("--threads", "n_threads", type=int, default=None, envvar="EPICODE_EDGE_THREADS",
+        click.option("--threads", "--n-threads", "n_threads", type=int, default=None, envvar="EPICODE_EDGE_THREADS",
                      show_envvar=True, help="CPU threads (default: engine's)."),
         click.option("--cache-type", "kv_type", type=click.Choice(["f16", "f32", "q8_0"]), default=None,
                      envvar="EPICODE_EDGE_CACHE_TYPE", show_envvar=True,
@@ -560,7 +566,6 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
 @click.option("--lambda-grid", "lam_grid", default="0.1,0.25,0.5,1,2,4", show_default=True,
               help="lambda values to try at the best mu (> 0); lambda = 0, that mu alone, always competes.")
 @click.option("--alpha", type=float, default=DEFAULT_ALPHA, show_default=True, help="Plausibility threshold (the paper's).")
-@click.option("--quant", default="Q8_0", show_default=True, help="GGUF quant of the bundles.")
 @click.option("--with-inferior", is_flag=True, help="Also put the inferior model in the bundle (for eval's CD row).")
 @click.option("--cd/--no-cd", "cd", default=None,
               help="Tune the CD-only row's own lambda on dev [default: when the bundle has the inferior model].")
@@ -569,10 +574,11 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--extract", default="last-number", show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N dev items.")
-@click.option("--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
-def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, quant, with_inferior, cd, work_dir,
-             max_tokens, extract, limit, n_threads, force):
+@runtime_options(quant=click.option("--quant", default="Q8_0", show_default=True,
+                                    help="GGUF quant of the bundles (converted at it, scored at it)."))
+def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, with_inferior, cd, work_dir,
+             max_tokens, extract, limit, force, engine, overlap):
     """The paper's tuning: pick mu with the extrapolated model alone on DEV, then lambda at that mu; write
     the bundle with both. Interrupted? Run the same command again: finished grid points are kept."""
     from .apps.tune import tune
@@ -581,10 +587,10 @@ def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, quan
         click.echo(f"Warning: {msg}", err=True)
 
     with _StageBars() as bars:
-        result = tune(finetuned, inferior, dev, out, mu_grid=mu_grid, lam_grid=lam_grid, alpha=alpha, quant=quant,
+        result = tune(finetuned, inferior, dev, out, mu_grid=mu_grid, lam_grid=lam_grid, alpha=alpha,
                       with_inferior=with_inferior, base=base, cd=cd, work_dir=work_dir, max_tokens=max_tokens,
-                      extract=extract,
-                      limit=limit, n_threads=n_threads, force=force, progress=bars, warn=warn)
+                      extract=extract, limit=limit, force=force, engine=engine, overlap=overlap, progress=bars,
+                      warn=warn)
     if result.resumed:
         click.echo(f"Resumed: {len(result.resumed)} grid points were already done ({result.work_dir / 'state.json'})")
     click.echo(result.table())

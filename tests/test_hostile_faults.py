@@ -1,4 +1,4 @@
-"""Faults: SIGTERM and kill -9 during convert leave nothing after the next convert; a full filesystem gives
+"""Faults: SIGTERM and kill -9 during convert (or during a forced replace) leave nothing after the next convert; a full filesystem gives
 one line in convert and batch (and batch resumes to every id exactly once); two batch writers on one output
 are refused."""
 
@@ -77,6 +77,73 @@ def test_kill_9_mid_convert_is_cleaned_by_the_next_convert(tmp_path_factory, tmp
     assert code == 0, out
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
     open_bundle(tmp_path / "b", verify=True)
+
+
+# Replaces the bundle at argv[1] (forced) and stops right after os.rename call argv[2] of the commit (1: the old
+# bundle moved aside, 2: the new one moved in): "die" is kill -9 there, "wait" stays alive until stdin closes.
+_STOP_REPLACING = textwrap.dedent("""
+    import os, sys
+    from epicode_edge.converters.bundle import BundleWriter
+    rename, moved = os.rename, []
+    def stop_after(src, dst):
+        rename(src, dst)
+        moved.append(dst)
+        if len(moved) == int(sys.argv[2]):
+            print(moved[0], flush=True)  # the old bundle's folder
+            os._exit(9) if sys.argv[3] == "die" else sys.stdin.read()
+    os.rename = stop_after
+    bw = BundleWriter(sys.argv[1], force=True).__enter__()
+    bw.path("gguf/expert-F32.gguf").write_bytes(b"x" * 1000)
+    bw.commit({"format_version": 1})
+""")
+
+
+def stop_replacing(out, after: int, how: str):
+    return subprocess.Popen([sys.executable, "-c", _STOP_REPLACING, str(out), str(after), how],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+
+
+def test_killed_forced_replace_is_cleaned_by_the_next_convert(tmp_path_factory, tmp_path):
+    """A forced replace killed with the old bundle moved aside leaves .b.old-XXXXXXXX (and, killed before the new
+    one took the name, its .b.tmp-XXXXXXXX): the next convert to b removes them, and only them."""
+    pair = pair_dir(tmp_path_factory)
+    out = tmp_path / "b"
+    foreign = [".b.old-notours", ".b.old-0123456789", ".bb.old-01234567", ".b.tmp-0123abcd", "b.old-01234567"]
+    for name in foreign:
+        (tmp_path / name).mkdir()
+    (tmp_path / ".b.old-abcdef01").write_text("a file, not a folder")
+    foreign.append(".b.old-abcdef01")
+
+    def convert_force():
+        code, msg = convert_cli(pair, out, "--force")
+        assert code == 0, msg
+        b = open_bundle(out, verify=True)
+        assert b.quants == ["F32"] and (out / "gguf" / "expert-F32.gguf").stat().st_size > 1000
+
+    convert_force()
+    # killed with the old bundle moved aside, the new one not yet in place: no bundle under the name
+    killed_aside = stop_replacing(out, 1, "die")
+    old_aside = Path(killed_aside.communicate(timeout=60)[0].strip())
+    assert not out.exists() and (old_aside / "epicode.json").is_file()
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".b.tmp-") and p.name not in foreign]) == 1
+    convert_force()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b"] + foreign)
+
+    # killed with the new bundle in place, the old one not yet deleted
+    killed_in_place = stop_replacing(out, 2, "die")
+    old_killed = Path(killed_in_place.communicate(timeout=60)[0].strip())
+    assert (old_killed / "epicode.json").is_file()
+    live = stop_replacing(out, 2, "wait")  # a writer in the middle of its replace: not ours to remove
+    try:
+        old_live = Path(live.stdout.readline().strip())
+        assert (old_live / "epicode.json").is_file()
+        convert_force()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", old_live.name] + foreign)
+    finally:
+        live.stdin.close()
+        live.wait(timeout=60)
+    assert not old_live.exists()  # the live writer finished its own replace
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b"] + foreign)
 
 
 # ------------------------------------------------------------------------------- a full filesystem

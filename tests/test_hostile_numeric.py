@@ -117,6 +117,47 @@ def test_convert_checks_values_after_quantization(tmp_path_factory, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture(scope="module")
+def wide_pairs(tmp_path_factory):
+    """Pairs whose rows (256 wide) llama.cpp really quantizes to K-quants (64-wide rows fall back to Q8_0)."""
+    from factory import make_pair
+
+    root = tmp_path_factory.mktemp("wide_pairs")
+    for dtype in ("float32", "bfloat16"):
+        make_pair(root / dtype, arch="llama", dtype=dtype, seed=7, delta=0.3, hidden=256, intermediate=256)
+    return root
+
+
+@pytest.mark.parametrize("quant,dtype", [("Q6_K", "float32"), ("Q4_K_M", "float32"), ("Q6_K", "bfloat16")])
+def test_k_quants_refuse_an_expert_out_of_float16_range(wide_pairs, tmp_path, quant, dtype):
+    """mu = 1e30 gives finite float32 (or bfloat16) experts near 1e29: llama.cpp's quantizer wrote Q6_K blocks of
+    zeros for them (a bundle that loads and runs) or failed naming no tensor (Q4_K_M). convert now refuses, naming
+    the tensor, before llama.cpp runs, and leaves nothing; a sane mu gives real, non-zero K-quant blocks."""
+    import gguf
+
+    pair = wide_pairs / dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NumericError, match=rf"tensor '[\w.]+': \d+ values beyond \+-65504 cannot be quantized "
+                                               rf"to {quant} in expert-{quant}.gguf"):
+            convert(pair / "finetuned", pair / "inferior", tmp_path / "b", mu=1e30, quant=quant)
+    assert list(tmp_path.iterdir()) == []
+    b = convert(pair / "finetuned", pair / "inferior", tmp_path / "b", mu=0.5, quant=quant)
+    kq = [t for t in gguf.GGUFReader(b.gguf("expert", quant)).tensors if t.tensor_type.name.endswith("_K")]
+    assert {t.tensor_type.name for t in kq} >= {"Q6_K"}
+    assert all(np.abs(gguf.quants.dequantize(t.data, t.tensor_type)).max() > 0 for t in kq)
+
+
+def test_cli_k_quant_out_of_range_is_one_line(wide_pairs, tmp_path):
+    pair = wide_pairs / "float32"
+    code, out = cli("convert", "--finetuned", pair / "finetuned", "--inferior", pair / "inferior", "--mu", "1e30",
+                    "--quant", "Q6_K", "-o", tmp_path / "b")
+    assert code == 1
+    line = one_error_line(out)
+    assert "cannot be quantized to Q6_K" in line and "expert-Q6_K.gguf" in line and "tensor '" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overwritten_gguf_data_gives_one_line(tmp_path_factory, tmp_path):
     import shutil
 

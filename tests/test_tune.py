@@ -9,7 +9,7 @@ from factory import make_pair
 from epicode_edge.apps.tune import parse_grid, tune
 from epicode_edge.cli import main
 from epicode_edge.converters.bundle import open_bundle
-from epicode_edge.errors import ParameterError
+from epicode_edge.errors import ContextFullError, ParameterError
 
 PROMPTS = ["Question: what is 17 + 25?", "Multiply 3 by 4, then add 5.", "The quick brown fox",
            "Law, math and logic:", "def add(a, b):", "0123456789"]
@@ -161,10 +161,36 @@ def test_cli_tune_runs(pair, tmp_path):
     ft, inf, dev = pair
     args = ["tune", "--finetuned", str(ft), "--inferior", str(inf), "--dev", str(dev), "-o", str(tmp_path / "b"),
             "--mu-grid", "0.5", "--lambda-grid", "0.5", "--quant", "F32", "--max-tokens", "4", "--extract", "exact",
-            "--with-inferior"]
+            "--with-inferior", "--n-threads", "1"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "NO GAIN" in res.output and "Warning:" in res.output and "CD-only lambda" in res.output
     assert "inferior" in open_bundle(tmp_path / "b").roles
     res = CliRunner().invoke(main, args)  # the output exists now
     assert res.exit_code == 1 and "already exists" in res.output
+
+
+def test_tune_takes_the_engine_options(pair, tmp_path):
+    """tune shares eval's engine options: --n-ctx reaches the engine (a dev prompt longer than that context
+    fails there, naming it, where the default context runs it), and --amateur-quant gives the bundles that
+    quant too (the amateur loads from it)."""
+    ft, inf, _ = pair
+    dev = tmp_path / "long.jsonl"  # about 440 tokens: more than 256, within the model's 512 positions
+    dev.write_text(json.dumps({"id": 0, "prompt": "The quick brown fox " * 40, "answer": "x"}) + "\n")
+    work = tmp_path / "work"
+    kw = dict(mu_grid="0.5", lam_grid="1", max_tokens=2, extract="exact", work_dir=work)
+    res = tune(ft, inf, dev, tmp_path / "b", quant="F32", engine={"amateur_quant": "Q8_0", "n_threads": 1}, **kw)
+    assert set(open_bundle(res.bundle).quants) == {"F32", "Q8_0"}
+    assert json.loads((work / "state.json").read_text())["key"]["amateur_quant"] == "Q8_0"
+    with pytest.raises(ContextFullError, match="context of 256"):
+        tune(ft, inf, dev, tmp_path / "c", quant="F32", engine={"n_ctx": 256}, **kw)
+    args = ["tune", "--finetuned", str(ft), "--inferior", str(inf), "--dev", str(dev), "-o", str(tmp_path / "d"),
+            "--work-dir", str(work), "--mu-grid", "0.5", "--lambda-grid", "1", "--quant", "F32",
+            "--max-tokens", "2", "--extract", "exact"]
+    for extra, env in (["--n-ctx", "256"], {}), ([], {"EPICODE_EDGE_N_CTX": "256"}):
+        r = CliRunner().invoke(main, args + extra, env=env)
+        last = r.output.strip().splitlines()[-1]  # after tune's warnings (one item; a new state key)
+        assert r.exit_code == 1 and last.startswith("Error: ") and "context of 256" in last
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    r = CliRunner().invoke(main, args + ["--backend", "mlx"])
+    assert r.exit_code == 1 and "backend 'mlx'" in r.output

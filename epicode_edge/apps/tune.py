@@ -234,15 +234,28 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
          alpha: float = DEFAULT_ALPHA, quant: str = "Q8_0", with_inferior: bool = False, base=None, cd: bool | None = None,
          work_dir=None, extract: str = "last-number", max_tokens: int = 128, limit: int | None = None,
          backend: str = "llama.cpp", n_threads: int | None = None, force: bool = False,
+         engine: dict | None = None, overlap: bool | None = None,
          progress: ProgressFn | None = None, warn: WarnFn | None = None) -> TuneResult:
     """Pick mu (extrapolated model alone on dev, mu = 0 competing), then lambda (EpiCoDe at that mu), and,
     with cd, the CD-only row's own lambda; write the bundle `out` with that mu and lambda as its default.
     base: the base model when finetuned/inferior are PEFT LoRA adapters (a shared-base bundle, which always
     holds the inferior model). cd defaults to whether the bundles hold the inferior model.
+    engine: more load() keywords, as eval takes them (amateur_quant, n_gpu_layers, n_ctx, kv_type; backend,
+    quant, n_threads there win over the arguments); with amateur_quant the bundles are converted at both quants.
+    overlap: the decoding setting of the contrastive points (None: auto).
     Resumes from WORK/state.json (default work folder: OUT.tune). alpha = 0.1 is the paper's."""
     from ..converters.bundle import check_output
     from ..decoding.contrastive import check_alpha
 
+    opts = {"backend": backend, "quant": quant, "n_threads": n_threads, **(engine or {})}
+    backend, quant = opts.pop("backend"), opts.pop("quant")
+    if backend == "auto":
+        backend = "llama.cpp"  # the bundles tune converts are GGUF only
+    if backend != "llama.cpp":
+        raise ParameterError(f"tune converts GGUF bundles and scores them on llama.cpp: backend {backend!r} "
+                             "is not supported (use auto or llama.cpp)")
+    if not isinstance(quant, str) or not quant:
+        raise ParameterError(f"quant must be a GGUF quant type name, got {quant!r}")
     mus = parse_grid(mu_grid, "mu", allow_zero=True)
     mus = [m for m in mus if m > 0]  # mu = 0 is the finetuned baseline, scored anyway
     if not mus:
@@ -270,12 +283,13 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     key = {"finetuned": file_digest(Path(finetuned)), "inferior": file_digest(Path(inferior)),
            "base": file_digest(Path(base)) if base is not None else None,
            "dev": file_digest(Path(dev)), "limit": limit, "extract": extract, "max_tokens": max_tokens,
-           "alpha": alpha, "quant": quant, "backend": backend, "with_inferior": with_inferior}
+           "alpha": alpha, "quant": quant, "backend": backend, "with_inferior": with_inferior,
+           **_result_options(opts)}
     state = State(work, key)
     if state.stale and warn:
         warn(f"{state.path}: made with other inputs or settings; starting afresh")
     run = _Runner(finetuned, inferior, items, work, state, quant=quant, with_inferior=with_inferior, base=base,
-                  extract=extract, max_tokens=max_tokens, backend=backend, n_threads=n_threads,
+                  extract=extract, max_tokens=max_tokens, backend=backend, engine=opts, overlap=overlap,
                   progress=progress)
     resumed = [k for k in state.points]
 
@@ -313,15 +327,25 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     return result
 
 
+def _result_options(opts: dict) -> dict:
+    """The engine options that can change the scores, for the state key: only those set away from load()'s
+    defaults, so that the same run from the CLI and from Python shares its finished points."""
+    defaults = {"amateur_quant": None, "kv_type": None, "n_ctx": 2048}
+    return {k: opts[k] for k in defaults if opts.get(k) not in (None, defaults[k])}
+
+
 class _Runner:
     """Converts the mu bundles (kept in WORK/mu-X) and scores grid points, storing each in the state."""
 
     def __init__(self, finetuned, inferior, items, work, state, *, quant, with_inferior, base, extract, max_tokens,
-                 backend, n_threads, progress):
+                 backend, engine, overlap, progress):
         self.finetuned, self.inferior, self.items, self.work, self.state = finetuned, inferior, items, work, state
         self.quant, self.with_inferior, self.extract, self.max_tokens = quant, with_inferior, extract, max_tokens
         self.base = base
-        self.backend, self.n_threads, self.progress = backend, n_threads, progress
+        self.backend, self.engine, self.overlap, self.progress = backend, dict(engine), overlap, progress
+        amateur_quant = self.engine.get("amateur_quant")
+        # the bundles hold the amateur's quant too (load() takes it from the bundle)
+        self.quants = tuple(dict.fromkeys(q for q in (quant, amateur_quant) if q))
         self.points: dict[str, Point] = {}
 
     def bundle_dir(self, mu: float) -> Path:
@@ -336,7 +360,7 @@ class _Runner:
         path = self.bundle_dir(mu)
         try:
             b = open_bundle(path)
-            if b.mu == mu and self.quant.upper() in (q.upper() for q in b.quants) and (
+            if b.mu == mu and {q.upper() for q in self.quants} <= {q.upper() for q in b.quants} and (
                     not self.with_inferior or "inferior" in b.roles):
                 return b
         except BundleError:
@@ -356,9 +380,9 @@ class _Runner:
             if self.base is not None:
                 from ..converters.lora import convert_lora
 
-                return convert_lora(self.base, self.finetuned, self.inferior, path, mu=mu, quant=(self.quant,),
+                return convert_lora(self.base, self.finetuned, self.inferior, path, mu=mu, quant=self.quants,
                                     force=True, progress=prog, check_model=check_gguf_runs)
-            return convert(self.finetuned, self.inferior, path, mu=mu, to=("gguf",), quant=(self.quant,),
+            return convert(self.finetuned, self.inferior, path, mu=mu, to=("gguf",), quant=self.quants,
                            with_inferior=self.with_inferior, force=True, progress=prog, check_model=check_gguf_runs)
 
     def point(self, kind: str, mu: float, lam: float) -> Point:
@@ -375,12 +399,17 @@ class _Runner:
             return p
         b = self.bundle(mu)
         roles = ("amateur", "inferior") if kind == "cd" else ("expert", "amateur")
-        rt = load(b.path, backend=self.backend, quant=self.quant, n_threads=self.n_threads, roles=roles)
+        opts = dict(self.engine)
+        if kind == "finetuned":
+            opts["amateur_quant"] = None  # the finetuned model at the main quant, as eval's finetuned row
+        rt = load(b.path, backend=self.backend, quant=self.quant, roles=roles, **opts)
         try:
             method = {"finetuned": "finetuned", "mu": "extrapolation"}.get(kind, "epicode")
             settings = {"lam": lam} if kind != "finetuned" else {}
             if kind in ("lambda", "cd"):
                 settings["alpha"] = self.state.key["alpha"]
+                if self.overlap is not None:
+                    settings["overlap"] = bool(self.overlap)
             stage = f"score {key}"
             prog = (lambda _m, d, t: self.progress(stage, d, t)) if self.progress else None
             r = score(runner(rt, method, settings, self.max_tokens), self.items, self.extract, key, prog)

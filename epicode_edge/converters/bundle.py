@@ -8,6 +8,9 @@
 
 Writing is atomic: everything goes into a hidden temporary folder next to the target
 (`.BUNDLE.tmp-XXXX`), which is renamed when complete; any exception (Ctrl-C included) removes it.
+A forced replace moves the old bundle aside (`.BUNDLE.old-XXXX`) before the new one takes its name, then
+deletes it. What a killed writer leaves of either is removed by the next writer of the same target: stale
+temporary folders when it starts, stale old bundles once its new bundle is in place.
 
     b = open_bundle("bundle/")
     b.mu, b.lam, b.alpha, b.gguf("expert", "Q8_0"), b.mlx("amateur"), b.quants, b.formats
@@ -19,6 +22,7 @@ import glob
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -106,17 +110,27 @@ class BundleWriter:
             check_output(self.out, self.force, self.marker)  # still an old bundle, not something that appeared meanwhile
             old = self.out.with_name(f".{self.out.name}.old-{secrets.token_hex(4)}")
             os.rename(self.out, old)
+            old_lock = None
             try:
+                old_lock = _lock_held(old / LOCK_FILE)  # ours while it lives: remove_stale_olds leaves it
                 os.rename(self.tmp, self.out)
             except BaseException:
                 os.rename(old, self.out)
+                (self.out / LOCK_FILE).unlink(missing_ok=True)
+                if old_lock is not None:
+                    os.close(old_lock)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                if old_lock is not None:
+                    os.close(old_lock)
         else:
             os.rename(self.tmp, self.out)
         self.committed = True
         (self.out / LOCK_FILE).unlink(missing_ok=True)
         self._unlock()
+        remove_stale_olds(self.out)  # what killed replaces of this target left, now that the new one is in place
         return self.out
 
     def _unlock(self) -> None:
@@ -192,6 +206,47 @@ def _lock_new(path: Path) -> int | None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def _lock_held(path: Path) -> int | None:
+    """Create (or reuse) the lock file `path` and hold it; None where there is no flock or it cannot be made."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_olds(out) -> list[Path]:
+    """Remove the old bundles of `out` (.NAME.old-XXXXXXXX, 8 hex digits) that a forced replace moved aside
+    and did not get to delete (killed); returns them. A folder whose lock file is held belongs to a live
+    writer in the middle of its replace and is kept; so are other names, links and files."""
+    out = Path(out)
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.old-[0-9a-f]{{8}}")
+    removed = []
+    for d in out.parent.glob(f".{glob.escape(out.name)}.old-*"):
+        if not pattern.fullmatch(d.name) or d.is_symlink() or not d.is_dir():
+            continue
+        fd = _lock_held(d / LOCK_FILE) if (d / LOCK_FILE).is_file() else None
+        if (d / LOCK_FILE).is_file() and fd is None:  # held: a live writer (or unreadable: leave it)
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(d)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
 
 
 def remove_stale_temps(out) -> list[Path]:

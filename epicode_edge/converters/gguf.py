@@ -56,6 +56,11 @@ SUPPORTED_QUANTS = tuple(QUANTS)
 _SOURCE_TYPE = {"F32": (Q.F32, FT.ALL_F32), "F16": (Q.F16, FT.MOSTLY_F16), "BF16": (Q.BF16, FT.MOSTLY_BF16)}
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
 _CHUNK_ELEMENTS = 1 << 22  # rows encoded per step: ~16 MB of float32
+# The largest magnitude a tensor that llama.cpp quantizes (Q6_K, Q4_K_M, Q4_0, ...) may hold: every ggml block
+# type stores its scales (d, and m / dmin) as float16, and beyond this they overflow. llama.cpp's quantizer then
+# writes Inf blocks (and fails its own validation, naming no tensor) or, past about 1e19 where x*x overflows in
+# its scale search, finite all-zero blocks that load and run (measured: Q6_K from 1e30-scaled float32 weights).
+QUANT_INPUT_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def check_quant(quant: str) -> str:
@@ -133,17 +138,22 @@ class _StreamingGGUF:
         self.plan: dict[str, tuple[tuple[int, ...], Q]] = {}
         self._written: set[str] = set()
         self._offsets: dict[str, int] = {}
-        self._rows_done: dict[str, tuple[int, int]] = {}  # tensor in progress -> (rows written, NaN/Inf seen)
+        self._rows_done: dict[str, tuple[int, int, int]] = {}  # in progress -> (rows, NaN/Inf, out of range)
         self._closed = False
 
     # -- planning
     def _tensor_type(self, gguf_name: str, shape: tuple[int, ...], source_tag: str) -> Q:
         """As convert_hf_to_gguf: 1-D tensors and norms F32; else the quant's type, F16 if rows don't fit."""
-        if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+        if self._kept_f32(gguf_name, shape):
             return Q.F32
         qtype = self.direct_type if self.direct_type is not None else _SOURCE_TYPE.get(source_tag, _SOURCE_TYPE["F16"])[0]
         block, _ = gguf.GGML_QUANT_SIZES[qtype]
         return qtype if shape[-1] % block == 0 else Q.F16
+
+    @staticmethod
+    def _kept_f32(gguf_name: str, shape: tuple[int, ...]) -> bool:
+        """1-D tensors and norms: F32 here, and left as they are by llama.cpp's quantizer."""
+        return len(shape) <= 1 or gguf_name.endswith("_norm.weight")
 
     def _begin(self) -> None:
         """Write header, metadata and tensor infos; remember where each tensor's bytes go."""
@@ -191,7 +201,8 @@ class _StreamingGGUF:
 
     def _write_rows(self, gguf_name: str, start: int, rows: np.ndarray) -> None:
         """Write rows start:start+n (float32, (n, C)) of a tensor seen as (rows, last dim); a tensor's pieces
-        come in order, and its NaN/Inf check is made when the last one is written."""
+        come in order, and its NaN/Inf check (and, for llama.cpp to quantize, its range check) is made when the
+        last one is written."""
         self._check_rows(gguf_name, start, rows.shape)
         self._put_rows(gguf_name, start, rows.shape[0], *self._encode_rows(gguf_name, rows))
 
@@ -199,29 +210,34 @@ class _StreamingGGUF:
         """That rows start:start+n of this shape continue the tensor's pieces written so far."""
         planned, _ = self.plan[gguf_name]
         n_rows, cols = _rows_cols(planned)
-        done, _ = self._rows_done.get(gguf_name, (0, 0))
+        done = self._rows_done.get(gguf_name, (0, 0, 0))[0]
         if gguf_name in self._written:
             raise InputError(f"tensor {gguf_name!r} written twice to {self.out_path.name}")
         if start != done or len(shape) != 2 or shape[1] != cols or start + shape[0] > n_rows:
             raise InputError(f"tensor {gguf_name!r}: rows {start}:{start + shape[0]} of shape {tuple(shape)} "
                              f"do not continue rows 0:{done} of planned {tuple(planned)}")
 
-    def _encode_rows(self, gguf_name: str, rows: np.ndarray) -> tuple[np.ndarray, int]:
-        """(encoded rows (n, bytes) uint8, NaN/Inf values in them): llama.cpp's encoder, nothing written, no
-        state touched, so pieces can be encoded on several threads (the GIL is released meanwhile)."""
-        _, qtype = self.plan[gguf_name]
-        if rows.ndim != 2 or rows.shape[1] != _rows_cols(self.plan[gguf_name][0])[1]:
+    def _encode_rows(self, gguf_name: str, rows: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """(encoded rows (n, bytes) uint8, NaN/Inf values in them, values beyond what llama.cpp's quantizer
+        takes when it finishes the file): nothing written, no state touched, so pieces can be encoded on several
+        threads (llama.cpp's encoder releases the GIL)."""
+        shape, qtype = self.plan[gguf_name]
+        if rows.ndim != 2 or rows.shape[1] != _rows_cols(shape)[1]:
             raise InputError(f"tensor {gguf_name!r}: rows of shape {tuple(rows.shape)} do not fit planned "
-                             f"{tuple(self.plan[gguf_name][0])}")
+                             f"{tuple(shape)}")
         encoded = quantize_rows(np.ascontiguousarray(rows, dtype=np.float32), qtype)  # (n, bytes) uint8
-        return encoded, count_nonfinite_encoded(encoded, qtype)
+        over = 0
+        if self.direct_type is None and not self._kept_f32(gguf_name, shape):
+            with np.errstate(invalid="ignore"):
+                over = int(np.count_nonzero(np.abs(rows) > QUANT_INPUT_MAX))  # (NaN: not counted here)
+        return encoded, count_nonfinite_encoded(encoded, qtype), over
 
-    def _put_rows(self, gguf_name: str, start: int, n: int, encoded: np.ndarray, bad: int) -> None:
+    def _put_rows(self, gguf_name: str, start: int, n: int, encoded: np.ndarray, bad: int, over: int) -> None:
         """Write encoded rows start:start+n at their place in the file (pieces of a tensor in order)."""
         shape, qtype = self.plan[gguf_name]
         n_rows, cols = _rows_cols(shape)
         self._check_rows(gguf_name, start, (n, cols))
-        done, seen = self._rows_done.get(gguf_name, (0, 0))
+        done, seen_bad, seen_over = self._rows_done.get(gguf_name, (0, 0, 0))
         fout = self.writer.fout[0]
         fout.seek(self._data_start + self._offsets[gguf_name] + start * _nbytes((cols,), qtype))
         try:
@@ -229,13 +245,17 @@ class _StreamingGGUF:
         except OSError as e:  # e.g. a full disk: say which file
             e.filename = e.filename or str(self.out_path)
             raise
-        done, bad = done + n, seen + bad
-        self._rows_done[gguf_name] = (done, bad)
+        done, bad, over = done + n, seen_bad + bad, seen_over + over
+        self._rows_done[gguf_name] = (done, bad, over)
         if done < n_rows:
             return
         if bad:
             raise NumericError(f"tensor {gguf_name!r}: {bad} values are NaN/Inf as {qtype.name} in {self.out_path.name} "
                                f"(out of that type's range: use a smaller mu, or quant F32)")
+        if over:
+            raise NumericError(f"tensor {gguf_name!r}: {over} values beyond +-{QUANT_INPUT_MAX:g} cannot be quantized "
+                               f"to {self.quant} in {self.out_path.name} (its block scales are float16: use a smaller "
+                               f"mu, or quant F32)")
         self._written.add(gguf_name)
         del self._rows_done[gguf_name]
 
@@ -390,18 +410,17 @@ class GGUFCopySink(_StreamingGGUF):
             raise InputError(f"tensor {gguf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
         self._write_rows(gguf_name, start, rows)
 
-    def encode_rows(self, gguf_name: str, rows: np.ndarray) -> tuple[np.ndarray, int]:
+    def encode_rows(self, gguf_name: str, rows: np.ndarray) -> tuple[np.ndarray, int, int]:
         """write_rows in two halves: encode (thread-safe, nothing written) here, then put_rows in order."""
         if gguf_name not in self.plan:
             raise InputError(f"tensor {gguf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
         return self._encode_rows(gguf_name, rows)
 
-    def put_rows(self, gguf_name: str, start: int, encoded: tuple[np.ndarray, int]) -> None:
+    def put_rows(self, gguf_name: str, start: int, encoded: tuple[np.ndarray, int, int]) -> None:
         """Write what encode_rows gave for rows start:start+n; the same checks and bytes as write_rows."""
         if gguf_name not in self.plan:
             raise InputError(f"tensor {gguf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
-        data, bad = encoded
-        self._put_rows(gguf_name, start, data.shape[0], data, bad)
+        self._put_rows(gguf_name, start, encoded[0].shape[0], *encoded)
 
 
 def gguf_sink_for(checkpoint, out_path, quant: str):
