@@ -50,7 +50,8 @@ def mlx_load_f32(path):
 
 def convert_in_pieces_and_whole(ft, inf, out, monkeypatch, **kw):
     """convert() of GGUF inputs twice: in pieces of 3 rows (the whole-tensor write never called), made by one
-    thread and encoded by four, then with the whole-tensor path forced. Returns the (pieces, whole) bundles, to be compared byte for byte."""
+    thread and encoded by three, then with the whole-tensor path forced. Returns the (pieces, whole) bundles,
+    to be compared byte for byte."""
     import epicode_edge.converters.convert as cv
     from epicode_edge.converters.checkpoint import open_checkpoint
 
@@ -60,7 +61,7 @@ def convert_in_pieces_and_whole(ft, inf, out, monkeypatch, **kw):
     written = []
     with monkeypatch.context() as m:
         m.setattr(cv, "PIECE_ELEMENTS", 3 * cols)
-        m.setattr(cv, "_cores", lambda: 4)  # the read-ahead thread and 4 encoder threads, whatever this machine has
+        m.setattr(cv, "_cores", lambda: 4)  # the read-ahead thread and 3 encoder threads, whatever this machine has
         m.setattr(cv._Sinks, "write", lambda self, t: written.append(t.name))  # pieces never use it
         pieces = cv.convert(ft, inf, out / "pieces", **kw)
     assert written == []

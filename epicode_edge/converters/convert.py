@@ -258,7 +258,7 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
 
 PIECE_ELEMENTS = 1 << 16  # values per piece of rows when the sinks take pieces: 256 KB per float32 array
 AHEAD = 2  # pieces made ahead by a worker thread (0: no threads)
-MAX_ENCODERS = 4  # threads encoding pieces for the GGUF sinks (at most one per core)
+MAX_ENCODERS = 4  # threads encoding pieces for the GGUF sinks (one per core beside the reading one)
 
 
 def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progress: ProgressFn | None):
@@ -266,12 +266,12 @@ def _run_pass(ft: Checkpoint, inf: Checkpoint, mu: float, sinks: _Sinks, progres
     hashers = (ft.content_hasher(), inf.content_hasher())
     total = ft.nbytes + inf.nbytes
     n, i, done = len(ft.tensors), 0, 0
-    if sinks.take_rows():  # pieces of rows, on several cores made by one thread and encoded by others
+    if sinks.take_rows():  # pieces of rows: on several cores made by one thread, encoded on the other cores
         pieces = iter_expert_rows(ft, inf, mu, hashers=hashers, chunk_elements=PIECE_ELEMENTS)
         cores = _cores()
         if AHEAD and cores > 1:
             pieces = read_ahead(pieces, AHEAD)
-        encoders = min(cores, MAX_ENCODERS) if AHEAD else 1
+        encoders = min(cores - 1, MAX_ENCODERS) if AHEAD else 1  # 1: encoded in this thread
         for p, encoded in encode_ahead(pieces, sinks.encode_rows, encoders):
             sinks.put_rows(p, encoded)
             name, last = p.name, p.start + len(p.expert) >= p.rows
