@@ -328,6 +328,12 @@ def bench_gguf(a, configs) -> None:
             if anchors:
                 t = statistics.median(r["seconds"] for r in anchors)
                 ratio = statistics.median(r["seconds"] / (2 * q["seconds"]) for r, q in zip(runs, anchors))
+                from epicode_edge.converters.checkpoint import open_checkpoint
+
+                types = {t.dtype for t in open_checkpoint(a.gguf).tensors.values() if len(t.shape) > 1}
+                if quant in types:
+                    print(f"  (the input's matrices are {quant} already: llama.cpp copies them, as we do for the "
+                          f"amateur; our expert is still dequantized, extrapolated and encoded)")
                 print(f"anchor: llama.cpp's own requantize of the input to {quant} (llama_model_quantize, "
                       f"{os.cpu_count()} threads; one input, one output; median of {len(anchors)}): {t:.2f} s, "
                       f"{one / t / 1e6:.0f} MB/s of input, peak private "

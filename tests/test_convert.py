@@ -285,6 +285,49 @@ def test_gguf_overflow_in_pieces_is_the_whole_tensor_error(pairs, tmp_path, monk
     assert leftovers(tmp_path / "out") == []
 
 
+def _stored(path) -> dict[str, bytes]:
+    g = open_checkpoint(path)
+    return {n: np.asarray(g.read(n)).tobytes() for n in g.tensors}
+
+
+@pytest.mark.filterwarnings("ignore::epicode_edge.converters.extrapolate.ExtrapolationWarning")
+@pytest.mark.parametrize("quant", ["Q8_0", "F16"])
+def test_gguf_rows_in_the_output_type_are_copied_as_stored(pairs, tmp_path, monkeypatch, quant):
+    """GGUF inputs already in a quant written here (F32, F16, BF16, Q8_0; the others are finished by llama.cpp
+    from float rows): the amateur's (and inferior's) tensors are the input's bytes, copied as llama-quantize
+    copies a tensor already of the target type; at mu = 0 the expert's too. For files llama.cpp wrote,
+    encoding them again gives the same bytes (its Q8_0 encoder is idempotent on its own blocks); a Q8_0 block
+    another encoder wrote (here: its quants halved) is kept as it is, not re-encoded."""
+    import gguf
+
+    import epicode_edge.converters.convert as cv
+    from epicode_edge.converters.gguf import GGUFCopySink, hf_to_gguf
+
+    ft, inf = (hf_to_gguf(p, tmp_path / f"{p.name}.gguf", quant) for p in pairs["f32"])
+    monkeypatch.setattr(cv, "PIECE_ELEMENTS", 3 * open_checkpoint(ft).tensors["token_embd.weight"].shape[-1])
+    b = convert(ft, inf, tmp_path / "b", mu=0.3, to="gguf", quant=quant, with_inferior=True)
+    assert _stored(b.gguf("amateur", quant)) == _stored(ft)
+    assert _stored(b.gguf("inferior", quant)) == _stored(inf)
+    assert _stored(b.gguf("expert", quant)) != _stored(ft)  # mu = 0.3: encoded
+    zero = convert(ft, inf, tmp_path / "zero", mu=0, to="gguf", quant=quant)
+    assert _stored(zero.gguf("expert", quant)) == _stored(ft)
+    with monkeypatch.context() as m:
+        m.setattr(GGUFCopySink, "stores_as", lambda self, name, stored_type: False)  # encode everything again
+        again = convert(ft, inf, tmp_path / "again", mu=0.3, to="gguf", quant=quant)
+    assert again.gguf("amateur", quant).read_bytes() == b.gguf("amateur", quant).read_bytes()
+    assert _stored(again.gguf("expert", quant)) == _stored(b.gguf("expert", quant))
+    if quant != "Q8_0":
+        return
+    t = next(t for t in gguf.GGUFReader(ft, "r+").tensors if t.name == "blk.0.attn_q.weight")
+    block = t.data.reshape(-1)[:34]  # the first Q8_0 block: f16 scale, 32 int8 quants
+    block[2:] = (block[2:].view(np.int8) // 2).view(np.uint8)
+    odd = convert(ft, inf, tmp_path / "odd", mu=0.3, to="gguf", quant=quant)
+    assert _stored(odd.gguf("amateur", quant)) == _stored(ft)  # the halved block as it is
+    monkeypatch.setattr(GGUFCopySink, "stores_as", lambda self, name, stored_type: False)
+    encoded = convert(ft, inf, tmp_path / "encoded", mu=0.3, to="gguf", quant=quant)
+    assert _stored(encoded.gguf("amateur", quant))["blk.0.attn_q.weight"] != _stored(ft)["blk.0.attn_q.weight"]
+
+
 def test_read_ahead_hands_over_errors_and_stops_early():
     from epicode_edge.converters.convert import read_ahead
 

@@ -187,15 +187,23 @@ class _Sinks:
     def take_rows(self) -> bool:
         """Whether every sink takes tensors in pieces of rows (GGUF inputs); else whole tensors."""
         return (all(hasattr(sink, "write_rows") for sink in self.hf.values())
-                and all(hasattr(sink, "encode_rows") for group in self.gguf.values() for sink in group))
+                and all(hasattr(sink, "copy_rows") for group in self.gguf.values() for sink in group))
 
     def encode_rows(self, p) -> list:
-        """The GGUF sinks' encodings of a piece (thread-safe: nothing written); put_rows writes them."""
+        """The GGUF sinks' encodings of a piece (thread-safe: nothing written); put_rows writes them. A model's
+        rows already stored in a sink's type are copied as stored, as llama-quantize copies such tensors: the
+        amateur (and inferior) whenever the quant is the input's type, the expert too at mu = 0."""
         out = []
-        for role, array in (("expert", p.expert), ("amateur", p.finetuned), ("inferior", p.inferior)):
+        stored = p.stored or (None, None)
+        for role, array, rows in (("expert", p.expert, stored[0] if p.expert is p.finetuned else None),
+                                  ("amateur", p.finetuned, stored[0]), ("inferior", p.inferior, stored[1])):
             if self.gguf[role]:
                 x = to_f32(array, p.tag)  # (n, C) f32
-                out.extend(sink.encode_rows(p.name, x) for sink in self.gguf[role])
+                for sink in self.gguf[role]:
+                    if rows is not None and sink.stores_as(p.name, p.stored_type):
+                        out.append(sink.copy_rows(p.name, rows, x))
+                    else:
+                        out.append(sink.encode_rows(p.name, x))
         return out
 
     def put_rows(self, p, encoded: list) -> None:

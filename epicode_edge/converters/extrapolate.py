@@ -154,6 +154,8 @@ class ExpertRows(NamedTuple):
     expert: np.ndarray  # (n, C) storage array
     finetuned: np.ndarray  # (n, C) storage array (float32 for dequantized GGUF types)
     inferior: np.ndarray  # (n, C)
+    stored: tuple[np.ndarray, np.ndarray] | None = None  # (finetuned, inferior) rows as stored (GGUF: block bytes)
+    stored_type: str = ""  # their type as the checkpoint names it (GGUF: Q8_0, Q4_K, F16...)
 
 
 def iter_expert(ft: Checkpoint, inf: Checkpoint, mu, *, hashers: tuple[ContentHasher, ContentHasher] | None = None
@@ -194,7 +196,7 @@ def iter_expert_rows(ft: Checkpoint, inf: Checkpoint, mu, *, hashers: tuple[Cont
             expert = extrapolate_tensor(a, b, mu, tag)
             if count_nonfinite(expert, tag):
                 raise NumericError(_nonfinite_message(name, *_whole(ft, inf, name, tag, mu), tag, mu))
-            yield ExpertRows(name, tag, start, rows, expert, a, b)
+            yield ExpertRows(name, tag, start, rows, expert, a, b, stored, info.dtype)
 
 
 def _as_rows(a: np.ndarray, rows: int) -> np.ndarray:

@@ -416,6 +416,25 @@ class GGUFCopySink(_StreamingGGUF):
             raise InputError(f"tensor {gguf_name!r} was not announced to the GGUF writer for {self.out_path.name}")
         return self._encode_rows(gguf_name, rows)
 
+    def stores_as(self, gguf_name: str, stored_type: str) -> bool:
+        """Whether this tensor is written in the type named (a ggml type name, e.g. Q8_0): its stored rows can
+        then be copied as they are (copy_rows) instead of dequantized and encoded again."""
+        return gguf_name in self.plan and self.plan[gguf_name][1].name == stored_type
+
+    def copy_rows(self, gguf_name: str, stored: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """encode_rows for rows already stored in this tensor's type: the stored bytes (n, bytes per row) as
+        they are; rows (n, C) float32, their values, for the range check of a file llama.cpp finishes."""
+        shape, qtype = self.plan[gguf_name]
+        data = np.ascontiguousarray(stored).view(np.uint8).reshape(stored.shape[0], -1)  # (n, bytes)
+        if data.shape[1] != _nbytes((_rows_cols(shape)[1],), qtype) or data.shape[0] != rows.shape[0]:
+            raise InputError(f"tensor {gguf_name!r}: stored rows of {data.shape[1]} bytes do not fit planned "
+                             f"{tuple(shape)} as {qtype.name}")
+        over = 0
+        if self.direct_type is None and not self._kept_f32(gguf_name, shape):
+            with np.errstate(invalid="ignore"):
+                over = int(np.count_nonzero(np.abs(rows) > QUANT_INPUT_MAX))
+        return data, 0, over
+
     def put_rows(self, gguf_name: str, start: int, encoded: tuple[np.ndarray, int, int]) -> None:
         """Write what encode_rows gave for rows start:start+n; the same checks and bytes as write_rows."""
         if gguf_name not in self.plan:
