@@ -178,3 +178,18 @@ def test_lazy_fallback_equals_mlx_lm_convert(bits, hf, tmp_path, monkeypatch):
     monkeypatch.setattr(mlx_export, "_sources", lambda *a: {})
     got = export_mlx(src["qwen3_bf16"], tmp_path / "got", bits=bits)
     assert_same_folder(got, reference(src["qwen3_bf16"], tmp_path / "ref", bits))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_rows_are_rows_of_the_whole(dtype):
+    """Affine groups run along the last axis: quantizing rows start:end alone gives exactly those rows of
+    the whole tensor's weight, scales and biases (what the row pieces rely on)."""
+    import mlx.core as mx
+
+    x = mx.random.normal((11, 128), key=mx.random.key(0)).astype(getattr(mx, dtype))
+    for bits in (4, 8):
+        for group_size in (32, 64, 128):
+            whole = mx.quantize(x, group_size=group_size, bits=bits)
+            parts = [mx.quantize(x[a:b], group_size=group_size, bits=bits) for a, b in ((0, 3), (3, 7), (7, 11))]
+            for k in range(3):
+                assert _raw(mx.concatenate([p[k] for p in parts])) == _raw(whole[k]), (bits, group_size, k)

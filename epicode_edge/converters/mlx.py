@@ -11,7 +11,8 @@ in pieces of rows read from the memory-mapped input: quantizing rows start:end g
 the whole tensor's weight, scales and biases (groups run along the last axis). A tensor that mlx_lm's
 sanitize makes from something other than one input tensor as it is (none for llama/qwen2/qwen3) is evaluated
 whole from the lazy model instead: still one tensor at a time. config.json, the tokenizer files, the model
-card and the copied files come from mlx_lm's own code.
+card and the copied files come from mlx_lm's own code. The folder equals mlx_lm.convert's tensor for tensor
+(tests/test_mlx_stream.py), so mlx_lm.convert's own whole-model save is no longer used anywhere.
 
 On Linux (MLX on CPU) a quantized model whose unquantized parts are float16 is pathologically slow to run,
 so there the default dtype for quantized exports is float32.
@@ -95,6 +96,7 @@ def _stream_export(hf_dir: Path, out: Path, bits, group_size: int, dtype: str | 
     from mlx.utils import tree_flatten, tree_map, tree_map_with_path
     import mlx.core as mx
     import mlx_lm.utils as mu
+    from mlx_lm.convert import MODEL_CONVERSION_DTYPES
 
     # The steps of mlx_lm.convert.convert, up to its save(), all lazy.
     model, tokenizer, config = mu.load(str(hf_dir), return_config=True, lazy=True,
@@ -103,7 +105,7 @@ def _stream_export(hf_dir: Path, out: Path, bits, group_size: int, dtype: str | 
         dtype = config.get("torch_dtype", None)
     if dtype is None and (text_config := config.get("text_config", None)):
         dtype = text_config.get("dtype", None)
-    if dtype in MLX_DTYPES:
+    if dtype in MODEL_CONVERSION_DTYPES:
         cast_to = getattr(mx, dtype)
         cast_predicate = getattr(model, "cast_predicate", lambda _: True)
 
@@ -133,9 +135,10 @@ def _stream_export(hf_dir: Path, out: Path, bits, group_size: int, dtype: str | 
     fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
     files = [(fmt.format(i + 1, len(shards)), [(k, *specs[k]) for k in shard]) for i, shard in enumerate(shards)]
     del shards
+    inputs: dict[Path, SafetensorsFile] = {}  # headers parsed once per input file
     with _ShardedSink(out, files) as sink:
         while jobs:
-            _run(jobs.pop(0), sink, mx)  # popped: nothing keeps a written tensor alive
+            _run(jobs.pop(0), sink, inputs, mx)  # popped: nothing keeps a written tensor alive
     index["weight_map"] = dict(sorted((k, fname) for fname, specs_ in files for k, *_ in specs_))
     with open(out / "model.safetensors.index.json", "w") as f:
         json.dump(index, f, indent=4)
@@ -147,6 +150,7 @@ def _stream_export(hf_dir: Path, out: Path, bits, group_size: int, dtype: str | 
         for file in glob.glob(str(hf_dir / p)):
             shutil.copy(file, out)
     mu.create_model_card(out, None)
+    mx.clear_cache()  # MLX keeps freed piece buffers for reuse: give them back
 
 
 def _plan(hf_dir: Path, model, weights: dict, cast: dict) -> list[_Job]:
@@ -244,7 +248,7 @@ class _ShardedSink(ClosingSink):
             self._w.abort()
 
 
-def _run(job: _Job, w: _ShardedSink, mx) -> None:
+def _run(job: _Job, w: _ShardedSink, inputs: dict, mx) -> None:
     if job.kind == "lazy":
         a = job.array
         job.array = None
@@ -252,7 +256,9 @@ def _run(job: _Job, w: _ShardedSink, mx) -> None:
         w.write(job.names[0], _to_numpy(a, mx))
         return
     path, tensor = job.source
-    f = SafetensorsFile(path)
+    if path not in inputs:
+        inputs[path] = SafetensorsFile(path)
+    f = inputs[path]
     e = f.entries[tensor]
     src = f.read(tensor)  # memory-mapped: pieces are read as they are used
     if job.kind == "copy":
