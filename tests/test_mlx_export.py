@@ -1,4 +1,5 @@
-"""HF -> MLX export (mlx_lm.convert): the folder loads in mlx_lm and matches the HF checkpoint's logits.
+"""HF -> MLX export (streamed, the same folder as mlx_lm.convert: tests/test_mlx_stream.py): the folder loads
+in mlx_lm and matches the HF checkpoint's logits.
 
 Measured on the tiny factory models (max |logit| about 13; hidden 64 = one quantization group per row):
 unquantized: identical; 8-bit: max abs diff ~0.34, correlation 0.9996+, same argmax; 4-bit: max abs diff

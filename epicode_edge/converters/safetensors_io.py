@@ -28,6 +28,7 @@ STORAGE = {
     "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"),
+    "U32": np.dtype("<u4"),
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
