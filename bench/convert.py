@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -330,10 +331,12 @@ def bench_gguf(a, configs) -> None:
                 ratio = statistics.median(r["seconds"] / (2 * q["seconds"]) for r, q in zip(runs, anchors))
                 from epicode_edge.converters.checkpoint import open_checkpoint
 
-                types = {t.dtype for t in open_checkpoint(a.gguf).tensors.values() if len(t.shape) > 1}
-                if quant in types:
-                    print(f"  (the input's matrices are {quant} already: llama.cpp copies them, as we do for the "
-                          f"amateur; our expert is still dequantized, extrapolated and encoded)")
+                sizes = [(t.dtype, math.prod(t.shape)) for t in open_checkpoint(a.gguf).tensors.values()]
+                same = sum(n for dtype, n in sizes if dtype == quant) / max(sum(n for _, n in sizes), 1)
+                if same:
+                    print(f"  ({100 * same:.0f}% of the input's values are stored as {quant} already: llama.cpp "
+                          f"copies those tensors, as we do for the amateur; our expert is still dequantized, "
+                          f"extrapolated and encoded)")
                 print(f"anchor: llama.cpp's own requantize of the input to {quant} (llama_model_quantize, "
                       f"{os.cpu_count()} threads; one input, one output; median of {len(anchors)}): {t:.2f} s, "
                       f"{one / t / 1e6:.0f} MB/s of input, peak private "
