@@ -208,3 +208,39 @@ def test_vocabulary_mismatch_is_refused(bundle, odd_models, kind, msg):
         check_same_vocab(e, e)
         e.close()
         a.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# MLX: the output layer on the last position only
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,dtype,tie,bits", [("llama", "float32", False, None), ("qwen2", "float32", True, None),
+                                                 ("qwen3", "bfloat16", True, None), ("llama", "float32", False, 4),
+                                                 ("qwen2", "float32", True, 8)])
+def test_mlx_forward_computes_the_head_on_the_last_position_only(tmp_path, monkeypatch, arch, dtype, tie, bits):
+    """A prefill's logits are the last position's of the whole forward (bit-equal on MLX's CPU), untied
+    lm_head and tied embeddings, plain and quantized; the output layer sees one row, not all T."""
+    import mlx.core as mx
+
+    import epicode_edge.backends.mlx as mlx_backend
+    from epicode_edge.converters.mlx import export_mlx
+    from factory import make_hf_model
+
+    path = export_mlx(make_hf_model(tmp_path / "hf", arch=arch, dtype=dtype, tie=tie), tmp_path / "mlx", bits=bits)
+    m = open_mlx(path)
+    head = mlx_backend.last_position_head(m._model)
+    assert head is not None
+    rows = []
+    monkeypatch.setattr(m, "_head", lambda h: rows.append(h.shape) or head(h))
+    ids = [3, 17, 250, 9, 41, 77, 5]
+    got = [m.prefill(ids).copy(), m.step(12).copy()]
+    assert rows == [(1, 1, m._model.args.hidden_size)] * 2
+    m.truncate(0)
+    monkeypatch.setattr(m, "_head", None)  # the whole forward, sliced afterwards
+    want = [m.prefill(ids).copy(), m.step(12).copy()]
+    for a, b in zip(got, want):
+        if mx.default_device() == mx.cpu:
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    m.close()

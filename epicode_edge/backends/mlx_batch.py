@@ -30,7 +30,10 @@ class MultiSeqMLX(MultiSeqBase):
         from mlx_lm.models import cache as mlx_cache
 
         super().__init__(path, n_slots=n_slots, n_ctx=n_ctx, vocab_size=vocab_size, max_group_tokens=1 << 30)
+        from .mlx import last_position_head
+
         self._mx, self._cache_mod, self._model = mx, mlx_cache, model
+        self._head = last_position_head(model)
         self._caches = [mlx_cache.make_prompt_cache(model) for _ in range(n_slots)]  # per slot, per layer
         if not all(type(c) is mlx_cache.KVCache for c in self._caches[0]):
             raise UnsupportedError(f"{path}: batched decoding on MLX needs plain KV caches (this model uses "
@@ -60,8 +63,11 @@ class MultiSeqMLX(MultiSeqBase):
         for i in range(0, len(ids) - PREFILL_CHUNK, PREFILL_CHUNK):  # all chunks but the last
             self._model(mx.array(ids[i:i + PREFILL_CHUNK])[None], cache=cache)
             mx.eval([c.state for c in cache])
-        last = ids[(len(ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:]
-        logits = self._model(mx.array(last)[None], cache=cache)[0, -1]  # (V,)
+        last = mx.array(ids[(len(ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:])[None]  # (1, T)
+        if self._head is None:
+            logits = self._model(last, cache=cache)[0, -1]  # (V,)
+        else:  # the output layer on the last position only, as MLXBackend does
+            logits = self._head(self._model.model(last, cache=cache)[:, -1:, :])[0, -1]  # (V,)
         return np.array(logits.astype(mx.float32))
 
     def _step_batch(self, slots: list[int], tokens: list[int]) -> list[np.ndarray]:
