@@ -87,7 +87,7 @@ class MLXBackend(BaseBackend):
         from .mlx_batch import MultiSeqMLX
 
         return MultiSeqMLX(self._model, n_slots=n_slots, n_ctx=n_ctx or self.n_ctx, path=self.path,
-                           vocab_size=self.vocab_size)
+                           vocab_size=self.vocab_size, head=self._head)
 
     def _forward(self, ids: list[int]) -> np.ndarray:
         mx = self._mx

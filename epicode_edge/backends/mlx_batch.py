@@ -25,15 +25,13 @@ PREFILL_CHUNK = 512  # as backends/mlx.py
 class MultiSeqMLX(MultiSeqBase):
     name = "mlx"
 
-    def __init__(self, model, *, n_slots: int, n_ctx: int, path, vocab_size: int):
+    def __init__(self, model, *, n_slots: int, n_ctx: int, path, vocab_size: int, head=None):
         import mlx.core as mx
         from mlx_lm.models import cache as mlx_cache
 
         super().__init__(path, n_slots=n_slots, n_ctx=n_ctx, vocab_size=vocab_size, max_group_tokens=1 << 30)
-        from .mlx import last_position_head
-
         self._mx, self._cache_mod, self._model = mx, mlx_cache, model
-        self._head = last_position_head(model)
+        self._head = head  # MLXBackend's output layer for the last position only (None: the whole forward)
         self._caches = [mlx_cache.make_prompt_cache(model) for _ in range(n_slots)]  # per slot, per layer
         if not all(type(c) is mlx_cache.KVCache for c in self._caches[0]):
             raise UnsupportedError(f"{path}: batched decoding on MLX needs plain KV caches (this model uses "
