@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .version import __version__
 from .defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
@@ -78,8 +79,6 @@ def main(cpu_repack, verbose):
     """
     _preload_llama_cpp()
     from . import runtime
-
-    from click.core import ParameterSource
 
     from_env = click.get_current_context().get_parameter_source("cpu_repack") == ParameterSource.ENVIRONMENT
     runtime.set_cpu_repack(None if from_env else cpu_repack, via="option")  # the library reads the variable
@@ -586,6 +585,11 @@ def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, with
     def warn(msg):
         click.echo(f"Warning: {msg}", err=True)
 
+    ctx = click.get_current_context()
+    if engine.get("backend") == "mlx" and ctx.get_parameter_source("backend") == ParameterSource.ENVIRONMENT:
+        engine = {**engine, "backend": "auto"}  # a machine-wide preference; tune's bundles are GGUF
+        click.echo("Note: tune converts GGUF bundles and scores them on llama.cpp; EPICODE_EDGE_BACKEND=mlx is "
+                   "not applied to it.", err=True)
     with _StageBars() as bars:
         result = tune(finetuned, inferior, dev, out, mu_grid=mu_grid, lam_grid=lam_grid, alpha=alpha,
                       with_inferior=with_inferior, base=base, cd=cd, work_dir=work_dir, max_tokens=max_tokens,

@@ -194,3 +194,8 @@ def test_tune_takes_the_engine_options(pair, tmp_path):
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
     r = CliRunner().invoke(main, args + ["--backend", "mlx"])
     assert r.exit_code == 1 and "backend 'mlx'" in r.output
+    # the variable is a machine-wide preference (a Mac user's): tune notes it and runs on llama.cpp, where
+    # this dev prompt meets the 256-token context
+    r = CliRunner().invoke(main, args + ["--n-ctx", "256"], env={"EPICODE_EDGE_BACKEND": "mlx"})
+    assert "EPICODE_EDGE_BACKEND=mlx is not applied" in r.output
+    assert r.exit_code == 1 and "context of 256" in r.output.strip().splitlines()[-1]
