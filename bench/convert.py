@@ -269,24 +269,17 @@ def child(spec: str) -> None:
 def anchor_child(a: dict) -> None:
     """llama.cpp's own requantize of the input to the quant (llama_model_quantize, allow_requantize, all cores):
     one input read, dequantized and encoded once, by llama.cpp's reference encoders, as llama-quantize does."""
-    import llama_cpp
+    import llama_cpp  # noqa: F401 - imported before the timing, as in our child
 
     from epicode_edge.converters.gguf import QUANTS, llama_quantize
 
-    params = llama_cpp.llama_model_quantize_default_params  # llama_quantize takes the defaults: allow requantize
-    llama_cpp.llama_model_quantize_default_params = lambda: _requantize(params())
     before = _status(os.getpid())
     t0 = time.perf_counter()
-    llama_quantize(Path(a["ft"]), Path(a["out"]), QUANTS[a["quant"]][0])
+    llama_quantize(Path(a["ft"]), Path(a["out"]), QUANTS[a["quant"]][0], allow_requantize=True)
     seconds = time.perf_counter() - t0
     s = _status(os.getpid())
     print(json.dumps({"seconds": seconds, "vm_hwm": s["VmHWM"], "anon_end": s["RssAnon"],
                       "anon_start": before["RssAnon"], "output_bytes": Path(a["out"]).stat().st_size}))
-
-
-def _requantize(params):
-    params.allow_requantize = True
-    return params
 
 
 def run_anchor(gguf_in: Path, out: Path, quant: str) -> dict:

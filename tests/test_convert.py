@@ -328,6 +328,28 @@ def test_gguf_rows_in_the_output_type_are_copied_as_stored(pairs, tmp_path, monk
     assert _stored(encoded.gguf("amateur", quant))["blk.0.attn_q.weight"] != _stored(ft)["blk.0.attn_q.weight"]
 
 
+@pytest.mark.filterwarnings("ignore::epicode_edge.converters.extrapolate.ExtrapolationWarning")
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q4_0"])
+def test_gguf_inputs_unchanged_are_requantized_by_llama_cpp(pairs, tmp_path, quant):
+    """The amateur and inferior of GGUF inputs, at a quant llama.cpp makes, are llama-quantize's output for
+    the input file (llama_model_quantize with requantizing allowed), byte for byte, with no float intermediate
+    between: the expert at mu = 0 as well (the identity), while at mu > 0 the expert differs."""
+    from epicode_edge.converters.gguf import QUANTS, hf_to_gguf, llama_quantize
+
+    ft, inf = (hf_to_gguf(p, tmp_path / f"{p.name}.gguf", "Q8_0") for p in pairs["f32"])
+    want = {}
+    for name, src in (("ft", ft), ("inf", inf)):
+        llama_quantize(src, tmp_path / f"{name}-{quant}.gguf", QUANTS[quant][0], allow_requantize=True)
+        want[name] = (tmp_path / f"{name}-{quant}.gguf").read_bytes()
+    b = convert(ft, inf, tmp_path / "b", mu=0.3, to="gguf", quant=quant, with_inferior=True)
+    assert b.gguf("amateur", quant).read_bytes() == want["ft"]
+    assert b.gguf("inferior", quant).read_bytes() == want["inf"]
+    assert b.gguf("expert", quant).read_bytes() != want["ft"]
+    zero = convert(ft, inf, tmp_path / "zero", mu=0, to="gguf", quant=quant)
+    assert zero.gguf("expert", quant).read_bytes() == zero.gguf("amateur", quant).read_bytes() == want["ft"]
+    assert leftovers(tmp_path / "b" / "gguf", keep=set(p.name for p in (tmp_path / "b" / "gguf").glob("*.gguf"))) == []
+
+
 def test_read_ahead_hands_over_errors_and_stops_early():
     from epicode_edge.converters.convert import read_ahead
 

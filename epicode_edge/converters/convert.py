@@ -170,9 +170,10 @@ class _Sinks:
     def __init__(self):
         self.hf: dict[str, HFSink] = {}  # role -> HF folder writer (storage arrays)
         self.gguf: dict[str, list] = {"expert": [], "amateur": [], "inferior": []}  # role -> GGUF sinks (f32)
+        self.requantized: list = []  # GGUF inputs requantized by llama.cpp when closed (take no tensors)
 
     def all(self) -> list:
-        return list(self.hf.values()) + [s for group in self.gguf.values() for s in group]
+        return list(self.hf.values()) + [s for group in self.gguf.values() for s in group] + self.requantized
 
     def write(self, t) -> None:
         for role, array in (("expert", t.expert), ("amateur", t.finetuned), ("inferior", t.inferior)):
@@ -237,7 +238,7 @@ def _hf_sink(out_dir: Path, source: Checkpoint, max_shard_bytes: int):
 
 
 def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quants, with_inferior,
-                max_shard_bytes, sinks: _Sinks) -> dict[str, Path]:
+                max_shard_bytes, sinks: _Sinks, mu: float) -> dict[str, Path]:
     """Create the sinks inside the temporary bundle; returns role -> HF folder for the MLX export.
 
     The expert's HF folder is written by the pass (hf/expert, or a work folder without hf); amateur and
@@ -255,12 +256,17 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
         hf_dirs[role] = bw.path(hf_relpath(role) if role == "expert" and "hf" in formats else f".work/hf-{role}")
         sinks.hf[role] = _hf_sink(hf_dirs[role], source, max_shard_bytes)
     if "gguf" in formats:
-        from .gguf import gguf_sink_for
+        from .gguf import QUANTS, GGUFRequantizeSink, gguf_sink_for
 
         roles = [("expert", ft), ("amateur", ft)] + ([("inferior", inf)] if with_inferior else [])
         for role, source in roles:
             for q in quants:
-                sinks.gguf[role].append(gguf_sink_for(source, bw.path(gguf_relpath(role, q)), q))
+                out = bw.path(gguf_relpath(role, q))
+                unchanged = role != "expert" or mu == 0  # the input model itself
+                if unchanged and source.format == "gguf" and QUANTS[q][1] is None and isinstance(source.path, Path):
+                    sinks.requantized.append(GGUFRequantizeSink(out, source=source.path, quant=q))
+                else:
+                    sinks.gguf[role].append(gguf_sink_for(source, out, q))
     return hf_dirs
 
 
@@ -426,7 +432,7 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
             try:
                 sinks = _Sinks()
                 try:
-                    hf_dirs = _open_sinks(bw, ft, inf, formats, quants, with_inferior, max_shard_bytes, sinks)
+                    hf_dirs = _open_sinks(bw, ft, inf, formats, quants, with_inferior, max_shard_bytes, sinks, mu)
                     digests = _run_pass(ft, inf, mu, sinks, progress)
                     for i, sink in enumerate(sinks.all()):
                         if progress:
