@@ -350,6 +350,39 @@ def test_gguf_inputs_unchanged_are_requantized_by_llama_cpp(pairs, tmp_path, qua
     assert leftovers(tmp_path / "b" / "gguf", keep=set(p.name for p in (tmp_path / "b" / "gguf").glob("*.gguf"))) == []
 
 
+@pytest.mark.filterwarnings("ignore::epicode_edge.converters.extrapolate.ExtrapolationWarning")
+@pytest.mark.parametrize("source", ["BF16", "Q8_0"])
+def test_gguf_expert_encoded_to_llama_cpp_types_directly(tmp_path, monkeypatch, source):
+    """GGUF inputs to a K-quant: the expert is encoded piece by piece to the per-tensor types llama.cpp chose
+    for the requantized amateur, with no float intermediate for llama.cpp to quantize. From a BF16 pair that
+    is the same tensors, types and bytes as the intermediate path (llama.cpp's quantizer on a BF16 file); from
+    a quantized pair the values skip the intermediate's float16 rounding (same types, close values)."""
+    import epicode_edge.converters.convert as cv
+    import epicode_edge.converters.gguf as g
+
+    pair = make_pair(tmp_path / "pair", arch="llama", dtype="bfloat16", seed=7, delta=0.3, hidden=256,
+                     intermediate=256)  # 256-wide rows: real K-quant blocks
+    ft, inf = (g.hf_to_gguf(p, tmp_path / f"{p.name}.gguf", source) for p in pair)
+    monkeypatch.setattr(cv, "PIECE_ELEMENTS", 3 * 256)
+    sources, quantize = [], g.llama_quantize
+    monkeypatch.setattr(g, "llama_quantize", lambda src, *a, **kw: sources.append(src.name) or quantize(src, *a, **kw))
+    direct = convert(ft, inf, tmp_path / "direct", mu=0.3, to="gguf", quant="Q4_K_M")
+    assert sources == [ft.name]  # llama.cpp quantized the amateur from the input, nothing else
+    monkeypatch.setattr(g.GGUFRequantizeSink, "types", lambda self: None)  # the expert through llama.cpp again
+    old = convert(ft, inf, tmp_path / "old", mu=0.3, to="gguf", quant="Q4_K_M")
+    assert sources[1:] == [ft.name, "expert-Q4_K_M.gguf.unquantized.part"]
+    a, b = (open_checkpoint(x.gguf("expert", "Q4_K_M")) for x in (direct, old))
+    assert {n: t.dtype for n, t in a.tensors.items()} == {n: t.dtype for n, t in b.tensors.items()}
+    assert {t.dtype for t in a.tensors.values()} >= {"Q4_K", "Q6_K"}
+    assert a.config["general.file_type"] == b.config["general.file_type"]
+    for n in a.tensors:
+        if source == "BF16":
+            assert np.asarray(a.read(n)).tobytes() == np.asarray(b.read(n)).tobytes(), n
+        else:
+            x, y = a.read_f32(n), b.read_f32(n)
+            assert np.abs(x - y).max() <= 0.1 * np.abs(y).max() + 1e-6, n
+
+
 def test_read_ahead_hands_over_errors_and_stops_early():
     from epicode_edge.converters.convert import read_ahead
 

@@ -47,7 +47,8 @@ FORMATS = ("gguf", "mlx", "hf")
 class Progress:
     """What a progress callback receives, after each tensor and at each later stage."""
 
-    stage: str  # "extrapolate" (the pass), "finish" (closing sinks: K-quants), "check" (check_model), "mlx", "hash"
+    stage: str  # "requantize" (llama.cpp, an input model unchanged, before the pass), "extrapolate" (the pass),
+    #            "finish" (closing sinks: K-quants), "check" (check_model), "mlx", "hash"
     tensors_done: int
     tensors_total: int
     bytes_done: int  # input bytes read so far (finetuned + inferior)
@@ -238,7 +239,7 @@ def _hf_sink(out_dir: Path, source: Checkpoint, max_shard_bytes: int):
 
 
 def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quants, with_inferior,
-                max_shard_bytes, sinks: _Sinks, mu: float) -> dict[str, Path]:
+                max_shard_bytes, sinks: _Sinks, mu: float, progress: ProgressFn | None = None) -> dict[str, Path]:
     """Create the sinks inside the temporary bundle; returns role -> HF folder for the MLX export.
 
     The expert's HF folder is written by the pass (hf/expert, or a work folder without hf); amateur and
@@ -259,14 +260,23 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
         from .gguf import QUANTS, GGUFRequantizeSink, gguf_sink_for
 
         roles = [("expert", ft), ("amateur", ft)] + ([("inferior", inf)] if with_inferior else [])
-        for role, source in roles:
+        types: dict[str, dict] = {}  # quant -> llama.cpp's per-tensor types, read off the requantized amateur
+        for role, source in reversed(roles):  # the amateur before the expert
             for q in quants:
                 out = bw.path(gguf_relpath(role, q))
                 unchanged = role != "expert" or mu == 0  # the input model itself
-                if unchanged and source.format == "gguf" and QUANTS[q][1] is None and isinstance(source.path, Path):
-                    sinks.requantized.append(GGUFRequantizeSink(out, source=source.path, quant=q))
-                else:
+                if not (source.format == "gguf" and QUANTS[q][1] is None and isinstance(source.path, Path)):
                     sinks.gguf[role].append(gguf_sink_for(source, out, q))
+                elif unchanged:
+                    sink = GGUFRequantizeSink(out, source=source.path, quant=q)
+                    sinks.requantized.append(sink)
+                    if role == "amateur":  # made now: the expert is encoded to the types llama.cpp chose here
+                        if progress:
+                            progress(Progress("requantize", 0, 0, 0, 0, out.name))
+                        sink.close()
+                        types[q] = sink.types()
+                else:
+                    sinks.gguf[role].append(gguf_sink_for(source, out, q, types=types[q]))
     return hf_dirs
 
 
@@ -432,7 +442,8 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
             try:
                 sinks = _Sinks()
                 try:
-                    hf_dirs = _open_sinks(bw, ft, inf, formats, quants, with_inferior, max_shard_bytes, sinks, mu)
+                    hf_dirs = _open_sinks(bw, ft, inf, formats, quants, with_inferior, max_shard_bytes, sinks, mu,
+                                          progress)
                     digests = _run_pass(ft, inf, mu, sinks, progress)
                     for i, sink in enumerate(sinks.all()):
                         if progress:

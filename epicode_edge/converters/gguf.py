@@ -127,13 +127,15 @@ class _StreamingGGUF:
     plan: gguf name -> (numpy shape, ggml type) in file order. Subclasses add the metadata.
     """
 
-    def __init__(self, out_path, arch_name: str, quant: str):
+    def __init__(self, out_path, arch_name: str, quant: str, types: dict[str, int] | None = None):
         self.out_path = Path(out_path)
         self.quant = check_quant(quant)
         self.file_type, self.direct_type = QUANTS[self.quant]
+        self.types = types  # gguf name -> ggml type chosen by llama.cpp for this quant: encoded here, directly
+        self._llama_finishes = self.direct_type is None and types is None  # a float file llama.cpp quantizes
         self._part = self.out_path.with_name(self.out_path.name + ".part")
         self._inter = self.out_path.with_name(self.out_path.name + ".unquantized.part")
-        self._path = self._inter if self.direct_type is None else self._part
+        self._path = self._inter if self._llama_finishes else self._part
         self.writer = _Writer(self._path, arch_name)
         self.plan: dict[str, tuple[tuple[int, ...], Q]] = {}
         self._written: set[str] = set()
@@ -144,6 +146,10 @@ class _StreamingGGUF:
     # -- planning
     def _tensor_type(self, gguf_name: str, shape: tuple[int, ...], source_tag: str) -> Q:
         """As convert_hf_to_gguf: 1-D tensors and norms F32; else the quant's type, F16 if rows don't fit."""
+        if self.types is not None:
+            if gguf_name not in self.types:
+                raise InputError(f"tensor {gguf_name!r}: no type chosen by llama.cpp for {self.out_path.name}")
+            return Q(self.types[gguf_name])
         if self._kept_f32(gguf_name, shape):
             return Q.F32
         qtype = self.direct_type if self.direct_type is not None else _SOURCE_TYPE.get(source_tag, _SOURCE_TYPE["F16"])[0]
@@ -158,7 +164,7 @@ class _StreamingGGUF:
     def _begin(self) -> None:
         """Write header, metadata and tensor infos; remember where each tensor's bytes go."""
         w = self.writer
-        ft = self.file_type if self.direct_type is not None else self._intermediate_file_type()
+        ft = self._intermediate_file_type() if self._llama_finishes else self.file_type
         w.add_file_type(int(ft))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         offset = 0
@@ -272,7 +278,7 @@ class _StreamingGGUF:
         fout.truncate()
         self.writer.close()
         try:
-            if self.direct_type is None:
+            if self._llama_finishes:
                 llama_quantize(self._inter, self._part, self.file_type)
                 self._inter.unlink()
                 bad = first_nonfinite_tensor(self._part)  # llama.cpp's block scales can overflow too
@@ -382,13 +388,14 @@ class GGUFCopySink(_StreamingGGUF):
     GGUF naming and numpy shape order (as GGUFReader-based readers return them, reversed ggml dims):
     tensors: gguf name -> (numpy shape, source tag); `write(gguf_name, f32_array)`; quant as GGUFSink."""
 
-    def __init__(self, out_path, *, source, tensors: dict, quant: str = "F32", header: Header | None = None):
+    def __init__(self, out_path, *, source, tensors: dict, quant: str = "F32", header: Header | None = None,
+                 types: dict[str, int] | None = None):
         header = header or _open_header(source)
         arch = header.meta.get(gguf.Keys.General.ARCHITECTURE)
         if arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
             raise UnsupportedError(
                 f"{source}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
-        super().__init__(out_path, arch, quant)
+        super().__init__(out_path, arch, quant, types)
         try:
             copy_metadata(header, self.writer)
             for name, (shape, tag) in tensors.items():
@@ -477,12 +484,18 @@ class GGUFRequantizeSink:
         self._closed = True
         self._part.unlink(missing_ok=True)
 
+    def types(self) -> dict[str, int]:
+        """gguf name -> the ggml type llama.cpp chose for each tensor of the written file (after close())."""
+        return {t.name: int(t.ggml_type) for t in read_header(self.out_path).tensors}
 
-def gguf_sink_for(checkpoint, out_path, quant: str):
-    """The right sink for a Checkpoint (converters.checkpoint): GGUFSink for HF folders, GGUFCopySink for GGUF."""
+
+def gguf_sink_for(checkpoint, out_path, quant: str, types: dict[str, int] | None = None):
+    """The right sink for a Checkpoint (converters.checkpoint): GGUFSink for HF folders, GGUFCopySink for GGUF
+    (types: llama.cpp's per-tensor choice for the quant, to encode directly; GGUF inputs only)."""
     tensors = {n: (t.shape, t.dtype) for n, t in checkpoint.tensors.items()}
     if checkpoint.format == "gguf":
-        return GGUFCopySink(out_path, source=checkpoint.path, tensors=tensors, quant=quant, header=checkpoint.header)
+        return GGUFCopySink(out_path, source=checkpoint.path, tensors=tensors, quant=quant, header=checkpoint.header,
+                            types=types)
     return GGUFSink(out_path, config=checkpoint.config, tensors=tensors, tokenizer_dir=checkpoint.tokenizer_dir,
                     quant=quant, name=Path(checkpoint.path).name)
 
