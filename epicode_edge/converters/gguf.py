@@ -279,12 +279,9 @@ class _StreamingGGUF:
         self.writer.close()
         try:
             if self._llama_finishes:
-                llama_quantize(self._inter, self._part, self.file_type)
+                quantize_checked(self._inter, self._part, self.file_type, self.out_path.name,
+                                 "out of that type's range: use a smaller mu, or quant F32")
                 self._inter.unlink()
-                bad = first_nonfinite_tensor(self._part)  # llama.cpp's block scales can overflow too
-                if bad is not None:
-                    raise NumericError(f"tensor {bad[0]!r}: {bad[1]} values are NaN/Inf as {bad[2]} in "
-                                       f"{self.out_path.name} (out of that type's range: use a smaller mu, or quant F32)")
             os.replace(self._part, self.out_path)
         except BaseException:
             self.abort()
@@ -468,11 +465,8 @@ class GGUFRequantizeSink:
         if self._closed:
             return self.out_path
         try:
-            llama_quantize(self.source, self._part, self.file_type, allow_requantize=True)
-            bad = first_nonfinite_tensor(self._part)
-            if bad is not None:
-                raise NumericError(f"tensor {bad[0]!r}: {bad[1]} values are NaN/Inf as {bad[2]} in "
-                                   f"{self.out_path.name} (from {self.source.name})")
+            quantize_checked(self.source, self._part, self.file_type, self.out_path.name, f"from {self.source.name}",
+                             allow_requantize=True)
             os.replace(self._part, self.out_path)
         except BaseException:
             self.abort()
@@ -690,6 +684,15 @@ class _Writer(gguf.GGUFWriter):
         if isinstance(val, _Stored) and add_vtype:
             return bytes(val)
         return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+
+
+def quantize_checked(src: Path, dst: Path, file_type: FT, name: str, why: str, allow_requantize: bool = False) -> None:
+    """llama_quantize, then NumericError naming the first tensor whose blocks came out NaN/Inf (llama.cpp's
+    float16 block scales can overflow); name: the output's name in the message, why: its explanation."""
+    llama_quantize(src, dst, file_type, allow_requantize=allow_requantize)
+    bad = first_nonfinite_tensor(dst)
+    if bad is not None:
+        raise NumericError(f"tensor {bad[0]!r}: {bad[1]} values are NaN/Inf as {bad[2]} in {name} ({why})")
 
 
 def llama_quantize(src: Path, dst: Path, file_type: FT, nthread: int = 0, allow_requantize: bool = False) -> None:
