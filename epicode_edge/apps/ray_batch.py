@@ -179,7 +179,7 @@ def _ray_session(ray, address: str | None, num_cpus: int | None):
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if address is not None and num_cpus is not None:
         raise ParameterError("num_cpus applies to a local Ray only (a cluster has its own)")
-    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init sets its own (sys.exit): ours again afterwards
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init sets its own (sys.exit): ours again at once
     try:
         try:
             if address is None:
@@ -189,13 +189,20 @@ def _ray_session(ray, address: str | None, num_cpus: int | None):
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = "a local Ray" if address is None else f"the Ray cluster at {address}"
             raise RayJobError(f"cannot start or reach {where}: {_first_line(e)}") from None
+        _restore_sigterm(sigterm)  # during the job too: a SIGTERM stops it as the caller's handler says
         try:
             yield
         finally:
             ray.shutdown()
     finally:
-        if sigterm is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, sigterm)
+        _restore_sigterm(sigterm)
+
+
+def _restore_sigterm(handler) -> None:
+    """ray.init installs its own SIGTERM handler (sys.exit(15): no cleanup message, the caller's handler
+    bypassed); put the one there was before back, from the main thread."""
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 @contextmanager
