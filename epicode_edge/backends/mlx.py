@@ -87,7 +87,7 @@ class MLXBackend(BaseBackend):
         from .mlx_batch import MultiSeqMLX
 
         return MultiSeqMLX(self._model, n_slots=n_slots, n_ctx=n_ctx or self.n_ctx, path=self.path,
-                           vocab_size=self.vocab_size, head=self._head)
+                           vocab_size=self.vocab_size, last_logits=self._last_logits)
 
     def _forward(self, ids: list[int]) -> np.ndarray:
         mx = self._mx
@@ -95,11 +95,14 @@ class MLXBackend(BaseBackend):
             self._model(mx.array(ids[i:i + PREFILL_CHUNK])[None], cache=self._cache)
             mx.eval([c.state for c in self._cache])
         last = mx.array(ids[(len(ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:])[None]  # (1, T)
+        return np.array(self._last_logits(last, self._cache).astype(mx.float32))
+
+    def _last_logits(self, tokens, cache):
+        """Logits (V,) of the last of tokens (1, T) fed on cache; the output layer on that position only
+        where the model allows it (last_position_head), not on all T."""
         if self._head is None:
-            logits = self._model(last, cache=self._cache)[0, -1]  # (V,)
-        else:  # the output layer on the last position only, not on all T
-            logits = self._head(self._model.model(last, cache=self._cache)[:, -1:, :])[0, -1]  # (V,)
-        return np.array(logits.astype(mx.float32))
+            return self._model(tokens, cache=cache)[0, -1]
+        return self._head(self._model.model(tokens, cache=cache)[:, -1:, :])[0, -1]
 
     def _trim(self, n: int) -> None:
         held = self._cache[0].offset if self._cache else 0

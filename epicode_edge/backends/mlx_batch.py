@@ -25,13 +25,13 @@ PREFILL_CHUNK = 512  # as backends/mlx.py
 class MultiSeqMLX(MultiSeqBase):
     name = "mlx"
 
-    def __init__(self, model, *, n_slots: int, n_ctx: int, path, vocab_size: int, head=None):
+    def __init__(self, model, *, n_slots: int, n_ctx: int, path, vocab_size: int, last_logits):
         import mlx.core as mx
         from mlx_lm.models import cache as mlx_cache
 
         super().__init__(path, n_slots=n_slots, n_ctx=n_ctx, vocab_size=vocab_size, max_group_tokens=1 << 30)
         self._mx, self._cache_mod, self._model = mx, mlx_cache, model
-        self._head = head  # MLXBackend's output layer for the last position only (None: the whole forward)
+        self._last_logits = last_logits  # MLXBackend's: (tokens (1, T), cache) -> logits (V,) of the last
         self._caches = [mlx_cache.make_prompt_cache(model) for _ in range(n_slots)]  # per slot, per layer
         if not all(type(c) is mlx_cache.KVCache for c in self._caches[0]):
             raise UnsupportedError(f"{path}: batched decoding on MLX needs plain KV caches (this model uses "
@@ -62,11 +62,7 @@ class MultiSeqMLX(MultiSeqBase):
             self._model(mx.array(ids[i:i + PREFILL_CHUNK])[None], cache=cache)
             mx.eval([c.state for c in cache])
         last = mx.array(ids[(len(ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:])[None]  # (1, T)
-        if self._head is None:
-            logits = self._model(last, cache=cache)[0, -1]  # (V,)
-        else:  # the output layer on the last position only, as MLXBackend does
-            logits = self._head(self._model.model(last, cache=cache)[:, -1:, :])[0, -1]  # (V,)
-        return np.array(logits.astype(mx.float32))
+        return np.array(self._last_logits(last, cache).astype(mx.float32))  # (V,)
 
     def _step_batch(self, slots: list[int], tokens: list[int]) -> list[np.ndarray]:
         """One token for each slot in one forward of shape (B, 1)."""
