@@ -8,13 +8,18 @@
 Anchor: llama-cpp-python's own greedy loop (`Llama.generate(temp=0)`, the loop inside create_completion)
 on the bundle's expert GGUF. Measured against it in the same process, interleaved run by run:
     epicode-naive   our loop, amateur stepped on every token (two forward passes per token)
-    lazy-steps      lazy amateur (no forward on forced picks), caught up token by token: bit-identical to naive
+    lazy-steps      lazy amateur (no forward on forced picks), caught up token by token: bit-identical to naive;
+                    the catch-up steps whose logits are unread ask llama.cpp for no output (no output layer)
+    lazy-steps/whole  the same with candidate_head=False: every forward through the output layer (the lever's
+                    own row)
     lazy-batch      lazy amateur caught up in one batched forward
     lazy-auto       batch or steps by the engine's measured costs (the default)
     overlap         both models fed every token, the amateur's forward in a worker thread beside the expert's
                     (llama_decode releases the GIL), --overlap-threads each (default: half the threads):
                     the naive loop's engine calls, so its answers equal the naive loop's
     expert-alone    our loop with lambda = 0 (one model: our loop's own overhead against the anchor)
+    expert-alone/Nt our loop with lambda = 0 at the overlap's thread count N: the ceiling of overlap (each model
+                    runs at that count), i.e. what one core per model allows on this machine against all cores
 Figures: decode tokens/s (tokens after the first / time after the first), time to first token, skip rate,
 loop overhead per token (wall time outside the engines' forward passes) in microseconds and as a share of
 the per-token time; a ratio is the median, over runs and prompts, of a way's figure over the anchor's on the
@@ -241,8 +246,11 @@ def main() -> None:
         anchor_run(llm, ids, 8)
         ours_run(rt, ids, 8, lam=lam, alpha=alpha, overlap=False)
     ways = {"epicode-naive": {"lazy": False}, "lazy-steps": {"catch_up": "steps"},
+            "lazy-steps/whole": {"catch_up": "steps", "candidate_head": False},
             "lazy-batch": {"catch_up": "batch"}, "lazy-auto": {"catch_up": "auto"},
             "overlap": {"overlap": True}, "expert-alone": {"lam": 0.0}}
+    if split != args.threads:
+        ways[f"expert-alone/{split}t"] = {"lam": 0.0, "threads": split}
     ways = {name: {"overlap": False, **kw} for name, kw in ways.items()}
     runtimes = {name: rt for name in ways}
     if args.amateur_quant:
@@ -254,20 +262,22 @@ def main() -> None:
             ways[f"{name}/am-{args.amateur_quant}"] = {"overlap": False, **kw}
             runtimes[f"{name}/am-{args.amateur_quant}"] = rt_aq
     rows = {"anchor": [], **{name: [] for name in ways}}
-    mismatches = {name: 0 for name in ways if name not in ("epicode-naive", "expert-alone")}
+    mismatches = {name: 0 for name in ways if name != "epicode-naive" and not name.startswith("expert-alone")}
     last_tokens = [[] for _ in prompts]  # the naive loop's answer to each prompt
     for run in range(args.runs):
         for i, ids in enumerate(prompts):
             rows["anchor"].append(anchor_run(llm, ids, args.max_tokens))
             tokens = {}
             for name, kw in ways.items():
-                set_threads(runtimes[name], split if kw["overlap"] else args.threads)
+                kw = dict(kw)
+                set_threads(runtimes[name], kw.pop("threads", split if kw["overlap"] else args.threads))
                 r = ours_run(runtimes[name], ids, args.max_tokens, **{"lam": lam, "alpha": alpha, **kw})
                 tokens[name] = r.pop("tokens")
                 rows[name].append(r)
             last_tokens[i] = tokens["epicode-naive"]
             for name in mismatches:  # a cheaper amateur's rows against its own naive row; that one against ours
-                ref = "epicode-naive" if name.startswith("naive/") or "/" not in name else "naive/" + name.split("/")[1]
+                q = name.split("/")[1] if "/am-" in name else None
+                ref = "epicode-naive" if q is None or name.startswith("naive/") else "naive/" + q
                 mismatches[name] += tokens[name] != tokens[ref]
         print(f"  run {run + 1}/{args.runs}: " + ", ".join(
             f"{name} {med(rs[-len(prompts):], 'tokens_per_s'):.1f}" for name, rs in rows.items()) + " tok/s")

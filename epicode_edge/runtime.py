@@ -14,7 +14,9 @@ token, the naive loop), catch_up ("auto" | "batch" | "steps": how a lazy amateur
 "steps" is bit-identical to the naive loop, see decoding/loop.py), overlap (True: the amateur's forward
 runs beside the expert's in a worker thread, every token, bit-identical to lazy=False; with no n_threads given
 at load each model then gets max(1, cores // 2) threads; False: one model at a time; None = auto: on for
-llama.cpp on a CPU with >= 2 cores, see AUTO_OVERLAP).
+llama.cpp on a CPU with >= 2 cores, see AUTO_OVERLAP), candidate_head (True: the amateur's logits of
+the plausible candidates only, its output layer on those rows where the engine can (MLX), none on catch-up
+steps whose logits are unread; False: the whole layer every forward).
 Defaults for lam and alpha come from the
 bundle's manifest.
 """
@@ -73,6 +75,7 @@ class Settings:
     lazy: bool = True
     catch_up: str = "auto"
     overlap: bool | None = None
+    candidate_head: bool = True
 
     def updated(self, **kw) -> "Settings":
         if "lambda" in kw:
@@ -99,6 +102,8 @@ class Settings:
             raise ParameterError(f"lazy must be True or False, got {self.lazy!r}")
         if self.overlap is not None and not isinstance(self.overlap, bool):
             raise ParameterError(f"overlap must be True, False or None (auto), got {self.overlap!r}")
+        if not isinstance(self.candidate_head, bool):
+            raise ParameterError(f"candidate_head must be True or False, got {self.candidate_head!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -186,7 +191,8 @@ class Runtime:
             self.expert, self.amateur, ids, lam=s.lam, alpha=s.alpha,
             sampler=make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed),
             processors=make_logits_processors(s.repetition_penalty, s.repetition_context_size),
-            max_tokens=s.max_tokens, stop=s.stop, lazy=s.lazy, catch_up=s.catch_up, overlap=overlap)
+            max_tokens=s.max_tokens, stop=s.stop, lazy=s.lazy, catch_up=s.catch_up, overlap=overlap,
+            candidate_head=s.candidate_head)
 
     def overlaps(self, s: Settings | None = None) -> bool:
         """Whether a request with these settings runs the two models' forwards at the same time."""

@@ -244,3 +244,63 @@ def test_mlx_forward_computes_the_head_on_the_last_position_only(tmp_path, monke
             np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     m.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# rows: the logits of some token ids only (the amateur's candidates)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rows_are_those_logits_of_the_whole_vector_and_keep_the_cache(expert):
+    """prefill/step with rows give the whole vector's values at those ids, in their order (bit-equal: the
+    same forward on llama.cpp, the gathered rows of the output layer on MLX's CPU); empty rows still cache
+    the tokens; ids outside the vocabulary are refused before the engine runs."""
+    import mlx.core as mx
+
+    ids, rows = [0, 5, 6, 40], np.array([300, 7, 7, 0, 383])
+    expert.truncate(0)
+    whole = [expert.prefill(ids).copy(), expert.step(9).copy(), expert.step(10).copy()]
+    expert.truncate(0)
+    got = [expert.prefill(ids, rows=rows), expert.step(9, rows=np.zeros(0, dtype=np.int64)), expert.step(10, rows=rows)]
+    assert expert.tokens == ids + [9, 10] and got[1].shape == (0,)
+    for a, b in ((got[0], whole[0][rows]), (got[2], whole[2][rows])):
+        assert a.shape == (5,) and a.dtype == np.float32
+        if expert.name == "llama.cpp" or mx.default_device() == mx.cpu:
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert expert.partial_head == (expert.name == "mlx")
+    for bad in ([384], [-1]):
+        with pytest.raises(ParameterError, match="rows must be token ids"):
+            expert.step(11, rows=np.array(bad))
+    assert expert.n_past == 6
+
+
+@pytest.mark.parametrize("arch,dtype,tie,bits", [("llama", "float32", False, None), ("qwen2", "float32", True, None),
+                                                 ("qwen3", "bfloat16", True, None), ("llama", "float32", False, 4),
+                                                 ("qwen2", "float32", True, 8)])
+def test_mlx_rows_compute_only_those_rows_of_the_output_layer(tmp_path, monkeypatch, arch, dtype, tie, bits):
+    """MLX with rows: the output layer's product runs on K gathered rows, never the vocabulary's (the whole
+    layer is not called), untied and tied, float, bf16 and quantized; the values are the whole layer's."""
+    import mlx.core as mx
+
+    import epicode_edge.backends.mlx as mlx_backend
+    from epicode_edge.converters.mlx import export_mlx
+    from factory import make_hf_model
+
+    path = export_mlx(make_hf_model(tmp_path / "hf", arch=arch, dtype=dtype, tie=tie), tmp_path / "mlx", bits=bits)
+    m = open_mlx(path)
+    assert m.partial_head
+    ids, rows = [3, 17, 250, 9, 41], np.array([5, 99, 383, 12])
+    want = [m.prefill(ids)[rows], m.step(12)[rows]]
+    m.truncate(0)
+    seen = []
+    real = mlx_backend.head_rows
+    monkeypatch.setattr(m, "_head", lambda h: pytest.fail("the whole output layer ran"))
+    monkeypatch.setattr(mlx_backend, "head_rows", lambda layer, h, r: seen.append(r.shape) or real(layer, h, r))
+    got = [m.prefill(ids, rows=rows), m.step(12, rows=rows)]
+    assert seen == [(4,), (4,)]
+    for a, b in zip(got, want):
+        if mx.default_device() == mx.cpu:
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    m.close()

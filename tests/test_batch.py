@@ -7,7 +7,7 @@ import json
 import pytest
 
 from epicode_edge.apps import batch
-from epicode_edge.errors import InputError
+from epicode_edge.errors import InputError, ParameterError
 
 
 def _lines(path):
@@ -321,6 +321,55 @@ def test_multisequence_logits_match_the_single_sequence_backend(runtime):
         assert ms.tokens(0) == prompts[0][:3]
         x = ms.decode([(0, prompts[0][3:])])[0]
         assert np.abs(x - want[0][0]).max() < 1e-4  # the cache really dropped the rest
+
+
+@pytest.mark.parametrize("engine", ["llama.cpp", "mlx"])
+def test_multisequence_rows_are_those_logits_or_none(bundle, engine):
+    """decode(entries, rows=...): per entry the logits of those token ids (the whole vector's values), all of
+    them (None), or none (empty: the entry is cached, no output); on MLX a step of several slots that all
+    ask for rows runs their K rows of the output layer, not B x vocabulary."""
+    import numpy as np
+
+    from epicode_edge.runtime import load
+
+    with load(bundle, backend=engine, n_ctx=256, n_threads=1) as rt:
+        prompts = [rt.encode(p) for p in PROMPTS[:3]]
+        ids = np.array([3, 200, 41])
+        with rt.expert.multiseq(n_slots=3) as ms:
+            whole = [ms.decode([(k, p)])[0] for k, p in enumerate(prompts)]
+            whole_step = ms.decode([(0, [7]), (1, [7]), (2, [7])])
+            for k in range(3):
+                ms.truncate(k, 0)
+            got = ms.decode([(k, p) for k, p in enumerate(prompts)], rows=[ids, None, ids[:0]])
+            assert got[1].shape == (rt.expert.vocab_size,) and got[2].shape == (0,)
+            np.testing.assert_allclose(got[0], whole[0][ids], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got[1], whole[1], rtol=1e-5, atol=1e-5)
+            assert [ms.n_past(k) for k in range(3)] == [len(p) for p in prompts]
+            seen = []
+            if engine == "mlx":
+                layer, head_rows = ms._head
+                ms._head = (layer, lambda lyr, h, r: seen.append(r.shape) or head_rows(lyr, h, r))
+            step = ms.decode([(0, [7]), (1, [7]), (2, [7])], rows=[ids, ids[::-1], ids[:0]])
+            for k in range(2):
+                np.testing.assert_allclose(step[k], whole_step[k][ids if k == 0 else ids[::-1]], rtol=1e-5, atol=1e-5)
+            assert step[2].shape == (0,) and ms.n_past(2) == len(prompts[2]) + 1
+            assert seen == ([(3,), (3,)] if engine == "mlx" else [])
+            with pytest.raises(ParameterError, match="rows must be token ids"):
+                ms.decode([(0, [8])], rows=[np.array([rt.expert.vocab_size])])
+            with pytest.raises(ParameterError, match="1 rows for 2 entries"):
+                ms.decode([(0, [8]), (1, [8])], rows=[None])
+
+
+def test_batched_candidate_head_picks_as_the_whole_head(runtime):
+    """The batched loop asks the amateur for the candidates' logits only (none for slots fed only to stay in
+    sync): the same answers as with the whole vector."""
+    from epicode_edge.apps.batch import generate_batch
+
+    for settings in (dict(max_tokens=20, lam=1.0, alpha=0.2), dict(max_tokens=16, temp=0.8, seed=4)):
+        whole = generate_batch(runtime, PROMPTS, parallel=3, candidate_head=False, **settings)
+        rows = generate_batch(runtime, PROMPTS, parallel=3, **settings)
+        assert all(_same(a, b) for a, b in zip(whole, rows))
+        assert sum(r.changed_tokens for r in rows) > 0
 
 
 @pytest.mark.parametrize("settings", [

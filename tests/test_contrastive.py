@@ -74,6 +74,20 @@ def test_candidate_scores_equal_the_full_scores_on_the_candidates(lam):
         assert ids[np.argmax(raw)] == ids[np.argmax(norm)] == np.argmax(full)
 
 
+def test_candidate_scores_from_the_amateurs_candidate_logits_only():
+    """amateur_on_ids: the amateur's logits of the ids alone give the same scores as its whole vector
+    (normalize=False), and the normalized form, which needs the whole vocabulary, is refused."""
+    x, y = logits(5, scale=2.0), logits(6, scale=2.0)
+    ids = plausible_ids(x, 0.01)
+    assert len(ids) > 1
+    np.testing.assert_array_equal(candidate_scores(x, y[ids], ids, 0.5, amateur_on_ids=True),
+                                  candidate_scores(x, y, ids, 0.5))
+    with pytest.raises(ParameterError, match="amateur logits of the candidates"):
+        candidate_scores(x, y[ids], ids, 0.5, normalize=True, amateur_on_ids=True)
+    with pytest.raises(ParameterError, match="amateur logits of the candidates"):
+        candidate_scores(x, y, ids, 0.5, amateur_on_ids=True)
+
+
 def test_lambda_zero_is_the_expert_alone_and_never_reads_the_amateur():
     x = logits(3)
     ids = plausible_ids(x, 0.1)

@@ -42,10 +42,27 @@ def test_expert_non_finite_logits_name_role_and_position(lam, value):
         list(stream_generate(expert, amateur, prompt, lam=lam, alpha=0.1, max_tokens=10))
 
 
+def nan_at(token: int, fn):
+    """fn's logits with token's set to NaN (a broken output row)."""
+    def broken(seq):
+        x = fn(seq)
+        x[token] = np.nan
+        return x
+    return broken
+
+
 def test_amateur_non_finite_logits_name_role_and_position():
-    expert, amateur = ScriptBackend(fine), ScriptBackend(nan_after(0, 3), path="amateur.gguf")
-    with pytest.raises(NumericError, match=r"the amateur model gave non-finite logits .* position 2 \(amateur.gguf\)"):
-        list(stream_generate(expert, amateur, [1, 2, 3], lam=0.5, alpha=0.5, max_tokens=10))
+    """The amateur's logits that the pick reads are checked: its candidates' (candidate_head, the default: a
+    NaN hidden state reaches every row), its whole vector with candidate_head=False. A broken row outside the
+    candidates is never read then and changes no pick."""
+    for broken, candidate_head in ((nan_at(ord("b"), fine), True), (nan_after(0, 3), False)):
+        expert, amateur = ScriptBackend(fine), ScriptBackend(broken, path="amateur.gguf")
+        with pytest.raises(NumericError, match=r"the amateur model gave non-finite logits .* position 2 \(amateur.gguf\)"):
+            list(stream_generate(expert, amateur, [1, 2, 3], lam=0.5, alpha=0.5, max_tokens=10,
+                                 candidate_head=candidate_head))
+    picks = [[e.token for e in stream_generate(ScriptBackend(fine), ScriptBackend(a), [1, 2, 3], lam=0.5, alpha=0.5,
+                                                max_tokens=5)] for a in (nan_after(0, 3), fine)]
+    assert picks[0] == picks[1]
     # lambda 0: the amateur is never read, so broken amateur weights do not matter
     expert, amateur = ScriptBackend(fine), ScriptBackend(nan_after(0, 3))
     events = list(stream_generate(expert, amateur, [1, 2, 3], lam=0.0, alpha=0.5, max_tokens=3))

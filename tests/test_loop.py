@@ -322,9 +322,46 @@ def test_lazy_amateur_equals_naive_loop_on_engines(engine, sampling, catch_up):
     assert skipped > 0  # alpha = 0.3 makes single-token masks happen on these models
 
 
+@pytest.mark.parametrize("catch_up", ["steps", "batch"])
+@pytest.mark.parametrize("sampling", [{}, {"temp": 0.8, "seed": 1}])
+def test_candidate_head_picks_as_the_whole_head(engine, monkeypatch, sampling, catch_up):
+    """candidate_head (the default): the amateur's logits of the plausible candidates only. The same picks as
+    with its whole output layer, lazy and naive; on MLX the amateur's whole layer never runs (its K rows do,
+    and catch-up forwards whose logits are unread run none); with a repetition penalty (normalized scores)
+    the whole layer runs again."""
+    expert, amateur = engine
+    whole_calls = []
+    if amateur.partial_head:
+        head = amateur._head
+        monkeypatch.setattr(amateur, "_head", lambda h: whole_calls.append(1) or head(h))
+    for text in PROMPTS:
+        prompt = expert.tokenize(text)
+        runs = {}
+        for lazy in (True, False):
+            for cand in (True, False):
+                for b in engine:
+                    b.truncate(0)
+                n = len(whole_calls)
+                events = list(stream_generate(expert, amateur, prompt, lam=0.5, alpha=0.3, max_tokens=24, lazy=lazy,
+                                              catch_up=catch_up, candidate_head=cand,
+                                              sampler=make_sampler(**{"temp": 0.0, **sampling})))
+                runs[lazy, cand] = [(e.token, e.changed) for e in events[:-1]]
+                if amateur.partial_head:
+                    assert (len(whole_calls) > n) == (not cand), (lazy, cand)
+        assert runs[True, True] == runs[True, False] == runs[False, True] == runs[False, False]
+    if amateur.partial_head:
+        n = len(whole_calls)
+        amateur.truncate(0)
+        list(stream_generate(expert, amateur, expert.tokenize(PROMPTS[0]), lam=0.5, alpha=0.3, max_tokens=8,
+                             lazy=False, processors=make_logits_processors(1.3, 20)))
+        assert len(whole_calls) > n
+
+
 def test_steps_catch_up_repeats_the_naive_loops_engine_calls(tmp_path_factory):
     """catch_up="steps": the amateur sees the naive loop's exact sequence of engine calls (prompt in one
-    batch, then one token per call), so its logits are bit-identical (here: a Q8_0 model)."""
+    batch, then one token per call), so its logits are bit-identical (here: a Q8_0 model). The steps whose
+    logits are never read ask llama.cpp for no output (its output layer skipped); the others are the naive
+    loop's logits, bit for bit."""
     from epicode_edge.backends.llamacpp import LlamaCppBackend
 
     b = bundle_dir(tmp_path_factory)
@@ -332,20 +369,32 @@ def test_steps_catch_up_repeats_the_naive_loops_engine_calls(tmp_path_factory):
                        for r in ("expert", "amateur"))
     seen = {}
     for lazy in (True, False):
-        calls = []
-        forward = amateur._forward
-        amateur._forward = lambda ids, f=forward, c=calls: c.append((len(ids), f(ids).copy())) or c[-1][1]
+        calls, logits = [], {}
+        decode, forward = amateur._decode, amateur._forward
+
+        def _decode(ids, output=True, f=decode, c=calls):
+            c.append((amateur.n_past, len(ids), output))
+            return f(ids, output)
+
+        def _forward(ids, f=forward, d=logits):
+            x = f(ids)
+            d[amateur.n_past + len(ids)] = x.copy()
+            return x
+
+        amateur._decode, amateur._forward = _decode, _forward
         for bk in (expert, amateur):
             bk.truncate(0)
         prompt = expert.tokenize(PROMPTS[1])
         events = list(stream_generate(expert, amateur, prompt, lam=0.5, alpha=0.3, max_tokens=40, lazy=lazy,
                                       catch_up="steps"))
-        seen[lazy] = ([e.token for e in events[:-1]], calls)
-        del amateur._forward
-    (lazy_tokens, lazy_calls), (naive_tokens, naive_calls) = seen[True], seen[False]
+        seen[lazy] = ([e.token for e in events[:-1]], calls, logits)
+        del amateur._decode, amateur._forward
+    (lazy_tokens, lazy_calls, lazy_logits), (naive_tokens, naive_calls, naive_logits) = seen[True], seen[False]
     assert lazy_tokens == naive_tokens
-    assert [n for n, _ in lazy_calls] == [n for n, _ in naive_calls[:len(lazy_calls)]]
-    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(lazy_calls, naive_calls))
+    assert [c[:2] for c in lazy_calls] == [c[:2] for c in naive_calls[:len(lazy_calls)]]
+    assert all(out for *_, out in naive_calls)
+    assert any(not out for *_, out in lazy_calls)  # unread catch-up steps: no output layer
+    assert lazy_logits and all(np.array_equal(x, naive_logits[n]) for n, x in lazy_logits.items())
     expert.close()
     amateur.close()
 

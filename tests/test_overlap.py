@@ -155,6 +155,8 @@ def test_runtime_setting(tmp_path_factory):
 
     with pytest.raises(ParameterError, match="overlap must be"):
         Settings().updated(overlap="yes")
+    with pytest.raises(ParameterError, match="candidate_head must be"):
+        Settings().updated(candidate_head=1)
     b = bundle_dir(tmp_path_factory)
     with load(b, quant="Q8_0", n_ctx=256) as rt:  # threads not given: each model gets half the cores
         loaded = rt.expert.threads

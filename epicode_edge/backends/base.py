@@ -5,8 +5,15 @@ positions and returns the logits of the last one; `step(id)` is prefill of one t
 cached positions after n (chat history reuse). Logits come back as a float32 numpy vector (V,) that may be a
 view into the engine's buffer: valid until the next call on that backend, so copy it to keep it.
 
+`rows` (prefill and step): the logits of those token ids only, (K,) in their order, when the caller reads no
+others (the amateur's logits of the expert's plausible candidates). Engines with `partial_head` then compute
+only those rows of the output layer (MLX: K dot products instead of the vocabulary's); the others compute
+all and index. An empty rows asks for no logits: a forward for the cache only, without the output layer
+(llama.cpp: no output position; MLX: the head not called).
+
 `counters` lets callers (and tests) see the work done: tokens prefilled and stepped, forward calls, seconds.
-`BaseBackend` holds the bookkeeping; an engine implements `_forward(ids) -> logits` and `_trim(n)`.
+`BaseBackend` holds the bookkeeping; an engine implements `_forward(ids) -> logits` and `_trim(n)`, and may
+implement `_forward_rows(ids, rows)`.
 """
 
 from __future__ import annotations
@@ -120,6 +127,7 @@ class Backend(Protocol):
     concurrent: bool            # whether two backends of this engine may run forwards from two threads at once
     on_cpu: bool                # whether the forward runs on the CPU (threads matter) rather than a GPU
     n_threads_given: int | None  # the thread count asked for at load (None: the engine's default)
+    partial_head: bool          # whether prefill/step with rows compute only those rows of the output layer
 
     @property
     def n_past(self) -> int: ...
@@ -129,8 +137,8 @@ class Backend(Protocol):
     def detokenize(self, ids: Sequence[int]) -> bytes: ...
     def token_bytes(self, token_id: int) -> bytes: ...
     def token_texts(self) -> list[str]: ...
-    def prefill(self, ids: Sequence[int]) -> np.ndarray: ...
-    def step(self, token_id: int) -> np.ndarray: ...
+    def prefill(self, ids: Sequence[int], rows: np.ndarray | None = None) -> np.ndarray: ...
+    def step(self, token_id: int, rows: np.ndarray | None = None) -> np.ndarray: ...
     def truncate(self, n: int) -> None: ...
     def share_cores(self, parts: int) -> None: ...
     def close(self) -> None: ...
@@ -143,6 +151,7 @@ class BaseBackend:
     concurrent = False  # whether two backends of this engine may run forwards from two threads at once
     on_cpu = True
     n_threads_given: int | None = None
+    partial_head = False  # True where _forward_rows computes only the asked rows of the output layer
 
     def __init__(self, path, n_ctx: int):
         self.path = Path(path)
@@ -170,29 +179,35 @@ class BaseBackend:
         decoding at once); parts=1 restores the load-time counts. Engines without thread control ignore it."""
 
     # -- forward -----------------------------------------------------------------------------------
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        """Feed ids after the cached positions; logits (V,) of the last one."""
+    def prefill(self, ids: Sequence[int], rows: np.ndarray | None = None) -> np.ndarray:
+        """Feed ids after the cached positions; logits (V,) of the last one, or with rows (K,) token ids
+        the logits of those ids only, (K,)."""
         ids = [int(i) for i in ids]
         if not ids:
             raise ParameterError(f"{self.path.name}: prefill needs at least one token")
-        logits = self._run(ids)
+        logits = self._run(ids, rows)
         self.counters.prefill_calls += 1
         self.counters.prefill_tokens += len(ids)
         return logits
 
-    def step(self, token_id: int) -> np.ndarray:
-        """Feed one token; logits (V,) of it."""
-        logits = self._run([int(token_id)])
+    def step(self, token_id: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Feed one token; logits (V,) of it (with rows: of those token ids only, (K,))."""
+        logits = self._run([int(token_id)], rows)
         self.counters.step_calls += 1
         return logits
 
-    def _run(self, ids: list[int]) -> np.ndarray:
+    def _run(self, ids: list[int], rows: np.ndarray | None = None) -> np.ndarray:
         self._check_room(len(ids))
+        if rows is not None:
+            rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+            if rows.size and (rows.min() < 0 or rows.max() >= self.vocab_size):
+                raise ParameterError(f"{self.path.name}: rows must be token ids in [0, {self.vocab_size}) "
+                                     f"(got {rows.min()}..{rows.max()})")
         if self._dirty:  # a forward was interrupted (Ctrl-C) after the engine cached it: drop those positions
             self._trim(self.n_past)
         self._dirty = True
         t = time.perf_counter()
-        logits = self._forward(ids)
+        logits = self._forward(ids) if rows is None else self._forward_rows(ids, rows)
         dt = time.perf_counter() - t
         self.counters.forward_seconds += dt
         self.costs.record(len(ids), dt)
@@ -217,6 +232,11 @@ class BaseBackend:
     # -- engine hooks ------------------------------------------------------------------------------
     def _forward(self, ids: list[int]) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _forward_rows(self, ids: list[int], rows: np.ndarray) -> np.ndarray:
+        """The logits (K,) of token ids rows at the last of ids: all computed, then indexed (engines with a
+        partial output layer override this)."""
+        return self._forward(ids)[rows]
 
     def _trim(self, n: int) -> None:  # pragma: no cover - abstract
         """Make the engine's cache hold exactly the first n positions (whatever it holds now)."""

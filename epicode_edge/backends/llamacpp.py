@@ -172,15 +172,31 @@ class LlamaCppBackend(BaseBackend):
 
     # -- forward -----------------------------------------------------------------------------------
     def _forward(self, ids: list[int]) -> np.ndarray:
+        self._decode(ids)
+        return self._logits_view()
+
+    def _forward_rows(self, ids: list[int], rows: np.ndarray) -> np.ndarray:
+        """Rows of the whole logits vector (llama.cpp computes all of them for an output position); no rows:
+        no output position at all, so llama.cpp skips its output layer (SmolLM2 Q8_0, 2 threads: a step
+        12.9 -> 11.0 ms)."""
+        if rows.size == 0:
+            self._decode(ids, output=False)
+            return np.zeros(0, dtype=np.float32)
+        return self._forward(ids)[rows]
+
+    def _decode(self, ids: list[int], output: bool = True) -> None:
+        """llama_decode ids in n_batch chunks after the cached positions; the last one an output position
+        (logits) unless output is False."""
         n_past = self.n_past
         for i in range(0, len(ids), self._n_batch):
             chunk = ids[i:i + self._n_batch]
             self._batch.set_batch(chunk, n_past=n_past + i, logits_all=False)
+            if not output:
+                self._batch.batch.logits[len(chunk) - 1] = 0
             rc = self._lib.llama_decode(self._ctx, self._batch.batch)
             if rc != 0:
                 self._trim(n_past)
                 raise BackendError(f"{self.path}: llama_decode failed with code {rc}")
-        return self._logits_view()
 
     def _logits_view(self) -> np.ndarray:
         """The last position's logits (V,) float32: a numpy view of llama.cpp's buffer, valid until the next

@@ -72,13 +72,17 @@ class MultiSeqLlamaCpp(MultiSeqBase):
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
 
     # -- engine hooks ------------------------------------------------------------------------------
-    def _decode_group(self, slots: list[int], ids: list[list[int]]) -> list[np.ndarray]:
-        rows = [(s, t, self.n_past(s) + i, i == len(toks) - 1) for s, toks in zip(slots, ids)
-                for i, t in enumerate(toks)]
+    def _decode_group(self, slots: list[int], ids: list[list[int]], rows: list) -> list[np.ndarray]:
+        # an entry's last token is an output position unless its rows are empty (no output layer for it)
+        wants = [r is None or r.size > 0 for r in rows]
+        toks = [(s, t, self.n_past(s) + i, w and i == len(seq) - 1) for s, seq, w in zip(slots, ids, wants)
+                for i, t in enumerate(seq)]
         out = []
-        for start in range(0, len(rows), self._n_batch):  # only a single long prompt spans chunks
-            out += self._decode_rows(rows[start:start + self._n_batch])
-        return out
+        for start in range(0, len(toks), self._n_batch):  # only a single long prompt spans chunks
+            out += self._decode_rows(toks[start:start + self._n_batch])
+        got = iter(out)
+        return [next(got) if r is None else next(got)[r] if r.size else np.zeros(0, dtype=np.float32)
+                for r in rows]
 
     def _decode_rows(self, rows: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
         """(slot, token, position, wants logits) rows in one llama_decode -> logits of the rows that want them."""

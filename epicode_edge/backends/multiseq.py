@@ -3,8 +3,13 @@
     logits = ms.decode([(0, prompt_ids), (3, [token]), (5, [token])])   # [(V,), (V,), (V,)] float32 copies
     ms.truncate(3, 0)                                                      # slot 3 empty again
 
+    ys = ms.decode(entries, rows=[ids_a, None, EMPTY])  # per entry: logits of those token ids only (K,),
+                                                          # all (V,), or none (no output layer; EMPTY = 0 ids)
+
 The bookkeeping (cached tokens per slot, context checks, counters, grouping) lives here; an engine implements
-`_decode_group(slots, ids_per_slot) -> [logits]` for entries of EQUAL length, `_trim(slot, n)` and `close()`.
+`_decode_group(slots, ids_per_slot, rows_per_slot) -> [logits]` for entries of EQUAL length, `_trim(slot, n)`
+and `close()`. Rows as in backends/base.py: llama.cpp computes all logits of an output position and indexes
+them, or no output position for empty rows; MLX computes only the asked rows of its output layer.
 decode() hands the engine its entries grouped by length: an engine then never chunks one sequence's tokens
 differently from a single-sequence context (which would round differently and can flip a greedy pick).
 Engines: backends/llamacpp_batch.py (one multi-sequence llama_decode), backends/mlx_batch.py (one batched
@@ -51,16 +56,19 @@ class MultiSeqBase:
         self.truncate(slot, 0)
 
     # -- forward -----------------------------------------------------------------------------------
-    def decode(self, entries: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
+    def decode(self, entries: Sequence[tuple[int, Sequence[int]]],
+               rows: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
         """Feed each (slot, ids) after that slot's cached positions; return the logits (V,) of each entry's
-        last token, in entry order. Entries of equal length are decoded together."""
+        last token, in entry order, or with rows[j] (K,) token ids the logits of those ids only (an empty
+        rows[j]: none, the entry only cached). Entries of equal length are decoded together."""
         entries = [(int(s), [int(t) for t in ids]) for s, ids in entries]
+        rows = self._check_rows(rows, len(entries))
         self._check(entries)
         out: list[np.ndarray | None] = [None] * len(entries)
         for group in self._groups(entries):
             slots = [entries[j][0] for j in group]
             try:
-                logits = self._decode_group(slots, [entries[j][1] for j in group])
+                logits = self._decode_group(slots, [entries[j][1] for j in group], [rows[j] for j in group])
             except BaseException:
                 for s in slots:  # the engine keeps only what was recorded
                     self._trim(s, self.n_past(s))
@@ -71,6 +79,20 @@ class MultiSeqBase:
         self.counters.prefill_tokens += sum(len(ids) for _, ids in entries if len(ids) > 1)
         self.counters.prefill_calls += sum(len(ids) > 1 for _, ids in entries)
         self.counters.step_calls += sum(len(ids) == 1 for _, ids in entries)
+        return out
+
+    def _check_rows(self, rows, n: int) -> list:
+        if rows is None:
+            return [None] * n
+        if len(rows) != n:
+            raise ParameterError(f"decode: {len(rows)} rows for {n} entries")
+        out = []
+        for r in rows:
+            if r is not None:
+                r = np.ascontiguousarray(r, dtype=np.int64).reshape(-1)
+                if r.size and (r.min() < 0 or r.max() >= self.vocab_size):
+                    raise ParameterError(f"decode: rows must be token ids in [0, {self.vocab_size})")
+            out.append(r)
         return out
 
     def _check(self, entries) -> None:
@@ -93,7 +115,8 @@ class MultiSeqBase:
         return groups
 
     # -- engine hooks ------------------------------------------------------------------------------
-    def _decode_group(self, slots: list[int], ids: list[list[int]]) -> list[np.ndarray]:  # pragma: no cover
+    def _decode_group(self, slots: list[int], ids: list[list[int]],
+                      rows: list[np.ndarray | None]) -> list[np.ndarray]:  # pragma: no cover
         raise NotImplementedError
 
     def _trim(self, slot: int, n: int) -> None:  # pragma: no cover

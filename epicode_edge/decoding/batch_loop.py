@@ -60,9 +60,12 @@ class _Seq:
     feed: list[int] = field(default_factory=list)     # ids the expert is fed at the next step
     pending: list[int] = field(default_factory=list)  # ids the amateur has not seen
     x: np.ndarray | None = None                       # (V,) expert logits of the last fed position
-    y: np.ndarray | None = None                       # (V,) amateur logits, current when pending is empty
+    y: np.ndarray | None = None                       # (V,) amateur logits (rows: (K,) of ids), current when
+                                                      # pending is empty
     ids: np.ndarray | None = None                     # (K,) candidates the plausibility mask kept
     forced: bool = False                              # a single candidate: no amateur needed
+    need: bool = False                                # this pick reads the amateur's logits
+    rows: bool = False                                # the amateur's logits of the candidates only (loop.py)
 
 
 def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any, list[int], Any]], *,
@@ -138,7 +141,8 @@ def _admit(key, slot: int, ids, s, expert_ms, amateur_ms, vocab) -> _Seq:
     processors = list(make_logits_processors(s.repetition_penalty, s.repetition_context_size))
     seq = _Seq(key, slot, s.lam, s.alpha, s.lazy, make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed),
                processors, list(prompt) if processors else None,
-               Answer(len(prompt), s.max_tokens, stop, vocab, expert_ms.n_ctx))
+               Answer(len(prompt), s.max_tokens, stop, vocab, expert_ms.n_ctx),
+               rows=bool(getattr(s, "candidate_head", True)) and not processors)
     if seq.answer.reason is None:
         seq.feed = _reuse(expert_ms, slot, prompt)
         seq.pending = _reuse(amateur_ms, slot, prompt)
@@ -166,25 +170,33 @@ def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
     if need and sync:
         need = [q for q in seqs if q.pending]
     if need:
-        ys = amateur_ms.decode([(q.slot, q.pending) for q in need])
+        # the candidates' logits only where the pick reads them; none for a slot fed only to stay in sync
+        rows = [(q.ids if q.need else _NO_ROWS) if q.rows else None for q in need]
+        ys = amateur_ms.decode([(q.slot, q.pending) for q in need], rows=rows)
         for q, y in zip(need, ys):
-            check_finite(y, ROLES[1], amateur_ms, amateur_ms.n_past(q.slot) - 1)
+            if y.size:  # an empty y: fed to stay in sync, not read
+                check_finite(y, ROLES[1], amateur_ms, amateur_ms.n_past(q.slot) - 1)
             q.answer.stats.amateur_prefill_tokens += len(q.pending) if len(q.pending) > 1 else 0
             q.answer.stats.amateur_forwards += 1
             q.y, q.pending = y, []
 
 
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
+
 def _needs_amateur(q: _Seq) -> bool:
     q.ids = plausible_ids(q.x, q.alpha)  # (K,) ascending
     q.forced = len(q.ids) == 1
-    return not q.lazy or (q.lam > 0 and not q.forced)
+    q.need = not q.lazy or (q.lam > 0 and not q.forced)
+    return q.need
 
 
 def _pick(q: _Seq, vocab, expert_ms, on_event) -> tuple[str, str] | None:
     """loop.generate_step's pick, then the request's Answer (loop.stream_generate's stop rules and text);
     the finish reason or None."""
-    need = not q.lazy or (q.lam > 0 and not q.forced)
-    token, changed = pick(q.x, q.y, q.ids, q.lam, q.sampler, bool(q.processors), q.processors, q.history)
+    need = q.need
+    token, changed = pick(q.x, q.y, q.ids, q.lam, q.sampler, bool(q.processors), q.processors, q.history,
+                          q.rows)
     ev = q.answer.add(Step(token, changed, not need, len(q.ids)), expert_ms.n_past(q.slot))
     if ev is not None and on_event is not None:
         on_event(q.key, ev)

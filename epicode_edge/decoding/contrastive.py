@@ -78,11 +78,13 @@ def contrastive_scores(le: np.ndarray, la: np.ndarray, lam: float, alpha: float)
 
 
 def candidate_scores(expert_logits: np.ndarray, amateur_logits: np.ndarray | None, ids: np.ndarray,
-                     lam: float, normalize: bool = False) -> np.ndarray:
+                     lam: float, normalize: bool = False, amateur_on_ids: bool = False) -> np.ndarray:
     """Contrastive scores of the candidate ids only.  (V,), (V,), (K,) -> (K,) float32.
 
     normalize=False: (1 + lam) * x - lam * y on raw logits (paper's scores minus one constant).
     normalize=True: the paper's values, with log-softmax over the full vocabulary.
+    amateur_on_ids: amateur_logits are (K,), the amateur's logits of ids only (normalize=False only: the
+    log-normaliser needs the whole vocabulary).
     With lam == 0 the amateur is not read (it may be None): the scores are the expert's own.
     """
     x = expert_logits
@@ -90,5 +92,10 @@ def candidate_scores(expert_logits: np.ndarray, amateur_logits: np.ndarray | Non
     if lam == 0:
         return xe.astype(np.float32, copy=False)
     y = amateur_logits
+    if amateur_on_ids:
+        if normalize or y.shape != ids.shape:
+            raise ParameterError(f"amateur logits of the candidates: need normalize=False and shape {ids.shape}, "
+                                 f"got normalize={normalize} and shape {y.shape}")
+        return ((1 + lam) * xe - lam * y).astype(np.float32, copy=False)
     ya = y[ids] - logsumexp(y) if normalize else y[ids]  # (K,)
     return ((1 + lam) * xe - lam * ya).astype(np.float32, copy=False)

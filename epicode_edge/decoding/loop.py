@@ -19,6 +19,14 @@ amateur is never needed. How the waiting generated tokens are fed (`catch_up`):
 Both paths call the sampler the same way (one call, hence one random draw, per pick), so forced picks never
 shift the random stream.
 
+Candidate head (`candidate_head=True`): the pick reads the amateur's logits of the K plausible candidates only
+(raw logits: their log-normaliser is one constant for all candidates, see decoding/contrastive.py), so the
+amateur's forward asks for those K rows (`rows`): engines with `partial_head` (MLX) compute only those rows
+of the output layer, the others compute all and index (llama.cpp: the same values, bit for bit). The
+catch-up forwards whose logits are never read (steps mode) ask for none: both engines then skip the output
+layer. With logits processors (normalize) the whole layer runs. Same picks as the whole layer wherever its K
+rows give the same values (always on llama.cpp; on MLX's CPU backend too: test_backends).
+
 Overlap (`overlap=True`): whenever the amateur is in use (lam > 0, or lazy=False), both models consume every
 token at the same time: the amateur's forward runs in a worker thread while the expert's runs in the calling
 thread (llama.cpp releases the GIL inside llama_decode, so on a CPU with >= 2 cores the two passes share the
@@ -148,13 +156,15 @@ def check_catch_up(catch_up: str) -> str:
 
 def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                   sampler: Sampler = greedy, processors: Sequence = (), lazy: bool = True,
-                  catch_up: str = "auto", overlap: bool = False, roles: tuple[str, str] = ROLES) -> Iterator[Step]:
+                  catch_up: str = "auto", overlap: bool = False, candidate_head: bool = True,
+                  roles: tuple[str, str] = ROLES) -> Iterator[Step]:
     """Yield one Step per picked token, forever (close the generator to stop).
 
     expert, amateur: Backends (amateur may be None when lam == 0: one model alone). The expert is stepped
     with a pick only when the next pick is asked for, so stopping after a pick wastes no forward pass.
     overlap: run the amateur's forwards beside the expert's (see the module docstring); ignored when the
-    amateur is not in use or an engine is not `concurrent`.
+    amateur is not in use or an engine is not `concurrent`. candidate_head: the amateur's logits of the
+    candidates only (see the module docstring).
     """
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
@@ -167,8 +177,9 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
     x = check_finite(expert.prefill(_reuse_cache(expert, prompt)), roles[0], expert)  # (V,) expert logits
     fresh = None  # prompt ids the amateur has not seen (its cache is matched to the prompt when first needed)
     pending: list[int] = []  # generated ids the amateur has not seen
-    y = None  # (V,) amateur logits, current when fresh and pending are empty
+    y = None  # (V,) amateur logits (rows: (K,) of the ids), current when fresh and pending are empty
     normalize = bool(processors)
+    rows = candidate_head and not normalize and amateur is not None
     while True:
         ids = plausible_ids(x, alpha)  # (K,) ascending
         forced = len(ids) == 1
@@ -176,9 +187,9 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
         if need and (fresh is None or fresh or pending):
             if fresh is None:
                 fresh = _reuse_cache(amateur, prompt)
-            y = check_finite(_catch_up(amateur, fresh, pending, catch_up), roles[1], amateur)
+            y = check_finite(_catch_up(amateur, fresh, pending, catch_up, ids if rows else None), roles[1], amateur)
             fresh, pending = [], []
-        token, changed = pick(x, y, ids, lam, sampler, normalize, processors, history)
+        token, changed = pick(x, y, ids, lam, sampler, normalize, processors, history, rows)
         yield Step(token, changed, not need, len(ids))
         if history is not None:
             history.append(token)
@@ -214,13 +225,14 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
         pair.close()
 
 
-def pick(x, y, ids, lam, sampler, normalize, processors, history) -> tuple[int, bool]:
+def pick(x, y, ids, lam, sampler, normalize, processors, history, y_on_ids=False) -> tuple[int, bool]:
     """The contrastive pick among ids (K,) and whether it differs from the expert's own (same random draw).
-    x, y: (V,) expert and amateur logits (y is read only when lam > 0 and K > 1)."""
+    x, y: (V,) expert and amateur logits, or y (K,) the amateur's of ids only (y_on_ids); y is read only when
+    lam > 0 and K > 1."""
     if len(ids) == 1:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
         (k,), k_own = sampler(_ONE), None
     elif lam > 0:
-        s = processed_scores(x, y, ids, lam, normalize, processors, history)  # (K,)
+        s = processed_scores(x, y, ids, lam, normalize, processors, history, y_on_ids)  # (K,)
         own = processed_scores(x, None, ids, 0.0, normalize, processors, history)  # (K,) the expert alone
         k, k_own = sampler(s, own)
     else:
@@ -290,23 +302,28 @@ def check_finite(logits: np.ndarray, role: str, backend, position: int | None = 
     return logits
 
 
-def _catch_up(amateur, fresh: list[int], pending: list[int], mode: str) -> np.ndarray:
+def _catch_up(amateur, fresh: list[int], pending: list[int], mode: str, rows: np.ndarray | None = None) -> np.ndarray:
     """Feed the amateur the prompt ids (fresh) and generated ids (pending) it has not seen; logits (V,) of the
-    last. See the module docstring for the modes."""
+    last, or with rows (K,) its logits of those ids (the forwards before it then compute no output layer on
+    engines that can skip it). See the module docstring for the modes."""
     k = len(pending)
     batch = mode == "batch" or (mode == "auto" and k > 1 and amateur.costs.batch_is_cheaper(k))
     if batch or k == 0:
-        return amateur.prefill(fresh + pending)
+        return amateur.prefill(fresh + pending, rows=rows)
+    unread = None if rows is None else _NO_ROWS
     if fresh:
-        amateur.prefill(fresh)
-    for t in pending:
-        y = amateur.step(t)
-    return y
+        amateur.prefill(fresh, rows=unread)
+    for t in pending[:-1]:
+        amateur.step(t, rows=unread)
+    return amateur.step(pending[-1], rows=rows)
 
 
-def processed_scores(x, y, ids, lam, normalize, processors, history) -> np.ndarray:
+_NO_ROWS = np.zeros(0, dtype=np.int64)  # logits not read: engines with a partial output layer skip it
+
+
+def processed_scores(x, y, ids, lam, normalize, processors, history, y_on_ids=False) -> np.ndarray:
     """Contrastive scores (K,) of the candidate ids, then the logits processors (repetition penalty) on them."""
-    s = candidate_scores(x, y, ids, lam, normalize)  # (K,)
+    s = candidate_scores(x, y, ids, lam, normalize, y_on_ids)  # (K,)
     for proc in processors:
         s = proc(history, ids, s)
     return s
@@ -361,7 +378,8 @@ def check_limits(max_tokens: int, stop) -> list[str]:
 def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                     sampler: Sampler = greedy, processors: Sequence = (), max_tokens: int = 256,
                     stop: Sequence[str] = (), lazy: bool = True, catch_up: str = "auto",
-                    overlap: bool = False, roles: tuple[str, str] = ROLES) -> Iterator[Event]:
+                    overlap: bool = False, candidate_head: bool = True,
+                    roles: tuple[str, str] = ROLES) -> Iterator[Event]:
     """Yield an Event per answer token, then a final Event (finish_reason, stopped_by, stats).
 
     Stops on the expert's EOS / end-of-turn ids, a stop string (not emitted, even when it spans tokens),
@@ -375,17 +393,17 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
     yield from _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-                       catch_up, bool(overlap), roles)
+                       catch_up, bool(overlap), bool(candidate_head), roles)
 
 
 def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-            catch_up, overlap, roles=ROLES) -> Iterator[Event]:
+            catch_up, overlap, candidate_head=True, roles=ROLES) -> Iterator[Event]:
     models = [expert] + ([amateur] if amateur is not None else [])
     c0 = [_snapshot(m) for m in models]
     answer = Answer(len(prompt), max_tokens, stop, expert, expert.n_ctx)
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
-                          processors=processors, lazy=lazy, catch_up=catch_up,
-                          overlap=overlap, roles=roles) if answer.reason is None else _nothing()
+                          processors=processors, lazy=lazy, catch_up=catch_up, overlap=overlap,
+                          candidate_head=candidate_head, roles=roles) if answer.reason is None else _nothing()
     try:
         for step in steps:
             ev = answer.add(step, expert.n_past)
