@@ -18,15 +18,17 @@ on the bundle's expert GGUF. Measured against it in the same process, interleave
                     (llama_decode releases the GIL), --overlap-threads each (default: half the threads):
                     the naive loop's engine calls, so its answers equal the naive loop's
     expert-alone    our loop with lambda = 0 (one model: our loop's own overhead against the anchor)
-    expert-alone/Nt our loop with lambda = 0 at the overlap's thread count N: the ceiling of overlap (each model
-                    runs at that count), i.e. what one core per model allows on this machine against all cores
+    expert-alone/Nt our loop with lambda = 0 at the overlap's thread count N: one model alone at the thread
+                    count each model gets in the overlap row (how close the two side by side come to it)
 Figures: decode tokens/s (tokens after the first / time after the first), time to first token, skip rate,
 loop overhead per token (wall time outside the engines' forward passes) in microseconds and as a share of
 the per-token time; a ratio is the median, over runs and prompts, of a way's figure over the anchor's on the
 same prompt in the same run (which cancels the drift of a shared machine's load). The generated model has random weights: its distributions are
 flat, so single-token plausibility masks (what the lazy amateur skips on) are rarer than on a trained model;
 the skip rate is printed with the figures. Last, the cost of masking + scoring + picking on synthetic
-logits of realistic vocabulary sizes (the tiny models here have 384 tokens).
+logits of realistic vocabulary sizes (the tiny models here have 384 tokens), and one amateur step with its
+whole output layer, with 4 rows of it, and with none (what the candidate head saves per forward; llama.cpp
+computes all logits of an output position, so only "none" saves).
 """
 
 from __future__ import annotations
@@ -135,6 +137,21 @@ def batch_rounding(backend, ids: list[int], generated: list[int], k: int = 8) ->
         stepped = backend.step(t)
     backend.truncate(0)
     return float(np.abs(batched - np.asarray(stepped, dtype=np.float32)).max())
+
+
+def step_costs(backend, ids: list[int], reps: int) -> dict:
+    """Milliseconds of one step with the whole logits, 4 rows of them, and none, alternated (medians)."""
+    backend.truncate(0)
+    backend.prefill(ids)
+    rows = np.array([5, 900, 4000, 17])
+    times = {"whole": [], "rows": [], "none": []}
+    for i in range(reps):
+        for name, r in (("whole", None), ("rows", rows), ("none", rows[:0])):
+            t = time.perf_counter()
+            backend.step(100 + i, rows=r)
+            times[name].append(time.perf_counter() - t)
+    backend.truncate(0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def set_threads(rt, n: int) -> None:
@@ -312,6 +329,10 @@ def main() -> None:
         summary["batch_vs_steps_max_logit_diff"] = max(gaps)
         print(f"llama.cpp's own batch-size rounding: the amateur fed the last 8 tokens in one batch vs one by one: "
               f"max |logit difference| {max(gaps):.3g} (median over prompts {statistics.median(gaps):.3g})")
+    summary["amateur_step_ms"] = step_costs(rt.amateur, prompts[0], 15)
+    print("one amateur step (median of 15 alternations, {t} threads): whole output layer {whole:.2f} ms, 4 rows "
+          "{rows:.2f} ms, no output (an unread catch-up step) {none:.2f} ms".format(t=args.threads,
+                                                                                   **summary["amateur_step_ms"]))
     summary["scoring"] = [scoring_cost(v) for v in (384, 32000, 128256)]
     print("mask + scores + pick on synthetic logits: " + ", ".join(
         f"V={s['vocab']}: {s['us_per_token']:.1f} us/token" for s in summary["scoring"]))
