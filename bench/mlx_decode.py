@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PROMPTS = ["The quick brown fox", "Question: what is 17 + 25? Answer:", "def add(a, b):"]
 
@@ -119,6 +120,8 @@ def main() -> None:
         print(line)
     n = args.runs * len(prompts)
     print("answers differing from the whole-head row's: " + ", ".join(f"{k} {v}/{n}" for k, v in differ.items()))
+    from decode import step_costs  # bench/decode.py's: the same alternation on llama.cpp
+
     summary["amateur_step_ms"] = step_costs(rt.amateur, prompts[0], args.step_reps)
     print("one amateur step (median of {n} alternations): whole output layer {whole:.1f} ms, candidate rows "
           "(K=4) {rows:.1f} ms, no output layer (an unread catch-up step) {none:.1f} ms".format(
@@ -126,24 +129,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     rt.close()
-
-
-def step_costs(backend, ids: list[int], reps: int) -> dict:
-    """Milliseconds of one step of the backend with its whole output layer, with 4 rows of it, and with none,
-    alternated on one growing cache (medians)."""
-    import numpy as np
-
-    backend.truncate(0)
-    backend.prefill(ids)
-    rows = np.array([5, 900, 4000, 17])
-    times = {"whole": [], "rows": [], "none": []}
-    for i in range(reps):
-        for name, r in (("whole", None), ("rows", rows), ("none", rows[:0])):
-            t = time.perf_counter()
-            backend.step(100 + i, rows=r)
-            times[name].append(time.perf_counter() - t)
-    backend.truncate(0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 if __name__ == "__main__":
