@@ -304,8 +304,8 @@ def check_finite(logits: np.ndarray, role: str, backend, position: int | None = 
 
 def _catch_up(amateur, fresh: list[int], pending: list[int], mode: str, rows: np.ndarray | None = None) -> np.ndarray:
     """Feed the amateur the prompt ids (fresh) and generated ids (pending) it has not seen; logits (V,) of the
-    last, or with rows (K,) its logits of those ids (the forwards before it then compute no output layer on
-    engines that can skip it). See the module docstring for the modes."""
+    last, or with rows (K,) its logits of those ids (the forwards before it then ask for no logits: no output
+    layer). See the module docstring for the modes."""
     k = len(pending)
     batch = mode == "batch" or (mode == "auto" and k > 1 and amateur.costs.batch_is_cheaper(k))
     if batch or k == 0:
@@ -318,7 +318,7 @@ def _catch_up(amateur, fresh: list[int], pending: list[int], mode: str, rows: np
     return amateur.step(pending[-1], rows=rows)
 
 
-_NO_ROWS = np.zeros(0, dtype=np.int64)  # logits not read: engines with a partial output layer skip it
+_NO_ROWS = np.zeros(0, dtype=np.int64)  # logits not read: the engines run no output layer
 
 
 def processed_scores(x, y, ids, lam, normalize, processors, history, y_on_ids=False) -> np.ndarray:
