@@ -260,7 +260,8 @@ def _notes(rt) -> None:
 
 
 def decoding_options(f):
-    """--max-tokens --lambda --alpha --temp --top-p --top-k --min-p --seed --stop --repetition-penalty."""
+    """--max-tokens --lambda --alpha --temp --top-p --top-k --min-p --seed --stop --repetition-penalty
+    --whole-head (a setting only when given)."""
     for opt in reversed([
         click.option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
         click.option("--lambda", "lam", type=float, default=None, help="Contrastive strength (default: bundle's)."),
@@ -272,9 +273,18 @@ def decoding_options(f):
         click.option("--seed", type=int, default=None, help="Random seed for sampling."),
         click.option("--stop", multiple=True, help="Stop string (not emitted); repeat for several."),
         click.option("--repetition-penalty", type=float, default=None, help="Penalty on recent tokens (>1)."),
+        click.option("--whole-head", "candidate_head", flag_value=False, default=None,
+                     help="Run the amateur's whole output layer (default: only its rows of the candidate tokens "
+                          "the pick reads; the same answers wherever those rows equal the whole layer's)."),
     ]):
         f = opt(f)
-    return f
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        if kw.get("candidate_head") is None:
+            kw.pop("candidate_head", None)  # unset: the runtime's default (on)
+        return f(*args, **kw)
+    return wrapper
 
 
 @main.command("generate")

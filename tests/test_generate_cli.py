@@ -83,3 +83,25 @@ def test_bad_options_give_one_line_errors(bundle, args, msg):
 def test_not_a_bundle(tmp_path):
     res = generate(tmp_path, "Hi")
     assert res.exit_code == 1 and "not an epicode bundle" in res.stderr
+
+
+def test_whole_head_is_a_setting_only_when_given(bundle, rt):
+    """--whole-head turns the amateur's candidate head off (candidate_head=False); unset, the runtime's default
+    stays (the key is not passed); either way the same answer here."""
+    import click
+    from click.testing import CliRunner
+
+    from epicode_edge.cli import decoding_options
+
+    seen = []
+
+    @click.command()
+    @decoding_options
+    def cmd(**settings):
+        seen.append(settings)
+
+    for args in ([], ["--whole-head"]):
+        assert CliRunner().invoke(cmd, args).exit_code == 0
+    assert "candidate_head" not in seen[0] and seen[1]["candidate_head"] is False
+    out = json.loads(generate(bundle, "Hi", "--whole-head", "--lambda", "1", "--max-tokens", 12, "--json", *ENGINE).stdout)
+    assert out["tokens"] == rt.generate("Hi", lam=1.0, max_tokens=12, candidate_head=False).tokens
