@@ -5,6 +5,8 @@
     python bench/batch.py --hidden 256 --layers 4  # a smaller model
     python bench/batch.py --backend mlx --hidden 256 --layers 4 --runs 3
     python bench/batch.py --n-gpu-layers -1        # CUDA/Metal build of llama-cpp-python: all layers offloaded
+    python bench/batch.py --bundle B --quant Q8_0 --whole-head-row   # a bundle; also batched with the amateur's
+                                                                      # whole output layer (candidate_head=False)
 
 The model pair is a generated ~88M-parameter Llama (hidden 768, 12 layers, 12 heads / 4 KV heads, MLP 2048,
 random weights; finetuned and inferior differ by a little noise) converted into an EpiCoDe bundle in a
@@ -58,20 +60,29 @@ def n_params(hidden: int, layers: int) -> float:
     return (2 * 384 * hidden + layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)) / 1e6
 
 
-def one_run(rt, prompts, parallel: int, max_tokens: int) -> tuple[float, float, int]:
+def one_run(rt, prompts, parallel: int, max_tokens: int, whole_head: bool = False,
+            run: int = 0) -> tuple[float, float, int, float]:
+    """(sequential tok/s, batched tok/s, tokens, batched tok/s with the amateur's whole output layer or nan);
+    with whole_head the two batched ways alternate which goes first (by run)."""
     from epicode_edge.apps.batch import generate_batch
 
     t = time.perf_counter()
     seq = [rt.generate(p, max_tokens=max_tokens) for p in prompts]
     t_seq = time.perf_counter() - t
-    t = time.perf_counter()
-    bat = generate_batch(rt, prompts, parallel=parallel, max_tokens=max_tokens)
-    t_bat = time.perf_counter() - t
+    timed = {}
+    order = [True] if not whole_head else [True, False] if run % 2 == 0 else [False, True]
+    for cand in order:
+        t = time.perf_counter()
+        timed[cand] = generate_batch(rt, prompts, parallel=parallel, max_tokens=max_tokens, candidate_head=cand), \
+            time.perf_counter() - t
+    (bat, t_bat), t_whole = timed[True], timed[False][1] if whole_head else float("nan")
+    if whole_head and [r.tokens for r in timed[False][0]] != [r.tokens for r in bat]:
+        print("  WARNING: the whole-head batched outputs differ from the candidate-head ones")
     if [r.tokens for r in seq] != [r.tokens for r in bat]:
         diff = sum(a.tokens != b.tokens for a, b in zip(seq, bat))
         print(f"  WARNING: {diff} of {len(prompts)} batched outputs differ from the sequential ones")
     tokens = sum(r.completion_tokens for r in seq)
-    return tokens / t_seq, tokens / t_bat, tokens
+    return tokens / t_seq, tokens / t_bat, tokens, tokens / t_whole
 
 
 def engine_ceiling(rt, parallel: int, repeats: int = 10) -> float:
@@ -107,6 +118,10 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--backend", choices=("llama.cpp", "mlx"), default="llama.cpp")
     ap.add_argument("--work", type=Path, default=None, help="keep the generated bundle here")
+    ap.add_argument("--bundle", type=Path, default=None, help="an existing bundle instead of a generated model")
+    ap.add_argument("--prompts-file", type=Path, default=None, help="JSONL with 'prompt' fields (cycled)")
+    ap.add_argument("--whole-head-row", action="store_true",
+                    help="also batched with the amateur's whole output layer (candidate_head=False), each run")
     a = ap.parse_args()
 
     from epicode_edge.runtime import load
@@ -114,28 +129,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        bundle = make_bundle(work, a.quant, a.hidden, a.layers, a.backend)
-        prompts = (PROMPTS * (a.parallel // len(PROMPTS) + 1))[:a.parallel]
+        bundle = a.bundle or make_bundle(work, a.quant, a.hidden, a.layers, a.backend)
+        texts = PROMPTS
+        if a.prompts_file:
+            import json
+
+            texts = [json.loads(x)["prompt"] for x in a.prompts_file.read_text().splitlines() if x.strip()]
+        prompts = (texts * (a.parallel // len(texts) + 1))[:a.parallel]
         threads = a.threads or os.cpu_count()
         opts = dict(n_threads=threads, n_gpu_layers=a.n_gpu_layers) if a.backend == "llama.cpp" else {}
+        if a.backend == "llama.cpp":
+            opts["quant"] = a.quant
         with load(bundle, backend=a.backend, n_ctx=512, **opts) as rt:
             what = (f"{a.quant}, llama.cpp, {threads} threads, n_gpu_layers {a.n_gpu_layers}"
-                    if a.backend == "llama.cpp" else "float32, MLX")
-            print(f"model: llama {n_params(a.hidden, a.layers):.1f}M params ({a.hidden} hidden, {a.layers} layers), "
-                  f"{what}")
+                    if a.backend == "llama.cpp" else "MLX")
+            model = (f"bundle {a.bundle}" if a.bundle else
+                     f"llama {n_params(a.hidden, a.layers):.1f}M params ({a.hidden} hidden, {a.layers} layers)")
+            print(f"model: {model}, {what}")
             print(f"{a.parallel} requests x {a.max_tokens} tokens max, greedy EpiCoDe; {a.runs} runs (+1 warm-up)")
             one_run(rt, prompts[:2], 2, 4)  # warm-up
-            seq, bat = [], []
+            seq, bat, whole = [], [], []
             for i in range(a.runs):
-                s, b, n = one_run(rt, prompts, a.parallel, a.max_tokens)
+                s, b, n, w = one_run(rt, prompts, a.parallel, a.max_tokens, a.whole_head_row, i)
                 seq.append(s)
                 bat.append(b)
+                whole.append(w)
                 print(f"  run {i + 1}: {n} tokens; one after another {s:7.1f} tok/s, batched {b:7.1f} tok/s, "
-                      f"x{b / s:.2f}")
+                      f"x{b / s:.2f}" + (f"; batched, whole output layer {w:7.1f} tok/s" if a.whole_head_row else ""))
             ceiling = engine_ceiling(rt, a.parallel)
     ms, mb = statistics.median(seq), statistics.median(bat)
     print(f"median: one after another {ms:.1f} tok/s, batched ({a.parallel} at once) {mb:.1f} tok/s")
     print(f"ratio (batched / one after another, medians): {mb / ms:.2f}")
+    if a.whole_head_row:
+        print(f"batched with the amateur's whole output layer: {statistics.median(whole):.1f} tok/s; candidate head "
+              f"/ whole (median of per-run ratios): {statistics.median(b / w for b, w in zip(bat, whole)):.3f}")
     print(f"engine ceiling ({a.backend} alone, one decode of {a.parallel} sequences vs one of 1, tokens/s): "
           f"{ceiling:.2f}")
 
