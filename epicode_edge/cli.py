@@ -123,8 +123,8 @@ def _preload_llama_cpp() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="The bundle folder to write.")
 @click.option("--base", type=click.Path(path_type=Path), default=None,
-              help="Base HF model of LoRA adapters: --finetuned and --inferior are then PEFT adapter folders, and "
-                   "the bundle holds one base GGUF plus the two adapters (shared base).")
+              help="Base model of LoRA adapters (HF folder or GGUF file): --finetuned and --inferior are then PEFT "
+                   "adapter folders, and the bundle holds one base GGUF plus the two adapters (shared base).")
 @click.option("--merge", is_flag=True, help="With --base: merge the adapters into full weights (a normal bundle).")
 def convert_cmd(finetuned, inferior, mu, to, quant, mlx_bits, mlx_group_size, with_inferior, lam, alpha, force, out,
                 base, merge):

@@ -152,6 +152,35 @@ def test_roles_match_merged_bundle(family):
             b.close()
 
 
+def test_merge_over_a_gguf_base_equals_the_hf_base(family, tmp_path):
+    """merge=True with the base as a GGUF file (here the shared bundle's F32 export of the HF base): merged as
+    the HF checkpoint that GGUF exports to (q/k rows and names back in HF's order), so the expert, amateur and
+    inferior tensors equal the HF-base merge's bit for bit, and MLX/HF outputs are open to it; the view's
+    temporary tokenizer folder is gone afterwards."""
+    import gguf
+
+    from epicode_edge.converters.checkpoint import open_checkpoint
+    from epicode_edge.converters.gguf_to_hf import GGUFAsHF
+
+    base_gguf = family["shared"].gguf("base")
+    b = lora.convert_lora(base_gguf, family["ft"], family["inf"], tmp_path / "m", mu=MU, quant="F32", merge=True,
+                          with_inferior=True, to=("gguf", "mlx"))
+    for role in ("expert", "amateur", "inferior"):
+        got = {t.name: np.array(t.data) for t in gguf.GGUFReader(b.gguf(role)).tensors}
+        want = {t.name: np.array(t.data) for t in gguf.GGUFReader(family["merged"].gguf(role)).tensors}
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want), role
+    assert (b.path / "mlx/expert/config.json").is_file()
+    with open_checkpoint(base_gguf) as g:
+        view = GGUFAsHF(g)
+        hf = open_checkpoint(family["base"])
+        assert set(view.tensors) == set(hf.tensors)
+        name = "model.layers.0.self_attn.q_proj.weight"
+        np.testing.assert_array_equal(view.read_f32(name), hf.read_f32(name))
+        view.close()
+        hf.close()
+        assert not view.tokenizer_dir.exists()
+
+
 def test_mu0_expert_is_amateur(family, tmp_path):
     b = lora.convert_lora(family["base"], family["ft"], family["inf"], tmp_path / "mu0", mu=0.0, quant="F32")
     assert lora.shared_base_roles(b)[1]["expert"] == lora.shared_base_roles(b)[1]["amateur"]

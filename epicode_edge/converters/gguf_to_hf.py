@@ -5,6 +5,9 @@
         for name in ckpt.tensors:                 # GGUF names, in the checkpoint's order, one at a time
             sink.write(name, array)               # storage arrays: F32/F16/BF16 as stored, quants dequantized (F32)
 
+    with GGUFAsHF(ckpt) as hf:                    # the same export as a lazy HF checkpoint, nothing written but
+        hf.read("model.layers.0.self_attn.q_proj.weight")   # the tokenizer files (e.g. to merge LoRA adapters)
+
 config.json is rebuilt from the `{arch}.*` metadata, the tokenizer from `tokenizer.*` (tokenizer_from_gguf.py).
 Tensor names come from gguf-py's own table (each HF name of the family mapped forward, then inverted), and
 the q/k rows that llama.cpp's converter (and GGUFSink) permute for Llama are put back in HF's order.
@@ -14,6 +17,8 @@ before anything is written.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +27,8 @@ import gguf
 import numpy as np
 
 from ..errors import UnsupportedError
-from .checkpoint import GGUFCheckpoint, TensorInfo
+from ..hashing import sha256_file
+from .checkpoint import TOKENIZER_FILES, Checkpoint, GGUFCheckpoint, TensorInfo
 from .gguf import ARCHS
 from .hf import MAX_SHARD_BYTES, HFSink
 from .safetensors_io import FLOAT_TAGS, ClosingSink
@@ -180,6 +186,56 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+def qk_heads(plan: HFPlan, hf_name: str) -> int | None:
+    """The head count whose row order llama.cpp changed in this tensor (Llama q/k), else None."""
+    if plan.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return plan.n_head
+    if plan.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return plan.n_head_kv
+    return None
+
+
+class GGUFAsHF(Checkpoint):
+    """A GGUF checkpoint seen as the HF checkpoint its export would write (hf_plan: HF names and config, q/k
+    rows in HF's order, quantized tensors dequantized to float32), read lazily tensor by tensor, for what
+    takes HF checkpoints (merging PEFT LoRA adapters into a GGUF base). Only the tokenizer files are
+    written, to a temporary folder that close() removes."""
+
+    format = "hf"
+
+    def __init__(self, ckpt: GGUFCheckpoint, plan: HFPlan | None = None):
+        self.gguf, self.plan = ckpt, plan or hf_plan(ckpt)
+        self.path, self.config = ckpt.path, self.plan.config
+        self.arch = self.config["model_type"]
+        self._gguf_names = {hf: g for g, hf in self.plan.names.items() if g in ckpt.tensors}
+        self.tensors = {t.name: TensorInfo(t.name, t.dtype, t.shape, int(np.prod(t.shape)) * _ITEMSIZE[t.dtype])
+                        for t in self.plan.tensors}
+        self.tokenizer_dir = Path(tempfile.mkdtemp(prefix="epicode-gguf-tokenizer-"))
+        for name, text in self.plan.files.items():
+            (self.tokenizer_dir / name).write_text(text, encoding="utf-8")
+
+    def read(self, name: str) -> np.ndarray:
+        g = self._gguf_names[name]
+        stored = self.gguf.read(g) if self.gguf.tensors[g].dtype in FLOAT_TAGS else self.gguf.read_f32(g)
+        n_head = qk_heads(self.plan, name)
+        return stored if n_head is None else unpermute_qk(stored, n_head)
+
+    def read_f32(self, name: str) -> np.ndarray:
+        from .safetensors_io import to_f32
+
+        return to_f32(self.read(name), self.tensors[name].dtype)
+
+    def tokenizer_digests(self) -> dict[str, str]:
+        d = self.tokenizer_dir
+        return {f: sha256_file(d / f) for f in TOKENIZER_FILES if (d / f).is_file()}
+
+    def close(self) -> None:
+        shutil.rmtree(self.tokenizer_dir, ignore_errors=True)
+
+
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+
+
 class GGUFToHFSink(ClosingSink):
     """Streams one GGUF checkpoint into an HF folder at out_dir (HFSink underneath: same sharding, index,
     config.json); `write(gguf_name, storage_array)` in the checkpoint's tensor order, then `close()`."""
@@ -194,11 +250,8 @@ class GGUFToHFSink(ClosingSink):
 
     def write(self, gguf_name: str, array: np.ndarray) -> None:
         hf_name = self.plan.names[gguf_name]
-        if self.plan.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            array = unpermute_qk(array, self.plan.n_head)
-        elif self.plan.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            array = unpermute_qk(array, self.plan.n_head_kv)
-        self._sink.write(hf_name, array)
+        n_head = qk_heads(self.plan, hf_name)
+        self._sink.write(hf_name, array if n_head is None else unpermute_qk(array, n_head))
 
     def write_rows(self, gguf_name: str, start: int, rows: np.ndarray) -> None:
         """Rows start:start+n of a tensor seen as (rows, last dim), pieces of one tensor in order (the pass's
@@ -206,7 +259,7 @@ class GGUFToHFSink(ClosingSink):
         order is undone per head). Bytes are those write() gives for the whole tensor."""
         hf_name = self.plan.names[gguf_name]
         shape = self._shapes[hf_name]
-        n_head = self._qk_heads(hf_name)
+        n_head = qk_heads(self.plan, hf_name)
         if n_head is None:
             self._sink.write_part(hf_name, rows)  # C-order bytes: the shape of the piece does not matter
             return
@@ -223,13 +276,6 @@ class GGUFToHFSink(ClosingSink):
             k = held // per_head * per_head
             self._sink.write_part(hf_name, unpermute_qk(block[:k], k // per_head))
             self._held = [block[k:]] if k < held else []
-
-    def _qk_heads(self, hf_name: str) -> int | None:
-        if self.plan.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            return self.plan.n_head
-        if self.plan.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            return self.plan.n_head_kv
-        return None
 
     def close(self) -> Path:
         out = self._sink.close()

@@ -411,9 +411,10 @@ def role_scales(mu: float) -> dict[str, dict[str, float]]:
     return {r: {a: s for a, s in per.items() if s != 0} for r, per in roles.items()}
 
 
-def open_adapters(base, finetuned, inferior):
-    """(base checkpoint, finetuned adapter, inferior adapter), checked: HF base, both adapters fit it,
-    both name the same base model."""
+def open_adapters(base, finetuned, inferior, merge: bool = False):
+    """(base checkpoint, finetuned adapter, inferior adapter), checked: HF or GGUF base, both adapters fit it,
+    both name the same base model. merge: a GGUF base is checked as the HF checkpoint it exports to (any
+    architecture that exports), else as llama.cpp's names (llama)."""
     from .checkpoint import open_checkpoint
 
     opened = []
@@ -426,7 +427,15 @@ def open_adapters(base, finetuned, inferior):
         base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         if base_ckpt is not base:
             opened.append(base_ckpt)
-        if base_ckpt.format == "gguf":  # a llama GGUF base (e.g. a published quantized model)
+        if base_ckpt.format == "gguf" and merge:  # merged over its HF export (gguf_to_hf.GGUFAsHF)
+            from .gguf_to_hf import HF_CLASSES, hf_names, hf_plan
+
+            arch = base_ckpt.arch
+            if arch not in HF_CLASSES:
+                hf_plan(base_ckpt)  # the one-line error of an architecture that does not export
+            names = hf_names(arch, int(base_ckpt.config.get(f"{arch}.block_count") or 0))
+            shapes = {names[g]: t.shape for g, t in base_ckpt.tensors.items() if g in names}
+        elif base_ckpt.format == "gguf":  # a llama GGUF base (e.g. a published quantized model)
             name_of, _ = _gguf_mapping(base_config(base_ckpt))
             shapes = {}
             for t in set(ft.targets) | set(inf.targets):
@@ -449,15 +458,17 @@ def open_adapters(base, finetuned, inferior):
 def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: bool = False,
                  lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA, force: bool = False, progress=None,
                  lora_type: str | None = None, **convert_kw):
-    """A bundle from two PEFT LoRA adapters (finetuned, inferior) over one base model: an HF folder, or
-    (shared base only) a llama GGUF file such as a published quantized model.
+    """A bundle from two PEFT LoRA adapters (finetuned, inferior) over one base model: an HF folder, or a
+    GGUF file such as a published quantized model (llama for a shared base; merged: what exports to HF).
 
     merge=False: a shared-base bundle: gguf/base-<QUANT>.gguf per quant, lora/finetuned.gguf,
     lora/inferior.gguf, and the role scales in the manifest (layout "shared-base"). The adapters' tensors
     are lora_type, by default F32 when an F32 base is asked for, else F16 (half the memory; its rounding
     is far below that of a quantized base).
     merge=True: the adapters merged into full finetuned and inferior weights, then the normal
-    convert (expert and amateur files; other keyword arguments go to convert()).
+    convert (expert and amateur files; other keyword arguments go to convert()). A GGUF base is merged as
+    the HF checkpoint its export would be (gguf_to_hf.GGUFAsHF: quantized tensors dequantized), so every
+    output format is open to it (e.g. --to mlx from a quantized GGUF base).
     progress(convert.Progress), if given, is called as files are written. Returns the opened Bundle.
     """
     from .extrapolate import check_mu
@@ -481,11 +492,17 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
         unknown = set(convert_kw) - {"with_inferior", "mlx_bits", "mlx_group_size", "max_shard_bytes"}
         if unknown:  # the known ones are convert() options that do not apply: the inferior role is always there
             raise TypeError(f"convert_lora() got unexpected keyword arguments {sorted(unknown)}")
-    base_ckpt, ft, inf = open_adapters(base, finetuned, inferior)
+    base_ckpt, ft, inf = open_adapters(base, finetuned, inferior, merge)
+    hf_view = None
     try:
         if merge:
-            return convert(MergedCheckpoint(base_ckpt, [(ft, 1.0)], label=str(ft.path)),
-                           MergedCheckpoint(base_ckpt, [(inf, 1.0)], label=str(inf.path)), out,
+            merge_base = base_ckpt
+            if base_ckpt.format == "gguf":  # merged as the HF checkpoint its export would write (q/k rows, names)
+                from .gguf_to_hf import GGUFAsHF
+
+                merge_base = hf_view = GGUFAsHF(base_ckpt)
+            return convert(MergedCheckpoint(merge_base, [(ft, 1.0)], label=str(ft.path)),
+                           MergedCheckpoint(merge_base, [(inf, 1.0)], label=str(inf.path)), out,
                            mu=mu, to=formats, quant=tuple(quants), lam=lam, alpha=alpha, force=force,
                            progress=progress, **convert_kw)
         from .convert import check_support
@@ -495,6 +512,8 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
                                   force=force, progress=progress, lora_type=lora_type, check_model=check_model)
     finally:
         ft.close(), inf.close()
+        if hf_view is not None:
+            hf_view.close()
         if base_ckpt is not base:
             base_ckpt.close()
 
