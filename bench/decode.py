@@ -87,15 +87,19 @@ def anchor_run(llm, ids: list[int], max_tokens: int) -> dict:
 
 def anchor_model(bundle: Path, quant: str, rt) -> tuple[Path, list[tuple[Path, float]]]:
     """The anchor's GGUF and LoRA adapters: the expert's GGUF, or for a shared-base (LoRA) bundle the base with
-    the expert's adapters at the expert's scales (the same model as our expert)."""
+    the expert's adapters at the expert's scales, fused into one file as load() does (the same model and the
+    same LoRA work as our expert)."""
     from epicode_edge.converters.bundle import open_bundle
     from epicode_edge.converters.lora import is_shared_base, shared_base_roles
+
+    from epicode_edge.converters.lora import fused_roles
+    from epicode_edge.userdirs import cache_dir
 
     b = open_bundle(bundle)
     if not is_shared_base(b):
         return rt.expert.path, []
     base, roles = shared_base_roles(b, quant)
-    return base, roles["expert"]
+    return base, fused_roles(roles, cache_dir())["expert"]  # what load() runs: the expert's adapters fused
 
 
 def attach_adapters(llm, adapters: list[tuple[Path, float]], path: Path) -> str:

@@ -518,9 +518,11 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
         if backend == "mlx":
             raise UnsupportedError(f"{b.path}: a shared-base (LoRA) bundle runs on llama.cpp only")
         from .backends.llamacpp_lora import open_roles
-        from .converters.lora import shared_base_roles
+        from .converters.lora import fused_roles, shared_base_roles
+        from .userdirs import cache_dir
 
         base, per_role = shared_base_roles(b, quant)
+        per_role = fused_roles(per_role, cache_dir())  # the expert's two adapters as one (half the LoRA work)
         if any(r not in per_role for r in roles):
             raise BundleError(f"{b.path}: shared-base bundle has no role "
                               f"{next(r for r in roles if r not in per_role)!r} (has {', '.join(per_role)})")

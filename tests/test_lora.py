@@ -476,3 +476,56 @@ def test_shared_base_amateur_at_another_quant(family, tmp_path):
         assert 0 < np.abs(y_mixed - y_same).max() < 0.1 * np.abs(y_same).max()
     with pytest.raises(BundleError, match="Q4_0"):
         load(b.path, quant="F32", amateur_quant="Q4_0")
+
+
+def test_fused_adapter_is_the_sum_of_the_adapters(family, tmp_path):
+    """fuse_lora_gguf: one file applying several (adapter, scale) pairs, their alpha / r folded in (here a rank-4
+    adapter with its own alpha beside a rank-2 one): the same logits as the adapters set one by one, and as
+    the merged-weights expert."""
+    from epicode_edge.backends.llamacpp_lora import SharedBase
+
+    other = make_lora_adapter(tmp_path / "r2", family["base"], rank=2, seed=9, alpha=7.0)
+    files = [family["shared"].path / "lora/finetuned.gguf",
+             lora.write_lora_gguf(lora.read_adapter(other), tmp_path / "r2.gguf",
+                                  json.loads((family["base"] / "config.json").read_text()))]
+    pairs = [(files[0], 1 + MU), (files[1], -MU)]
+    fused = lora.fuse_lora_gguf(pairs, tmp_path / "fused.gguf")
+    shared = SharedBase(family["shared"].gguf("base"), n_ctx=128, n_threads=1, kv_type="f32")
+    one_by_one, at_once = shared.role(pairs), shared.role([(fused, 1.0)])
+    try:
+        ids = one_by_one.tokenize(PROMPT)
+        assert _max_diff(_trace(one_by_one, ids), _trace(at_once, ids)) < TOL
+    finally:
+        one_by_one.close(), at_once.close()
+    roles = lora.fused_roles(lora.shared_base_roles(family["shared"])[1], tmp_path / "cache")
+    expert = SharedBase(family["shared"].gguf("base"), n_ctx=128, n_threads=1, kv_type="f32").role(roles["expert"])
+    ref = _plain(family["merged"].gguf("expert"))
+    try:
+        ids = ref.tokenize(PROMPT)
+        assert _max_diff(_trace(expert, ids), _trace(ref, ids)) < TOL
+    finally:
+        expert.close(), ref.close()
+
+
+def test_load_runs_the_expert_on_one_fused_adapter(family, tmp_path, monkeypatch):
+    """load(): the expert's two adapters fused once into the cache (one adapter on its context, the amateur's
+    one as it was) and reused by the next load; an unwritable cache keeps the two adapters, same answers."""
+    from epicode_edge.runtime import load
+
+    monkeypatch.setenv("EPICODE_EDGE_CACHE", str(tmp_path / "cache"))
+    answers = []
+    with load(family["shared"].path, n_ctx=128, n_threads=1, kv_type="f32") as rt:
+        assert rt.expert.adapters == [1.0] and rt.amateur.adapters == [1.0]
+        answers.append(rt.generate(PROMPT, raw=True, max_tokens=12).tokens)
+    made = list((tmp_path / "cache/lora").glob("fused-*.gguf"))
+    assert len(made) == 1
+    stamp = made[0].stat().st_mtime_ns
+    with load(family["shared"].path, n_ctx=128, n_threads=1, kv_type="f32") as rt:
+        answers.append(rt.generate(PROMPT, raw=True, max_tokens=12).tokens)
+    assert made[0].stat().st_mtime_ns == stamp
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("EPICODE_EDGE_CACHE", str(tmp_path / "file" / "cache"))  # under a file: cannot be made
+    with load(family["shared"].path, n_ctx=128, n_threads=1, kv_type="f32") as rt:
+        assert rt.expert.adapters == [1 + MU, -MU]
+        answers.append(rt.generate(PROMPT, raw=True, max_tokens=12).tokens)
+    assert answers[0] == answers[1] == answers[2] and len(answers[0]) > 0

@@ -26,6 +26,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -327,6 +328,78 @@ def write_lora_gguf(adapter: LoraAdapter, out: str | Path, config: dict, lora_ty
         if isinstance(e, OSError):  # e.g. a full disk: say which file
             e.filename = e.filename or str(out)
         raise
+    return out
+
+
+def fuse_lora_gguf(adapters: Sequence[tuple[Path, float]], out: str | Path) -> Path:
+    """One GGUF LoRA file that applies the (GGUF LoRA file, scale) pairs at once, written atomically:
+
+        sum_k scale_k * (alpha_k / r_k) * B_k @ A_k  ==  B' @ A'     A' = [A_1; A_2; ...]  (r_1 + r_2 + ..., in)
+                                                                    B' = [c_1 B_1, c_2 B_2, ...]  (out, r_1 + ...)
+
+    with c_k = scale_k * alpha_k / r_k folded into B (float32) and adapter.lora.alpha 0, so llama.cpp applies
+    B' A' at scale 1. The expert's two adapters (finetuned x (1 + mu), inferior x (-mu)) become one: half the
+    LoRA operations per adapted matmul. The same sum in exact arithmetic; float32 rounding apart.
+    """
+    import gguf
+
+    out = Path(out)
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # gguf weight name -> [(A_k, c_k B_k)]
+    arch = None
+    for path, scale in adapters:
+        if float(scale) == 0.0:
+            continue
+        r = gguf.GGUFReader(str(path))
+        arch = arch or r.fields["general.architecture"].contents()
+        alpha = float(r.fields[gguf.Keys.Adapter.LORA_ALPHA].contents()) if gguf.Keys.Adapter.LORA_ALPHA in r.fields \
+            else 0.0
+        ts = {t.name: np.asarray(t.data, dtype=np.float32) for t in r.tensors}
+        for name in sorted(n[:-len(".lora_a")] for n in ts if n.endswith(".lora_a")):
+            a, b = ts[name + ".lora_a"], ts[name + ".lora_b"]  # (r, in), (out, r)
+            c = float(scale) * (alpha / a.shape[0] if alpha else 1.0)
+            parts.setdefault(name, []).append((a, b * np.float32(c)))
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch or "llama")
+    try:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+        for name, ab in parts.items():
+            writer.add_tensor(name + ".lora_a", np.ascontiguousarray(np.concatenate([a for a, _ in ab], axis=0)))
+            writer.add_tensor(name + ".lora_b", np.ascontiguousarray(np.concatenate([b for _, b in ab], axis=1)))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def fused_roles(per_role: dict[str, list[tuple[Path, float]]], cache: Path) -> dict[str, list[tuple[Path, float]]]:
+    """per_role with every role of two or more adapters given one fused file instead (fuse_lora_gguf), kept
+    in cache/lora under the hash of the adapters' bytes and scales (made once, then reused). Where the cache
+    cannot be written, the roles stay as they are (same model, more LoRA operations)."""
+    from ..hashing import sha256_file
+
+    out = {}
+    for role, adapters in per_role.items():
+        live = [(Path(p), float(s)) for p, s in adapters if float(s) != 0.0]
+        if len(live) < 2:
+            out[role] = adapters
+            continue
+        key = hashlib.sha256("".join(f"{sha256_file(p)}*{s!r}\n" for p, s in live).encode()).hexdigest()[:32]
+        path = Path(cache) / "lora" / f"fused-{key}.gguf"
+        try:
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fuse_lora_gguf(live, path)
+            out[role] = [(path, 1.0)]
+        except OSError:
+            out[role] = adapters
     return out
 
 
