@@ -18,6 +18,8 @@ on the bundle's expert GGUF. Measured against it in the same process, interleave
                     (llama_decode releases the GIL), --overlap-threads each (default: half the threads):
                     the naive loop's engine calls, so its answers equal the naive loop's
     expert-alone    our loop with lambda = 0 (one model: our loop's own overhead against the anchor)
+    anchor/unfused  (shared-base bundles) the anchor with the expert's adapters set one by one, as the manifest
+                    lists them, instead of fused into one file as load() runs them (the fusion's own gain)
     expert-alone/Nt our loop with lambda = 0 at the overlap's thread count N: one model alone at the thread
                     count each model gets in the overlap row (how close the two side by side come to it)
 Figures: decode tokens/s (tokens after the first / time after the first), time to first token, skip rate,
@@ -100,6 +102,15 @@ def anchor_model(bundle: Path, quant: str, rt) -> tuple[Path, list[tuple[Path, f
         return rt.expert.path, []
     base, roles = shared_base_roles(b, quant)
     return base, fused_roles(roles, cache_dir())["expert"]  # what load() runs: the expert's adapters fused
+
+
+def unfused_adapters(bundle: Path, quant: str) -> list[tuple[Path, float]] | None:
+    """A shared-base bundle's expert adapters as the manifest lists them (before load() fuses them), or None."""
+    from epicode_edge.converters.bundle import open_bundle
+    from epicode_edge.converters.lora import is_shared_base, shared_base_roles
+
+    b = open_bundle(bundle)
+    return shared_base_roles(b, quant)[1]["expert"] if is_shared_base(b) else None
 
 
 def attach_adapters(llm, adapters: list[tuple[Path, float]], path: Path) -> str:
@@ -248,6 +259,12 @@ def main() -> None:
     llm = open_llama(expert_path, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
                      n_gpu_layers=args.n_gpu_layers, logits_all=False, verbose=False)
     anchor_lora = attach_adapters(llm, expert_adapters, expert_path)
+    unfused = unfused_adapters(args.bundle, args.quant)
+    llm_unfused = None
+    if unfused is not None and len(unfused) > len(expert_adapters):  # the same model, its adapters set one by one
+        llm_unfused = open_llama(expert_path, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
+                                 n_gpu_layers=args.n_gpu_layers, logits_all=False, verbose=False)
+        attach_adapters(llm_unfused, unfused, expert_path)
     n_params = llama_cpp.llama_model_n_params(llm._model.model) / 1e6
     lam = rt.defaults.lam if args.lam is None else args.lam
     alpha = rt.defaults.alpha if args.alpha is None else args.alpha
@@ -282,12 +299,14 @@ def main() -> None:
                          ("overlap", {"overlap": True})):
             ways[f"{name}/am-{args.amateur_quant}"] = {"overlap": False, **kw}
             runtimes[f"{name}/am-{args.amateur_quant}"] = rt_aq
-    rows = {"anchor": [], **{name: [] for name in ways}}
+    rows = {"anchor": [], **({"anchor/unfused": []} if llm_unfused else {}), **{name: [] for name in ways}}
     mismatches = {name: 0 for name in ways if name != "epicode-naive" and not name.startswith("expert-alone")}
     last_tokens = [[] for _ in prompts]  # the naive loop's answer to each prompt
     for run in range(args.runs):
         for i, ids in enumerate(prompts):
             rows["anchor"].append(anchor_run(llm, ids, args.max_tokens))
+            if llm_unfused is not None:
+                rows["anchor/unfused"].append(anchor_run(llm_unfused, ids, args.max_tokens))
             tokens = {}
             for name, kw in ways.items():
                 kw = dict(kw)
@@ -316,7 +335,7 @@ def main() -> None:
         tps, ttft = med(rs, "tokens_per_s"), med(rs, "ttft_s")
         fig = {"tokens_per_s": tps, "ratio": ratio, "ttft_ms": 1e3 * ttft, "ttft_ratio": ttft_ratio}
         line = f"{name:24}{tps:9.1f}{ratio:8.3f}{1e3 * ttft:9.1f}{ttft_ratio:7.2f}"
-        if name != "anchor" and rs:
+        if not name.startswith("anchor") and rs:
             fig.update(skip_rate=med(rs, "skip_rate"), overhead_us=med(rs, "overhead_us"),
                        overhead_share=med(rs, "overhead_share"), per_token_us=med(rs, "per_token_us"))
             line += f"{fig['skip_rate']:7.2f}{fig['overhead_us']:8.1f}{100 * fig['overhead_share']:7.2f}"
@@ -349,6 +368,8 @@ def main() -> None:
     if args.amateur_quant:
         rt_aq.close()
     llm.close()
+    if llm_unfused is not None:
+        llm_unfused.close()
     if tmp is not None:
         import shutil
 
