@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -358,7 +360,7 @@ def fuse_lora_gguf(adapters: Sequence[tuple[Path, float]], out: str | Path) -> P
             a, b = ts[name + ".lora_a"], ts[name + ".lora_b"]  # (r, in), (out, r)
             c = float(scale) * (alpha / a.shape[0] if alpha else 1.0)
             parts.setdefault(name, []).append((a, b * np.float32(c)))
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # processes may race to make it
     writer = gguf.GGUFWriter(str(tmp), arch or "llama")
     try:
         writer.add_type(gguf.GGUFType.ADAPTER)
