@@ -523,6 +523,10 @@ def test_load_runs_the_expert_on_one_fused_adapter(family, tmp_path, monkeypatch
     with load(family["shared"].path, n_ctx=128, n_threads=1, kv_type="f32") as rt:
         answers.append(rt.generate(PROMPT, raw=True, max_tokens=12).tokens)
     assert made[0].stat().st_mtime_ns == stamp
+    for k in range(lora.FUSED_KEEP + 2):  # tune makes one per mu: the cache keeps the newest FUSED_KEEP
+        lora.fused_roles({"expert": [(family["shared"].path / "lora/finetuned.gguf", 1.0 + k),
+                                     (family["shared"].path / "lora/inferior.gguf", -k - 0.5)]}, tmp_path / "cache")
+    assert len(list((tmp_path / "cache/lora").glob("fused-*.gguf"))) == lora.FUSED_KEEP
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("EPICODE_EDGE_CACHE", str(tmp_path / "file" / "cache"))  # under a file: cannot be made
     with load(family["shared"].path, n_ctx=128, n_threads=1, kv_type="f32") as rt:

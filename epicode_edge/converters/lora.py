@@ -399,10 +399,20 @@ def fused_roles(per_role: dict[str, list[tuple[Path, float]]], cache: Path) -> d
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fuse_lora_gguf(live, path)
+                _prune(path.parent, keep=FUSED_KEEP)
             out[role] = [(path, 1.0)]
         except OSError:
             out[role] = adapters
     return out
+
+
+FUSED_KEEP = 16  # fused adapters kept in the cache (tune makes one per mu), the least recently made go first
+
+
+def _prune(folder: Path, keep: int) -> None:
+    files = sorted(folder.glob("fused-*.gguf"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for p in files[keep:]:
+        p.unlink(missing_ok=True)
 
 
 def _gguf_arch(config: dict) -> str:
