@@ -199,10 +199,7 @@ class BaseBackend:
     def _run(self, ids: list[int], rows: np.ndarray | None = None) -> np.ndarray:
         self._check_room(len(ids))
         if rows is not None:
-            rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
-            if rows.size and (rows.min() < 0 or rows.max() >= self.vocab_size):
-                raise ParameterError(f"{self.path.name}: rows must be token ids in [0, {self.vocab_size}) "
-                                     f"(got {rows.min()}..{rows.max()})")
+            rows = check_rows(rows, self.vocab_size, f"{self.path.name}: ")
         if self._dirty:  # a forward was interrupted (Ctrl-C) after the engine cached it: drop those positions
             self._trim(self.n_past)
         self._dirty = True
@@ -253,6 +250,14 @@ class BaseBackend:
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.path} n_ctx={self.n_ctx} n_past={self.n_past}>"
+
+
+def check_rows(rows, vocab_size: int, where: str = "") -> np.ndarray:
+    """rows as contiguous int64 token ids (K,), or ParameterError when one is outside the vocabulary."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= vocab_size):
+        raise ParameterError(f"{where}rows must be token ids in [0, {vocab_size}) (got {rows.min()}..{rows.max()})")
+    return rows
 
 
 def end_of_turn_ids(text_to_id) -> set[int]:

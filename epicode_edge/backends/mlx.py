@@ -97,26 +97,26 @@ class MLXBackend(BaseBackend):
                            head=(self._head_layer, head_rows) if self.partial_head else None)
 
     def _forward(self, ids: list[int]) -> np.ndarray:
-        mx = self._mx
-        for i in range(0, len(ids) - PREFILL_CHUNK, PREFILL_CHUNK):  # all chunks but the last
-            self._model(mx.array(ids[i:i + PREFILL_CHUNK])[None], cache=self._cache)
-            mx.eval([c.state for c in self._cache])
-        last = mx.array(ids[(len(ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:])[None]  # (1, T)
-        return np.array(self._last_logits(last, self._cache).astype(mx.float32))
+        last = self._feed_but_last_chunk(ids)
+        return np.array(self._last_logits(last, self._cache).astype(self._mx.float32))
 
     def _forward_rows(self, ids: list[int], rows: np.ndarray) -> np.ndarray:
         if not self.partial_head:
             return self._forward(ids)[rows]
         mx = self._mx
-        for i in range(0, len(ids) - PREFILL_CHUNK, PREFILL_CHUNK):
-            self._model(mx.array(ids[i:i + PREFILL_CHUNK])[None], cache=self._cache)
-            mx.eval([c.state for c in self._cache])
-        last = mx.array(ids[(len(ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:])[None]  # (1, T)
-        h = self._model.model(last, cache=self._cache)[:, -1:, :]  # (1, 1, D)
+        h = self._model.model(self._feed_but_last_chunk(ids), cache=self._cache)[:, -1:, :]  # (1, 1, D)
         if rows.size == 0:  # logits not read: no output layer, only the cache
             mx.eval([c.state for c in self._cache])
             return np.zeros(0, dtype=np.float32)
         return np.array(head_rows(self._head_layer, h, mx.array(rows))[0, -1].astype(mx.float32))
+
+    def _feed_but_last_chunk(self, ids: list[int]):
+        """Feed all PREFILL_CHUNK-token chunks of ids but the last; the last chunk as a (1, T) array."""
+        mx = self._mx
+        for i in range(0, len(ids) - PREFILL_CHUNK, PREFILL_CHUNK):
+            self._model(mx.array(ids[i:i + PREFILL_CHUNK])[None], cache=self._cache)
+            mx.eval([c.state for c in self._cache])
+        return mx.array(ids[(len(ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:])[None]
 
     def _last_logits(self, tokens, cache):
         """Logits (V,) of the last of tokens (1, T) fed on cache; the output layer on that position only

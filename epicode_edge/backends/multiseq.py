@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ParameterError
-from .base import CachedTokens, Counters
+from .base import CachedTokens, Counters, check_rows
 
 
 class MultiSeqBase:
@@ -86,14 +86,7 @@ class MultiSeqBase:
             return [None] * n
         if len(rows) != n:
             raise ParameterError(f"decode: {len(rows)} rows for {n} entries")
-        out = []
-        for r in rows:
-            if r is not None:
-                r = np.ascontiguousarray(r, dtype=np.int64).reshape(-1)
-                if r.size and (r.min() < 0 or r.max() >= self.vocab_size):
-                    raise ParameterError(f"decode: rows must be token ids in [0, {self.vocab_size})")
-            out.append(r)
-        return out
+        return [None if r is None else check_rows(r, self.vocab_size, "decode: ") for r in rows]
 
     def _check(self, entries) -> None:
         seen = set()
