@@ -277,17 +277,14 @@ class _StreamingGGUF:
         fout.seek(self._data_start + self._data_bytes)
         fout.truncate()
         self.writer.close()
-        try:
+
+        def finish() -> None:
             if self._llama_finishes:
                 quantize_checked(self._inter, self._part, self.file_type, self.out_path.name,
                                  "out of that type's range: use a smaller mu, or quant F32")
                 self._inter.unlink()
-            os.replace(self._part, self.out_path)
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-        return self.out_path
+
+        return _commit(self, finish)
 
     def abort(self) -> None:
         """Drop everything written so far (partial files removed; the final name is never created)."""
@@ -464,15 +461,8 @@ class GGUFRequantizeSink:
     def close(self) -> Path:
         if self._closed:
             return self.out_path
-        try:
-            quantize_checked(self.source, self._part, self.file_type, self.out_path.name, f"from {self.source.name}",
-                             allow_requantize=True)
-            os.replace(self._part, self.out_path)
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-        return self.out_path
+        return _commit(self, lambda: quantize_checked(self.source, self._part, self.file_type, self.out_path.name,
+                                                      f"from {self.source.name}", allow_requantize=True))
 
     def abort(self) -> None:
         self._closed = True
@@ -481,6 +471,19 @@ class GGUFRequantizeSink:
     def types(self) -> dict[str, int]:
         """gguf name -> the ggml type llama.cpp chose for each tensor of the written file (after close())."""
         return {t.name: int(t.ggml_type) for t in read_header(self.out_path).tensors}
+
+
+def _commit(sink, finish) -> Path:
+    """finish() (what makes sink._part whole), then sink._part renamed to sink.out_path; on any error the
+    sink is aborted (nothing under the final name) and the error raised."""
+    try:
+        finish()
+        os.replace(sink._part, sink.out_path)
+    except BaseException:
+        sink.abort()
+        raise
+    sink._closed = True
+    return sink.out_path
 
 
 def gguf_sink_for(checkpoint, out_path, quant: str, types: dict[str, int] | None = None):
