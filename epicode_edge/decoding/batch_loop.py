@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .contrastive import plausible_ids
-from .loop import ROLES, Answer, Step, check_finite, check_limits, check_prompt, common_prefix, pick
+from .loop import NO_ROWS, ROLES, Answer, Step, check_finite, check_limits, check_prompt, common_prefix, pick
 from .sampling import make_logits_processors, make_sampler
 
 
@@ -171,7 +171,7 @@ def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
         need = [q for q in seqs if q.pending]
     if need:
         # the candidates' logits only where the pick reads them; none for a slot fed only to stay in sync
-        rows = [(q.ids if q.need else _NO_ROWS) if q.rows else None for q in need]
+        rows = [(q.ids if q.need else NO_ROWS) if q.rows else None for q in need]
         ys = amateur_ms.decode([(q.slot, q.pending) for q in need], rows=rows)
         for q, y in zip(need, ys):
             if y.size:  # an empty y: fed to stay in sync, not read
@@ -179,9 +179,6 @@ def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
             q.answer.stats.amateur_prefill_tokens += len(q.pending) if len(q.pending) > 1 else 0
             q.answer.stats.amateur_forwards += 1
             q.y, q.pending = y, []
-
-
-_NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
 def _needs_amateur(q: _Seq) -> bool:

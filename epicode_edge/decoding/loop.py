@@ -310,7 +310,7 @@ def _catch_up(amateur, fresh: list[int], pending: list[int], mode: str, rows: np
     batch = mode == "batch" or (mode == "auto" and k > 1 and amateur.costs.batch_is_cheaper(k))
     if batch or k == 0:
         return amateur.prefill(fresh + pending, rows=rows)
-    unread = None if rows is None else _NO_ROWS
+    unread = None if rows is None else NO_ROWS
     if fresh:
         amateur.prefill(fresh, rows=unread)
     for t in pending[:-1]:
@@ -318,7 +318,7 @@ def _catch_up(amateur, fresh: list[int], pending: list[int], mode: str, rows: np
     return amateur.step(pending[-1], rows=rows)
 
 
-_NO_ROWS = np.zeros(0, dtype=np.int64)  # logits not read: the engines run no output layer
+NO_ROWS = np.zeros(0, dtype=np.int64)  # rows asking for no logits: the engines run no output layer
 
 
 def processed_scores(x, y, ids, lam, normalize, processors, history, y_on_ids=False) -> np.ndarray:
