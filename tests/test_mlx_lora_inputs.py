@@ -85,7 +85,7 @@ def test_merged_equals_mlx_lm_fuse(run, base):
     for which in ("ft", "inf"):
         want = mlx_fuse(base, cfg, [(run[which], None)])
         adapter = mlx_lora.read_mlx_adapter(run[which])
-        merged = mlx_lora.merged(ckpt, adapter)
+        merged = lora.merge_adapter(ckpt, adapter)
         changed = 0
         for name in ckpt.tensors:
             got = merged.read_f32(name)

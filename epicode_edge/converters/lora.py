@@ -557,12 +557,13 @@ def read_any_adapter(path):
     return read_mlx_adapter(path) if is_mlx_adapter(path) else read_adapter(path)
 
 
-def _merged(base, adapter) -> MergedCheckpoint:
-    """base with one adapter merged in; mlx_lm adapters as mlx_lm.fuse merges them (DoRA rescales rows)."""
-    if hasattr(adapter, "kind"):
-        from .mlx_lora import merged
+def merge_adapter(base, adapter) -> Checkpoint:
+    """base with one adapter merged in, as its trainer's tools merge it: PEFT's merge_and_unload, mlx_lm.fuse
+    (LoRA: W + scale * B @ A; DoRA: converters/mlx_lora.py DoraMergedCheckpoint, rows rescaled)."""
+    if getattr(adapter, "kind", None) == "dora":
+        from .mlx_lora import DoraMergedCheckpoint
 
-        return merged(base, adapter, label=str(adapter.path))
+        return DoraMergedCheckpoint(base, adapter, label=str(adapter.path))
     return MergedCheckpoint(base, [(adapter, 1.0)], label=str(adapter.path))
 
 
@@ -615,7 +616,7 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
                 from .gguf_to_hf import GGUFAsHF
 
                 merge_base = hf_view = GGUFAsHF(base_ckpt)
-            return convert(_merged(merge_base, ft), _merged(merge_base, inf), out,
+            return convert(merge_adapter(merge_base, ft), merge_adapter(merge_base, inf), out,
                            mu=mu, to=formats, quant=tuple(quants), lam=lam, alpha=alpha, force=force,
                            progress=progress, **convert_kw)
         from .convert import check_support

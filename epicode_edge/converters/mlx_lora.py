@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, InputError, MismatchError, UnsupportedError
-from .lora import MergedCheckpoint
+from .checkpoint import Checkpoint
 from .safetensors_io import SafetensorsFile, from_f32, to_f32
 
 CONFIG_FILE = "adapter_config.json"
@@ -238,26 +238,41 @@ def check_pair(ft, inf) -> None:
                             f"{only[0][:-len('.weight')]!r} (not two checkpoints of one run: same keys and num_layers)")
 
 
-def merged(base, adapter: MlxAdapter, label: str | None = None) -> MergedCheckpoint:
-    """The base checkpoint with one mlx_lm adapter fused in as mlx_lm.fuse does (lora.MergedCheckpoint for LoRA;
-    DoRA's rescaled rows for DoRA)."""
-    cls = MergedCheckpoint if adapter.kind == "lora" else DoraMergedCheckpoint
-    return cls(base, [(adapter, 1.0)], label=label)
+class DoraMergedCheckpoint(Checkpoint):
+    """A base HF checkpoint with one DoRA adapter fused in as mlx_lm fuses it (MlxAdapter.fuse), read lazily tensor
+    by tensor and stored back in each weight's dtype: the DoRA counterpart of lora.MergedCheckpoint."""
 
-
-class DoraMergedCheckpoint(MergedCheckpoint):
-    """A base checkpoint with one DoRA adapter fused in (MlxAdapter.fuse), read lazily tensor by tensor."""
+    def __init__(self, base: Checkpoint, adapter: MlxAdapter, label: str | None = None):
+        if base.format != "hf":
+            raise UnsupportedError(f"{base.path}: the base model of LoRA adapters must be an HF folder")
+        self.base, self.adapter = base, adapter
+        self.path = Path(label) if label else base.path
+        self.format, self.arch, self.config = base.format, base.arch, base.config
+        self.tensors, self.tokenizer_dir = base.tensors, base.tokenizer_dir
 
     def read_f32(self, name: str) -> np.ndarray:
         w = self.base.read_f32(name)  # (out, in)
-        (adapter, _), = self.terms
-        if name not in adapter.targets:
+        if name not in self.adapter.targets:
             return w
-        w = adapter.fuse(name, w)
+        w = self.adapter.fuse(name, w)
         dtype = self.base.tensors[name].dtype
         if dtype in ("F16", "BF16"):
             w = to_f32(from_f32(w, dtype), dtype)
         return w
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self.adapter.targets:
+            return self.base.read(name)
+        return from_f32(self.read_f32(name), self.base.tensors[name].dtype)
+
+    def tokenizer_digests(self) -> dict[str, str]:
+        return self.base.tokenizer_digests()
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(f"{self.base.content_hash()}\n{self.adapter.sha256()}\n".encode()).hexdigest()
+
+    def close(self) -> None:
+        pass  # base and adapter belong to the caller
 
 
 # ------------------------------------------------------------------------------------------------
