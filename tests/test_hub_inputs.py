@@ -131,6 +131,7 @@ def test_hub_base_of_lora_adapters(cache, tmp_path):
     ("org/tiny-ft@v9", ["org/tiny-ft", "v9", "--revision v9"]),
     ("org/tiny-gguf/absent.gguf", ["absent.gguf", "huggingface-cli download org/tiny-gguf absent.gguf"]),
     ("./not-here", ["not-here: no such file or directory"]),
+    ("org/tiny-gguf", ["no config.json", "org/tiny-gguf/FILE.gguf"]),
 ])
 def test_missing_offline_one_line(cache, tmp_path, spec, expect):
     code, out = cli("convert", "--finetuned", spec, "--inferior", "org/tiny-inf", "--mu", 0.5, "-o", tmp_path / "b")

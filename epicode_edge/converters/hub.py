@@ -77,8 +77,11 @@ def resolve(spec, *, local_files_only: bool | None = None, what: str = "model") 
           "local_files_only": local_files_only}
     try:
         if filename is not None:
-            return Path(hf_hub_download(repo_id, filename, **kw))
-        return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, **kw))
+            got = Path(hf_hub_download(repo_id, filename, **kw))
+            if got.suffix == ".safetensors":  # an mlx_lm adapter file: its adapter_config.json beside it
+                _optional(hf_hub_download, repo_id, str(Path(filename).with_name("adapter_config.json")), kw)
+            return got
+        got = Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, **kw))
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
         how = f"huggingface-cli download {repo_id}" + (f" {filename}" if filename else "") + \
             (f" --revision {revision}" if revision else "")
@@ -95,6 +98,19 @@ def resolve(spec, *, local_files_only: bool | None = None, what: str = "model") 
                          "(check the name; private or gated repos need `huggingface-cli login`)") from None
     except (OSError, ValueError) as e:  # network errors (requests' are OSErrors), a malformed cache
         raise InputError(f"{spec_str}: cannot get Hub repo {repo_id!r} ({' '.join(str(e).split())})") from None
+    if what != "run" and not any((got / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise InputError(f"{spec_str}: Hub repo {repo_id!r} has no config.json (not a transformers model); for a "
+                         f"GGUF repo name its file: {repo_id}/FILE.gguf")
+    return got
+
+
+def _optional(download, repo_id: str, filename: str, kw: dict) -> None:
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        download(repo_id, filename, **kw)
+    except (hf_errors.EntryNotFoundError, hf_errors.LocalEntryNotFoundError, OSError, ValueError):
+        pass
 
 
 def resolve_all(*specs, local_files_only: bool | None = None):
