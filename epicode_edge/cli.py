@@ -79,6 +79,9 @@ def main(cpu_repack, verbose):
     """
     _preload_llama_cpp()
     from . import runtime
+    from .converters import hub
+
+    hub.allow_downloads()  # model inputs may be Hub ids: fetched into the Hugging Face cache (converters/hub.py)
 
     from_env = click.get_current_context().get_parameter_source("cpu_repack") == ParameterSource.ENVIRONMENT
     runtime.set_cpu_repack(None if from_env else cpu_repack, via="option")  # the library reads the variable

@@ -137,3 +137,15 @@ def test_missing_offline_one_line(cache, tmp_path, spec, expect):
     code, out = cli("convert", "--finetuned", spec, "--inferior", "org/tiny-inf", "--mu", 0.5, "-o", tmp_path / "b")
     assert_one_line_error(code, out, *expect)
     assert not (tmp_path / "b").exists()
+
+
+def test_library_reads_the_cache_only(cache, monkeypatch):
+    """Without the CLI's allow_downloads() the library never goes to the network, even online: a cached repo
+    works, a missing one is one line."""
+    from epicode_edge.errors import InputError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "_downloads", False)
+    assert hub.resolve("org/tiny-inf").name == SHA["inf"]
+    with pytest.raises(InputError, match=r"org/missing.*not in the Hub cache \(downloads are off\).*huggingface-cli"):
+        hub.resolve("org/missing")

@@ -5,8 +5,9 @@
     resolve("org/name@v1.0")                        -> the snapshot of that branch, tag or commit
     resolve("org/name/model.Q8_0.gguf")             -> one file of a GGUF repo
 
-Downloads show huggingface_hub's own progress bar (on stderr). Offline (HF_HUB_OFFLINE=1) a cached repo
-works and a missing one is one InputError saying how to get it. A string that is neither an existing path
+The library reads the Hub cache only; a caller that allows downloads (the CLI: allow_downloads()) also
+fetches what is missing, with huggingface_hub's own progress bar (on stderr). Offline (HF_HUB_OFFLINE=1) a
+cached repo works and a missing one is one InputError saying how to get it. A string that is neither an existing path
 nor a valid repo id comes back unchanged, so the reader's "no such file or directory" names it.
 
 `origin(path)` tells, for any path inside a Hub cache snapshot, the repo id and the commit it came from: the
@@ -26,6 +27,15 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*
 
 _SNAPSHOT = re.compile(r"^models--(?P<repo>.+)$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+_downloads = False  # whether resolve() may download (set by the CLI; library calls read the cache only)
+
+
+def allow_downloads(on: bool = True) -> None:
+    """Let resolve() fetch repos missing from the cache (unless HF_HUB_OFFLINE is set)."""
+    global _downloads
+    _downloads = bool(on)
 
 
 def parse(spec: str) -> tuple[str, str | None, str | None] | None:
@@ -56,7 +66,7 @@ def parse(spec: str) -> tuple[str, str | None, str | None] | None:
 def resolve(spec, *, local_files_only: bool | None = None, what: str = "model") -> Path:
     """A local path for `spec`: the path itself when it exists (or is no Hub id), else the Hub snapshot folder
     (or file) from the cache, downloaded when missing and allowed. local_files_only: never download (default:
-    whether HF_HUB_OFFLINE is set, read now)."""
+    unless allow_downloads() was called and HF_HUB_OFFLINE is not set, read now)."""
     if isinstance(spec, os.PathLike) and not isinstance(spec, str):
         spec_str = os.fspath(spec)
     else:
@@ -69,7 +79,7 @@ def resolve(spec, *, local_files_only: bool | None = None, what: str = "model") 
         return path
     repo_id, revision, filename = parsed
     if local_files_only is None:
-        local_files_only = _offline()
+        local_files_only = _offline() or not _downloads
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import hf_hub_download, snapshot_download
 
@@ -83,11 +93,13 @@ def resolve(spec, *, local_files_only: bool | None = None, what: str = "model") 
             return got
         got = Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, **kw))
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
+        why = "HF_HUB_OFFLINE is set" if _offline() else "cannot reach the Hub" if not local_files_only \
+            else "downloads are off" if not _downloads else "not downloaded here"
         how = f"huggingface-cli download {repo_id}" + (f" {filename}" if filename else "") + \
             (f" --revision {revision}" if revision else "")
         raise InputError(f"{spec_str}: no such file or directory, and Hub {what} {repo_id!r}"
                          f"{' at ' + revision if revision else ''}{' file ' + repr(filename) if filename else ''} "
-                         f"is not in the Hub cache ({'offline' if local_files_only else 'cannot reach the Hub'}): "
+                         f"is not in the Hub cache ({why}): "
                          f"run once online, or `{how}`") from None
     except hf_errors.RevisionNotFoundError:
         raise InputError(f"{spec_str}: Hub repo {repo_id!r} has no revision {revision!r}") from None
