@@ -88,7 +88,7 @@ def test_overrides_by_step_and_path(full_run, tmp_path):
     pick = run.pick(finetuned="75")
     assert pick.finetuned.name == "checkpoint-75" and pick.inferior.name == "checkpoint-25"  # halfway to step 75
     pick = run.pick(finetuned=100, inferior="25")
-    assert pick.inferior.name == "checkpoint-25" and "(given)" in pick.reason
+    assert pick.inferior.name == "checkpoint-25" and "checkpoint-25 (step 25, epoch 0.50), given." in pick.reason
     other = tmp_path / "elsewhere"
     pick = run.pick(inferior=str(other))
     assert pick.inferior == other and any(str(other) in line for line in pick.lines())

@@ -113,7 +113,7 @@ class Run:
         if inf_path == ft_path:
             raise InputError(f"{self.path}: finetuned and inferior are the same checkpoint ({ft_path.name})")
         inf = by_path.get(inf_path)
-        reason = (f"finetuned: {_name(ft, ft_path)} ({why_ft}); inferior: {_name(inf, inf_path)} ({why_inf})")
+        reason = f"Finetuned: {_name(ft, ft_path)}, {why_ft}. Inferior: {_name(inf, inf_path)}, {why_inf}."
         adapters = [c for c in (ft, inf) if c is not None and c.is_adapter]
         if base is None and adapters:
             base = implied_base(adapters[0].path)
