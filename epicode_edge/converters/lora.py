@@ -572,6 +572,7 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
                  lora_type: str | None = None, **convert_kw):
     """A bundle from two PEFT LoRA adapters (finetuned, inferior) over one base model: an HF folder, or a
     GGUF file such as a published quantized model (llama for a shared base; merged: what exports to HF).
+    mlx_lm.lora adapter files or folders are taken too (converters/mlx_lora.py; DoRA ones merged only).
 
     merge=False: a shared-base bundle: gguf/base-<QUANT>.gguf per quant, lora/finetuned.gguf,
     lora/inferior.gguf, and the role scales in the manifest (layout "shared-base"). The adapters' tensors
