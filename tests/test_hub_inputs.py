@@ -149,3 +149,20 @@ def test_library_reads_the_cache_only(cache, monkeypatch):
     assert hub.resolve("org/tiny-inf").name == SHA["inf"]
     with pytest.raises(InputError, match=r"org/missing.*not in the Hub cache \(downloads are off\).*huggingface-cli"):
         hub.resolve("org/missing")
+
+
+def test_run_of_adapters_naming_a_cached_hub_base(cache, tmp_path):
+    """PEFT checkpoints whose adapter_config.json names a Hub id: the cached snapshot is their base."""
+    from factory import make_lora_adapter
+
+    prev = None
+    for step in (50, 100):
+        d = tmp_path / "out" / f"checkpoint-{step}"
+        prev = make_lora_adapter(d, cache["ft"], rank=2, seed=step, like=prev)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/tiny-base"}))
+    code, out = cli("convert", "--run", tmp_path / "out", "--mu", 0.5, "--quant", "F32", "-o", tmp_path / "b")
+    assert code == 0, out
+    src = json.loads((tmp_path / "b" / "epicode.json").read_text())["sources"]
+    assert (src["base"]["repo_id"], src["base"]["revision"]) == ("org/tiny-base", SHA["base"])
+    assert Path(src["inferior"]["path"]).name == "checkpoint-50"
