@@ -79,6 +79,9 @@ def main(cpu_repack, verbose):
     """
     _preload_llama_cpp()
     from . import runtime
+    from .converters import hub
+
+    hub.allow_downloads()  # model inputs may be Hub ids: fetched into the Hugging Face cache (converters/hub.py)
 
     from_env = click.get_current_context().get_parameter_source("cpu_repack") == ParameterSource.ENVIRONMENT
     runtime.set_cpu_repack(None if from_env else cpu_repack, via="option")  # the library reads the variable
@@ -102,10 +105,15 @@ def _preload_llama_cpp() -> None:
 
 
 @main.command("convert")
-@click.option("--finetuned", required=True, type=click.Path(path_type=Path),
-              help="The finetuned checkpoint (HF folder or .gguf), e.g. after epoch 2.")
-@click.option("--inferior", required=True, type=click.Path(path_type=Path),
-              help="An earlier checkpoint of the same run (HF folder or .gguf), e.g. after epoch 1.")
+@click.option("--finetuned", default=None,
+              help="The finetuned checkpoint (HF folder, .gguf, adapter, Hub id org/name[@rev][/file.gguf]), e.g. "
+                   "after epoch 2; with --run: a step number or path [default: the run's last].")
+@click.option("--inferior", default=None,
+              help="An earlier checkpoint of the same run (same forms), e.g. after epoch 1; with --run: a step "
+                   "number or path [default: the end of epoch 1 of 2, else the middle one].")
+@click.option("--run", "run", type=click.Path(path_type=Path), default=None,
+              help="A training run's output folder (checkpoint-N/ folders of HF Trainer, TRL, Unsloth; or mlx_lm's "
+                   "adapter folder): shows its checkpoints and takes finetuned and inferior from it.")
 @click.option("--mu", required=True, type=float, help="Extrapolation strength: expert = ft + mu * (ft - inf).")
 @click.option("--to", default="gguf", show_default=True,
               help="Output formats, comma-separated: gguf, mlx, hf. GGUF inputs give all three (hf/mlx: "
@@ -122,15 +130,17 @@ def _preload_llama_cpp() -> None:
               help="Default plausibility threshold (the paper's).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="The bundle folder to write.")
-@click.option("--base", type=click.Path(path_type=Path), default=None,
-              help="Base model of LoRA adapters (HF folder or GGUF file): --finetuned and --inferior are then PEFT "
-                   "adapter folders, and the bundle holds one base GGUF plus the two adapters (shared base).")
+@click.option("--base", default=None,
+              help="Base model of LoRA adapters (HF folder, GGUF file or Hub id): --finetuned and --inferior are then "
+                   "PEFT adapter folders or mlx_lm adapter files, and the bundle holds one base GGUF plus the two "
+                   "adapters (shared base) [default: the base the adapter's config names, if local or cached].")
 @click.option("--merge", is_flag=True, help="With --base: merge the adapters into full weights (a normal bundle).")
-def convert_cmd(finetuned, inferior, mu, to, quant, mlx_bits, mlx_group_size, with_inferior, lam, alpha, force, out,
-                base, merge):
+def convert_cmd(finetuned, inferior, run, mu, to, quant, mlx_bits, mlx_group_size, with_inferior, lam, alpha, force,
+                out, base, merge):
     """Extrapolate FINETUNED away from INFERIOR and write a bundle (expert + amateur models)."""
     import warnings
 
+    finetuned, inferior, base = _checkpoints(run, finetuned, inferior, base)
     from .converters.bundle import human_bytes
     from .converters.convert import convert
     from .converters.extrapolate import ExtrapolationWarning
@@ -166,6 +176,24 @@ def convert_cmd(finetuned, inferior, mu, to, quant, mlx_bits, mlx_group_size, wi
     click.echo(f"Wrote {bundle.path} ({what}; roles {', '.join(bundle.roles)}): {human_bytes(s['output_bytes'])} "
                f"in {s['seconds']:.1f} s, read {human_bytes(s['input_bytes'])} at {human_bytes(rate)}/s, "
                f"peak memory {human_bytes(s['peak_rss_bytes'])}")
+
+
+def _checkpoints(run, finetuned, inferior, base):
+    """(finetuned, inferior, base) from --run (its table and choice shown on stderr) or as given; an adapter's
+    base defaults to the one its config names (converters/runs.py)."""
+    from .converters import runs
+
+    if run is None:
+        if finetuned is None or inferior is None:
+            raise click.UsageError("give --finetuned and --inferior, or --run OUTPUT_DIR")
+        implied = runs.base_or_implied(finetuned, base)
+        if base is None and implied is not None:
+            click.echo(f"Note: base model {implied} (named by the adapter's config).", err=True)
+        return finetuned, inferior, implied
+    pick = runs.read_run(run).pick(finetuned, inferior, base=base)
+    for line in pick.lines():
+        click.echo(line, err=True)
+    return pick.finetuned, pick.inferior, pick.base
 
 
 class _ConvertBar:
@@ -564,12 +592,14 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
 
 
 @main.command("tune")
-@click.option("--finetuned", required=True, type=click.Path(path_type=Path), help="The finetuned checkpoint.")
-@click.option("--inferior", required=True, type=click.Path(path_type=Path), help="An earlier checkpoint of its run.")
+@click.option("--finetuned", default=None, help="The finetuned checkpoint (with --run: a step number or path).")
+@click.option("--inferior", default=None, help="An earlier checkpoint of its run (with --run: a step number or path).")
+@click.option("--run", "run", type=click.Path(path_type=Path), default=None,
+              help="A training run's output folder: finetuned and inferior taken from it, as convert --run does.")
 @click.option("--dev", required=True, type=click.Path(path_type=Path), help="Dev JSONL (never the test set).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="The bundle folder to write.")
-@click.option("--base", type=click.Path(path_type=Path), default=None,
-              help="The base model when --finetuned/--inferior are PEFT LoRA adapters (HF folder or llama GGUF).")
+@click.option("--base", default=None,
+              help="The base model when --finetuned/--inferior are LoRA adapters (HF folder, llama GGUF or Hub id).")
 @click.option("--mu-grid", default="0.025,0.05,0.1,0.2,0.3,0.5", show_default=True,
               help="mu values to try (> 0); mu = 0, the finetuned model, always competes.")
 @click.option("--lambda-grid", "lam_grid", default="0.1,0.25,0.5,1,2,4", show_default=True,
@@ -586,12 +616,13 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
 @runtime_options(quant=click.option("--quant", default="Q8_0", show_default=True,
                                     help="GGUF quant of the bundles (converted at it, scored at it)."))
-def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, with_inferior, cd, work_dir,
+def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha, with_inferior, cd, work_dir,
              max_tokens, extract, limit, force, engine, overlap):
     """The paper's tuning: pick mu with the extrapolated model alone on DEV, then lambda at that mu; write
     the bundle with both. Interrupted? Run the same command again: finished grid points are kept."""
     from .apps.tune import tune
 
+    finetuned, inferior, base = _checkpoints(run, finetuned, inferior, base)
     def warn(msg):
         click.echo(f"Warning: {msg}", err=True)
 

@@ -278,6 +278,9 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
         warnings_.append(small)
         if warn:
             warn(small)
+    from ..converters.hub import resolve_all
+
+    finetuned, inferior, base = resolve_all(finetuned, inferior, base)  # Hub ids: the cached snapshot paths
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".tune")
     work.mkdir(parents=True, exist_ok=True)
     key = {"finetuned": file_digest(Path(finetuned)), "inferior": file_digest(Path(inferior)),

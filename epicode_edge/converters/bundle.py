@@ -152,7 +152,11 @@ def build_manifest(*, mu: float, lam: float, alpha: float, arch: str, tokenizer_
     from datetime import datetime, timezone
 
     from ..version import __version__
+    from .hub import origin
 
+    # a source inside the Hugging Face cache also records its repo id and commit (converters/hub.py)
+    sources = {role: {**src, **origin(src["path"])} if isinstance(src, dict) and isinstance(src.get("path"), str)
+               else src for role, src in sources.items()}
     return {"format_version": FORMAT_VERSION, "tool": "epicode-edge", "tool_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra, "mu": mu,
             "defaults": {"lambda": lam, "alpha": alpha}, "arch": arch, "tokenizer_hash": tokenizer_hash,
@@ -599,7 +603,9 @@ def describe(b: Bundle) -> list[str]:
              f"method     mu = {b.mu}   defaults: lambda = {b.lam}, alpha = {b.alpha}",
              f"model      {b.arch or '?'}; tokenizer sha256 {str(b.tokenizer_hash or '?')[:16]}"]
     for i, (role, src) in enumerate(m.get("sources", {}).items()):
-        lines.append(f"{'' if i else 'sources':<10} {role:<9} {src.get('path')} "
+        where = f"{src['repo_id']}@{str(src.get('revision', '?'))[:12]}" if isinstance(src.get("repo_id"), str) \
+            else src.get("path")
+        lines.append(f"{'' if i else 'sources':<10} {role:<9} {where} "
                      f"({src.get('format', '?')}, content sha256 {str(src.get('content_sha256', '?'))[:16]})")
     files = m["files"]
     for q, per_role in files.get("gguf", {}).items():

@@ -394,10 +394,13 @@ def _tensor_done(ft, inf, name, i, n, done, total, progress) -> tuple[int, int]:
 
 
 def _open(source):
-    """A path is opened (and closed after); a Checkpoint object (e.g. a merged LoRA) is used as is."""
+    """A path or Hub id (converters/hub.py) is opened (and closed after); a Checkpoint object (e.g. a merged
+    LoRA) is used as is."""
     if isinstance(source, Checkpoint):
         return contextlib.nullcontext(source)
-    return open_checkpoint(source)
+    from .hub import resolve
+
+    return open_checkpoint(resolve(source))
 
 
 def peak_rss_bytes() -> int:

@@ -267,7 +267,9 @@ class MergedCheckpoint(Checkpoint):
 
 
 def adapter_hash(adapter: LoraAdapter) -> str:
-    """sha256 over adapter_config.json and adapter_model.safetensors."""
+    """sha256 over adapter_config.json and adapter_model.safetensors (other adapter types: their own sha256)."""
+    if hasattr(adapter, "sha256"):  # converters/mlx_lora.py
+        return adapter.sha256()
     h = hashlib.sha256()
     for f in (adapter.path / CONFIG_FILE, adapter.path / WEIGHTS_FILE):
         with open(f, "rb") as fh:
@@ -501,15 +503,20 @@ def open_adapters(base, finetuned, inferior, merge: bool = False):
     both name the same base model. merge: a GGUF base is checked as the HF checkpoint it exports to (any
     architecture that exports), else as llama.cpp's names (llama)."""
     from .checkpoint import open_checkpoint
+    from .hub import resolve
 
     opened = []
     try:
-        ft = read_adapter(finetuned)
+        ft = read_any_adapter(finetuned)
         opened.append(ft)
-        inf = read_adapter(inferior)
+        inf = read_any_adapter(inferior)
         opened.append(inf)
         check_same_base(ft, inf)
-        base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+        if hasattr(ft, "kind") or hasattr(inf, "kind"):  # mlx_lm adapters: same type, rank and layers
+            from .mlx_lora import check_pair
+
+            check_pair(ft, inf)
+        base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(resolve(base))
         if base_ckpt is not base:
             opened.append(base_ckpt)
         if base_ckpt.format == "gguf" and merge:  # merged over its HF export (gguf_to_hf.GGUFAsHF)
@@ -540,11 +547,32 @@ def open_adapters(base, finetuned, inferior, merge: bool = False):
     return base_ckpt, ft, inf
 
 
+def read_any_adapter(path):
+    """A PEFT adapter folder, or an mlx_lm.lora adapter file or folder (converters/mlx_lora.py); a Hub id is
+    fetched first (converters/hub.py)."""
+    from .hub import resolve
+    from .mlx_lora import is_mlx_adapter, read_mlx_adapter
+
+    path = resolve(path, what="adapter")
+    return read_mlx_adapter(path) if is_mlx_adapter(path) else read_adapter(path)
+
+
+def merge_adapter(base, adapter) -> Checkpoint:
+    """base with one adapter merged in, as its trainer's tools merge it: PEFT's merge_and_unload, mlx_lm.fuse
+    (LoRA: W + scale * B @ A; DoRA: converters/mlx_lora.py DoraMergedCheckpoint, rows rescaled)."""
+    if getattr(adapter, "kind", None) == "dora":
+        from .mlx_lora import DoraMergedCheckpoint
+
+        return DoraMergedCheckpoint(base, adapter, label=str(adapter.path))
+    return MergedCheckpoint(base, [(adapter, 1.0)], label=str(adapter.path))
+
+
 def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: bool = False,
                  lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA, force: bool = False, progress=None,
                  lora_type: str | None = None, **convert_kw):
     """A bundle from two PEFT LoRA adapters (finetuned, inferior) over one base model: an HF folder, or a
     GGUF file such as a published quantized model (llama for a shared base; merged: what exports to HF).
+    mlx_lm.lora adapter files or folders are taken too (converters/mlx_lora.py; DoRA ones merged only).
 
     merge=False: a shared-base bundle: gguf/base-<QUANT>.gguf per quant, lora/finetuned.gguf,
     lora/inferior.gguf, and the role scales in the manifest (layout "shared-base"). The adapters' tensors
@@ -580,14 +608,16 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
     base_ckpt, ft, inf = open_adapters(base, finetuned, inferior, merge)
     hf_view = None
     try:
+        if not merge and "dora" in (getattr(ft, "kind", None), getattr(inf, "kind", None)):
+            raise UnsupportedError(f"{ft.path}: DoRA adapters cannot be applied by llama.cpp at run time (no "
+                                   "shared-base bundle): merge them into full weights (--merge)")
         if merge:
             merge_base = base_ckpt
             if base_ckpt.format == "gguf":  # merged as the HF checkpoint its export would write (q/k rows, names)
                 from .gguf_to_hf import GGUFAsHF
 
                 merge_base = hf_view = GGUFAsHF(base_ckpt)
-            return convert(MergedCheckpoint(merge_base, [(ft, 1.0)], label=str(ft.path)),
-                           MergedCheckpoint(merge_base, [(inf, 1.0)], label=str(inf.path)), out,
+            return convert(merge_adapter(merge_base, ft), merge_adapter(merge_base, inf), out,
                            mu=mu, to=formats, quant=tuple(quants), lam=lam, alpha=alpha, force=force,
                            progress=progress, **convert_kw)
         from .convert import check_support
@@ -643,9 +673,9 @@ def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force
                 tokenizer_hash=base_ckpt.tokenizer_hash(),
                 sources={"base": {"path": str(Path(base_ckpt.path).absolute()), "format": base_ckpt.format,
                                   "content_sha256": hasher.hexdigest()},
-                         "finetuned": {"path": str(ft.path.absolute()), "format": "peft-lora",
+                         "finetuned": {"path": str(ft.path.absolute()), "format": getattr(ft, "format", "peft-lora"),
                                        "content_sha256": adapter_hash(ft)},
-                         "inferior": {"path": str(inf.path.absolute()), "format": "peft-lora",
+                         "inferior": {"path": str(inf.path.absolute()), "format": getattr(inf, "format", "peft-lora"),
                                       "content_sha256": adapter_hash(inf)}},
                 files=files, lora={"scales": role_scales(mu)}, warnings=[],
                 summary={"seconds": round(time.perf_counter() - t0, 3), "tensors": len(base_ckpt.tensors),
