@@ -1,0 +1,155 @@
+"""Hostile inputs, second round: batch outputs that are not ours (left exactly as they were), retry-errors
+through a symlinked output, unbounded reads (an endless line, an output that is a device), lambda and
+repetition penalty at the edge of float range, a system prompt larger than the context, and PEFT adapter
+configs that crashed, hung or passed silently."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from cli_helpers import assert_one_line_error, cli
+
+from epicode_edge.apps import batch
+from epicode_edge.errors import InputError
+
+# ---------------------------------------------------------------------------------------------
+# batch: an output that is not ours is refused and left as it was
+# ---------------------------------------------------------------------------------------------
+
+
+def _input(tmp_path, n=2):
+    p = tmp_path / "in.jsonl"
+    p.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"p{i}"}) + "\n" for i in range(n)))
+    return p
+
+
+def _snapshot(path):
+    st = os.stat(path)
+    return path.read_bytes(), st.st_size, st.st_mtime_ns
+
+
+FOREIGN = {
+    "json-no-newline": b'{"keep":"me"}',
+    "json-our-keys-no-line": b'{"id": 1, "text": "x"}',  # JSON with some of our keys is still not a record
+    "json-array": b'[{"id": 1, "line": 1, "text": "x"}]',
+    "text": b"my notes, one line",
+    "binary": bytes(range(256)) * 4096,  # 1 MiB, newlines inside
+    "binary-no-newline": bytes(b for b in range(256) if b != 10) * 4096,
+    "our-start-then-garbage": b'{"id": "q0", "line": 1, "text": "x"}\x00\x01 trailing bytes',
+    "our-start-then-bad-json": b'{"id": "q0", "line": 1,, "text',
+    "record-then-foreign-tail": b'{"id": "q0", "line": 1, "text": "x"}\n{"keep": "me"',
+    "utf8-broken-inside": b'{"id": "q0", "line": 1, "text": "\xff\xfe abc',
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN))
+def test_an_output_that_is_not_ours_is_refused_untouched(tmp_path, case):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(FOREIGN[case])
+    before = _snapshot(out)
+    with pytest.raises(InputError, match=r"out.jsonl line \d+ is not a result record"):
+        batch.prepare(_input(tmp_path), out)
+    with pytest.raises(InputError, match="not a result record"):
+        batch.prepare(_input(tmp_path), out, retry_errors=True)
+    assert _snapshot(out) == before
+
+
+def test_the_cli_leaves_a_one_line_json_file_as_it_was(tmp_path):
+    out = tmp_path / "notes.json"
+    out.write_bytes(b'{"keep":"me"}')
+    code, text = cli("batch", tmp_path / "no-bundle", _input(tmp_path), "-o", out)
+    assert_one_line_error(code, text, "notes.json line 1 is not a result record")
+    assert out.read_bytes() == b'{"keep":"me"}'
+
+
+def _record_line(**extra):
+    rec = {"id": "q1", "line": 2, "text": "caf\u00e9 \u6771\u4eac \"q\" \\ \n", "finish_reason": "length",
+           "prompt_tokens": 16, "completion_tokens": 4, "changed_tokens": 0,
+           "timings": {"ttft_s": 0.0105, "decode_s": 1.5e-05, "total_s": 0.0139}, **extra}
+    return batch.dumps_record(rec).encode("utf-8")
+
+
+def test_every_cut_of_one_of_our_records_is_repaired(tmp_path):
+    """A write cut short anywhere (even inside a UTF-8 character or an escape) is the only tail that is cut."""
+    good = batch.dumps_record({"id": "q0", "line": 1, "text": "x"}).encode()
+    inp = _input(tmp_path)
+    for line in (_record_line(), batch.dumps_record({"id": None, "line": 7, "error": "line 7: bad"}).encode()):
+        for cut in range(1, len(line) - 1):
+            out = tmp_path / f"out{cut}.jsonl"
+            out.write_bytes(good + line[:cut])
+            with batch.prepare(inp, out) as job:
+                assert job.repaired and "truncated" in job.repaired, (cut, line[:cut])
+            assert out.read_bytes() == good
+
+
+# ---------------------------------------------------------------------------------------------
+# batch --retry-errors through a symlinked output
+# ---------------------------------------------------------------------------------------------
+
+
+def test_retry_errors_rewrites_through_a_symlinked_output(tmp_path):
+    inp = _input(tmp_path)
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "results.jsonl"
+    target.write_text(json.dumps({"id": "q0", "line": 1, "error": "boom"}) + "\n"
+                      + json.dumps({"id": "q1", "line": 2, "text": "ok"}) + "\n")
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(target)
+    with batch.prepare(inp, link, retry_errors=True) as job:
+        assert [r.id for r in job.pending] == ["q0"]
+        job.out.append(batch.dumps_record({"id": "q0", "line": 1, "text": "again"}).encode())
+    assert link.is_symlink() and os.readlink(link) == str(target)  # still the link
+    assert [json.loads(x) for x in target.read_text().splitlines()] == [
+        {"id": "q1", "line": 2, "text": "ok"}, {"id": "q0", "line": 1, "text": "again"}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "real"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["results.jsonl"]  # no temp file left
+
+
+# ---------------------------------------------------------------------------------------------
+# unbounded reads: an endless input line, an output that is a device
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_endless_input_line_stops_at_the_limit(tmp_path, monkeypatch):
+    """/dev/zero as input: refused after MAX_LINE_BYTES, not read to the end of memory. A FIFO fed 2x the
+    limit (and never closed) shows the read stops early: it would block forever on reading further."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    import threading
+
+    def feed():
+        with open(fifo, "wb") as f:
+            try:
+                f.write(b"x" * (2 * batch.MAX_LINE_BYTES))  # the reader closes before taking it all
+            except BrokenPipeError:
+                pass
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    with pytest.raises(InputError, match=rf"in.fifo: line 1 is longer than {batch.MAX_LINE_BYTES} bytes"):
+        batch.read_input(fifo)
+    t.join(10)
+    assert not t.is_alive()
+    with pytest.raises(InputError, match="line 1 is longer than"):
+        batch.read_input("/dev/zero")
+    ok = tmp_path / "ok.jsonl"  # a line of exactly the limit is read
+    ok.write_bytes(b"y" * batch.MAX_LINE_BYTES + b"\n" + b"z" * batch.MAX_LINE_BYTES)
+    assert len(batch.read_input(ok)) == 2 * batch.MAX_LINE_BYTES + 1
+
+
+@pytest.mark.parametrize("device", ["/dev/full", "/dev/zero", "/dev/null", "fifo"])
+def test_an_output_that_is_not_a_regular_file_is_refused(tmp_path, device):
+    if device == "fifo":
+        device = tmp_path / "out.fifo"
+        os.mkfifo(device)
+    elif not os.path.exists(device):
+        pytest.skip(f"no {device} here")
+    with pytest.raises(InputError, match="not a regular file"):
+        batch.prepare(_input(tmp_path), device)
+    code, text = cli("batch", tmp_path / "no-bundle", _input(tmp_path), "-o", device)
+    assert_one_line_error(code, text, str(device), "not a regular file")
+    if isinstance(device, os.PathLike):
+        assert stat.S_ISFIFO(os.stat(device).st_mode)
