@@ -13,7 +13,7 @@ import pytest
 from cli_helpers import assert_one_line_error, cli
 
 from epicode_edge.apps import batch
-from epicode_edge.errors import InputError
+from epicode_edge.errors import ContextFullError, InputError
 
 # ---------------------------------------------------------------------------------------------
 # batch: an output that is not ours is refused and left as it was
@@ -153,3 +153,89 @@ def test_an_output_that_is_not_a_regular_file_is_refused(tmp_path, device):
     assert_one_line_error(code, text, str(device), "not a regular file")
     if isinstance(device, os.PathLike):
         assert stat.S_ISFIFO(os.stat(device).st_mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# chat: an endless stdin line, a system prompt larger than the context
+# ---------------------------------------------------------------------------------------------
+
+from rt_models import N_THREADS, bundle, rt  # noqa: E402,F401 - fixtures
+
+from epicode_edge.apps import chat  # noqa: E402
+
+
+class EndlessText:
+    """A text stream of `size` characters ("x" lines of `line` characters each, or one line without a newline),
+    made as it is read (nothing held), counting what the reader took."""
+
+    def __init__(self, size: int, line: int | None = None, head: str = ""):
+        self.left, self.line, self.taken, self.head = size, line, 0, head
+
+    def readline(self, limit: int = -1) -> str:
+        if self.head:
+            out, self.head = self.head, ""
+            return out
+        n = self.left if self.line is None else min(self.left, self.line)
+        if limit is not None and limit >= 0:
+            n = min(n, limit)
+        self.left -= n
+        self.taken += n
+        return "x" * n + ("\n" if self.line is not None and n == self.line else "")
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_an_endless_chat_line_stops_at_the_limit(rt):  # noqa: F811
+    app = chat.ChatApp(rt, out=lambda s: None, err=lambda s: None, max_tokens=2)
+    stdin = EndlessText(2 * chat.MAX_LINE_CHARS)  # one line of twice the limit, no newline
+    with pytest.raises(InputError, match=rf"stdin line 1 is longer than {chat.MAX_LINE_CHARS} characters"):
+        chat.run_repl(app, stdin=stdin, interactive=False)
+    assert stdin.taken <= chat.MAX_LINE_CHARS + 1
+    stdin = EndlessText(2 * chat.MAX_LINE_CHARS, line=1000, head='"""\n')  # a triple-quoted message, no end
+    with pytest.raises(InputError, match=rf"longer than {chat.MAX_LINE_CHARS} characters \(the limit per message"):
+        chat.run_repl(app, stdin=stdin, interactive=False)
+    assert stdin.taken <= chat.MAX_LINE_CHARS + 1000
+    assert app.session.history == []
+
+
+def test_chat_from_an_endless_pipe_is_one_line_error(bundle):  # noqa: F811
+    code, text = cli("chat", bundle, "--quant", "F32", "--threads", N_THREADS, "--max-tokens", 2,
+                     input=b"\0" * (2 * chat.MAX_LINE_CHARS))
+    assert_one_line_error(code, text, "stdin line 1 is longer than", str(chat.MAX_LINE_CHARS))
+
+
+def _system_tokens(rt, system):  # noqa: F811
+    turn = [{"role": "system", "content": system}, {"role": "user", "content": ""}]
+    return len(rt.expert.tokenize(rt.render(turn), special=True, add_bos=False))
+
+
+def test_a_system_prompt_larger_than_the_context_is_refused_when_set(rt):  # noqa: F811
+    err = []
+    app = chat.ChatApp(rt, out=lambda s: None, err=err.append, system="Be terse.", max_tokens=4)
+    huge = "word " * 200_000  # 1 MB
+    app.handle("/system " + huge.strip())
+    assert f"context ({rt.expert.n_ctx} tokens)" in err[-1] and err[-1].startswith("Error: the system prompt")
+    assert app.session.system == "Be terse."  # kept out
+    assert app.answer("Hello there").tokens > 0  # the session still answers
+    # the bound: the system prompt with an empty turn, plus room for max_tokens (at most half the context)
+    n_ctx = rt.expert.n_ctx
+    system = "word " * 300
+    n = _system_tokens(rt, system)
+    assert n_ctx // 2 < n < n_ctx
+    session = rt.chat(max_tokens=n_ctx - n)
+    session.set_system(system)
+    assert session.system == system
+    session = rt.chat(max_tokens=n_ctx - n + 1)
+    with pytest.raises(ContextFullError, match=f"takes {n} tokens with the chat template, more than the "
+                                               f"{n - 1} of the context"):
+        session.set_system(system)
+    assert session.system is None
+    with pytest.raises(ContextFullError, match="the system prompt takes"):
+        rt.chat(system=huge, max_tokens=4)
+
+
+def test_chat_refuses_a_huge_system_prompt_at_start(bundle):  # noqa: F811
+    code, text = cli("chat", bundle, "--quant", "F32", "--threads", N_THREADS, "--max-tokens", 2,
+                     "--system", "word " * 5000, input="Hello\n")
+    assert_one_line_error(code, text, "the system prompt takes", "context (2048 tokens)")
