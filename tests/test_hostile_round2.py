@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -239,3 +240,114 @@ def test_chat_refuses_a_huge_system_prompt_at_start(bundle):  # noqa: F811
     code, text = cli("chat", bundle, "--quant", "F32", "--threads", N_THREADS, "--max-tokens", 2,
                      "--system", "word " * 5000, input="Hello\n")
     assert_one_line_error(code, text, "the system prompt takes", "context (2048 tokens)")
+
+
+# ---------------------------------------------------------------------------------------------
+# lambda and repetition_penalty at the edge of float range
+# ---------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+import warnings  # noqa: E402
+from fractions import Fraction  # noqa: E402
+
+import numpy as np  # noqa: E402
+from rt_models import VOCAB, ScriptBackend  # noqa: E402
+
+from epicode_edge.decoding.contrastive import check_lam  # noqa: E402
+from epicode_edge.decoding.loop import stream_generate  # noqa: E402
+from epicode_edge.decoding.sampling import MAX_REPETITION_PENALTY, make_logits_processors  # noqa: E402
+from epicode_edge.defaults import MAX_LAMBDA  # noqa: E402
+from epicode_edge.errors import ParameterError  # noqa: E402
+
+CANDIDATES = np.arange(97, 103)  # six bytes a..f, all within log(10) of the best: all plausible at alpha 0.1
+
+
+def _close_pair(seq):
+    """Expert x and amateur y whose differences x - y on the candidates are equal but for a few float32 ulps:
+    at lambda 1e6 those ulps weigh as much as the expert's own spread, and float32 keeps none of them."""
+    rng = np.random.default_rng(len(seq))
+    x = np.full(VOCAB, -30.0, dtype=np.float32)
+    x[CANDIDATES] = 4.0 + rng.uniform(0, 0.5, len(CANDIDATES)).astype(np.float32)
+    y = x.copy()
+    y[CANDIDATES] = (x[CANDIDATES] - np.float32(1.0)) + rng.integers(-3, 4, len(CANDIDATES)) * np.spacing(
+        np.float32(4.0))
+    return x, y
+
+
+def _exact_picks(prompt, lam, n, alpha=0.1):
+    """The formula in exact rational arithmetic on the same float32 logits: argmax (1 + lam) x - lam y over
+    the plausible ids (raw logits: the log-normalisers shift every candidate alike)."""
+    seq, out, lam = list(prompt), [], Fraction(lam)
+    for _ in range(n):
+        x, y = _close_pair(seq)
+        ids = np.flatnonzero(x >= x.max() + math.log(alpha))
+        s = [(1 + lam) * Fraction(float(x[i])) - lam * Fraction(float(y[i])) for i in ids]
+        assert len(set(s)) == len(s)  # no ties: the pick is the formula's alone
+        out.append(int(ids[int(np.argmax(s))]))
+        seq.append(out[-1])
+    return out
+
+
+def test_the_largest_lambda_picks_what_the_exact_formula_says():
+    prompt = [1, 2, 3]
+    expert = ScriptBackend(lambda seq: _close_pair(seq)[0])
+    amateur = ScriptBackend(lambda seq: _close_pair(seq)[1])
+    with warnings.catch_warnings(), np.errstate(all="raise"):  # no overflow, no invalid value, no warning
+        warnings.simplefilter("error")
+        events = list(stream_generate(expert, amateur, prompt, lam=MAX_LAMBDA, alpha=0.1, max_tokens=40))
+    got = [e.token for e in events[:-1]]
+    ref = _exact_picks(prompt, MAX_LAMBDA, 40)
+    assert got == ref
+    own = [int(np.argmax(_close_pair(prompt + got[:i])[0])) for i in range(40)]
+    assert sum(a != b for a, b in zip(got, own)) >= 10  # the contrast decides here, not the expert alone
+
+
+@pytest.mark.parametrize("lam", [MAX_LAMBDA * (1 + 1e-15), 1e39, 1e308, float("inf")])
+def test_lambda_beyond_the_limit_is_refused_everywhere(lam, tmp_path):
+    from epicode_edge.converters.convert import check_decoding_defaults
+    from epicode_edge.runtime import Settings
+
+    for check in (check_lam, lambda v: Settings().updated(lam=v), lambda v: check_decoding_defaults(v, 0.1)):
+        with pytest.raises(ParameterError, match=re.escape(f"lambda must be a finite number >= 0 and at most "
+                                                            f"{MAX_LAMBDA:g}")):
+            check(lam)
+    assert check_lam(MAX_LAMBDA) == MAX_LAMBDA
+    line = batch.parse_line(json.dumps({"id": 1, "prompt": "x", "lambda": lam}).encode(), 1)
+    assert isinstance(line, batch.Request)  # the line parses; its settings are checked when it runs:
+    with pytest.raises(ParameterError, match="lambda must be"):
+        Settings().updated(**line.settings)
+
+
+def test_lambda_beyond_the_limit_on_the_command_line_and_in_chat(bundle, rt):  # noqa: F811
+    code, text = cli("generate", bundle, "hi", "--lambda", "1e39")
+    assert_one_line_error(code, text, "lambda must be a finite number >= 0 and at most 1e+06, got 1e+39")
+    err = []
+    app = chat.ChatApp(rt, out=lambda s: None, err=err.append, max_tokens=2)
+    app.handle("/set lambda 1e308")
+    assert err[-1].startswith("Error: lambda must be a finite number >= 0 and at most 1e+06")
+    assert app.session.settings.lam == rt.defaults.lam
+    app.handle(f"/set lambda {MAX_LAMBDA:g}")
+    assert app.session.settings.lam == MAX_LAMBDA
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        assert app.answer("Hello there").tokens == 2
+
+
+def test_repetition_penalty_is_bounded_and_finite_at_its_limits():
+    m = MAX_REPETITION_PENALTY
+    for bad in (m * 2, 1e308, 1 / m / 2, 1e-308, 0.0, float("inf")):
+        with pytest.raises(ParameterError, match="repetition_penalty must be a number > 0, from 1e-06 to 1e"):
+            make_logits_processors(bad)
+    prompt = [97, 98, 99]
+    for penalty in (m, 1 / m):
+        expert = ScriptBackend(lambda seq: _close_pair(seq)[0])
+        amateur = ScriptBackend(lambda seq: _close_pair(seq)[1])
+        with warnings.catch_warnings(), np.errstate(all="raise"):
+            warnings.simplefilter("error")
+            events = list(stream_generate(expert, amateur, prompt, lam=MAX_LAMBDA, alpha=0.1, max_tokens=20,
+                                          processors=make_logits_processors(penalty, 3)))
+        got = [e.token for e in events[:-1]]
+        assert len(got) == 20 and set(got) <= set(CANDIDATES.tolist())
+        if penalty == m:  # a huge penalty: no token of the last three comes back while others are plausible
+            seq = prompt + got
+            assert all(seq[i] not in seq[i - 3:i] for i in range(len(prompt), len(seq)))
