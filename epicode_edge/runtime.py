@@ -589,15 +589,21 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=quant if backend == "llama.cpp" else None)
 
 
-def check_gguf_runs(path, n_threads: int | None = 1) -> None:
+def check_gguf_runs(path, n_threads: int | None = 1, adapters=None, role: str | None = None) -> None:
     """What convert asks of each GGUF it wrote: llama.cpp loads it and one token gives finite logits.
+    adapters: [(GGUF LoRA file, scale), ...] applied to it (a shared-base bundle's role, named `role`).
     Raises BackendError (cannot load: e.g. a config that does not match the weights) or NumericError."""
     from .backends.llamacpp import LlamaCppBackend
     from .decoding.loop import check_finite
 
     path = Path(path)
-    role = path.stem.split("-", 1)[0]
-    b = LlamaCppBackend(path, n_ctx=256, n_threads=n_threads)
+    role = role or path.stem.split("-", 1)[0]
+    if adapters:
+        from .backends.llamacpp_lora import open_roles
+
+        b = open_roles(path, {role: list(adapters)}, (role,), n_ctx=256, n_threads=n_threads)[role]
+    else:
+        b = LlamaCppBackend(path, n_ctx=256, n_threads=n_threads)
     try:
         check_finite(b.prefill([b.bos_id if b.bos_id is not None else 0]), role, b)
     finally:

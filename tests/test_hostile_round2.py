@@ -351,3 +351,125 @@ def test_repetition_penalty_is_bounded_and_finite_at_its_limits():
         if penalty == m:  # a huge penalty: no token of the last three comes back while others are plausible
             seq = prompt + got
             assert all(seq[i] not in seq[i - 3:i] for i in range(len(prompt), len(seq)))
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT adapter configs
+# ---------------------------------------------------------------------------------------------
+
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+from epicode_edge.converters import lora  # noqa: E402
+from epicode_edge.errors import CheckpointError, MismatchError, NumericError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    from factory import make_hf_model, make_lora_pair
+
+    root = tmp_path_factory.mktemp("lora-hostile")
+    base = make_hf_model(root / "base", seed=1)
+    ft, inf = make_lora_pair(root / "ok", base, rank=4, seed=1)
+    return {"base": base, "ft": ft, "inf": inf}
+
+
+def _edit(src, dst, config=None, tensors=None):
+    """A copy of adapter src with config keys updated and/or its tensors changed by tensors(dict) -> dict."""
+    from epicode_edge.converters.safetensors_io import SafetensorsFile, to_f32, write_safetensors
+
+    shutil.copytree(src, dst)
+    if config is not None:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        cfg.update(config)
+        (dst / "adapter_config.json").write_text(json.dumps(cfg))  # Infinity / NaN as Python's json writes them
+    if tensors is not None:
+        f = SafetensorsFile(dst / "adapter_model.safetensors")
+        t = {n: np.array(to_f32(f.read(n), f.entries[n].dtype)) for n in f.entries}
+        f.close()
+        write_safetensors(dst / "adapter_model.safetensors", {n: (a, "F32") for n, a in tensors(t).items()})
+    return dst
+
+
+def _rank(t, r):
+    """Every pair cut (or padded with zeros) to rank r."""
+    out = {}
+    for n, a in t.items():
+        if ".lora_A." in n:
+            out[n] = np.zeros((r, a.shape[1]), np.float32)
+            out[n][: min(r, a.shape[0])] = a[:r]
+        else:
+            out[n] = np.zeros((a.shape[0], r), np.float32)
+            out[n][:, : min(r, a.shape[1])] = a[:, :r]
+    return out
+
+
+BAD_ADAPTERS = {  # case -> (config update, tensor change, error class, message fragment)
+    "rank-0": (None, lambda t: _rank(t, 0), CheckpointError, "has rank 0"),
+    "r-infinity": ({"r": float("inf")}, None, InputError, "field 'r' must be a positive integer"),
+    "r-fraction": ({"r": 4.5}, None, InputError, "field 'r' must be a positive integer"),
+    "alpha-nan": ({"lora_alpha": float("nan")}, None, InputError, "'lora_alpha' must be a positive number"),
+    "alpha-beyond-f32": ({"lora_alpha": 1e39}, None, InputError, "'lora_alpha' must be a positive number of at most"),
+    "pattern-bad-regex": ({"alpha_pattern": {"q_proj(": 2.0}}, None, InputError,
+                          "alpha_pattern key 'q_proj(' is not a valid regular expression"),
+    "pattern-string-value": ({"alpha_pattern": {"q_proj": "16"}}, None, InputError,
+                             "alpha_pattern['q_proj'] must be a positive number"),
+    "pattern-not-object": ({"rank_pattern": ["q_proj"]}, None, InputError, "'rank_pattern' must be an object"),
+    "rank-pattern-zero": ({"rank_pattern": {"q_proj": 0}}, None, InputError,
+                          "rank_pattern['q_proj'] must be a positive integer"),
+    "r-16-rank-4": ({"r": 16}, None, MismatchError, "has rank 4, but adapter_config.json gives r = 16"),
+    "rank-pattern-disagrees": ({"rank_pattern": {"layers\\.1\\.mlp\\.up_proj": 8}}, None, MismatchError,
+                               "model.layers.1.mlp.up_proj.lora_A.weight' has rank 4, but adapter_config.json "
+                               "gives r = 8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
+def test_a_bad_adapter_config_is_one_line(adapters, tmp_path, case):
+    config, tensors, cls, fragment = BAD_ADAPTERS[case]
+    ad = _edit(adapters["ft"], tmp_path / "ad", config, tensors)
+    out = tmp_path / "bundle"
+    with pytest.raises(cls) as e:
+        lora.convert_lora(adapters["base"], ad, adapters["inf"], out, mu=0.5, quant="F32")
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg and str(ad) in msg
+    assert not out.exists() and not list(tmp_path.glob(".bundle*"))
+
+
+def test_a_rank_pattern_that_agrees_is_accepted_and_scaled_as_peft_does(adapters, tmp_path):
+    """rank_pattern / alpha_pattern keys match as PEFT's get_pattern_key: the module name ends in the pattern
+    (after a dot), the first key in order wins; the scale is alpha / r of the matched values."""
+    ad = _edit(adapters["ft"], tmp_path / "ad", {"r": 8, "rank_pattern": {"q_proj": 4, ".*": 4},
+                                                 "alpha_pattern": {"layers.1.mlp.up_proj": 2.0, "proj": 99.0}})
+    a = lora.read_adapter(ad)
+    assert a.scales["model.layers.1.mlp.up_proj.weight"] == 2.0 / 4
+    assert a.scales["model.layers.0.mlp.up_proj.weight"] == 8.0 / 4  # "proj" is not a whole name part
+    a.close()
+
+
+def test_a_catastrophic_alpha_pattern_is_refused_in_bounded_time(adapters, tmp_path):
+    """(.|..|...)*[^a-z_.0-9] never matches a module name and backtracks exponentially in its length: re.match
+    (PEFT's) runs for minutes on model.layers.1.self_attn.q_proj. The matches share a bound; past it, one line."""
+    pattern = "(.|..|...)*[^a-z_.0-9]"
+    ad = _edit(adapters["ft"], tmp_path / "ad", {"alpha_pattern": {"q_proj": 2.0, pattern: 3.0}})
+    t0 = time.monotonic()
+    with pytest.raises(InputError) as e:
+        lora.convert_lora(adapters["base"], ad, adapters["inf"], tmp_path / "bundle", mu=0.5, quant="F32")
+    took = time.monotonic() - t0
+    assert f"alpha_pattern key {pattern!r} takes more than {lora.PATTERN_SECONDS:g} s to match" in str(e.value)
+    assert str(ad) in str(e.value) and took < 15
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_lora_alpha_too_large_for_the_base_is_refused_at_convert(adapters, tmp_path):
+    """lora_alpha 1e30: finite tensors, finite float32 alpha, and every answer NaN: convert runs each role
+    with its adapters (as --merge runs each merged model) and refuses in one line, writing nothing."""
+    ad = _edit(adapters["ft"], tmp_path / "ad", {"lora_alpha": 1e30})
+    out = tmp_path / "bundle"
+    code, text = cli("convert", "--base", adapters["base"], "--finetuned", ad, "--inferior", adapters["inf"],
+                     "--mu", "0.5", "--quant", "F32", "-o", out)
+    assert_one_line_error(code, text, "gives non-finite logits", str(ad), "lora_alpha / r")
+    assert not out.exists() and not list(tmp_path.glob(".bundle*"))
+    code, text = cli("convert", "--base", adapters["base"], "--finetuned", adapters["ft"], "--inferior",
+                     adapters["inf"], "--mu", "0.5", "--quant", "F32", "-o", out)
+    assert code == 0, text  # the same adapters at their own alpha pass the same check
