@@ -361,7 +361,7 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 
 from epicode_edge.converters import lora  # noqa: E402
-from epicode_edge.errors import CheckpointError, MismatchError, NumericError  # noqa: E402
+from epicode_edge.errors import CheckpointError, MismatchError  # noqa: E402
 
 
 @pytest.fixture(scope="module")

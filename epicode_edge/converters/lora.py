@@ -224,7 +224,7 @@ def _pattern_values(config: dict, key: str, targets, cfg_path: Path) -> dict:
 
     try:
         compiled = [(p, regex.compile(rf"(.*\.)?({p})$"), v) for p, v in patterns.items()]
-    except regex.error as e:  # re compiled it (_check_config); regex is the stricter one here
+    except regex.error as e:  # re compiled it (_check_config); the regex module may still refuse one
         raise InputError(f"{cfg_path}: {key}: a key is not a valid regular expression ({e})") from None
     deadline = time.monotonic() + PATTERN_SECONDS
     out = {}
