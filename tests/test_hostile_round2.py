@@ -67,7 +67,7 @@ def test_the_cli_leaves_a_one_line_json_file_as_it_was(tmp_path):
 
 
 def _record_line(**extra):
-    rec = {"id": "q1", "line": 2, "text": "caf\u00e9 \u6771\u4eac \"q\" \\ \n", "finish_reason": "length",
+    rec = {"id": "q1", "line": 2, "text": "caf\u00e9 \u6771\u4eac \"q\" \\ \n\x01", "finish_reason": "length",
            "prompt_tokens": 16, "completion_tokens": 4, "changed_tokens": 0,
            "timings": {"ttft_s": 0.0105, "decode_s": 1.5e-05, "total_s": 0.0139}, **extra}
     return batch.dumps_record(rec).encode("utf-8")
