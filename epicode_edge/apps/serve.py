@@ -917,6 +917,9 @@ def _quiet_accept_errors(loop) -> None:
     said = [0.0, 0]
 
     def handler(loop, context):
+        if said[1] and isinstance(context.get("exception"), ValueError) and \
+                "_start_serving" in repr(context.get("handle")):
+            return  # asyncio's retry of a failed accept, run after the listening socket closed at shutdown
         if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
             said[1] += 1
             now = time.monotonic()
@@ -945,6 +948,9 @@ def descriptor_room(reserve: int = 32) -> int | None:
     if soft == resource.RLIM_INFINITY:
         return None
     return max(1, soft - used - reserve)
+
+
+BACKLOG = 64  # connections the kernel queues, and asyncio accepts in one go
 
 
 @dataclass
@@ -982,10 +988,14 @@ def make_server(runtime, config: ServeConfig | None = None, host: str = "127.0.0
     config.check()
     notes = []
     room = descriptor_room()
-    if room is not None and config.max_connections > room:
-        notes.append(f"max_connections lowered from {config.max_connections} to {room}: the process may open "
-                     f"only so many more files (ulimit -n)")
-        config = _replace(config, max_connections=room)
+    # asyncio accepts up to `backlog` connections at a time, and a few such bursts can land before the
+    # connections dropped to make room are closed: keep room for them below the descriptor limit
+    backlog = BACKLOG
+    if room is not None and config.max_connections > room - 3 * backlog:
+        limit = max(1, room - 3 * backlog)
+        notes.append(f"max_connections lowered from {config.max_connections} to {limit}: the process may open only "
+                     f"{room} more files (ulimit -n), and new connections arrive {backlog} at a time")
+        config = _replace(config, max_connections=limit)
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(info[0], socket.SOCK_STREAM)
@@ -994,7 +1004,7 @@ def make_server(runtime, config: ServeConfig | None = None, host: str = "127.0.0
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(info[4])
-        sock.listen(min(2048, max(64, config.max_connections)))
+        sock.listen(backlog)
         sock.set_inheritable(True)
     except OSError as e:
         sock.close()
@@ -1005,7 +1015,7 @@ def make_server(runtime, config: ServeConfig | None = None, host: str = "127.0.0
         sock.close()
         raise
     ucfg = uvicorn.Config(app, host=host, port=port, http=guarded_protocol(config), log_level=log_level,
-                          lifespan="on", timeout_keep_alive=min(5, config.read_timeout),
+                          lifespan="on", timeout_keep_alive=min(5, config.read_timeout), backlog=backlog,
                           timeout_graceful_shutdown=config.shutdown_timeout,
                           h11_max_incomplete_event_size=64 * 1024)
     return Served(app, uvicorn.Server(ucfg), sock, host, sock.getsockname()[1], notes)
