@@ -230,7 +230,7 @@ def test_at_the_descriptor_limit_health_answers_the_log_stays_small_and_sigterm_
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
-        assert time.time() - t0 < 10 and proc.returncode in (0, -signal.SIGTERM), proc.returncode
+        assert time.time() - t0 < 4 and proc.returncode in (0, -signal.SIGTERM), (time.time() - t0, proc.returncode)
         err = proc.stderr.read().decode()
         assert "Traceback" not in err and len(err) < 8000, err[-2000:]
     finally:
