@@ -215,7 +215,6 @@ def test_at_the_descriptor_limit_health_answers_the_log_stays_small_and_sigterm_
                                    "--read-timeout", "60")
     idle = []
     try:
-        assert any("max_connections lowered from 500" in x for x in lines), lines
         for _ in range(300):
             try:
                 idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
@@ -233,6 +232,7 @@ def test_at_the_descriptor_limit_health_answers_the_log_stays_small_and_sigterm_
         assert time.time() - t0 < 4 and proc.returncode in (0, -signal.SIGTERM), (time.time() - t0, proc.returncode)
         err = proc.stderr.read().decode()
         assert "Traceback" not in err and len(err) < 8000, err[-2000:]
+        assert any("max_connections lowered from 500" in x for x in lines), lines
     finally:
         for c in idle:
             c.close()
@@ -252,7 +252,7 @@ def test_slots_that_do_not_fit_are_refused_at_start_up(rt):
 def test_the_cli_refuses_slots_that_do_not_fit_in_one_line(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", _SERVE, "1024", str(bundle_dir(tmp_path_factory)), "--port", "0",
                            "--quant", "F32", "--n-ctx", "256", "--parallel", "300"],
-                          capture_output=True, text=True, env=_env(), timeout=120)
+                          capture_output=True, text=True, env=_env(), timeout=60)
     assert proc.returncode == 1, proc.stderr
     errors = [x for x in proc.stderr.splitlines() if x.startswith("Error: ")]
     assert len(errors) == 1 and "--parallel 300" in errors[0] and "Traceback" not in proc.stderr
