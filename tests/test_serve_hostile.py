@@ -9,6 +9,7 @@ Every server here is bounded: few connections, timeouts of a few seconds, stoppe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -354,3 +355,25 @@ def test_nan_logits_are_a_server_error_and_health_says_so(broken_rt):
         assert ok.status_code == 200  # the finetuned model alone (the sound amateur) still answers
     finally:
         s.stop()
+
+
+def test_failed_accepts_are_said_once_not_a_traceback_each(caplog):
+    """asyncio reports each accept() that fails for lack of descriptors (EMFILE) with a traceback; at the limit
+    that is thousands a second. The server's loop says it once (a minute) with the count."""
+    import asyncio
+    import errno
+
+    caplog.set_level(logging.WARNING)
+    loop = asyncio.new_event_loop()
+    try:
+        serve._quiet_accept_errors(loop)
+        for _ in range(200):
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(errno.EMFILE, "Too many open files")})
+        loop.call_exception_handler({"message": "something else", "exception": RuntimeError("other")})
+    finally:
+        loop.close()
+    said = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+    assert len(said) == 1 and "Too many open files" in said[0].getMessage() and said[0].exc_info is None
+    others = [r for r in caplog.records if r not in said]
+    assert len(others) == 1 and "something else" in others[0].getMessage()  # other errors still reported
