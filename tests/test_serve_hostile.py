@@ -250,6 +250,17 @@ def test_slots_that_do_not_fit_are_refused_at_start_up(rt):
         serve.create_app(rt, serve.ServeConfig(parallel=300))
 
 
+def test_slots_whose_caches_do_not_fit_in_memory_are_refused_at_start_up(rt, monkeypatch):
+    """The three slot sets (EpiCoDe's two models and the finetuned one) against the memory available, here
+    1 kB: refused before any context is made, naming what to lower."""
+    from epicode_edge.converters.bundle import human_bytes
+
+    monkeypatch.setattr(serve, "available_memory", lambda: 1000)
+    with pytest.raises(ParameterError, match=r"serve --parallel 4: the KV caches need .* more than the "
+                                             f"{human_bytes(1000)} .*lower --parallel or --n-ctx"):
+        serve.create_app(rt, serve.ServeConfig(parallel=4))
+
+
 def test_the_cli_refuses_slots_that_do_not_fit_in_one_line(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", _SERVE, "1024", str(bundle_dir(tmp_path_factory)), "--port", "0",
                            "--quant", "F32", "--n-ctx", "256", "--parallel", "300"],
