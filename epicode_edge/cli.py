@@ -455,9 +455,12 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
     cfg = ServeConfig(name=name, parallel=parallel, max_queue=max_queue, api_key=api_key or None,
                       max_tokens_limit=max_tokens_limit, max_connections=max_connections, read_timeout=read_timeout)
     cfg.check()  # a bad --api-key is refused before the models load
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     serve_log = logging.getLogger("epicode_edge.apps.serve")
+    for h in [h for h in serve_log.handlers if h.get_name() == "epicode-serve"]:  # an earlier serve in-process
+        serve_log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("epicode-serve")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     serve_log.addHandler(handler)
     serve_log.setLevel(logging.INFO)
     rt = load(bundle, **engine)
