@@ -569,13 +569,115 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=quant if backend == "llama.cpp" else None)
 
 
-def check_gguf_runs(path, n_threads: int | None = 1) -> None:
-    """What convert asks of each GGUF it wrote: llama.cpp loads it and one token gives finite logits.
-    Raises BackendError (cannot load: e.g. a config that does not match the weights) or NumericError."""
+def check_gguf_runs(path, n_threads: int | None = 1, vocab_only: bool = False) -> None:
+    """What convert asks of each GGUF it wrote: llama.cpp loads it and one token gives finite logits
+    (vocab_only: llama.cpp reads its architecture, hyperparameters and vocabulary only; convert asks this of
+    a GGUF input before writing anything). Runs in a child process, so that an abort inside llama.cpp (a
+    GGML_ASSERT on a value its loader does not expect) cannot kill the caller. Raises BackendError (cannot
+    load, or the child died: one line with llama.cpp's reason) or NumericError."""
+    import json
+    import signal
+    import subprocess
+
+    from .backends import cpu_kernels
+    from .errors import BackendError, NumericError
+
+    path = Path(path)
+    env = dict(os.environ)
+    mode, source = cpu_kernels.current_mode()
+    if source != "default":  # a mode set in this process (the API, --cpu-repack) holds in the child too
+        env[cpu_kernels.ENV] = mode
+    package_root = str(Path(__file__).resolve().parent.parent)  # this epicode_edge, whatever sys.path has
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    code = "import sys; from epicode_edge.runtime import gguf_check_child; sys.exit(gguf_check_child(sys.argv[1:]))"
+    args = [sys.executable, "-c", code, str(path), str(n_threads or 0), "1" if vocab_only else "0"]
+    r = subprocess.run(args, capture_output=True, text=True, errors="replace", env=env, stdin=subprocess.DEVNULL)
+    reason = _llama_reason(r.stderr)
+    if r.returncode == 0:
+        return
+    try:
+        report = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        report = None
+    if isinstance(report, dict) and report.get("kind") in ("BackendError", "NumericError"):
+        cls = NumericError if report["kind"] == "NumericError" else BackendError
+        message = str(report.get("message", ""))
+        if reason and reason not in message:  # llama.cpp's own words instead of llama-cpp-python's generic ones
+            generic = "(Failed to load model from file: "
+            message = (message[:message.index(generic)] + f"({reason})" if generic in message and message.endswith(")")
+                       else f"{message} ({reason})")
+        raise cls(message)
+    if r.returncode < 0:
+        try:
+            name = signal.Signals(-r.returncode).name
+        except ValueError:
+            name = "unknown signal"
+        how = f"the process died with signal {-r.returncode} ({name})"
+    else:
+        how = f"the process exited with code {r.returncode}"
+    raise BackendError(f"llama.cpp could not load {path}: {how}{f': {reason}' if reason else ''}")
+
+
+def _llama_reason(stderr: str) -> str:
+    """llama.cpp's own words on a failed load, from its error log (or an assert's line), one line."""
+    lines = [" ".join(line.split()) for line in stderr.splitlines() if line.strip()]
+    for marker in ("GGML_ASSERT", "error loading model:", "error:"):
+        found = [line for line in lines if marker in line]
+        if found:
+            line = found[-1]
+            text = line.split("error loading model:", 1)[-1].strip() if marker != "GGML_ASSERT" else \
+                line[line.index("GGML_ASSERT"):]
+            return text[:300]
+    return ""
+
+
+def gguf_check_child(argv: list[str]) -> int:
+    """The child process of check_gguf_runs: 0 when the check passes; else 1 and one JSON line on stdout
+    ({"kind": error class, "message": ...})."""
+    import json
+
+    from .errors import EpicodeError
+
+    import contextlib
+
+    import llama_cpp._internals as internals
+    import llama_cpp.llama as high_level
+
+    # llama-cpp-python points stderr at /dev/null while it loads a model (verbose=False); here stderr is the
+    # parent's pipe, and an abort's only words (GGML_ASSERT's line) go there
+    for module in (internals, high_level):
+        module.suppress_stdout_stderr = lambda disable=True: contextlib.nullcontext()
+    path, n_threads, vocab_only = Path(argv[0]), int(argv[1]) or None, argv[2] == "1"
+    try:
+        if vocab_only:
+            _load_vocab_only(path)
+        else:
+            _check_gguf_here(path, n_threads)
+    except EpicodeError as e:
+        print(json.dumps({"kind": type(e).__name__, "message": " ".join(str(e).split())}), flush=True)
+        return 1
+    return 0
+
+
+def _load_vocab_only(path: Path) -> None:
+    from .backends import cpu_kernels
+    from .backends.llamacpp import quiet_llama_logs
+    from .errors import BackendError
+
+    import llama_cpp
+
+    quiet_llama_logs(llama_cpp)
+    try:
+        llm = cpu_kernels.open_llama(path, vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise BackendError(f"{path}: llama.cpp cannot load the model ({' '.join(str(e).split())})") from None
+    llm.close()
+
+
+def _check_gguf_here(path: Path, n_threads: int | None) -> None:
     from .backends.llamacpp import LlamaCppBackend
     from .decoding.loop import check_finite
 
-    path = Path(path)
     role = path.stem.split("-", 1)[0]
     b = LlamaCppBackend(path, n_ctx=256, n_threads=n_threads)
     try:

@@ -47,6 +47,10 @@ def layout(arch: str, vocab: int, layers: int = LAYERS) -> dict[str, tuple[int, 
         out[_name(T.ATTN_K, i)] = (kv, EMBD)
         out[_name(T.ATTN_V, i)] = (kv, EMBD)
         out[_name(T.ATTN_OUT, i)] = (EMBD, q)
+        if arch == "llama":  # (the hostile tests use it: an architecture the tool took before any other)
+            out.update({_name(T.FFN_NORM, i): (EMBD,), _name(T.FFN_GATE, i): (FF, EMBD),
+                        _name(T.FFN_UP, i): (FF, EMBD), _name(T.FFN_DOWN, i): (EMBD, FF)})
+            continue
         if arch == "gemma3":
             out[_name(T.ATTN_Q_NORM, i)] = (HEAD_DIM,)
             out[_name(T.ATTN_K_NORM, i)] = (HEAD_DIM,)
@@ -72,6 +76,8 @@ def hparams(arch: str, layers: int = LAYERS) -> dict[str, object]:
     elif arch == "gemma3":
         k.update({"attention.key_length": HEAD_DIM, "attention.value_length": HEAD_DIM, "rope.freq_base": 1e6,
                   "rope.freq_base_swa": 10000.0, "attention.sliding_window": 8})
+    elif arch == "llama":
+        k.update({"rope.dimension_count": HEAD_DIM, "rope.freq_base": 10000.0})
     elif arch == "phi3":
         k.update({"rope.scaling.original_context_length": 512, "rope.dimension_count": HEAD_DIM,
                   "rope.freq_base": 10000.0, "attention.sliding_window": 0})
@@ -112,12 +118,14 @@ def write_arch_gguf(path: Path, arch: str, seed: int, *, quant: str = "F32", lik
         with open_checkpoint(like) as c:
             base = {n: c.read_f32(n).copy() for n in c.tensors}
     w = gguf.GGUFWriter(str(path), arch_name or arch)
-    keys = {**hparams(arch, layers), **(meta or {})}
+    keys = {f"{arch_name or arch}.{k.split('.', 1)[1]}": v for k, v in hparams(arch, layers).items()}
+    keys.update(meta or {})
     w.add_name("tiny")  # (llama.cpp looks for Phi-3's special tokens in a model named "phi3")
     read_tokenizer(tok_dir, vocab, "llama").add_to(w)
     if arch.startswith("gemma"):
         w.add_add_space_prefix(False)
     for key, v in keys.items():
+        w.kv_data[0].pop(key, None)  # (a tokenizer key replaced)
         if v is None:
             continue
         if isinstance(v, bool):

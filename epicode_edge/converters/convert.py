@@ -35,7 +35,7 @@ from ..defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
 from ..errors import BundleError, ParameterError, UnsupportedError
 from .bundle import (LOCK_FILE, Bundle, BundleWriter, build_manifest, file_entry, gguf_relpath, hf_relpath,
                      human_bytes, mlx_relpath, open_bundle)
-from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
+from .checkpoint import Checkpoint, GGUFCheckpoint, HFCheckpoint, open_checkpoint
 from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, iter_expert_rows, validate_pair
 from .hf import MAX_SHARD_BYTES, HFSink
 from .safetensors_io import FLOAT_TAGS, to_f32
@@ -113,12 +113,11 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
         if ckpt.config.get("general.type") == "adapter":
             raise UnsupportedError(f"{ckpt.path}: a GGUF LoRA adapter, not a model (give full checkpoints, or "
                                    "PEFT adapter folders with --base)")
-        from .gguf import ARCHS, SUPPORTED_ARCHS
-        import gguf
+        from .gguf_input import check_gguf_input
 
-        if ckpt.arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
-            raise UnsupportedError(f"{ckpt.path}: architecture {ckpt.arch!r} is not supported for GGUF; "
-                                   f"supported: {', '.join(SUPPORTED_ARCHS)}")
+        # any architecture: GGUF -> GGUF is the same per-tensor sum for all; whether llama.cpp loads it is
+        # for llama.cpp to say (the caller's check_source / check_model)
+        check_gguf_input(ckpt)  # hyperparameters llama.cpp takes without aborting, chat templates
         if {"hf", "mlx"} & set(formats):
             from .gguf_to_hf import hf_plan
 
@@ -422,7 +421,8 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
     progress(Progress) is called after each tensor and at each later stage. Warnings (large mu, identical
     checkpoints) are issued as ExtrapolationWarning. check_model(path), if given, is called on each GGUF
     file written, before the bundle is committed (runtime.check_gguf_runs: it loads and gives finite
-    logits; converters never import an engine). Returns the opened Bundle; its .summary holds sizes,
+    logits; converters never import an engine), and check_model(path, vocab_only=True) on a GGUF finetuned
+    input before anything is written (llama.cpp knows its architecture and reads its vocabulary). Returns the opened Bundle; its .summary holds sizes,
     time and peak memory.
     """
     t0 = time.perf_counter()
@@ -436,6 +436,8 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
     with _open(finetuned) as ft, _open(inferior) as inf:
         notes = validate_pair(ft, inf, mu)
         check_support(ft, formats)
+        if check_model is not None and "gguf" in formats and isinstance(ft, GGUFCheckpoint):
+            check_model(ft.path, vocab_only=True)  # llama.cpp knows its architecture and reads its vocabulary
         for note in notes:
             warnings.warn(note, ExtrapolationWarning, stacklevel=2)
         with bw:

@@ -386,9 +386,8 @@ class GGUFCopySink(_StreamingGGUF):
                  types: dict[str, int] | None = None):
         header = header or _open_header(source)
         arch = header.meta.get(gguf.Keys.General.ARCHITECTURE)
-        if arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
-            raise UnsupportedError(
-                f"{source}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if not isinstance(arch, str) or not arch:
+            raise InputError(f"{source}: no general.architecture in GGUF metadata")
         super().__init__(out_path, arch, quant, types)
         try:
             copy_metadata(header, self.writer)
