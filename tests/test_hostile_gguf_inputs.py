@@ -87,6 +87,7 @@ def _set_dims(path: Path, tensor: str, dims: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("dims,expect", [
     ((2**32, 2**32), "more elements than int64 counts"),  # product 2^64: overflows int64
     ((2**63, 2), "more elements than int64 counts"),  # one dim beyond int64
+    ((2**32, 2**31), "more elements than int64 counts"),  # 2^63: wraps negative in int64
     ((2**31, 2**31), "truncated"),  # 2^62 values: fits int64, not the file
 ])
 def test_tensor_dims_that_overflow_are_one_line(tmp_path, dims, expect):
