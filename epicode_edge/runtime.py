@@ -569,12 +569,13 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=quant if backend == "llama.cpp" else None)
 
 
-def check_gguf_runs(path, n_threads: int | None = 1, vocab_only: bool = False) -> None:
-    """What convert asks of each GGUF it wrote: llama.cpp loads it and one token gives finite logits
-    (vocab_only: llama.cpp reads its architecture, hyperparameters and vocabulary only; convert asks this of
-    a GGUF input before writing anything). Runs in a child process, so that an abort inside llama.cpp (a
-    GGML_ASSERT on a value its loader does not expect) cannot kill the caller. Raises BackendError (cannot
-    load, or the child died: one line with llama.cpp's reason) or NumericError."""
+def check_gguf_runs(paths, n_threads: int | None = 1, vocab_only: bool = False) -> None:
+    """What convert asks of each GGUF it wrote (paths: one path or several): llama.cpp loads it and one
+    token gives finite logits (vocab_only: llama.cpp reads its architecture, hyperparameters and vocabulary
+    only; convert asks this of a GGUF input before writing anything). Runs in one child process, the files in
+    order, so that an abort inside llama.cpp (a GGML_ASSERT on a value its loader does not expect) cannot
+    kill the caller. Raises BackendError (cannot load, or the child died: one line naming the file, with
+    llama.cpp's reason) or NumericError, for the first file that fails."""
     import json
     import signal
     import subprocess
@@ -582,7 +583,9 @@ def check_gguf_runs(path, n_threads: int | None = 1, vocab_only: bool = False) -
     from .backends import cpu_kernels
     from .errors import BackendError, NumericError
 
-    path = Path(path)
+    files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not files:
+        return
     env = dict(os.environ)
     mode, source = cpu_kernels.current_mode()
     if source != "default":  # a mode set in this process (the API, --cpu-repack) holds in the child too
@@ -590,15 +593,18 @@ def check_gguf_runs(path, n_threads: int | None = 1, vocab_only: bool = False) -
     package_root = str(Path(__file__).resolve().parent.parent)  # this epicode_edge, whatever sys.path has
     env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     code = "import sys; from epicode_edge.runtime import gguf_check_child; sys.exit(gguf_check_child(sys.argv[1:]))"
-    args = [sys.executable, "-c", code, str(path), str(n_threads or 0), "1" if vocab_only else "0"]
+    args = [sys.executable, "-c", code, str(n_threads or 0), "1" if vocab_only else "0", *map(str, files)]
     r = subprocess.run(args, capture_output=True, text=True, errors="replace", env=env, stdin=subprocess.DEVNULL)
-    reason = _llama_reason(r.stderr)
     if r.returncode == 0:
         return
     try:
         report = json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         report = None
+    # the child names each file on stderr before checking it: the failure is the last one's
+    _, marker, tail = r.stderr.rpartition(_CHECKING)
+    name, _, log = tail.partition("\n") if marker else (str(files[0]), "", r.stderr)
+    path, reason = Path(name), _llama_reason(log)
     if isinstance(report, dict) and report.get("kind") in ("BackendError", "NumericError"):
         cls = NumericError if report["kind"] == "NumericError" else BackendError
         message = str(report.get("message", ""))
@@ -631,9 +637,12 @@ def _llama_reason(stderr: str) -> str:
     return ""
 
 
+_CHECKING = "epicode-edge: checking "  # the child's line on stderr before each file
+
+
 def gguf_check_child(argv: list[str]) -> int:
-    """The child process of check_gguf_runs: 0 when the check passes; else 1 and one JSON line on stdout
-    ({"kind": error class, "message": ...})."""
+    """The child process of check_gguf_runs (argv: threads, vocab_only 0/1, paths...): 0 when every file
+    passes; else 1 and one JSON line on stdout ({"kind": error class, "message": ...})."""
     import json
 
     from .errors import EpicodeError
@@ -647,12 +656,14 @@ def gguf_check_child(argv: list[str]) -> int:
     # parent's pipe, and an abort's only words (GGML_ASSERT's line) go there
     for module in (internals, high_level):
         module.suppress_stdout_stderr = lambda disable=True: contextlib.nullcontext()
-    path, n_threads, vocab_only = Path(argv[0]), int(argv[1]) or None, argv[2] == "1"
+    n_threads, vocab_only = int(argv[0]) or None, argv[1] == "1"
     try:
-        if vocab_only:
-            _load_vocab_only(path)
-        else:
-            _check_gguf_here(path, n_threads)
+        for path in map(Path, argv[2:]):
+            print(f"{_CHECKING}{path}", file=sys.stderr, flush=True)
+            if vocab_only:
+                _load_vocab_only(path)
+            else:
+                _check_gguf_here(path, n_threads)
     except EpicodeError as e:
         print(json.dumps({"kind": type(e).__name__, "message": " ".join(str(e).split())}), flush=True)
         return 1

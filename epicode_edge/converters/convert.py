@@ -412,16 +412,16 @@ def peak_rss_bytes() -> int:
 def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",), quant: Iterable[str] | str = ("Q8_0",),
             mlx_bits: int | None = None, mlx_group_size: int = 64, with_inferior: bool = False, force: bool = False,
             lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA, progress: ProgressFn | None = None,
-            max_shard_bytes: int = MAX_SHARD_BYTES, check_model: Callable[[Path], None] | None = None) -> Bundle:
+            max_shard_bytes: int = MAX_SHARD_BYTES, check_model: Callable[..., None] | None = None) -> Bundle:
     """Extrapolate finetuned/inferior with mu and write a bundle at `out` (DESIGN.md section 3).
 
     to: formats among gguf, mlx, hf (list or comma string); quant: GGUF quant types (one file per role and
     quant); mlx_bits (None = not quantized, or 2..8) and mlx_group_size for the MLX folders; with_inferior adds the inferior model
     (for a contrastive-only comparison); lam and alpha are stored as the bundle's decoding defaults.
     progress(Progress) is called after each tensor and at each later stage. Warnings (large mu, identical
-    checkpoints) are issued as ExtrapolationWarning. check_model(path), if given, is called on each GGUF
-    file written, before the bundle is committed (runtime.check_gguf_runs: it loads and gives finite
-    logits; converters never import an engine), and check_model(path, vocab_only=True) on a GGUF finetuned
+    checkpoints) are issued as ExtrapolationWarning. check_model(paths), if given, is called once with the
+    GGUF files written, before the bundle is committed (runtime.check_gguf_runs: each loads and gives finite
+    logits; converters never import an engine), and check_model([path], vocab_only=True) on a GGUF finetuned
     input before anything is written (llama.cpp knows its architecture and reads its vocabulary). Returns the opened Bundle; its .summary holds sizes,
     time and peak memory.
     """
@@ -437,7 +437,7 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
         notes = validate_pair(ft, inf, mu)
         check_support(ft, formats)
         if check_model is not None and "gguf" in formats and isinstance(ft, GGUFCheckpoint):
-            check_model(ft.path, vocab_only=True)  # llama.cpp knows its architecture and reads its vocabulary
+            check_model([ft.path], vocab_only=True)  # llama.cpp knows its architecture and reads its vocabulary
         for note in notes:
             warnings.warn(note, ExtrapolationWarning, stacklevel=2)
         with bw:
@@ -459,11 +459,10 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
                     notes.append(note)
                     warnings.warn(note, ExtrapolationWarning, stacklevel=2)
                 if check_model is not None and "gguf" in formats:
-                    for q in quants:
-                        for role in _roles(with_inferior):
-                            if progress:
-                                progress(Progress("check", 0, 0, 0, 0, Path(gguf_relpath(role, q)).name))
-                            check_model(bw.tmp / gguf_relpath(role, q))
+                    written = [bw.tmp / gguf_relpath(role, q) for q in quants for role in _roles(with_inferior)]
+                    if progress:
+                        progress(Progress("check", 0, 0, 0, 0, ", ".join(p.name for p in written)))
+                    check_model(written)  # all in one go (runtime.check_gguf_runs: one child process)
                 if "mlx" in formats:
                     _export_mlx_all(bw, hf_dirs, mlx_bits, mlx_group_size, progress)
                 shutil.rmtree(bw.tmp / ".work", ignore_errors=True)
