@@ -114,3 +114,11 @@ def test_an_architecture_llama_cpp_cannot_load_is_refused_before_writing(tmp_pat
     out = tmp_path / "out"
     code, output = cli("convert", "--finetuned", ft, "--inferior", inf, "--mu", MU, "--quant", quant, "-o", out)
     _assert_refused(code, output, out, "finetuned.gguf", "unknown model architecture: 'nosucharch'")
+
+
+@pytest.mark.parametrize("to", ["hf", "mlx"])
+def test_gguf_to_hf_or_mlx_stays_with_the_architectures_it_rebuilds(pairs, tmp_path, to):
+    out = tmp_path / "b"
+    code, output = cli("convert", "--finetuned", pairs["gemma2"][0], "--inferior", pairs["gemma2"][1], "--mu", MU,
+                       "--to", to, "-o", out)
+    _assert_refused(code, output, out, "finetuned.gguf", "gemma2")

@@ -105,11 +105,12 @@ def test_a_gguf_chat_template_with_a_syntax_error_is_refused(tmp_path):
     _refused(*_convert(ft, inf, out), out, "finetuned.gguf", "tokenizer.chat_template", "Jinja syntax error")
 
 
-def _convert_process(ft, inf, out):
+def _convert_process(ft, inf, out, *extra):
     """convert in a child process, bounded in time (a FIFO would block an in-process run forever)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-m", "epicode_edge.cli", "convert", "--finetuned", str(ft), "--inferior",
-                        str(inf), "--mu", "0.5", "-o", str(out)], capture_output=True, text=True, timeout=60, env=env)
+                        str(inf), "--mu", "0.5", "-o", str(out), *map(str, extra)], capture_output=True, text=True,
+                       timeout=60, env=env)
     return r.returncode, r.stdout + r.stderr
 
 
@@ -121,6 +122,17 @@ def test_a_fifo_input_is_refused_unopened(tmp_path, which):
     out = tmp_path / "out"
     args = (fifo, inf) if which == "finetuned" else (ft, fifo)
     _refused(*_convert_process(*args, out), out, "pipe.gguf: a FIFO (named pipe), not a model file or folder")
+
+
+def test_a_fifo_base_of_lora_adapters_is_refused_unopened(tmp_path):
+    from factory import make_hf_model, make_lora_pair
+
+    base = make_hf_model(tmp_path / "base")
+    ft, inf = make_lora_pair(tmp_path / "adapters", base)
+    fifo = tmp_path / "base.gguf"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    _refused(*_convert_process(ft, inf, out, "--base", fifo), out, "base.gguf: a FIFO (named pipe)")
 
 
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
