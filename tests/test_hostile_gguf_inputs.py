@@ -107,7 +107,8 @@ def test_a_gguf_chat_template_with_a_syntax_error_is_refused(tmp_path):
 
 def _convert_process(ft, inf, out, *extra):
     """convert in a child process, bounded in time (a FIFO would block an in-process run forever)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
+    root = str(Path(__file__).parent.parent)  # this checkout's epicode_edge
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-m", "epicode_edge.cli", "convert", "--finetuned", str(ft), "--inferior",
                         str(inf), "--mu", "0.5", "-o", str(out), *map(str, extra)], capture_output=True, text=True,
                        timeout=60, env=env)

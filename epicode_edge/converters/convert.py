@@ -116,7 +116,7 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
         from .gguf_input import check_gguf_input
 
         # any architecture: GGUF -> GGUF is the same per-tensor sum for all; whether llama.cpp loads it is
-        # for llama.cpp to say (the caller's check_source / check_model)
+        # for llama.cpp to say (convert's check_model, before writing and on what it wrote)
         check_gguf_input(ckpt)  # hyperparameters llama.cpp takes without aborting, chat templates
         if {"hf", "mlx"} & set(formats):
             from .gguf_to_hf import hf_plan
@@ -422,8 +422,8 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
     checkpoints) are issued as ExtrapolationWarning. check_model(paths), if given, is called once with the
     GGUF files written, before the bundle is committed (runtime.check_gguf_runs: each loads and gives finite
     logits; converters never import an engine), and check_model([path], vocab_only=True) on a GGUF finetuned
-    input before anything is written (llama.cpp knows its architecture and reads its vocabulary). Returns the opened Bundle; its .summary holds sizes,
-    time and peak memory.
+    input before anything is written (llama.cpp knows its architecture and reads its vocabulary). Returns
+    the opened Bundle; its .summary holds sizes, time and peak memory.
     """
     t0 = time.perf_counter()
     formats = check_formats(to)

@@ -14,7 +14,7 @@ precision next to the output, then `llama_cpp.llama_model_quantize` (which picks
 back for rows that are not a multiple of the block size, as llama-quantize does). 1-D tensors and norms stay
 F32. Output files appear under their final name only when complete.
 
-`GGUFCopySink` is the same for GGUF inputs: metadata copied from the source GGUF, tensors in GGUF naming,
+`GGUFCopySink` is the same for GGUF inputs of any architecture: metadata copied from the source GGUF, tensors in GGUF naming,
 whole (`write`) or in pieces of rows (`write_rows`, in order), with the same bytes.
 """
 
