@@ -99,10 +99,10 @@ def spm_tokenizer(root: Path) -> Path:
 
 def write_arch_gguf(path: Path, arch: str, seed: int, *, quant: str = "F32", like: Path | None = None,
                     delta: float = 0.05, meta: dict | None = None, layers: int = LAYERS,
-                    tok_dir: Path | None = None, arch_name: str | None = None) -> Path:
+                    tok_dir: Path | None = None, arch_name: str | None = None, f32: tuple[str, ...] = ()) -> Path:
     """One model file. like: a file written before, drifted by `delta` (an earlier save of the same run);
     meta: metadata keys set after the architecture's own (a value of None drops the key); arch_name: the
-    general.architecture written (the layout stays `arch`'s)."""
+    general.architecture written (the layout stays `arch`'s); f32: tensors stored F32 whatever the quant."""
     from epicode_edge.converters.tokenizer_meta import read_tokenizer
 
     path = Path(path)
@@ -148,7 +148,7 @@ def write_arch_gguf(path: Path, arch: str, seed: int, *, quant: str = "F32", lik
         else:
             x = rng.standard_normal(shape) / np.sqrt(shape[-1])
         x = np.asarray(x, dtype=np.float32)
-        qtype = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else _TYPES[quant]
+        qtype = gguf.GGMLQuantizationType.F32 if len(shape) == 1 or name in f32 else _TYPES[quant]
         data = gguf.quants.quantize(x, qtype) if qtype != gguf.GGMLQuantizationType.F32 else x
         w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file()

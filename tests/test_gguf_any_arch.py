@@ -122,3 +122,18 @@ def test_gguf_to_hf_or_mlx_stays_with_the_architectures_it_rebuilds(pairs, tmp_p
     code, output = cli("convert", "--finetuned", pairs["gemma2"][0], "--inferior", pairs["gemma2"][1], "--mu", MU,
                        "--to", to, "-o", out)
     _assert_refused(code, output, out, "finetuned.gguf", "gemma2")
+
+
+def test_a_tensor_the_source_keeps_in_f32_stays_f32(tmp_path):
+    """An F16 file with one matrix stored F32 (as llama.cpp's converter keeps e.g. Mamba's ssm tensors):
+    the bundle keeps it F32 at every directly written quant, the expert's being the exact float32 sum."""
+    kept = "blk.1.ffn_down.weight"
+    ft, inf = make_arch_gguf_pair(tmp_path / "in", "gemma2", quant="F16", f32=(kept,))
+    b = _convert(ft, inf, tmp_path / "b", mu=MU, quant="F16,Q8_0")
+    with open_checkpoint(ft) as f, open_checkpoint(inf) as i:
+        a, c = f.read_f32(kept), i.read_f32(kept)
+    for q in ("F16", "Q8_0"):
+        expert, amateur = _tensors(b.gguf("expert", q)), _tensors(b.gguf("amateur", q))
+        assert expert[kept][0] == amateur[kept][0] == "F32", q
+        np.testing.assert_array_equal(expert[kept][1], a + np.float32(MU) * (a - c))
+        assert expert["blk.0.ffn_down.weight"][0] == q  # the others at the quant asked for

@@ -389,10 +389,15 @@ class GGUFCopySink(_StreamingGGUF):
         if not isinstance(arch, str) or not arch:
             raise InputError(f"{source}: no general.architecture in GGUF metadata")
         super().__init__(out_path, arch, quant, types)
+        # A tensor the source keeps in F32 among tensors of lower types was kept so by the converter that wrote
+        # it (e.g. the ssm_* tensors of Mamba-like models, which llama.cpp's ops take in F32 only): it stays F32.
+        kept = {n for n, (_, tag) in tensors.items() if tag == "F32"} if any(
+            tag != "F32" for _, tag in tensors.values()) else set()
         try:
             copy_metadata(header, self.writer)
             for name, (shape, tag) in tensors.items():
-                self.plan[name] = (tuple(int(d) for d in shape), self._tensor_type(name, tuple(shape), tag))
+                qtype = Q.F32 if name in kept and types is None else self._tensor_type(name, tuple(shape), tag)
+                self.plan[name] = (tuple(int(d) for d in shape), qtype)
         except BaseException:
             self.abort()
             raise
