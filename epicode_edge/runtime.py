@@ -590,10 +590,10 @@ def check_gguf_runs(paths, n_threads: int | None = 1, vocab_only: bool = False) 
     mode, source = cpu_kernels.current_mode()
     if source != "default":  # a mode set in this process (the API, --cpu-repack) holds in the child too
         env[cpu_kernels.ENV] = mode
-    package_root = str(Path(__file__).resolve().parent.parent)  # this epicode_edge, whatever sys.path has
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    code = "import sys; from epicode_edge.runtime import gguf_check_child; sys.exit(gguf_check_child(sys.argv[1:]))"
-    args = [sys.executable, "-c", code, str(n_threads or 0), "1" if vocab_only else "0", *map(str, files)]
+    root = str(Path(__file__).resolve().parent.parent)  # the child imports this epicode_edge, first
+    code = ("import sys; root = sys.argv[1]; root in sys.path or sys.path.insert(0, root); "
+            "from epicode_edge.runtime import gguf_check_child; sys.exit(gguf_check_child(sys.argv[2:]))")
+    args = [sys.executable, "-c", code, root, str(n_threads or 0), "1" if vocab_only else "0", *map(str, files)]
     r = subprocess.run(args, capture_output=True, text=True, errors="replace", env=env, stdin=subprocess.DEVNULL)
     if r.returncode == 0:
         return
