@@ -77,9 +77,19 @@ def check_quant(quant: str) -> str:
 def check_arch(config: dict, where: str = "config.json") -> gguf.MODEL_ARCH:
     arch = config.get("model_type")
     if arch not in ARCHS:
-        raise UnsupportedError(
-            f"{where}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
+        hint = " (the multimodal Gemma 3: its text model, model_type gemma3_text, is)" if arch == "gemma3" else ""
+        raise UnsupportedError(f"{where}: architecture {arch!r} is not supported for GGUF{hint}; supported: "
+                               f"{', '.join(SUPPORTED_ARCHS)}")
     return ARCHS[arch]
+
+
+def check_gguf_export(config: dict, where: str = "config.json") -> gguf.MODEL_ARCH:
+    """check_arch, and the hyperparameters the architecture needs that llama.cpp runs as transformers does
+    (converters/gguf_arch.py), before anything is written."""
+    arch = check_arch(config, where)
+    if arch in gguf_arch.ARCHS:
+        gguf_arch.check_layout(config, hparams(config), arch, where)
+    return arch
 
 
 # byte offsets of the f16 scales (d, and m / dmin) inside one block of each ggml quant type

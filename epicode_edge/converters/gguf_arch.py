@@ -33,14 +33,14 @@ _DEFAULT_SWA_PATTERN = {GEMMA2: 2, GEMMA3: 6}
 _HIDDEN_PER_HEAD_SCALE_LAYERS = {GEMMA2: 46, GEMMA3: 62}
 
 
-def sliding_layers(config: dict, arch: gguf.MODEL_ARCH) -> list[bool]:
+def sliding_layers(config: dict, arch: gguf.MODEL_ARCH, where: str = "config.json") -> list[bool]:
     """Which layers use sliding-window attention, as transformers decides it (layer_types, else every
     sliding_window_pattern-th layer global)."""
     n = int(config["num_hidden_layers"])
     types = config.get("layer_types")
     if types is not None:
         if not isinstance(types, list) or len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
-            raise InputError(f"config.json: field 'layer_types' must list 'sliding_attention' or 'full_attention' "
+            raise InputError(f"{where}: field 'layer_types' must list 'sliding_attention' or 'full_attention' "
                              f"for each of the {n} layers")
         return [t == "sliding_attention" for t in types]
     if config.get("sliding_window") is None:
@@ -49,38 +49,42 @@ def sliding_layers(config: dict, arch: gguf.MODEL_ARCH) -> list[bool]:
     return [bool((i + 1) % int(every)) for i in range(n)]
 
 
-def check_layout(config: dict, hp: dict, arch: gguf.MODEL_ARCH) -> None:
+def check_layout(config: dict, hp: dict, arch: gguf.MODEL_ARCH, where: str = "config.json") -> None:
     """Refuse, naming the field, what llama.cpp would run differently from transformers."""
     if arch in (GEMMA2, GEMMA3):
-        _check_gemma(config, hp, arch)
+        _check_gemma(config, hp, arch, where)
     elif arch == PHI3:
-        _phi3_rope(config, hp)
+        _phi3_rope(config, hp, where)
 
 
-def _check_gemma(config: dict, hp: dict, arch) -> None:
+def _check_gemma(config: dict, hp: dict, arch, where: str) -> None:
     if arch == GEMMA2:
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             v = config.get(key)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                raise UnsupportedError(f"config.json: field {key!r} is {v!r}; llama.cpp's gemma2 always soft-caps "
+                raise UnsupportedError(f"{where}: field {key!r} is {v!r}; llama.cpp's gemma2 always soft-caps "
                                        "and needs a number > 0")
-    elif config.get("attn_logit_softcapping") is not None:
-        raise UnsupportedError("config.json: field 'attn_logit_softcapping' is set; llama.cpp's gemma3 has no "
-                               "attention soft-capping")
-    if any(sliding_layers(config, arch)) and not isinstance(config.get("sliding_window"), int):
-        raise InputError(f"config.json: field 'sliding_window' must be an integer, got {config.get('sliding_window')!r}")
+    else:
+        if config.get("attn_logit_softcapping") is not None:
+            raise UnsupportedError(f"{where}: field 'attn_logit_softcapping' is set; llama.cpp's gemma3 has no "
+                                   "attention soft-capping")
+        kind = hp["rope"].get("rope_type")
+        if kind not in (None, "linear"):
+            raise UnsupportedError(f"{where}: rope_scaling type {kind!r} is not supported for gemma3 (linear)")
+    if any(sliding_layers(config, arch, where)) and not isinstance(config.get("sliding_window"), int):
+        raise InputError(f"{where}: field 'sliding_window' must be an integer, got {config.get('sliding_window')!r}")
     scalar = config.get("query_pre_attn_scalar")
     if scalar is not None:
         wide = hp["n_layer"] == _HIDDEN_PER_HEAD_SCALE_LAYERS[arch]
         used = hp["n_embd"] / hp["n_head"] if wide else hp["head_dim"]
         if not math.isclose(float(scalar), used):
             raise UnsupportedError(
-                f"config.json: query_pre_attn_scalar {scalar} differs from the "
+                f"{where}: query_pre_attn_scalar {scalar} differs from the "
                 f"{'hidden_size / num_attention_heads' if wide else 'head_dim'} {used:g} that llama.cpp's "
                 f"{gguf.MODEL_ARCH_NAMES[arch]} scales queries by")
 
 
-def _phi3_rope(config: dict, hp: dict) -> dict:
+def _phi3_rope(config: dict, hp: dict, where: str = "config.json") -> dict:
     """Phi-3's rope: (dimension count, original context, long/short factors or None, attention factor)."""
     rope = hp["rope_all"]
     n_ctx = hp["n_ctx"]
@@ -91,15 +95,15 @@ def _phi3_rope(config: dict, hp: dict) -> dict:
     kind = str(rope.get("rope_type") or "default").lower()
     if not rope.get("long_factor"):
         if kind not in ("default", "longrope", "su"):
-            raise UnsupportedError(f"config.json: rope_scaling type {kind!r} is not supported for phi3 (longrope)")
+            raise UnsupportedError(f"{where}: rope_scaling type {kind!r} is not supported for phi3 (longrope)")
         return out
     if kind not in ("longrope", "su"):
-        raise UnsupportedError(f"config.json: rope_scaling type {kind!r} with long_factor is not supported for phi3 "
+        raise UnsupportedError(f"{where}: rope_scaling type {kind!r} with long_factor is not supported for phi3 "
                                "(longrope)")
     long, short = rope.get("long_factor"), rope.get("short_factor")
     for key, v in (("long_factor", long), ("short_factor", short)):
         if not isinstance(v, list) or len(v) != dims // 2:
-            raise InputError(f"config.json: rope_scaling {key} must list {dims // 2} numbers (rotary dims / 2)")
+            raise InputError(f"{where}: rope_scaling {key} must list {dims // 2} numbers (rotary dims / 2)")
     scale = n_ctx / out["orig_ctx"]
     out["attn_factor"] = math.sqrt(1 + math.log(scale) / math.log(out["orig_ctx"])) if scale > 1.0 else 1.0
     out["long"], out["short"] = np.array(long, np.float32), np.array(short, np.float32)  # (dims/2,) each
@@ -136,13 +140,9 @@ def add_arch_hparams(w: gguf.GGUFWriter, config: dict, hp: dict, arch: gguf.MODE
             w.add_rope_freq_base_swa(float(hp["rope_theta_swa"]))
         if config.get("final_logit_softcapping"):
             w.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
-        rope = hp["rope"]
-        if rope.get("rope_type") == "linear":
+        if hp["rope"].get("rope_type") == "linear":  # the global layers' (Gemma 3 4B and larger)
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(rope["factor"]))
-        elif rope:
-            raise UnsupportedError(f"config.json: rope_scaling type {rope.get('rope_type')!r} is not supported for "
-                                   "gemma3 (linear)")
+            w.add_rope_scaling_factor(float(hp["rope"]["factor"]))
     sliding = sliding_layers(config, arch)
     if any(sliding):
         w.add_sliding_window(int(config["sliding_window"]))

@@ -77,7 +77,7 @@ def export_mlx(hf_dir, out_dir, bits: int | None = None, group_size: int = 64, d
     return out_dir
 
 
-def mlx_lm_config(config: dict) -> dict:
+def mlx_lm_config(config: dict, where: str = "config.json") -> dict:
     """The config fields mlx_lm's model classes read that a transformers >= 5 config.json keeps elsewhere:
     rope_theta and rope_scaling (in rope_parameters, per layer type for Gemma 3), rope_local_base_freq, and
     Gemma 3's sliding_window_pattern (as layer_types). UnsupportedError for a layer pattern mlx_lm cannot run."""
@@ -99,7 +99,7 @@ def mlx_lm_config(config: dict) -> dict:
             n = next((n for n in range(1, len(types) + 2)
                       if all((t == "full_attention") == (i % n == n - 1) for i, t in enumerate(types))), None)
             if n is None:
-                raise UnsupportedError("config.json: layer_types has no global layer every n-th layer, which "
+                raise UnsupportedError(f"{where}: layer_types has no global layer every n-th layer, which "
                                        "mlx_lm's gemma3_text needs (sliding_window_pattern)")
             out["sliding_window_pattern"] = n
     return out
@@ -128,7 +128,7 @@ def _stream_export(hf_dir: Path, out: Path, bits, group_size: int, dtype: str | 
     from mlx_lm.convert import MODEL_CONVERSION_DTYPES
 
     # The steps of mlx_lm.convert.convert, up to its save(), all lazy.
-    overrides = mlx_lm_config(json.loads((hf_dir / "config.json").read_text()))
+    overrides = mlx_lm_config(json.loads((hf_dir / "config.json").read_text()), str(hf_dir / "config.json"))
     model, tokenizer, config = mu.load(str(hf_dir), return_config=True, lazy=True, model_config=overrides or None,
                                        tokenizer_config={"trust_remote_code": False}, trust_remote_code=False)
     if dtype is None:
