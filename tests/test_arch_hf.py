@@ -69,7 +69,7 @@ def spm_tok(tmp_path_factory) -> Path:
 
 
 def make_model(root: Path, arch: str, tok: Path, seed: int = 0, **config) -> Path:
-    out = root / f"{arch}-{seed}"
+    out = root / f"model-{seed}"  # (the GGUF's general.name: llama.cpp wants <s>, </s>, <unk> when it holds "phi3")
     out.mkdir(parents=True)
     write_safetensors(out / "model.safetensors", {n: (a, "F32") for n, a in tiny_weights(arch, seed).items()})
     (out / "config.json").write_text(json.dumps({**tiny_config(arch), **config}))
@@ -163,3 +163,31 @@ def test_gemma_norms_are_stored_plus_one(tmp_path, spm_tok):
         np.testing.assert_array_equal(g.read_f32("output_norm.weight"), w["model.norm.weight"] + 1)
         np.testing.assert_array_equal(g.read_f32("blk.0.ffn_up.weight"), w["model.layers.0.mlp.up_proj.weight"])
         assert "output.weight" not in g.tensors  # tied: llama.cpp reads token_embd
+
+
+def test_phi4_byte_level_bpe_tokenizer(tmp_path):
+    """Phi-4 is a phi3 model with a byte-level BPE tokenizer (tiktoken's split regex, which is Llama 3's):
+    written as a gpt2 vocabulary with its merges, and loaded by llama.cpp with the same ids as the HF tokenizer."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    from factory import LLAMA3_SPLIT, make_tokenizer
+    from gguf_helpers import llama_model
+
+    tok = make_tokenizer(tmp_path / "bpe", vocab_size=384, add_bos=False, split_regex=LLAMA3_SPLIT)
+    ft = make_model(tmp_path, "phi3", tok, 0, bos_token_id=0, eos_token_id=4)
+    inf = make_model(tmp_path, "phi3", tok, 1, bos_token_id=0, eos_token_id=4)
+    code, output = run_convert(ft, inf, tmp_path / "b")
+    assert code == 0, output
+    path = tmp_path / "b" / "gguf" / "expert-F32.gguf"
+    r = gguf.GGUFReader(path)
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert r.fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    assert len(r.fields["tokenizer.ggml.merges"].contents()) > 0
+    text = "Question: what is 17 + 25? Answer: 42."
+    llm = llama_model(path, vocab_only=True)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == Tokenizer.from_file(
+            str(tok / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    finally:
+        llm.close()

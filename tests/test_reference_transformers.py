@@ -54,11 +54,11 @@ def hf_config(arch: str, vocab: int):
         return T.Gemma2Config(**c, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
                               attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
                               rope_parameters={"rope_type": "default", "rope_theta": 100.0})
-    if arch == "gemma3_text":  # one sliding layer, one global, with different rope bases
+    if arch == "gemma3_text":  # one sliding layer, one global, rope bases other than llama.cpp's defaults
         return T.Gemma3TextConfig(**c, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
                                   layer_types=["sliding_attention", "full_attention"],
                                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 30.0},
-                                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+                                                   "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}})
     if arch == "phi3":  # longrope, prompt past original_max_position_embeddings: long factors and attn_factor
         return T.Phi3Config(**c, original_max_position_embeddings=8, rope_parameters={
             "rope_type": "longrope", "rope_theta": 10000.0,
