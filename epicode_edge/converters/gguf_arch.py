@@ -3,10 +3,10 @@ the tensor changes and the extra tensors, as llama.cpp's own converter writes th
 Gemma2Model, Gemma3Model, Phi3MiniModel), and the configs llama.cpp would run differently from transformers,
 refused in one line. Llama, Mistral, Qwen2 and Qwen3 are handled in converters/gguf.py.
 
-    check_layout(config, hp)            # UnsupportedError / InputError naming the config field
-    add_arch_hparams(writer, config, hp)
-    x = tensor_for_gguf(arch, hf_name, x)  # Gemma's RMSNorm weights stored as 1 + w
-    extra = extra_tensors(config, hp)    # Phi-3 longrope factors
+    check_layout(config, hp, arch)               # UnsupportedError / InputError naming the config field
+    add_arch_hparams(writer, config, hp, arch)
+    x = tensor_for_gguf(arch, hf_name, x)        # Gemma's RMSNorm weights stored as 1 + w
+    extra = extra_tensors(config, hp, arch)      # Phi-3's longrope factors
 
 The rest of the layout needs nothing here: gguf-py's tensor-name table maps Gemma's four norms per layer and
 Phi-3's fused qkv_proj / gate_up_proj (kept fused, as attn_qkv / ffn_up); llama.cpp scales Gemma's token
@@ -25,11 +25,11 @@ from ..errors import InputError, UnsupportedError
 GEMMA2, GEMMA3, PHI3 = gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3, gguf.MODEL_ARCH.PHI3
 ARCHS = (GEMMA2, GEMMA3, PHI3)
 
-# llama.cpp's sliding-window layer pattern when the file names none (src/models/gemma2.cpp, gemma3.cpp:
+# llama.cpp's sliding-window layer pattern when the file names none (its gemma2 and gemma3 models,
 # load_swa_pattern): every n-th layer global, the others sliding.
 _DEFAULT_SWA_PATTERN = {GEMMA2: 2, GEMMA3: 6}
-# llama.cpp's query scale for Gemma (src/models/gemma2.cpp, gemma3.cpp): 1/sqrt(head_dim), except the 27B
-# models (recognised by their layer count), which use 1/sqrt(hidden_size / num_attention_heads).
+# llama.cpp's query scale for Gemma (its gemma2 and gemma3 models, f_attention_scale): 1/sqrt(head_dim), except
+# the 27B models (recognised by their layer count), which use 1/sqrt(hidden_size / num_attention_heads).
 _HIDDEN_PER_HEAD_SCALE_LAYERS = {GEMMA2: 46, GEMMA3: 62}
 
 
@@ -46,7 +46,9 @@ def sliding_layers(config: dict, arch: gguf.MODEL_ARCH, where: str = "config.jso
     if config.get("sliding_window") is None:
         return [False] * n
     every = config.get("sliding_window_pattern", config.get("_sliding_window_pattern", _DEFAULT_SWA_PATTERN[arch]))
-    return [bool((i + 1) % int(every)) for i in range(n)]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise InputError(f"{where}: field 'sliding_window_pattern' must be an integer >= 1, got {every!r}")
+    return [bool((i + 1) % every) for i in range(n)]
 
 
 def check_layout(config: dict, hp: dict, arch: gguf.MODEL_ARCH, where: str = "config.json") -> None:
