@@ -348,7 +348,8 @@ class GGUFSink(_StreamingGGUF):
             self._write_gguf(gname, x)
 
     def _plan(self, tensors: dict) -> dict[str, np.ndarray]:
-        """Map every HF tensor to its GGUF name and type; returns the extra tensors GGUF needs (rope_freqs)."""
+        """Map every HF tensor to its GGUF name and type; returns the extra tensors GGUF needs (rope_freqs, Phi-3's
+        rope_factors_long / _short)."""
         extra = gguf_arch.extra_tensors(self.config, self.hp, self.model_arch)
         freqs = llama3_rope_factors(self.config, self.hp)
         if freqs is not None:
