@@ -127,15 +127,19 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
             raise UnsupportedError(f"{ckpt.path}: architecture {ckpt.arch!r} is not supported by mlx_lm")
         return
     if "gguf" in formats:
-        from .gguf import check_arch
+        from .gguf import check_gguf_export
 
-        check_arch(ckpt.config, where=str(ckpt.path / "config.json"))
+        check_gguf_export(ckpt.config, where=str(ckpt.path / "config.json"))
     from .shapes import check_config_shapes
 
     check_config_shapes(ckpt, for_gguf="gguf" in formats)  # before anything is written
     _check_chat_template(ckpt)
     if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{_mlx_arch(ckpt.arch)}") is None:
         raise UnsupportedError(f"{ckpt.path}/config.json: architecture {ckpt.arch!r} is not supported by mlx_lm")
+    if "mlx" in formats:
+        from .mlx import mlx_lm_config
+
+        mlx_lm_config(ckpt.config, where=str(ckpt.path / "config.json"))  # what mlx_lm cannot run, refused now
     tok = Path(ckpt.tokenizer_dir or ckpt.path)
     if {"gguf", "mlx"} & set(formats) and not any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise UnsupportedError(f"{tok}: no tokenizer.json or tokenizer.model (needed for GGUF/MLX export)")
