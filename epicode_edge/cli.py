@@ -236,12 +236,12 @@ def runtime_options(f=None, *, quant=_LOAD_QUANT):
         click.option("--amateur-quant", default=None,
                      help="The amateur's GGUF at another quant (e.g. Q4_0 beside a Q8_0 expert: faster, only close "
                           "to the same-quant answers; the bundle must hold it)."),
-        click.option("--n-gpu-layers", type=int, default=0, show_default=True, envvar="EPICODE_EDGE_N_GPU_LAYERS",
+        click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True, envvar="EPICODE_EDGE_N_GPU_LAYERS",
                      show_envvar=True, help="Layers offloaded to CUDA/Metal on llama.cpp (-1 = all)."),
-        click.option("--n-ctx", type=int, default=2048, show_default=True, envvar="EPICODE_EDGE_N_CTX",
+        click.option("-c", "--n-ctx", "--ctx-size", "n_ctx", type=int, default=2048, show_default=True, envvar="EPICODE_EDGE_N_CTX",
                      show_envvar=True, help="Context size in tokens."),
-        click.option("--threads", "--n-threads", "n_threads", type=int, default=None, envvar="EPICODE_EDGE_THREADS",
-                     show_envvar=True, help="CPU threads (default: engine's)."),
+        click.option("-t", "--threads", "--n-threads", "n_threads", type=int, default=None,
+                     envvar="EPICODE_EDGE_THREADS", show_envvar=True, help="CPU threads (default: engine's)."),
         click.option("--cache-type", "kv_type", type=click.Choice(["f16", "f32", "q8_0"]), default=None,
                      envvar="EPICODE_EDGE_CACHE_TYPE", show_envvar=True,
                      help="llama.cpp KV cache type (as -ctk/-ctv): f16 [default], f32 (exact checks: f16 moves "
@@ -263,7 +263,8 @@ def decoding_options(f):
     """--max-tokens --lambda --alpha --temp --top-p --top-k --min-p --seed --stop --repetition-penalty
     --whole-head (a setting only when given)."""
     for opt in reversed([
-        click.option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
+        click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=256, show_default=True,
+                     help="Most tokens to generate."),
         click.option("--lambda", "lam", type=float, default=None, help="Contrastive strength (default: bundle's)."),
         click.option("--alpha", type=float, default=None, help="Plausibility threshold (default: bundle's)."),
         click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature; 0 = greedy."),
@@ -272,7 +273,8 @@ def decoding_options(f):
         click.option("--min-p", type=float, default=0.0, show_default=True, help="Min probability vs the best."),
         click.option("--seed", type=int, default=None, help="Random seed for sampling."),
         click.option("--stop", multiple=True, help="Stop string (not emitted); repeat for several."),
-        click.option("--repetition-penalty", type=float, default=None, help="Penalty on recent tokens (>1)."),
+        click.option("--repetition-penalty", "--repeat-penalty", "repetition_penalty", type=float, default=None,
+                     help="Penalty on recent tokens (>1)."),
         click.option("--whole-head", "candidate_head", flag_value=False, default=None,
                      help="Run the amateur's whole output layer (default: only its rows of the candidate tokens "
                           "the pick reads; the same answers wherever those rows equal the whole layer's)."),
@@ -289,18 +291,23 @@ def decoding_options(f):
 
 @main.command("generate")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("-p", "--prompt", "prompt_opt", default=None, help="The prompt (instead of PROMPT; - reads stdin).")
+@click.option("-f", "--file", "prompt_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Read the prompt from this file (- for stdin).")
 @decoding_options
 @click.option("--system", default=None, help="System prompt (chat template).")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, counts, timings).")
 @runtime_options
-def generate_cmd(bundle, prompt, system, raw, as_json, engine, **settings):
-    """Answer PROMPT with EpiCoDe (expert contrasted with amateur), streaming to stdout."""
+def generate_cmd(bundle, prompt, prompt_opt, prompt_file, system, raw, as_json, engine, **settings):
+    """Answer PROMPT with EpiCoDe (expert contrasted with amateur), streaming to stdout. The prompt is
+    PROMPT, -p TEXT or -f FILE (exactly one); "-" as PROMPT, -p or -f reads it from stdin."""
     import json
 
     from .runtime import Settings, load
 
+    prompt = _one_prompt(prompt, prompt_opt, prompt_file)
     settings["stop"] = settings["stop"] or None
     Settings().updated(**settings)  # out-of-range values fail before the models load
     rt = load(bundle, **engine)
@@ -323,6 +330,17 @@ def generate_cmd(bundle, prompt, system, raw, as_json, engine, **settings):
         click.echo(f"[{st.completion_tokens} tokens, {st.tokens_per_s:.1f} tok/s, first token {st.ttft_s:.2f} s, "
                    f"finish: {last.finish_reason} ({last.stopped_by}), changed by contrastive decoding: "
                    f"{st.changed}, amateur skipped: {st.amateur_skipped}/{st.picks}]", err=True)
+
+
+def _one_prompt(arg, opt, file) -> str:
+    """generate's prompt from exactly one of PROMPT, -p/--prompt and -f/--file; "-" reads stdin."""
+    given = [x for x in (arg, opt, file) if x is not None]
+    if len(given) != 1:
+        raise click.UsageError("give the prompt once: PROMPT, -p/--prompt TEXT or -f/--file FILE"
+                               + (" (not several)" if given else ""))
+    if file is not None:
+        return file.read()
+    return sys.stdin.read() if given[0] == "-" else given[0]
 
 
 @main.command("chat")
@@ -522,7 +540,8 @@ class _StageBars:
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
               help="Where eval.jsonl, report.md, accuracy.png, summary.json go [default: ./eval-BUNDLE-DATA].")
-@click.option("--max-tokens", type=int, default=128, show_default=True, help="Answer length limit.")
+@click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=128, show_default=True,
+              help="Answer length limit.")
 @click.option("--extract", default="last-number", show_default=True,
               help="Answer extraction: last-number, exact, choice or regex:PATTERN (first group if any).")
 @click.option("--limit", type=int, default=None, help="Score only the first N items.")
@@ -580,7 +599,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
               help="Tune the CD-only row's own lambda on dev [default: when the bundle has the inferior model].")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Converted bundles, state.json (resume), charts [default: OUT.tune].")
-@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=128, show_default=True)
 @click.option("--extract", default="last-number", show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N dev items.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
@@ -619,15 +638,16 @@ def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, with
 
 
 @main.command("demo")
-@click.option("-n", "--n", "n", type=int, default=6, show_default=True, help="How many test prompts to answer.")
-@click.option("--max-tokens", type=int, default=None, help="Answer length limit [default: the family's].")
+@click.option("--examples", "n", type=int, default=6, show_default=True, help="How many test prompts to answer.")
+@click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=None,
+              help="Answer length limit [default: the family's].")
 @click.option("--family", type=click.Path(path_type=Path), default=None,
               help="The family folder [default: models/smollm2 of this checkout; models/demo is the tiny one].")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None,
               help="Score the family's tuned bundle on this JSONL (all four methods) instead of the side-by-side.")
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
               help="With --eval: where report.md, summary.json, eval.jsonl go [default: ./demo-eval].")
-@click.option("--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
+@click.option("-t", "--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
 @click.option("--color/--no-color", default=None, help="Highlight changed picks [default: on a terminal].")
 def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
     """The shipped demo: convert a model family into a bundle (cached), then answer test prompts with the

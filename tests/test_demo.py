@@ -33,13 +33,13 @@ def test_shipped_family_is_complete_and_small():
 
 def test_demo_command_then_reuses_the_bundle(tmp_path, monkeypatch):
     monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path / "cache"))
-    res = CliRunner().invoke(main, ["demo", "--family", str(FAMILY), "-n", "3", "--no-color"])
+    res = CliRunner().invoke(main, ["demo", "--family", str(FAMILY), "--examples", "3", "--no-color"])
     assert res.exit_code == 0, res.output
     assert "Made bundle" in res.output
     assert res.output.count("finetuned :") == 3 and res.output.count("EpiCoDe   :") == 3
     m = re.search(r"Accuracy on these 3 prompts: finetuned (\d)/3 .* EpiCoDe (\d)/3", res.output)
     assert m, res.output
-    res2 = CliRunner().invoke(main, ["demo", "--family", str(FAMILY), "-n", "1", "--no-color"])
+    res2 = CliRunner().invoke(main, ["demo", "--family", str(FAMILY), "--examples", "1", "--no-color"])
     assert res2.exit_code == 0 and "Reused bundle" in res2.output
     # one demo bundle, reused (the cache folder may also hold the CPU-kernel verdict when this test runs first)
     assert len(list((tmp_path / "cache").glob("demo-*"))) == 1
@@ -48,7 +48,7 @@ def test_demo_command_then_reuses_the_bundle(tmp_path, monkeypatch):
 def test_demo_bad_family(tmp_path):
     res = CliRunner().invoke(main, ["demo", "--family", str(tmp_path)])
     assert res.exit_code == 1 and "missing" in res.output
-    res = CliRunner().invoke(main, ["demo", "-n", "0"])
+    res = CliRunner().invoke(main, ["demo", "--examples", "0"])
     assert res.exit_code == 1 and "n must be" in res.output
 
 
