@@ -665,7 +665,7 @@ def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
     max_tokens = s["max_tokens"] if max_tokens is None else max_tokens
     with _StageBars() as bars:
         bundle, reused = demo.demo_bundle(
-            fam, mu=s["mu"], base=s["base"], with_inferior=eval_data is not None,
+            fam, mu=s["mu"], base=s["base"], with_inferior=eval_data is not None or demo.shows_cd(s),
             progress=lambda p: bars("convert", p.tensors_done, p.tensors_total or 1))
     click.echo(f"{'Reused' if reused else 'Made'} bundle {bundle.path} (mu = {s['mu']:g}) from {fam}")
     if eval_data is not None:
@@ -683,22 +683,27 @@ def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
         click.echo(report.table())
         click.echo(f"Wrote {out_dir / 'report.md'} and {out_dir / 'summary.json'}")
         return
-    items = demo.pick_items(tasks.load_items(fam / "data" / "test.jsonl"), s["examples"], n)
+    items = demo.pick_items(tasks.load_items(fam / "data" / "test.jsonl"), demo.examples_of(s), n)
     if color is None:
         color = sys.stdout.isatty()
-    click.echo(f"EpiCoDe: lambda = {s['lambda']:g}, alpha = {s['alpha']:g}; greedy; "
-               + ("highlighted" if color else "[[bracketed]]") + " = picks contrastive decoding changed"
-               + (f"; the first {min(n, len(s['examples']))} are test items where the two differed" if s["examples"] else "")
-               + "\n")
+    for line in demo.header_lines(s, n, color):
+        click.echo(line)
+    click.echo("")
     rows = []
-    with load(bundle.path, n_threads=n_threads) as rt:
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        rt = stack.enter_context(load(bundle.path, n_threads=n_threads))
+        cd_rt = (stack.enter_context(load(bundle.path, n_threads=n_threads, roles=("amateur", "inferior")))
+                 if demo.shows_cd(s) else None)
         for i, row in enumerate(demo.run_demo(rt, items, max_tokens=max_tokens, extract=s["extract"],
-                                              lam=s["lambda"], alpha=s["alpha"]), 1):
+                                              lam=s["lambda"], alpha=s["alpha"], cd_runtime=cd_rt,
+                                              cd_lam=s["cd_lambda"]), 1):
             rows.append(row)
             for line in demo.render_row(i, len(items), row, color=color):
                 click.echo(line, color=color)
     click.echo("")
-    for line in demo.summary_lines(rows):
+    for line in demo.summary_lines(rows, s):
         click.echo(line)
     if s["test_table"] and (fam / s["test_table"]).is_file():
         click.echo(f"\nThe family's test table ({fam / s['test_table']}):")

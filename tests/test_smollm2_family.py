@@ -116,3 +116,6 @@ def test_default_demo_is_the_real_family(cache, monkeypatch):
     assert res.exit_code == 0, res.output
     assert res.output.count("finetuned :") == 2 and res.output.count("EpiCoDe   :") == 2
     assert "The family's test table" in res.output and "EpiCoDe" in res.output
+    # the tuned lambda is 0: the demo says CD is off there, and shows the CD-only row at work
+    assert "contrastive decoding is OFF" in res.output and res.output.count("CD only   :") == 2
+    assert "Over all 600 test items" in res.output and "Accuracy on these" not in res.output

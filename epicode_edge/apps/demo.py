@@ -36,7 +36,7 @@ SETTINGS_FILE = "demo.json"  # FAMILY/demo.json: mu, lambda, alpha chosen by `tu
 # used only for a family without demo.json: alpha = 0.1 is the paper's; mu and lambda are placeholders
 FALLBACK = {"mu": 0.5, "lambda": 0.5, "alpha": 0.1}
 OPTIONAL = {"extract": "last-number", "max_tokens": 64, "cd_lambda": None, "base": None, "examples": [],
-            "test_table": None}
+            "cd_examples": [], "differ": None, "test_table": None}
 
 
 def family_dir(path=None) -> Path:
@@ -87,6 +87,9 @@ def demo_settings(family: Path) -> dict:
         out["max_tokens"] = int(out["max_tokens"])
         if out["cd_lambda"] is not None:
             out["cd_lambda"] = float(out["cd_lambda"])
+        if out["differ"] is not None:  # {"source": str, "epicode"|"cd": {"n", "wins", "losses"}}
+            out["differ"] = {k: (str(v) if k == "source" else {c: int(v[c]) for c in ("n", "wins", "losses")})
+                             for k, v in dict(out["differ"]).items()}
         return out
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{p}: invalid demo settings ({e})") from None
@@ -134,9 +137,20 @@ def demo_bundle(family: Path, *, mu: float, quant: str = "Q8_0", with_inferior: 
                    force=True, progress=progress), False
 
 
+def shows_cd(s: dict) -> bool:
+    """Whether the demo adds the CD-only row (finetuned against inferior at the family's cd_lambda): when the
+    family has one and its tuned lambda is 0, so that EpiCoDe's row runs no contrastive decoding."""
+    return s["cd_lambda"] is not None and s["lambda"] == 0
+
+
+def examples_of(s: dict) -> list[str]:
+    """The test ids the demo shows first: the CD-only row's chosen items when that row is shown and listed."""
+    return list(s["cd_examples"]) if shows_cd(s) and s["cd_examples"] else list(s["examples"])
+
+
 def pick_items(items: list[tasks.Item], examples: list[str], n: int) -> list[tasks.Item]:
-    """n test items: first the listed example ids (where finetuned and EpiCoDe differed in the family's
-    recorded eval), then the rest in file order."""
+    """n test items: first the listed example ids (items where the answers differed in the family's
+    recorded eval: chosen, not a sample), then the rest in file order."""
     by_id = {it.id: it for it in items}
     first = [by_id[i] for i in examples if i in by_id]
     rest = [it for it in items if it.id not in set(examples)]
@@ -150,6 +164,8 @@ class DemoRow:
     finetuned_correct: bool
     pieces: list[tuple[str, bool]] = field(default_factory=list)  # EpiCoDe's text pieces, changed flag
     epicode_correct: bool = False
+    cd_pieces: list[tuple[str, bool]] | None = None  # the CD-only row's pieces, when shown
+    cd_correct: bool = False
 
     @property
     def epicode_text(self) -> str:
@@ -159,20 +175,39 @@ class DemoRow:
     def changed(self) -> int:
         return sum(1 for _, c in self.pieces if c)
 
+    @property
+    def cd_text(self) -> str:
+        return "".join(t for t, _ in self.cd_pieces or ())
+
+    @property
+    def cd_changed(self) -> int:
+        return sum(1 for _, c in self.cd_pieces or () if c)
+
+
+def _pieces(runtime, item: tasks.Item, max_tokens: int, settings: dict) -> list[tuple[str, bool]]:
+    return [(ev.text, ev.changed) for ev in runtime.stream(item.chat(), max_tokens=max_tokens, **settings)
+            if ev.text or ev.token is not None]
+
 
 def run_demo(runtime, items: list[tasks.Item], *, max_tokens: int = 64, extract: str = "last-number",
-             lam: float | None = None, alpha: float | None = None) -> Iterator[DemoRow]:
-    """Answer each item with the finetuned model alone and with EpiCoDe (greedy), one DemoRow per item."""
+             lam: float | None = None, alpha: float | None = None, cd_runtime=None,
+             cd_lam: float | None = None) -> Iterator[DemoRow]:
+    """Answer each item with the finetuned model alone and with EpiCoDe (greedy), one DemoRow per item;
+    with cd_runtime (a runtime over the roles amateur, inferior) also with CD only at cd_lam."""
     extractor = tasks.make_extractor(extract)
     settings = {k: v for k, v in (("lam", lam), ("alpha", alpha)) if v is not None}
+
+    def right(text: str) -> bool:
+        return tasks.is_correct(extractor(text), item.answer, extract)
+
     for item in items:
         ft = runtime.compare(item.chat(), max_tokens=max_tokens)
-        pieces = []
-        for ev in runtime.stream(item.chat(), max_tokens=max_tokens, **settings):
-            if ev.text or ev.token is not None:
-                pieces.append((ev.text, ev.changed))
-        row = DemoRow(item, ft.text, tasks.is_correct(extractor(ft.text), item.answer, extract), pieces)
-        row.epicode_correct = tasks.is_correct(extractor(row.epicode_text), item.answer, extract)
+        row = DemoRow(item, ft.text, right(ft.text), _pieces(runtime, item, max_tokens, settings))
+        row.epicode_correct = right(row.epicode_text)
+        if cd_runtime is not None:
+            cd = dict(settings, lam=cd_lam) if cd_lam is not None else settings
+            row.cd_pieces = _pieces(cd_runtime, item, max_tokens, cd)
+            row.cd_correct = right(row.cd_text)
         yield row
 
 
@@ -186,8 +221,8 @@ def check_n(n: int) -> int:
 
 
 def render_row(i: int, total: int, row: DemoRow, color: bool = True) -> list[str]:
-    """Lines for one prompt: the question, the finetuned answer, EpiCoDe's answer with the picks that
-    contrastive decoding changed highlighted (bold yellow; [[...]] without colour)."""
+    """Lines for one prompt: the question, the finetuned answer, EpiCoDe's answer (and CD only's, when shown)
+    with the picks that contrastive decoding changed highlighted (bold yellow; [[...]] without colour)."""
     import click
 
     def mark(ok: bool) -> str:
@@ -197,23 +232,63 @@ def render_row(i: int, total: int, row: DemoRow, color: bool = True) -> list[str
     def hi(text: str) -> str:
         return click.style(text, fg="yellow", bold=True, underline=True) if color else f"[[{text}]]"
 
-    ep = "".join(hi(t) if c and t.strip() else t for t, c in row.pieces)
-    return [
+    def answer(label: str, pieces, ok: bool, changed: int) -> str:
+        text = "".join(hi(t) if c and t.strip() else t for t, c in pieces)
+        return (f"  {label}: {_flat(text)}   <- {mark(ok)}"
+                + (f"  ({changed} pick{'s' * (changed != 1)} changed)" if changed else ""))
+
+    lines = [
         f"[{i}/{total}] {row.item.text}   (answer: {row.item.answer})",
         f"  finetuned : {_flat(row.finetuned_text)}   <- {mark(row.finetuned_correct)}",
-        f"  EpiCoDe   : {_flat(ep)}   <- {mark(row.epicode_correct)}"
-        + (f"  ({row.changed} pick{'s' * (row.changed != 1)} changed)" if row.changed else ""),
+        answer("EpiCoDe   ", row.pieces, row.epicode_correct, row.changed),
     ]
+    if row.cd_pieces is not None:
+        lines.append(answer("CD only   ", row.cd_pieces, row.cd_correct, row.cd_changed))
+    return lines
 
 
 def _flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def summary_lines(rows: list[DemoRow]) -> list[str]:
+def header_lines(s: dict, n_shown: int, color: bool) -> list[str]:
+    """What the demo is about to show: the settings, what the marks mean, and how the items were chosen."""
+    mark = "highlighted" if color else "[[bracketed]]"
+    lines = [f"EpiCoDe: mu = {s['mu']:g}, lambda = {s['lambda']:g}, alpha = {s['alpha']:g}; greedy; "
+             f"{mark} = picks contrastive decoding changed."]
+    if s["lambda"] == 0:
+        lines.append("The tuned lambda is 0: contrastive decoding is OFF in the EpiCoDe row, which is the "
+                     "extrapolated model alone (no lambda beat it on dev).")
+        if shows_cd(s):
+            lines.append(f"So a third row shows contrastive decoding at work: CD only, the finetuned model "
+                         f"contrasted with the inferior one at lambda = {s['cd_lambda']:g} (its own dev pick).")
+    chosen = examples_of(s)
+    if chosen:
+        what = "finetuned and CD only" if shows_cd(s) and s["cd_examples"] else "finetuned and EpiCoDe"
+        lines.append(f"The first {min(n_shown, len(chosen))} items are CHOSEN from the test items where {what} "
+                     "differed in the family's recorded scores: they show the methods at work, not how often "
+                     "they win.")
+    return lines
+
+
+def summary_lines(rows: list[DemoRow], s: dict | None = None) -> list[str]:
+    """The closing lines: what changed in this run, and, for the family's whole test split, how many items
+    each method won and lost against the finetuned model (demo.json "differ"); never an accuracy over the
+    shown items, which were chosen."""
+    s = s or {}
     n = len(rows)
-    k_ft = sum(r.finetuned_correct for r in rows)
-    k_ep = sum(r.epicode_correct for r in rows)
-    changed = sum(r.changed for r in rows)
-    return [f"Accuracy on these {n} prompts: finetuned {k_ft}/{n} ({100 * k_ft / n:.0f}%), "
-            f"EpiCoDe {k_ep}/{n} ({100 * k_ep / n:.0f}%); contrastive decoding changed {changed} picks."]
+    out = [f"{n} item{'s' * (n != 1)} shown; contrastive decoding changed {sum(r.changed for r in rows)} picks "
+           "in the EpiCoDe row"
+           + (f" and {sum(r.cd_changed for r in rows)} in the CD-only row." if any(r.cd_pieces is not None
+                                                                                  for r in rows) else ".")]
+    differ = s.get("differ") or {}
+    for key, label in (("epicode", "EpiCoDe"), ("cd", "CD only")):
+        d = differ.get(key)
+        if d:
+            source = differ.get("source", "the family's recorded eval")
+            out.append(f"Over all {d['n']} test items ({source}): {label} "
+                       f"was right where finetuned was wrong on {d['wins']}, wrong where it was right on "
+                       f"{d['losses']}; both right or both wrong on the other {d['n'] - d['wins'] - d['losses']}.")
+    if not differ:
+        out.append("Too few items for an accuracy: score a whole split with epicode-edge demo --eval DATA.jsonl.")
+    return out
