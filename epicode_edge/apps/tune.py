@@ -1,4 +1,4 @@
-"""`tune`: the paper's procedure on a dev set (DESIGN.md section 1, step 3).
+"""`tune`: the paper's procedure on a dev set (docs/design.md#the-method, step 3).
 
     result = tune("ft/", "ep1/", "dev.jsonl", "bundle/")                  # full checkpoints
     result = tune("ep2-adapter/", "ep1-adapter/", "dev.jsonl", "bundle/", base="base.gguf")   # LoRA
@@ -35,8 +35,9 @@ from ..errors import MissingExtraError, ParameterError, require
 from . import tasks
 
 STATE = "state.json"
-# mu: the paper has mu << 1; on SmolLM2-135M (DESIGN.md section 5) mu = 1 overshot and the gains sat at
-# mu <= 0.5, so the grid is dense at small values (down to 0.025); mu = 0 (finetuned) always competes.
+# mu: the paper has mu << 1; on SmolLM2-135M (models/smollm2/README.md#what-was-tried) mu = 1 overshot and
+# the gains sat at mu <= 0.5, so the grid is dense at small values (down to 0.025); mu = 0 (finetuned) always
+# competes.
 DEFAULT_MU_GRID = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5)
 # lambda: the paper's error analysis puts the best lambda near 1/(k-1) for an amateur whose error is k times
 # the expert's, which is large when the two are close (k near 1): the grid reaches well past 1.

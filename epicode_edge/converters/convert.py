@@ -418,7 +418,7 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
             mlx_bits: int | None = None, mlx_group_size: int = 64, with_inferior: bool = False, force: bool = False,
             lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA, progress: ProgressFn | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES, check_model: Callable[[Path], None] | None = None) -> Bundle:
-    """Extrapolate finetuned/inferior with mu and write a bundle at `out` (DESIGN.md section 3).
+    """Extrapolate finetuned/inferior with mu and write a bundle at `out` (docs/bundle.md).
 
     to: formats among gguf, mlx, hf (list or comma string); quant: GGUF quant types (one file per role and
     quant); mlx_bits (None = not quantized, or 2..8) and mlx_group_size for the MLX folders; with_inferior adds the inferior model

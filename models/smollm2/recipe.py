@@ -295,6 +295,10 @@ def _train(cfg: dict, out: Path, log_only: bool, say, cache: Path | None) -> dic
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     full = bool(cfg["full"])
+    if full:  # dequantized to float32 on load: from here on an ordinary model, saved as such
+        hf.hf_quantizer = None
+        if getattr(hf.config, "quantization_config", None) is not None:
+            del hf.config.quantization_config
     hf.requires_grad_(full)
     inner, lm_head = hf.model, hf.lm_head
     n_layers = len(inner.layers)
