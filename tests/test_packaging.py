@@ -47,6 +47,10 @@ def test_wheel_carries_the_shipped_families(wheel):
             for f in files:
                 rel = f.relative_to(REPO / "models").as_posix()
                 assert f"epicode_edge/families/{rel}" in names, rel
+    # every module of the package (pyproject.toml lists the subpackages: a new one must be added there)
+    missing = [p.relative_to(REPO).as_posix() for p in (REPO / "epicode_edge").rglob("*.py")
+               if "__pycache__" not in p.parts and p.relative_to(REPO).as_posix() not in names]
+    assert not missing, f"not in the wheel (add the subpackage to pyproject.toml's packages): {missing}"
     assert not any(n.startswith(("tests/", "models/", "bench/")) for n in names)
     assert not any(n.endswith(".gguf") for n in names)  # the base model is not in the wheel
 
