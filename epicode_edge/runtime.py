@@ -49,7 +49,7 @@ BACKENDS = ("auto", "llama.cpp", "mlx")
 # overlap=None (the default) turns overlap on where it applies (llama.cpp on a CPU with >= 2 cores, no thread
 # count that would oversubscribe them). It is the naive loop's engine calls, so its answers equal the naive
 # loop's, and on a real model it was the fastest of the exact modes: bench/decode.py on SmolLM2-135M Q8_0, 2 cores
-# (numbers in the README, issue 12's note).
+# (docs/benchmarks.md#decode-speed).
 AUTO_OVERLAP = True
 
 

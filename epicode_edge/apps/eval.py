@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ParameterError
+from ..errors import MissingExtraError, ParameterError, require
 from . import tasks
 from .tasks import Item
 
@@ -374,8 +374,11 @@ def write_outputs(report: EvalReport, out_dir) -> dict[str, Path]:
     if report.runs:
         summary["runs"] = [dict(r.__dict__, mean=r.mean, sd=r.sd) for r in runs_rows(report.runs)]
     _atomic_lines(paths["summary"], [json.dumps(summary, indent=2)])
-    accuracy_chart(rows, paths["chart"], title=f"{report.settings.get('data', '')} "
-                                               f"(n={len(report.items)})")
+    try:
+        accuracy_chart(rows, paths["chart"], title=f"{report.settings.get('data', '')} "
+                                                   f"(n={len(report.items)})")
+    except MissingExtraError as e:  # the scores are the result; the chart is optional (the `charts` extra)
+        report.warnings.append(f"no chart: {e}")
     _atomic_lines(paths["report"], [markdown_report(report, rows, paths["chart"].name)])
     report.out_dir = out
     return paths
@@ -391,6 +394,7 @@ def _atomic_lines(path: Path, lines) -> None:
 
 def accuracy_chart(rows: list[Row], path: Path, title: str = "") -> Path:
     """Horizontal bars of accuracy with 95% Wilson intervals (matplotlib, Agg backend)."""
+    require("matplotlib", f"the chart {path.name}")
     import matplotlib
 
     matplotlib.use("Agg")
