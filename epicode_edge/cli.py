@@ -322,19 +322,41 @@ def decoding_options(f):
 @click.option("--system", default=None, help="System prompt (chat template).")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, counts, timings).")
+@click.option("--explain", is_flag=True,
+              help="Print JSON lines: one per token (the pick, whether contrastive decoding changed it, the "
+                   "plausible candidates with the expert's and amateur's log-probs and scores), then a summary.")
+@click.option("--top-logprobs", type=int, default=0, show_default=True,
+              help="With --explain: the expert's N most likely tokens per token (0-20).")
 @runtime_options
-def generate_cmd(bundle, prompt, system, raw, as_json, engine, **settings):
+def generate_cmd(bundle, prompt, system, raw, as_json, explain, top_logprobs, engine, **settings):
     """Answer PROMPT with EpiCoDe (expert contrasted with amateur), streaming to stdout."""
     import json
 
     from .runtime import Settings, load
 
     settings["stop"] = settings["stop"] or None
+    if top_logprobs and not explain:
+        raise click.UsageError("--top-logprobs goes with --explain")
+    if explain:
+        settings.update(explain=True, top_logprobs=top_logprobs)
     Settings().updated(**settings)  # out-of-range values fail before the models load
     rt = load(bundle, **engine)
     _notes(rt)
     with rt:
         events = rt.stream(prompt, raw=raw, system=system, **settings)
+        if explain:
+            from .decoding.explain import explain_json
+            from .runtime import Collector
+
+            got = Collector()
+            for ev in events:
+                got.add(ev)
+                if not ev.final:
+                    click.echo(json.dumps(explain_json(ev.explain, rt.expert, ev.text), ensure_ascii=False))
+            res = got.result()
+            click.echo(json.dumps({"text": ev.text, "answer": res.text, **{k: v for k, v in res.as_dict().items()
+                                                                            if k != "text"}}, ensure_ascii=False))
+            return
         if as_json:
             from .runtime import collect
 
