@@ -6,3 +6,9 @@ DEFAULT_ALPHA = 0.1  # the paper's plausibility threshold (Tao et al. 2025; Li e
 # family): neither is evidence for a general value, so the default stays mid-range in the paper's grid and
 # every bundle carries its own tuned lambda (tune writes it into the manifest).
 DEFAULT_LAMBDA = 0.5
+
+# The largest lambda accepted anywhere (CLI, chat, batch lines, serve bodies, manifests). The paper's best lambda
+# is about 1/(k-1), large only when the amateur's error is barely larger than the expert's (k = 1.000001 gives
+# 1e6). Up to it, the scores (1 + lambda) * le - lambda * la of float32 logits stay finite in float64 and the
+# picks are those of the exact formula (decoding/contrastive.py, tests/test_hostile_round2.py).
+MAX_LAMBDA = 1e6

@@ -42,7 +42,8 @@ from .decoding.loop import (Collector, Event, Result, Stats, can_overlap, check_
                             stream_generate)
 from .decoding.sampling import check_sampling, make_logits_processors, make_sampler
 from .chat_template import check_messages, check_text, render_chat  # noqa: F401  (part of the runtime's API)
-from .errors import BackendError, BundleError, EpicodeError, InputError, ParameterError, UnsupportedError
+from .errors import (BackendError, BundleError, ContextFullError, EpicodeError, InputError, ParameterError,
+                     UnsupportedError)
 from .userdirs import unwritable_reason
 
 __all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "Event", "Explain", "Result", "Stats"]
@@ -310,8 +311,9 @@ class ChatSession:
 
     def __init__(self, runtime: Runtime, system: str | None = None, **settings):
         self.runtime = runtime
-        self.system = system
         self.settings = runtime.settings(**settings)
+        self.system = None
+        self.set_system(system)
         self.history: list[dict] = []  # user / assistant messages (the system prompt is kept apart)
         self.last: Result | None = None
         self._known: tuple[str, list[int]] | None = None  # (rendered text, its ids) of prompt + answer so far
@@ -324,6 +326,24 @@ class ChatSession:
 
     def set(self, **settings) -> None:
         self.settings = self.settings.updated(**settings)
+
+    def set_system(self, system: str | None) -> None:
+        """Set (or with None / "" clear) the system prompt; the conversation stays. Refused when the system
+        prompt alone, rendered with the chat template and an empty message, leaves less room than an answer
+        of max_tokens (at most half the context) in the context: every turn would fail on it."""
+        if system:
+            check_text(system, "the system prompt")
+            e = self.runtime.expert
+            if e.chat_template:
+                turn = [{"role": "system", "content": system}, {"role": "user", "content": ""}]
+                n = len(e.tokenize(self.runtime.render(turn), special=True, add_bos=False))
+                room = min(self.settings.max_tokens, e.n_ctx // 2)
+                if n + room > e.n_ctx:
+                    raise ContextFullError(
+                        f"the system prompt takes {n} tokens with the chat template, more than the {e.n_ctx - room} "
+                        f"of the context ({e.n_ctx} tokens) that leave room for an answer of {room} tokens (shorten "
+                        "it, or raise n_ctx)")
+        self.system = system or None
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt and settings stay; the caches are reused as they match)."""
@@ -577,15 +597,21 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=quant if backend == "llama.cpp" else None)
 
 
-def check_gguf_runs(path, n_threads: int | None = 1) -> None:
+def check_gguf_runs(path, n_threads: int | None = 1, adapters=None, role: str | None = None) -> None:
     """What convert asks of each GGUF it wrote: llama.cpp loads it and one token gives finite logits.
+    adapters: [(GGUF LoRA file, scale), ...] applied to it (a shared-base bundle's role, named `role`).
     Raises BackendError (cannot load: e.g. a config that does not match the weights) or NumericError."""
     from .backends.llamacpp import LlamaCppBackend
     from .decoding.loop import check_finite
 
     path = Path(path)
-    role = path.stem.split("-", 1)[0]
-    b = LlamaCppBackend(path, n_ctx=256, n_threads=n_threads)
+    role = role or path.stem.split("-", 1)[0]
+    if adapters:
+        from .backends.llamacpp_lora import open_roles
+
+        b = open_roles(path, {role: list(adapters)}, (role,), n_ctx=256, n_threads=n_threads)[role]
+    else:
+        b = LlamaCppBackend(path, n_ctx=256, n_threads=n_threads)
     try:
         check_finite(b.prefill([b.bos_id if b.bos_id is not None else 0]), role, b)
     finally:

@@ -27,9 +27,11 @@ Durability and resume: each record is written and flushed as its request finishe
 same output skips every request whose id (or, for a line without id, whose line number) already has a
 record, so after any number of interrupted runs each id appears exactly once. A crash can leave a
 truncated last line: it is cut off before appending (complete records are never touched). Error records
-count as done unless retry_errors=True, which drops them from the output (atomic rewrite) and runs
-those requests again. Duplicate ids in the input: the first occurrence runs, later ones are reported in
-Summary.duplicates and skipped.
+count as done unless retry_errors=True, which drops them from the output (atomic rewrite; a symlinked
+output is rewritten through its link) and runs those requests again. Only a last line that is the start of
+a record is cut; an output holding anything else (other JSON, text, binary) is refused and left as it was.
+Input lines longer than MAX_LINE_BYTES and outputs that are not regular files are refused. Duplicate
+ids in the input: the first occurrence runs, later ones are reported in Summary.duplicates and skipped.
 
 Library code: never prints; progress is a callback progress(done, total, record_or_None).
 """
@@ -39,6 +41,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -119,6 +123,8 @@ class _Output:
         except OSError as e:
             raise InputError(f"cannot write {path}: {e.strerror or e}") from None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # check_output saw a file; it was replaced since
+                raise InputError(f"cannot write {path}: not a regular file")
             _lock(fd, path)
         except BaseException:
             os.close(fd)
@@ -212,16 +218,28 @@ def _key(id_: Any, line: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+MAX_LINE_BYTES = 1 << 20  # the longest input line read (1 MiB): a file without newlines (/dev/zero) stops here
+
+
 def read_input(path: Path) -> bytes:
+    """The input's bytes, read a line at a time: a line longer than MAX_LINE_BYTES is refused as soon as it
+    is seen, so that a huge or endless line never fills the memory."""
     path = Path(path)
+    chunks = []
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            for n, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+                if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):  # (readline's cap: no newline in it)
+                    raise InputError(f"cannot read {path}: line {n} is longer than {MAX_LINE_BYTES} bytes (the "
+                                     "limit per input line)")
+                chunks.append(line)
     except FileNotFoundError:
         raise InputError(f"cannot read {path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"cannot read {path}: it is a directory") from None
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    return b"".join(chunks)
 
 
 def parse_line(raw: bytes, line: int) -> Request | dict | None:
@@ -334,6 +352,8 @@ def check_output(path: Path, input_path: Path) -> None:
         raise InputError(f"cannot write {path}: it is the input file")
     if path.is_dir():
         raise InputError(f"cannot write {path}: it is a directory")
+    if path.exists() and not path.is_file():  # /dev/full, /dev/zero, a FIFO: no records to resume, no end
+        raise InputError(f"cannot write {path}: not a regular file (give a file path, new or a results file)")
     parent = path.parent
     if not parent.exists():
         raise InputError(f"cannot write {path}: no such directory {parent}")
@@ -346,8 +366,9 @@ def check_output(path: Path, input_path: Path) -> None:
 
 def scan_output(path: Path) -> tuple[list[dict], int | None, bool]:
     """Read an existing output -> (complete records, byte offset to cut a truncated tail at or None,
-    whether the last complete record lacks its newline). A bad line before the last one means the
-    file is not ours: refuse rather than append to it."""
+    whether the last complete record lacks its newline). Only a last line that is the start of one of our
+    records (a write cut short: see _cut_short) may be cut; any other line that is not a record means the
+    file is not ours: refuse, leaving it as it was."""
     path = Path(path)
     if not path.exists():
         return [], None, False
@@ -360,10 +381,10 @@ def scan_output(path: Path) -> tuple[list[dict], int | None, bool]:
         last = n == len(lines)
         rec = _record(raw)
         if rec is None and raw.strip():
-            if last:  # a crash mid-write: cut it off
+            if last and _cut_short(raw):  # a crash mid-write: cut it off
                 return records, pos, False
-            raise InputError(f"{path} line {n} is not a result record; refusing to append to it "
-                             f"(choose another output file)")
+            raise InputError(f"{path} line {n} is not a result record of batch; refusing to write to it (left "
+                             "as it was; choose another output file)")
         if rec is not None:
             records.append(rec)
         pos += len(raw) + 1
@@ -372,11 +393,74 @@ def scan_output(path: Path) -> tuple[list[dict], int | None, bool]:
 
 
 def _record(raw: bytes) -> dict | None:
+    """A complete line -> the record dumps_record wrote, or None (not JSON, or JSON of another shape)."""
     try:
         rec = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
-    return rec if isinstance(rec, dict) and "id" in rec and ("text" in rec or "error" in rec) else None
+    if not isinstance(rec, dict) or "id" not in rec or type(rec.get("line")) is not int:
+        return None
+    return rec if isinstance(rec.get("text"), str) or isinstance(rec.get("error"), str) else None
+
+
+RECORD_START = b'{"id": '  # how every line dumps_record writes begins (result_record and _error put "id" first)
+_WS = r"[ \t\r\n]*"
+_CHARS = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*'  # a JSON string's inside
+_JSON_TOKEN = re.compile(_WS + r'(?:(?P<s>"' + _CHARS + r'")|(?P<v>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?'
+                         r"(?:[eE][+-]?[0-9]+)?(?![0-9.eE])|true|false|null)|(?P<p>[{}\[\],:]))")
+_JSON_PARTIAL = re.compile(_WS + r'(?:(?P<s>"' + _CHARS + r"(?:\\(?:u[0-9a-fA-F]{0,3})?)?)"
+                           r"|(?P<v>-|-?(?:0|[1-9][0-9]*)(?:\.[0-9]*)?(?:[eE][+-]?)?"
+                           r"|t|tr|tru|f|fa|fal|fals|n|nu|nul))?\Z")
+
+
+def _cut_short(raw: bytes) -> bool:
+    """Whether raw is a record that dumps_record began and did not finish: it starts like one (RECORD_START)
+    and is valid JSON up to where it stops, unfinished (UTF-8, maybe cut inside a character; every string
+    closed or cut, every number or literal whole or cut). Anything else (other JSON, text, binary) is not."""
+    if not (raw.startswith(RECORD_START) or RECORD_START.startswith(raw)):
+        return False
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.reason != "unexpected end of data" or e.end != len(raw):
+            return False
+        text = raw[:e.start].decode("utf-8")
+    return _json_prefix(text)
+
+
+def _json_prefix(text: str) -> bool:
+    """Whether text is the beginning of a JSON object, not the whole of one."""
+    stack, expect, pos = [], "value", 0  # expect: value, value], key, key}, :, ,]
+    while True:
+        m = _JSON_TOKEN.match(text, pos)
+        if m is None:
+            break
+        pos, tok = m.end(), m.group(m.lastgroup)
+        kind = m.lastgroup
+        if kind == "p" and tok in "{[" and expect in ("value", "value]"):
+            stack.append(tok)
+            expect = "key}" if tok == "{" else "value]"
+        elif kind == "p" and tok in "}]" and stack and stack[-1] == ("{" if tok == "}" else "["):
+            if expect not in (",]", "key}" if tok == "}" else "value]"):
+                return False
+            stack.pop()
+            expect = ",]" if stack else "end"
+        elif kind == "p" and tok == "," and expect == ",]":
+            expect = "key" if stack[-1] == "{" else "value"
+        elif kind == "p" and tok == ":" and expect == ":":
+            expect = "value"
+        elif kind == "s" and expect in ("key", "key}"):
+            expect = ":"
+        elif kind in ("s", "v") and expect in ("value", "value]"):
+            expect = ",]" if stack else "end"
+        else:
+            return False
+    rest = _JSON_PARTIAL.match(text, pos)
+    if rest is None or expect == "end":
+        return False
+    if rest.lastgroup == "s":
+        return expect in ("value", "value]", "key", "key}")
+    return rest.lastgroup is None or expect in ("value", "value]")
 
 
 def _repair(path: Path, cut: int | None, needs_newline: bool) -> str | None:
@@ -393,8 +477,14 @@ def _repair(path: Path, cut: int | None, needs_newline: bool) -> str | None:
 
 def _rewrite(path: Path, records: list[dict]) -> int:
     """Replace the output atomically with `records` (a temp file in the same folder, locked, then renamed);
-    returns the new file's descriptor, which holds the lock."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    returns the new file's descriptor, which holds the lock. A symlinked output is rewritten through the
+    link: the file it points to is replaced (its temp file made in that file's folder, so the rename stays
+    on one file system) and the link stays, as appending through it does."""
+    target = Path(os.path.realpath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise InputError(f"cannot rewrite {path}: {e.strerror or e} in {target.parent}") from None
     try:
         _lock(fd, path)
         if hasattr(os, "fchmod"):  # mkstemp makes it 0600; the output keeps the umask's permissions
@@ -404,7 +494,7 @@ def _rewrite(path: Path, records: list[dict]) -> int:
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         os.close(fd)
         Path(tmp).unlink(missing_ok=True)

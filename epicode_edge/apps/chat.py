@@ -18,6 +18,7 @@ testable without a terminal; `run_repl` is only the read loop.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ContextFullError, EpicodeError, ParameterError, one_line
+from ..errors import ContextFullError, EpicodeError, InputError, ParameterError, one_line
 
 HELP = """\
 Commands:
@@ -228,14 +229,11 @@ class ChatApp:
 
     def cmd_system(self, arg: str) -> None:
         """The conversation stays; the next turn re-prefills from the start (the system prompt comes first)."""
-        from ..runtime import check_text
-
         try:
-            check_text(arg, "the system prompt")
+            self.session.set_system(arg)
         except EpicodeError as e:  # kept out, or every later turn would fail on it
             self.status(f"Error: {one_line(e)}")
             return
-        self.session.system = arg or None
         self.status("System prompt set." if arg else "System prompt cleared.")
 
     def cmd_set(self, arg: str) -> None:
@@ -352,7 +350,8 @@ HISTORY_FILE = Path(os.environ.get("EPICODE_EDGE_HISTORY", "~/.epicode_edge_hist
 
 
 def read_message(readline: Callable[[str], str], prompt: str = ">>> ", more: str = "... ") -> str:
-    """One message: a line, or the lines between triple quotes. Raises EOFError at end of input."""
+    """One message: a line, or the lines between triple quotes. Raises EOFError at end of input, InputError
+    for a message longer than MAX_LINE_CHARS."""
     line = readline(prompt)
     if not line.lstrip().startswith('"""'):
         return line
@@ -360,6 +359,7 @@ def read_message(readline: Callable[[str], str], prompt: str = ">>> ", more: str
     if body.rstrip().endswith('"""') and body.strip() != "":
         return body.rstrip()[:-3]
     lines = [body] if body else []
+    size = len(body)
     while True:
         try:
             nxt = readline(more)
@@ -369,13 +369,25 @@ def read_message(readline: Callable[[str], str], prompt: str = ">>> ", more: str
             lines.append(nxt.rstrip()[:-3])
             return "\n".join(lines).strip("\n")
         lines.append(nxt)
+        size += len(nxt) + 1
+        if size > MAX_LINE_CHARS:
+            raise InputError(f"a message between triple quotes is longer than {MAX_LINE_CHARS} characters (the "
+                             "limit per message)")
+
+
+MAX_LINE_CHARS = 1 << 20  # the longest line (and message) read from a pipe: stdin from /dev/zero stops here
 
 
 def _pipe_reader(stream) -> Callable[[str], str]:
+    count = itertools.count(1)
+
     def readline(prompt: str) -> str:
-        line = stream.readline()
+        line = stream.readline(MAX_LINE_CHARS + 1)
+        n = next(count)
         if not line:
             raise EOFError
+        if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):  # (readline's cap: no newline in it)
+            raise InputError(f"stdin line {n} is longer than {MAX_LINE_CHARS} characters (the limit per line)")
         return line.rstrip("\r\n")
 
     return readline

@@ -27,6 +27,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+from ..defaults import MAX_LAMBDA
 from ..hashing import sha256_file  # noqa: F401  (part of this module's API: bundle.sha256_file)
 from ..userdirs import unwritable_reason
 from ..errors import BundleError
@@ -426,8 +427,9 @@ def check_manifest(m, mpath="epicode.json") -> None:
         raise _bad(mpath, "mu", f"missing or malformed: must be a finite number >= 0, got {m['mu']!r}")
     d = m["defaults"]
     lam, alpha = d.get("lambda"), d.get("alpha")
-    if not _is_number(lam) or lam < 0:
-        raise _bad(mpath, "defaults.lambda", f"missing or malformed: must be a finite number >= 0, got {lam!r}")
+    if not _is_number(lam) or not 0 <= lam <= MAX_LAMBDA:
+        raise _bad(mpath, "defaults.lambda", f"missing or malformed: must be a finite number >= 0 and at most "
+                                             f"{MAX_LAMBDA:g}, got {lam!r}")
     if not _is_number(alpha) or not 0 < alpha <= 1:
         raise _bad(mpath, "defaults.alpha", f"missing or malformed: must be in (0, 1], got {alpha!r}")
     for i, w in enumerate(m.get("warnings", [])):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
+from ..defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA, MAX_LAMBDA
 from ..errors import BundleError, ParameterError, UnsupportedError
 from .bundle import (LOCK_FILE, Bundle, BundleWriter, build_manifest, file_entry, gguf_relpath, hf_relpath,
                      human_bytes, mlx_relpath, open_bundle)
@@ -91,8 +91,9 @@ def check_quants(quant) -> list[str]:
 
 
 def check_decoding_defaults(lam, alpha) -> tuple[float, float]:
-    if not (isinstance(lam, (int, float)) and lam >= 0):
-        raise ParameterError(f"lambda must be a number >= 0 (got {lam})")
+    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and math.isfinite(lam)
+            and 0 <= lam <= MAX_LAMBDA):
+        raise ParameterError(f"lambda must be a finite number >= 0 and at most {MAX_LAMBDA:g} (got {lam})")
     if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
         raise ParameterError(f"alpha must be in (0, 1] (got {alpha})")
     return float(lam), float(alpha)

@@ -116,8 +116,17 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     except BaseException:
         file.close()
         raise
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    scales = {t: _peft_scale(config, t, file.entries[a].shape[0]) for t, (a, _) in targets.items()}
+    try:
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+        ranks = _pattern_values(config, "rank_pattern", targets, cfg_path)
+        alphas = _pattern_values(config, "alpha_pattern", targets, cfg_path)
+        scales = {}
+        for t, (a, _) in targets.items():
+            _check_rank(file, a, ranks[t] if ranks[t] is not None else r, cfg_path)
+            scales[t] = _peft_scale(config, alphas[t], file.entries[a].shape[0])
+    except BaseException:
+        file.close()
+        raise
     return LoraAdapter(path, config, r, alpha, config.get("base_model_name_or_path"), targets, scales, file)
 
 
@@ -129,6 +138,21 @@ def _check_config(config: dict, cfg_path: Path) -> None:
         v = config.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise InputError(f"{cfg_path}: field {key!r} must be a positive number, got {v!r}")
+    _check_rank_value(config["r"], "field 'r'", cfg_path)
+    _check_alpha_value(config["lora_alpha"], "field 'lora_alpha'", cfg_path)
+    for key, check in (("rank_pattern", _check_rank_value), ("alpha_pattern", _check_alpha_value)):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise InputError(f"{cfg_path}: field {key!r} must be an object (module pattern -> value), got "
+                             f"{type(patterns).__name__}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")  # how PEFT matches it (peft/utils/other.py get_pattern_key)
+            except re.error as e:
+                raise InputError(f"{cfg_path}: {key} key {pattern!r} is not a valid regular expression ({e})") from None
+            check(value, f"{key}[{pattern!r}]", cfg_path)
     if config.get("use_dora"):
         raise UnsupportedError(f"{cfg_path}: DoRA adapters (use_dora) are not supported")
     if config.get("fan_in_fan_out"):
@@ -155,6 +179,8 @@ def _pair_tensors(file: SafetensorsFile) -> dict[str, tuple[str, str]]:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise CheckpointError(f"{file.path}: tensor {next(iter(ab.values()))!r} has no {missing} partner")
         a, b = file.entries[ab["A"]], file.entries[ab["B"]]
+        if len(a.shape) == 2 and len(b.shape) == 2 and 0 in (a.shape[0], b.shape[1]):
+            raise CheckpointError(f"{file.path}: tensor {a.name!r} {list(a.shape)} has rank 0 (an empty LoRA pair)")
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
             raise CheckpointError(f"{file.path}: tensors {a.name!r} {list(a.shape)} and {b.name!r} "
                                   f"{list(b.shape)} are not a LoRA pair (A (r, in), B (out, r))")
@@ -164,17 +190,70 @@ def _pair_tensors(file: SafetensorsFile) -> dict[str, tuple[str, str]]:
     return targets
 
 
-def _pattern_value(patterns: dict, target: str):
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name ending in it."""
-    module = target[: -len(".weight")]
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
+F32_MAX = float(np.finfo(np.float32).max)  # llama.cpp reads adapter.lora.alpha as a float32
+PATTERN_SECONDS = 2.0  # the most time an adapter's rank_pattern or alpha_pattern may take to match its targets
 
 
-def _peft_scale(config: dict, target: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern"), target)
+def _check_rank_value(v, what: str, cfg_path: Path) -> int:
+    """A LoRA rank: a positive integer (an integral float too, as JSON may write it)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or v < 1:
+        raise InputError(f"{cfg_path}: {what} must be a positive integer (a LoRA rank), got {v!r}")
+    return int(v)
+
+
+def _check_alpha_value(v, what: str, cfg_path: Path) -> float:
+    """A lora_alpha: a positive number that float32 holds (the GGUF adapter stores it so)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= F32_MAX):
+        raise InputError(f"{cfg_path}: {what} must be a positive number of at most {F32_MAX:.4g}, got {v!r}")
+    return float(v)
+
+
+def _pattern_values(config: dict, key: str, targets, cfg_path: Path) -> dict:
+    """target -> the value of the first `key` (rank_pattern / alpha_pattern) pattern matching its module, or
+    None: PEFT's rule (peft/utils/other.py get_pattern_key): the module name matches "(.*[.])?(PATTERN)$",
+    patterns in the config's order. The patterns are the user's regular expressions; one that backtracks
+    without end (e.g. "(a|aa)+b") would hang convert, so all the matches of one config share a bound of
+    PATTERN_SECONDS (the regex module's timeout; its default syntax is re's) and a pattern that runs past it
+    is refused."""
+    patterns = config.get(key) or {}
+    if not patterns:
+        return dict.fromkeys(targets)
+    import time
+
+    import regex
+
+    try:
+        compiled = [(p, regex.compile(rf"(.*\.)?({p})$"), v) for p, v in patterns.items()]
+    except regex.error as e:  # re compiled it (_check_config); the regex module may still refuse one
+        raise InputError(f"{cfg_path}: {key}: a key is not a valid regular expression ({e})") from None
+    deadline = time.monotonic() + PATTERN_SECONDS
+    out = {}
+    for target in targets:
+        module = target[: -len(".weight")]
+        out[target] = None
+        for p, rx, v in compiled:
+            try:
+                hit = rx.match(module, timeout=max(deadline - time.monotonic(), 1e-3))
+            except TimeoutError:
+                raise InputError(f"{cfg_path}: {key} key {p!r} takes more than {PATTERN_SECONDS:g} s to match "
+                                 f"the module names (a regular expression that backtracks; simplify it)") from None
+            if hit:
+                out[target] = v
+                break
+    return out
+
+
+def _check_rank(file: SafetensorsFile, a_name: str, r: int, cfg_path: Path) -> None:
+    """The rank of a LoRA pair (rows of A) is the r its config gives it: PEFT builds the pair with that r and
+    scales it by lora_alpha / r, so a mismatch is an adapter the config does not describe."""
+    rank = file.entries[a_name].shape[0]
+    if rank != int(r):
+        raise MismatchError(f"{file.path}: tensor {a_name!r} has rank {rank}, but {cfg_path.name} gives r = "
+                            f"{int(r)} for it (r / rank_pattern): the config and the tensors must agree")
+
+
+def _peft_scale(config: dict, alpha, rank: int) -> float:
+    """PEFT's scale of B @ A: alpha (the alpha_pattern value or lora_alpha) / r, or / sqrt(r) with rsLoRA."""
     alpha = float(config["lora_alpha"] if alpha is None else alpha)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
@@ -665,6 +744,9 @@ def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force
                 write_lora_gguf(adapter, bw.path(rel), base_config(base_ckpt), lora_type)
                 files["lora"][which] = file_entry(bw.tmp, rel, r=adapter.r, lora_alpha=adapter.alpha,
                                                   targets=len(adapter.targets), type=lora_type)
+            if check_model is not None:  # each role as it will run: the base with its adapters at their scales
+                check_roles(check_model, bw.tmp / gguf_relpath("base", quants[0]), bw.tmp, mu,
+                            {"finetuned": ft.path, "inferior": inf.path})
             out_bytes = sum(e["bytes"] for per in files["gguf"].values() for e in per.values())
             out_bytes += sum(e["bytes"] for e in files["lora"].values())
             in_bytes = base_ckpt.nbytes + sum(a.file.path.stat().st_size for a in (ft, inf))
@@ -684,6 +766,20 @@ def _write_shared_base(base_ckpt, ft, inf, out, *, mu, quants, lam, alpha, force
         except OSError as e:  # a full disk, mostly: one line, and the temporary folder goes
             raise write_error(e, bw, _shared_base_bytes(base_ckpt, quants, (ft, inf))) from None
     return open_bundle(path)
+
+
+def check_roles(check_model, base: Path, root: Path, mu: float, sources: dict | None = None) -> None:
+    """check_model(base, adapters=[(GGUF LoRA file, scale), ...], role=role) for every role of a shared-base
+    bundle (role_scales): with its adapters applied the model must load and give finite logits (an adapter
+    whose lora_alpha is 1e30 gives finite tensors and a model that gives NaN). sources: adapter -> its
+    folder, for the message."""
+    for role, per in role_scales(mu).items():
+        try:
+            check_model(base, adapters=[(root / lora_relpath(w), s) for w, s in per.items()], role=role)
+        except NumericError:
+            terms = " + ".join(f"{s:g} x {sources.get(w, w) if sources else w}" for w, s in per.items())
+            raise NumericError(f"the {role} model (base + {terms}) gives non-finite logits: the adapters' "
+                               "scale (lora_alpha / r) or tensors are too large for the base") from None
 
 
 def _shared_base_bytes(base_ckpt, quants, adapters) -> int:

@@ -22,12 +22,15 @@ import math
 
 import numpy as np
 
+from ..defaults import MAX_LAMBDA
 from ..errors import ParameterError
 
 
 def check_lam(lam: float) -> float:
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
-        raise ParameterError(f"lambda must be a finite number >= 0, got {lam!r}")
+    """lambda as a float: finite, in [0, MAX_LAMBDA] (defaults.py)."""
+    if (not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0
+            or lam > MAX_LAMBDA):
+        raise ParameterError(f"lambda must be a finite number >= 0 and at most {MAX_LAMBDA:g}, got {lam!r}")
     return float(lam)
 
 
@@ -66,36 +69,40 @@ def plausibility_mask(le: np.ndarray, alpha: float) -> np.ndarray:
 def contrastive_scores(le: np.ndarray, la: np.ndarray, lam: float, alpha: float) -> np.ndarray:
     """The paper's scores over the full vocabulary: (1 + lam) * le - lam * la on kept tokens, -inf elsewhere.
 
-    le, la: log-probs (V,) of expert and amateur.  Returns (V,) float32.
+    le, la: log-probs (V,) of expert and amateur.  Returns (V,) float64 (as candidate_scores).
     """
     lam, alpha = check_lam(lam), check_alpha(alpha)
     if le.shape != la.shape:
         raise ParameterError(f"expert and amateur logits differ in shape: {le.shape} vs {la.shape}")
     keep = plausibility_mask(le, alpha)
-    s = np.full(le.shape, -np.inf, dtype=np.float32)
-    s[keep] = (1 + lam) * le[keep] - lam * la[keep]
+    s = np.full(le.shape, -np.inf, dtype=np.float64)
+    s[keep] = (1 + lam) * le[keep].astype(np.float64) - lam * la[keep].astype(np.float64)
     return s
 
 
 def candidate_scores(expert_logits: np.ndarray, amateur_logits: np.ndarray | None, ids: np.ndarray,
                      lam: float, normalize: bool = False, amateur_on_ids: bool = False) -> np.ndarray:
-    """Contrastive scores of the candidate ids only.  (V,), (V,), (K,) -> (K,) float32.
+    """Contrastive scores of the candidate ids only.  (V,), (V,), (K,) -> (K,) float64.
 
     normalize=False: (1 + lam) * x - lam * y on raw logits (paper's scores minus one constant).
     normalize=True: the paper's values, with log-softmax over the full vocabulary.
     amateur_on_ids: amateur_logits are (K,), the amateur's logits of ids only (normalize=False only: the
     log-normaliser needs the whole vocabulary).
     With lam == 0 the amateur is not read (it may be None): the scores are the expert's own.
+    In float64 (K values only): in float32, (1 + lam) * x and lam * y overflow for lam near 1e38 and cancel
+    each other's digits long before (at lam 1e6 float32 keeps about 1 unit of the difference), so the picks
+    stop being the formula's. In float64, with float32 logits and lam <= MAX_LAMBDA (defaults.py), the scores
+    are finite and the picks those of the exact formula (test: tests/test_hostile_round2.py).
     """
     x = expert_logits
-    xe = x[ids] - logsumexp(x) if normalize else x[ids]  # (K,)
+    xe = (x[ids] - logsumexp(x) if normalize else x[ids]).astype(np.float64)  # (K,)
     if lam == 0:
-        return xe.astype(np.float32, copy=False)
+        return xe
     y = amateur_logits
     if amateur_on_ids:
         if normalize or y.shape != ids.shape:
             raise ParameterError(f"amateur logits of the candidates: need normalize=False and shape {ids.shape}, "
                                  f"got normalize={normalize} and shape {y.shape}")
-        return ((1 + lam) * xe - lam * y).astype(np.float32, copy=False)
-    ya = y[ids] - logsumexp(y) if normalize else y[ids]  # (K,)
-    return ((1 + lam) * xe - lam * ya).astype(np.float32, copy=False)
+        return (1 + lam) * xe - lam * y.astype(np.float64)
+    ya = (y[ids] - logsumexp(y) if normalize else y[ids]).astype(np.float64)  # (K,)
+    return (1 + lam) * xe - lam * ya

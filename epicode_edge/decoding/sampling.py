@@ -114,14 +114,23 @@ def apply_top_k(logp: np.ndarray, top_k: int) -> np.ndarray:
     return out
 
 
+MAX_REPETITION_PENALTY = 1e6  # penalties in [1 / it, it]: scores (at most ~1e45, float64) times it stay finite
+
+
+def check_repetition_penalty(penalty) -> float:
+    m = MAX_REPETITION_PENALTY
+    if not _number(penalty) or not (1 / m <= penalty <= m):
+        raise ParameterError(f"repetition_penalty must be a number > 0, from {1 / m:g} to {m:g}, got {penalty!r}")
+    return float(penalty)
+
+
 def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:
     """Sign-aware multiplicative penalty on tokens seen in the last context_size tokens (CTRL paper, as
     mlx-lm's make_repetition_penalty and llama.cpp's repeat_penalty): s < 0 -> s * penalty, else s / penalty.
 
     The processor takes (tokens so far, ids (K,), scores (K,)) and returns new scores (K,).
     """
-    if not _number(penalty) or penalty <= 0:
-        raise ParameterError(f"repetition_penalty must be a number > 0, got {penalty!r}")
+    check_repetition_penalty(penalty)
     if not isinstance(context_size, int) or isinstance(context_size, bool) or context_size < 1:
         raise ParameterError(f"repetition_context_size must be an integer >= 1, got {context_size!r}")
 
@@ -143,7 +152,7 @@ def make_logits_processors(repetition_penalty: float | None = None,
                            repetition_context_size: int = 20) -> list[LogitsProcessor]:
     """The processors to apply to the candidate scores before sampling (empty when none is asked for)."""
     if repetition_penalty is None or repetition_penalty == 1.0:
-        if repetition_penalty is not None and not _number(repetition_penalty):
-            raise ParameterError(f"repetition_penalty must be a number > 0, got {repetition_penalty!r}")
+        if repetition_penalty is not None:
+            check_repetition_penalty(repetition_penalty)
         return []
     return [make_repetition_penalty(repetition_penalty, repetition_context_size)]
