@@ -14,7 +14,7 @@
   function pct(lp) {
     if (lp === null || lp === undefined) return "\u2013";
     const p = 100 * Math.exp(lp);
-    return (p >= 10 ? p.toFixed(1) : p >= 0.1 ? p.toFixed(2) : p.toExponential(1)) + "%";
+    return (p >= 10 ? p.toFixed(1) : p >= 0.01 ? p.toFixed(2) : p.toExponential(1)) + "%";
   }
 
   function num(x) { return x === null || x === undefined ? "\u2013" : x.toFixed(2); }
@@ -59,7 +59,9 @@
     const table = el("table", "ep-cands");
     const hr = el("tr");
     for (const h of ["candidate", "expert p", "amateur p", "score", ""]) hr.append(el("th", null, h));
-    table.append(el("thead")).append(hr);
+    const thead = el("thead");
+    thead.append(hr);
+    table.append(thead);
     const body = el("tbody");
     for (const c of tok.candidates) {
       const tr = el("tr", (c.picked ? "ep-picked" : "") + (c.id === tok.own ? " ep-own" : ""));
