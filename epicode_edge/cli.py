@@ -116,8 +116,9 @@ def _preload_llama_cpp() -> None:
                    "adapter folder): shows its checkpoints and takes finetuned and inferior from it.")
 @click.option("--mu", required=True, type=float, help="Extrapolation strength: expert = ft + mu * (ft - inf).")
 @click.option("--to", default="gguf", show_default=True,
-              help="Output formats, comma-separated: gguf, mlx, hf. GGUF inputs give all three (hf/mlx: "
-                   "byte-level BPE tokenizers only; quantized tensors dequantized to float32).")
+              help="Output formats, comma-separated: gguf, mlx, hf. GGUF inputs give gguf for any architecture "
+                   "llama.cpp loads, and hf/mlx for the architectures whose HF form the tool rebuilds (byte-level "
+                   "BPE tokenizers only; quantized tensors dequantized to float32).")
 @click.option("--quant", default="Q8_0", show_default=True,
               help="GGUF quant types, comma-separated: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0.")
 @click.option("--mlx-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,

@@ -14,7 +14,7 @@ precision next to the output, then `llama_cpp.llama_model_quantize` (which picks
 back for rows that are not a multiple of the block size, as llama-quantize does). 1-D tensors and norms stay
 F32. Output files appear under their final name only when complete.
 
-`GGUFCopySink` is the same for GGUF inputs: metadata copied from the source GGUF, tensors in GGUF naming,
+`GGUFCopySink` is the same for GGUF inputs of any architecture: metadata copied from the source GGUF, tensors in GGUF naming,
 whole (`write`) or in pieces of rows (`write_rows`, in order), with the same bytes.
 """
 
@@ -386,14 +386,18 @@ class GGUFCopySink(_StreamingGGUF):
                  types: dict[str, int] | None = None):
         header = header or _open_header(source)
         arch = header.meta.get(gguf.Keys.General.ARCHITECTURE)
-        if arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
-            raise UnsupportedError(
-                f"{source}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if not isinstance(arch, str) or not arch:
+            raise InputError(f"{source}: no general.architecture in GGUF metadata")
         super().__init__(out_path, arch, quant, types)
+        # A tensor the source keeps in F32 among tensors of lower types was kept so by the converter that wrote
+        # it (e.g. the ssm_* tensors of Mamba-like models, which llama.cpp's ops take in F32 only): it stays F32.
+        kept = {n for n, (_, tag) in tensors.items() if tag == "F32"} if any(
+            tag != "F32" for _, tag in tensors.values()) else set()
         try:
             copy_metadata(header, self.writer)
             for name, (shape, tag) in tensors.items():
-                self.plan[name] = (tuple(int(d) for d in shape), self._tensor_type(name, tuple(shape), tag))
+                qtype = Q.F32 if name in kept and types is None else self._tensor_type(name, tuple(shape), tag)
+                self.plan[name] = (tuple(int(d) for d in shape), qtype)
         except BaseException:
             self.abort()
             raise
