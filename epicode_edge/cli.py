@@ -495,8 +495,9 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
               read_timeout, engine, overlap):
     """Serve BUNDLE over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for
     chat front ends, editors and the openai client. Model NAME is EpiCoDe, NAME:finetuned the finetuned model
-    alone; extra body fields `lambda` and `alpha` set contrastive decoding per request. One line per request
-    on stderr."""
+    alone; extra body fields `lambda` and `alpha` set contrastive decoding per request, `epicode: {"explain":
+    true}` streams what it did per token. A chat page at / (both models side by side, changed picks
+    highlighted). One line per request on stderr."""
     import logging
 
     from .apps.serve import ServeConfig, make_server
@@ -523,8 +524,8 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
             click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.",
                        err=True)
         click.echo(f"Serving {name} ({rt.backend}, lambda {rt.defaults.lam:g}, alpha {rt.defaults.alpha:g}, "
-                   f"{parallel} at a time) on {served.url}/v1 - models: {name}, {name}:finetuned. "
-                   "Ctrl-C stops.", err=True)
+                   f"{parallel} at a time) on {served.url}/v1 - models: {name}, {name}:finetuned; "
+                   f"chat page: {served.url}/ . Ctrl-C stops.", err=True)
         served.run()
 
 
@@ -591,7 +592,8 @@ class _StageBars:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
-              help="Where eval.jsonl, report.md, accuracy.png, summary.json go [default: ./eval-BUNDLE-DATA].")
+              help="Where eval.jsonl, report.md, report.html, accuracy.png, summary.json go "
+                   "[default: ./eval-BUNDLE-DATA].")
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Answer length limit.")
 @click.option("--extract", default="last-number", show_default=True,
               help="Answer extraction: last-number, exact, choice or regex:PATTERN (first group if any).")
@@ -630,7 +632,8 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
     if report.runs:
         click.echo(f"\n{runs} sampled runs (temperature {temp:g}):")
         click.echo(report.runs_table())
-    click.echo(f"Wrote {out_dir / 'eval.jsonl'}, {out_dir / 'report.md'} (chart {out_dir / 'accuracy.png'})")
+    click.echo(f"Wrote {out_dir / 'eval.jsonl'}, {out_dir / 'report.md'} (chart {out_dir / 'accuracy.png'}), "
+               f"{out_dir / 'report.html'}")
 
 
 @main.command("tune")

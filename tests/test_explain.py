@@ -153,3 +153,18 @@ def test_generate_explain_prints_json_lines(tmp_path_factory):
             c["score"] for c in t["candidates"])
         assert [c["picked"] for c in t["candidates"]].count(True) <= 1 and len(t["top_logprobs"]) == 2
         assert t["changed"] == (t["token"] != t["own"])
+
+
+def test_explain_on_mlx_equals_recomputation(tmp_path_factory):
+    """MLX (CPU): the candidate head is off when explaining, so the amateur's log-probs are over the whole
+    vocabulary there too."""
+    from epicode_edge.runtime import load
+
+    r = load(bundle_dir(tmp_path_factory), backend="mlx", n_ctx=256)
+    try:
+        prompt = r.encode(PROMPT)
+        s = r.settings(max_tokens=8, lam=LAM, alpha=ALPHA, explain=True, top_logprobs=2, catch_up="steps")
+        toks = _check_against_full_logits(r, prompt, list(r.stream_ids(prompt, s)), LAM, ALPHA, 2)
+        assert any(not ev.skipped and len(ev.explain.candidates) > 1 for ev in toks)
+    finally:
+        r.close()
