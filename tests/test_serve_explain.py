@@ -129,6 +129,6 @@ def test_the_chat_page_is_served_at_root_and_needs_nothing_else(srv):
     csp = r.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
     html = r.text
-    assert "<link" not in html and "<script src" not in html and "EpicodeTokens" in html
+    assert "<link rel=\"stylesheet\"" not in html and "<script src" not in html and "EpicodeTokens" in html
     assert "http://" not in html and "https://" not in html and "//cdn" not in html
     assert "/v1/chat/completions" in html and "sessionStorage" in html and "prefers-color-scheme" in html
