@@ -157,6 +157,42 @@ def test_chat_page_streams_highlights_explains_and_compares(browser, srv, demo_r
     ctx.close()
 
 
+def test_stop_ends_the_answer_and_frees_its_slot(browser, srv, monkeypatch):
+    import time
+
+    import httpx
+
+    from epicode_edge.decoding import batch_loop
+
+    pick = batch_loop._pick
+
+    def slow_pick(*a, **k):  # a slow model: the answer is still streaming when Stop is pressed
+        time.sleep(0.2)
+        return pick(*a, **k)
+
+    monkeypatch.setattr(batch_loop, "_pick", slow_pick)
+    before = httpx.get(srv.url + "/health").json()["schedulers"]["epicode"]["cancelled"]
+    ctx = browser.new_context()
+    guard = Guard(ctx)
+    ctx.add_init_script(f"sessionStorage.setItem('epicode-key', {json.dumps(KEY)})")
+    page = ctx.new_page()
+    page.goto(srv.url + "/")
+    page.fill("#prompt", PROMPT)
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".answer.epicode.streaming .ep-tok")
+    page.click("#stop")
+    ans = _answer(page, "epicode")
+    assert "stopped" in ans.locator(".ep-summary").inner_text()
+    assert 0 < ans.locator(".ep-tok").count() < 10  # the whole answer has 21 tokens
+    t0 = time.time()
+    while httpx.get(srv.url + "/health").json()["schedulers"]["epicode"]["cancelled"] == before:
+        assert time.time() - t0 < 30, "the server did not cancel the stopped request"
+        time.sleep(0.1)
+    assert page.locator("#send").is_enabled() and not page.locator("#stop").is_enabled()
+    assert guard.outside == []
+    ctx.close()
+
+
 def _screenshots(browser, page, out: Path) -> None:
     """The page side by side with a changed pick's candidates open, light and dark."""
     out.mkdir(parents=True, exist_ok=True)
