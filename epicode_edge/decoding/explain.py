@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ParameterError
-from .contrastive import log_softmax
+from .contrastive import logsumexp
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
@@ -66,21 +66,23 @@ def explain_pick(x: np.ndarray, y: np.ndarray | None, ids: np.ndarray, lam: floa
     """The Explain of one pick. x: (V,) expert logits; y: (V,) amateur logits of the same position, or None
     when the pick did not read them; ids: (K,) the plausible candidates; token, own: the contrastive and the
     expert's own pick."""
-    le = log_softmax(x)  # (V,)
-    e = le[ids]  # (K,)
+    x = np.asarray(x, dtype=np.float32)
+    lse = logsumexp(x)  # log_softmax(x)[i] == x[i] - lse, read only where needed
+    e = x[ids] - lse  # (K,)
     a = s = None
     if y is not None:
-        a = log_softmax(y)[ids]  # (K,)
+        y = np.asarray(y, dtype=np.float32)
+        a = y[ids] - logsumexp(y)  # (K,)
         s = (1 + lam) * e - lam * a
     elif lam == 0:
         s = e
     top = []
     if top_logprobs:
-        n = min(top_logprobs, le.shape[0])
-        idx = np.argpartition(-le, n - 1)[:n]  # (n,) unordered
-        idx = idx[np.lexsort((idx, -le[idx]))]  # most likely first, ties by id
-        top = [(int(i), float(le[i])) for i in idx]
-    return Explain(int(token), int(own), y is None, float(le[token]), ids.tolist(), e.tolist(),
+        n = min(top_logprobs, x.shape[0])
+        idx = np.argpartition(x, x.shape[0] - n)[x.shape[0] - n:]  # (n,) the n largest, unordered
+        idx = idx[np.lexsort((idx, -x[idx]))]  # most likely first, ties by id
+        top = [(int(i), float(x[i] - lse)) for i in idx]
+    return Explain(int(token), int(own), y is None, float(x[token] - lse), ids.tolist(), e.tolist(),
                    None if a is None else a.tolist(), None if s is None else s.tolist(), top)
 
 
