@@ -132,3 +132,23 @@ def test_the_chat_page_is_served_at_root_and_needs_nothing_else(srv):
     assert "<link rel=\"stylesheet\"" not in html and "<script src" not in html and "EpicodeTokens" in html
     assert "http://" not in html and "https://" not in html and "//cdn" not in html
     assert "/v1/chat/completions" in html and "sessionStorage" in html and "prefers-color-scheme" in html
+
+
+def test_explain_without_streaming_and_on_completions(rt, srv):
+    r = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+        "model": "tiny", "messages": MESSAGES, "max_tokens": MAX, "lambda": LAM, "alpha": ALPHA,
+        "epicode": {"explain": True}}).json()
+    ep = r["epicode"]
+    want, final = _want(rt, lam=LAM, alpha=ALPHA)
+    assert [t["token"] for t in ep["tokens"]] == [e.token for e in want]
+    assert "".join(t["text"] for t in ep["tokens"]) + final.text == r["choices"][0]["message"]["content"]
+    assert ep["stats"]["changed"] == ep["changed_tokens"] == sum(t["changed"] for t in ep["tokens"])
+    assert "logprobs" not in r["choices"][0]  # explain alone: no OpenAI logprobs
+    with httpx.stream("POST", srv.url + "/v1/completions", timeout=120, json={
+            "model": "tiny", "prompt": "The quick", "max_tokens": 6, "stream": True,
+            "epicode": {"explain": True}}) as s:
+        chunks = [json.loads(e[6:]) for e in s.read().decode().split("\n\n") if e and e != "data: [DONE]"]
+    toks = [t for c in chunks for t in c.get("epicode", {}).get("tokens", [])]
+    assert len(toks) == 6 and "".join(t["text"] for t in toks) == "".join(c["choices"][0]["text"] for c in chunks)
+    bad = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "logprobs": True})
+    assert bad.status_code == 400 and "chat/completions" in bad.json()["error"]["message"]
