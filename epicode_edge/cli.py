@@ -341,8 +341,14 @@ def decoding_options(f):
 @click.option("--system", default=None, help="System prompt (chat template).")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, counts, timings).")
+@click.option("--explain", is_flag=True,
+              help="Print JSON lines: one per token (the pick, whether contrastive decoding changed it, the "
+                   "plausible candidates with the expert's and amateur's log-probs and scores), then a summary.")
+@click.option("--top-logprobs", type=int, default=0, show_default=True,
+              help="With --explain: the expert's N most likely tokens per token (0-20).")
 @runtime_options
-def generate_cmd(bundle, prompt, prompt_opt, prompt_file, system, raw, as_json, engine, **settings):
+def generate_cmd(bundle, prompt, prompt_opt, prompt_file, system, raw, as_json, explain, top_logprobs, engine,
+                 **settings):
     """Answer PROMPT with EpiCoDe (expert contrasted with amateur), streaming to stdout. The prompt is
     PROMPT, -p TEXT or -f FILE (exactly one); "-" as PROMPT, -p or -f reads it from stdin."""
     import json
@@ -351,11 +357,28 @@ def generate_cmd(bundle, prompt, prompt_opt, prompt_file, system, raw, as_json, 
 
     prompt = _one_prompt(prompt, prompt_opt, prompt_file)
     settings["stop"] = settings["stop"] or None
+    if top_logprobs and not explain:
+        raise click.UsageError("--top-logprobs goes with --explain")
+    if explain:
+        settings.update(explain=True, top_logprobs=top_logprobs)
     Settings().updated(**settings)  # out-of-range values fail before the models load
     rt = load(bundle, **engine)
     _notes(rt)
     with rt:
         events = rt.stream(prompt, raw=raw, system=system, **settings)
+        if explain:
+            from .decoding.explain import explain_json
+            from .runtime import Collector
+
+            got = Collector()
+            for ev in events:
+                got.add(ev)
+                if not ev.final:
+                    click.echo(json.dumps(explain_json(ev.explain, rt.expert, ev.text), ensure_ascii=False))
+            res = got.result()
+            click.echo(json.dumps({"text": ev.text, "answer": res.text, **{k: v for k, v in res.as_dict().items()
+                                                                            if k != "text"}}, ensure_ascii=False))
+            return
         if as_json:
             from .runtime import collect
 
@@ -504,8 +527,9 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
               read_timeout, engine, overlap):
     """Serve BUNDLE over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for
     chat front ends, editors and the openai client. Model NAME is EpiCoDe, NAME:finetuned the finetuned model
-    alone; extra body fields `lambda` and `alpha` set contrastive decoding per request. One line per request
-    on stderr."""
+    alone; extra body fields `lambda` and `alpha` set contrastive decoding per request, `epicode: {"explain":
+    true}` streams what it did per token. A chat page at / (both models side by side, changed picks
+    highlighted). One line per request on stderr."""
     import logging
 
     from .apps.serve import ServeConfig, make_server
@@ -532,8 +556,8 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
             click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.",
                        err=True)
         click.echo(f"Serving {name} ({rt.backend}, lambda {rt.defaults.lam:g}, alpha {rt.defaults.alpha:g}, "
-                   f"{parallel} at a time) on {served.url}/v1 - models: {name}, {name}:finetuned. "
-                   "Ctrl-C stops.", err=True)
+                   f"{parallel} at a time) on {served.url}/v1 - models: {name}, {name}:finetuned; "
+                   f"chat page: {served.url}/ . Ctrl-C stops.", err=True)
         served.run()
 
 
@@ -600,7 +624,8 @@ class _StageBars:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
-              help="Where eval.jsonl, report.md, accuracy.png, summary.json go [default: ./eval-BUNDLE-DATA].")
+              help="Where eval.jsonl, report.md, report.html, accuracy.png, summary.json go "
+                   "[default: ./eval-BUNDLE-DATA].")
 @click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=128, show_default=True,
               help="Answer length limit.")
 @click.option("--extract", default="last-number", show_default=True,
@@ -641,7 +666,8 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
         click.echo(f"\n{runs} sampled runs (temperature {temp:g}):")
         click.echo(report.runs_table())
     chart = out_dir / "accuracy.png"
-    click.echo(f"Wrote {out_dir / 'eval.jsonl'}, {out_dir / 'report.md'}" + (f" (chart {chart})" * chart.is_file()))
+    click.echo(f"Wrote {out_dir / 'eval.jsonl'}, {out_dir / 'report.md'}, {out_dir / 'report.html'}"
+               + (f" (chart {chart})" * chart.is_file()))
 
 
 @main.command("tune")

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .contrastive import plausible_ids
-from .loop import NO_ROWS, ROLES, Answer, Step, check_finite, check_limits, check_prompt, common_prefix, pick
+from .explain import check_top_logprobs, explain_pick
+from .loop import NO_ROWS, ROLES, Answer, Step, check_finite, check_limits, check_prompt, common_prefix, pick_own
 from .sampling import make_logits_processors, make_sampler
 
 
@@ -66,6 +67,8 @@ class _Seq:
     forced: bool = False                              # a single candidate: no amateur needed
     need: bool = False                                # this pick reads the amateur's logits
     rows: bool = False                                # the amateur's logits of the candidates only (loop.py)
+    explain: bool = False                             # each Step carries an Explain (loop.py)
+    top_logprobs: int = 0
 
 
 def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any, list[int], Any]], *,
@@ -142,7 +145,9 @@ def _admit(key, slot: int, ids, s, expert_ms, amateur_ms, vocab) -> _Seq:
     seq = _Seq(key, slot, s.lam, s.alpha, s.lazy, make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed),
                processors, list(prompt) if processors else None,
                Answer(len(prompt), s.max_tokens, stop, vocab, expert_ms.n_ctx),
-               rows=bool(getattr(s, "candidate_head", True)) and not processors)
+               explain=bool(getattr(s, "explain", False)),
+               top_logprobs=check_top_logprobs(getattr(s, "top_logprobs", 0)))
+    seq.rows = bool(getattr(s, "candidate_head", True)) and not processors and not seq.explain
     if seq.answer.reason is None:
         seq.feed = _reuse(expert_ms, slot, prompt)
         seq.pending = _reuse(amateur_ms, slot, prompt)
@@ -192,9 +197,10 @@ def _pick(q: _Seq, vocab, expert_ms, on_event) -> tuple[str, str] | None:
     """loop.generate_step's pick, then the request's Answer (loop.stream_generate's stop rules and text);
     the finish reason or None."""
     need = q.need
-    token, changed = pick(q.x, q.y, q.ids, q.lam, q.sampler, bool(q.processors), q.processors, q.history,
+    token, own = pick_own(q.x, q.y, q.ids, q.lam, q.sampler, bool(q.processors), q.processors, q.history,
                           q.rows)
-    ev = q.answer.add(Step(token, changed, not need, len(q.ids)), expert_ms.n_past(q.slot))
+    exp = explain_pick(q.x, q.y if need else None, q.ids, q.lam, token, own, q.top_logprobs) if q.explain else None
+    ev = q.answer.add(Step(token, token != own, not need, len(q.ids), explain=exp), expert_ms.n_past(q.slot))
     if ev is not None and on_event is not None:
         on_event(q.key, ev)
     if q.answer.reason is not None:

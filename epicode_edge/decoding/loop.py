@@ -36,6 +36,11 @@ The prompt prefills overlap too. An error in either forward is raised after both
 first); Ctrl-C waits for the amateur's forward before it propagates, so both caches stay consistent. Engines
 that cannot run forwards from two threads (Backend.concurrent false, e.g. MLX) keep the sequential path.
 
+Explain (`explain=True`): each Step and Event carries an Explain (decoding/explain.py): the expert's own pick,
+the candidates with both models' log-probabilities and contrastive scores, the expert's top log-probs; the
+amateur's whole output layer is then read (its candidate rows alone have no log-normaliser). Off (the default),
+nothing of it is computed.
+
 Broken weights: logits holding NaN or +Inf (or all -Inf) stop the request with a NumericError naming the role
 (expert / amateur) and the token position (`check_finite`, one max over the vocabulary per forward).
 
@@ -56,6 +61,7 @@ import numpy as np
 
 from ..errors import ContextFullError, NumericError, ParameterError
 from .contrastive import candidate_scores, check_alpha, check_lam, plausible_ids
+from .explain import Explain, check_top_logprobs, explain_pick
 from .sampling import Sampler, greedy
 
 
@@ -71,6 +77,7 @@ class Step:
     skipped: bool      # no amateur forward was needed for this pick (forced pick, or lam == 0)
     n_candidates: int  # tokens the plausibility mask kept
     overlap_s: float = 0.0  # forward time hidden by running the two models at once (overlap), since the last pick
+    explain: Explain | None = None  # what contrastive decoding did (explain=True only; decoding/explain.py)
 
 
 @dataclass
@@ -129,6 +136,7 @@ class Event:
     finish_reason: str | None = None  # final event only: "stop" (EOS/end-of-turn or stop string) | "length"
     stopped_by: str | None = None     # final event only: "eos" | "stop_string" | "max_tokens" | "context_full"
     stats: Stats | None = field(default=None, repr=False)
+    explain: Explain | None = field(default=None, repr=False)  # explain=True only: candidates, log-probs, scores
 
     @property
     def final(self) -> bool:
@@ -157,20 +165,22 @@ def check_catch_up(catch_up: str) -> str:
 def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                   sampler: Sampler = greedy, processors: Sequence = (), lazy: bool = True,
                   catch_up: str = "auto", overlap: bool = False, candidate_head: bool = True,
-                  roles: tuple[str, str] = ROLES) -> Iterator[Step]:
+                  roles: tuple[str, str] = ROLES, explain: bool = False, top_logprobs: int = 0) -> Iterator[Step]:
     """Yield one Step per picked token, forever (close the generator to stop).
 
     expert, amateur: Backends (amateur may be None when lam == 0: one model alone). The expert is stepped
     with a pick only when the next pick is asked for, so stopping after a pick wastes no forward pass.
     overlap: run the amateur's forwards beside the expert's (see the module docstring); ignored when the
     amateur is not in use or an engine is not `concurrent`. candidate_head: the amateur's logits of the
-    candidates only (see the module docstring).
+    candidates only (see the module docstring). explain: each Step carries an Explain (decoding/explain.py;
+    the amateur's whole output layer is then read), with the expert's top_logprobs most likely tokens.
     """
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
     if overlap and can_overlap(expert, amateur, lam, lazy):
         yield from _overlapped_steps(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
-                                     processors=processors, roles=roles)
+                                     processors=processors, roles=roles, explain=explain,
+                                     top_logprobs=top_logprobs)
         return
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None  # (T,) ids the processors look back on
@@ -179,7 +189,7 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
     pending: list[int] = []  # generated ids the amateur has not seen
     y = None  # (V,) amateur logits (rows: (K,) of the ids), current when fresh and pending are empty
     normalize = bool(processors)
-    rows = candidate_head and not normalize and amateur is not None
+    rows = candidate_head and not normalize and not explain and amateur is not None
     while True:
         ids = plausible_ids(x, alpha)  # (K,) ascending
         forced = len(ids) == 1
@@ -189,8 +199,9 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
                 fresh = _reuse_cache(amateur, prompt)
             y = check_finite(_catch_up(amateur, fresh, pending, catch_up, ids if rows else None), roles[1], amateur)
             fresh, pending = [], []
-        token, changed = pick(x, y, ids, lam, sampler, normalize, processors, history, rows)
-        yield Step(token, changed, not need, len(ids))
+        token, own = pick_own(x, y, ids, lam, sampler, normalize, processors, history, rows)
+        exp = explain_pick(x, y if need else None, ids, lam, token, own, top_logprobs) if explain else None
+        yield Step(token, token != own, not need, len(ids), explain=exp)
         if history is not None:
             history.append(token)
         if amateur is not None:
@@ -204,7 +215,8 @@ def can_overlap(expert, amateur, lam: float, lazy: bool) -> bool:
             and expert.concurrent and amateur.concurrent)
 
 
-def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processors, roles=ROLES) -> Iterator[Step]:
+def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processors, roles=ROLES,
+                      explain=False, top_logprobs=0) -> Iterator[Step]:
     """generate_step with both models fed every token at once (the naive loop's engine calls, overlapped)."""
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None
@@ -216,8 +228,10 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
         while True:
             check_finite(x, roles[0], expert), check_finite(y, roles[1], amateur)
             ids = plausible_ids(x, alpha)  # (K,) ascending
-            token, changed = pick(x, y, ids, lam, sampler, normalize, processors, history)
-            yield Step(token, changed, len(ids) == 1, len(ids), pair.take_saved())
+            token, own = pick_own(x, y, ids, lam, sampler, normalize, processors, history)
+            forced = len(ids) == 1  # its pick reads no amateur logits (they are computed all the same)
+            exp = explain_pick(x, None if forced else y, ids, lam, token, own, top_logprobs) if explain else None
+            yield Step(token, token != own, forced, len(ids), pair.take_saved(), exp)
             if history is not None:
                 history.append(token)
             x, y = pair.run(lambda: expert.step(token), lambda: amateur.step(token))
@@ -225,10 +239,10 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
         pair.close()
 
 
-def pick(x, y, ids, lam, sampler, normalize, processors, history, y_on_ids=False) -> tuple[int, bool]:
-    """The contrastive pick among ids (K,) and whether it differs from the expert's own (same random draw).
-    x, y: (V,) expert and amateur logits, or y (K,) the amateur's of ids only (y_on_ids); y is read only when
-    lam > 0 and K > 1."""
+def pick_own(x, y, ids, lam, sampler, normalize, processors, history, y_on_ids=False) -> tuple[int, int]:
+    """The contrastive pick among ids (K,) and the expert's own pick with the same random draw (they differ
+    where contrastive decoding changed the pick). x, y: (V,) expert and amateur logits, or y (K,) the
+    amateur's of ids only (y_on_ids); y is read only when lam > 0 and K > 1."""
     if len(ids) == 1:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
         (k,), k_own = sampler(_ONE), None
     elif lam > 0:
@@ -237,7 +251,7 @@ def pick(x, y, ids, lam, sampler, normalize, processors, history, y_on_ids=False
         k, k_own = sampler(s, own)
     else:
         (k,), k_own = sampler(processed_scores(x, None, ids, 0.0, normalize, processors, history)), None
-    return int(ids[k]), k_own is not None and k != k_own
+    return int(ids[k]), int(ids[k if k_own is None else k_own])
 
 
 class _Overlap:
@@ -379,31 +393,35 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
                     sampler: Sampler = greedy, processors: Sequence = (), max_tokens: int = 256,
                     stop: Sequence[str] = (), lazy: bool = True, catch_up: str = "auto",
                     overlap: bool = False, candidate_head: bool = True,
-                    roles: tuple[str, str] = ROLES) -> Iterator[Event]:
+                    roles: tuple[str, str] = ROLES, explain: bool = False,
+                    top_logprobs: int = 0) -> Iterator[Event]:
     """Yield an Event per answer token, then a final Event (finish_reason, stopped_by, stats).
 
     Stops on the expert's EOS / end-of-turn ids, a stop string (not emitted, even when it spans tokens),
     max_tokens ("length"), or a full context ("length", stopped_by "context_full"). Arguments are checked
     on the first next(), before any work: a prompt longer than the context raises ContextFullError.
+    explain: each token's Event carries an Explain (decoding/explain.py); the terminating EOS has no Event.
     """
     lam, alpha = check_lam(lam), check_alpha(alpha)
+    top_logprobs = check_top_logprobs(top_logprobs)
     stop = check_limits(max_tokens, stop)
     check_catch_up(catch_up)
     prompt = check_prompt(prompt, expert)
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
     yield from _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-                       catch_up, bool(overlap), bool(candidate_head), roles)
+                       catch_up, bool(overlap), bool(candidate_head), roles, bool(explain), top_logprobs)
 
 
 def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-            catch_up, overlap, candidate_head=True, roles=ROLES) -> Iterator[Event]:
+            catch_up, overlap, candidate_head=True, roles=ROLES, explain=False, top_logprobs=0) -> Iterator[Event]:
     models = [expert] + ([amateur] if amateur is not None else [])
     c0 = [_snapshot(m) for m in models]
     answer = Answer(len(prompt), max_tokens, stop, expert, expert.n_ctx)
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
                           processors=processors, lazy=lazy, catch_up=catch_up, overlap=overlap,
-                          candidate_head=candidate_head, roles=roles) if answer.reason is None else _nothing()
+                          candidate_head=candidate_head, roles=roles, explain=explain,
+                          top_logprobs=top_logprobs) if answer.reason is None else _nothing()
     try:
         for step in steps:
             ev = answer.add(step, expert.n_past)
@@ -546,7 +564,7 @@ class Answer:
             self.reason = ("length", "max_tokens")
         elif n_past >= self.n_ctx:
             self.reason = ("length", "context_full")
-        return Event(delta, step.token, step.changed, step.skipped)
+        return Event(delta, step.token, step.changed, step.skipped, explain=step.explain)
 
     def finish(self) -> Event:
         """The final Event (once): text held back for a possible stop string (unless a stop string ended the
