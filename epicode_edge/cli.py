@@ -249,51 +249,41 @@ def info_cmd(bundle, verify):
 # ----------------------------------------------------------------------------------------------
 
 
-ENGINE_OPTIONS = ("backend", "quant", "amateur_quant", "n_gpu_layers", "n_ctx", "n_threads", "kv_type")
-
-
-_LOAD_QUANT = click.option("--quant", default=None, help="GGUF quant to load (default: the bundle's first).")
-
-
-def runtime_options(f=None, *, quant=_LOAD_QUANT):
-    """--backend --quant --amateur-quant --n-gpu-layers --n-ctx --threads --cache-type: how `load()` opens a
-    bundle, handed to the command as one `engine` dict of load() keywords (unset ones left out); --overlap is a
-    decoding setting and stays a keyword of its own. quant: the command's own --quant option (tune: the quant
-    it converts to, and loads)."""
+def runtime_options(f=None, *, quant=None, overlap: bool = True):
+    """The options of engine_options.EngineOptions, made from its fields (flags, help, envvar and default in
+    each field's metadata["cli"]) and handed to the command as one `engine` EngineOptions, checked before
+    anything loads. quant: the command's own --quant option in place of the field's (tune: the quant it
+    converts to, and loads). overlap: also --overlap/--no-overlap, a decoding setting that stays a keyword of
+    its own (not for serve: its batched decoding runs no overlap)."""
     if f is None:
-        return lambda g: runtime_options(g, quant=quant)
+        return lambda g: runtime_options(g, quant=quant, overlap=overlap)
+    from dataclasses import fields
+
+    from .engine_options import EngineOptions
+
+    cli_fields = [fl for fl in fields(EngineOptions) if "cli" in fl.metadata]
 
     @functools.wraps(f)
     def wrapper(*args, **kw):
-        engine = {k: kw.pop(k) for k in ENGINE_OPTIONS}
-        kw["engine"] = {k: v for k, v in engine.items() if v is not None}
+        kw["engine"] = EngineOptions(**{fl.name: kw.pop(fl.name) for fl in cli_fields})
         return f(*args, **kw)
 
-    for opt in reversed([
-        click.option("--backend", type=click.Choice(["auto", "llama.cpp", "mlx"]), default="auto", show_default=True,
-                     envvar="EPICODE_EDGE_BACKEND", show_envvar=True,
-                     help="Engine: auto = MLX on Apple silicon when the bundle has MLX models, else llama.cpp."),
-        quant,
-        click.option("--amateur-quant", default=None,
-                     help="The amateur's GGUF at another quant (e.g. Q4_0 beside a Q8_0 expert: faster, only close "
-                          "to the same-quant answers; the bundle must hold it)."),
-        click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True,
-                     envvar="EPICODE_EDGE_N_GPU_LAYERS", show_envvar=True,
-                     help="Layers offloaded to CUDA/Metal on llama.cpp (-1 = all)."),
-        click.option("-c", "--n-ctx", "--ctx-size", "n_ctx", type=int, default=2048, show_default=True,
-                     envvar="EPICODE_EDGE_N_CTX", show_envvar=True, help="Context size in tokens."),
-        click.option("-t", "--threads", "--n-threads", "n_threads", type=int, default=None,
-                     envvar="EPICODE_EDGE_THREADS", show_envvar=True, help="CPU threads (default: engine's)."),
-        click.option("--cache-type", "kv_type", type=click.Choice(["f16", "f32", "q8_0"]), default=None,
-                     envvar="EPICODE_EDGE_CACHE_TYPE", show_envvar=True,
-                     help="llama.cpp KV cache type (as -ctk/-ctv): f16 [default], f32 (exact checks: f16 moves "
-                          "logits by ~1e-2), q8_0 (half the memory; needs flash attention, turned on for it)."),
-        click.option("--overlap/--no-overlap", default=None,
-                     help="Run the two models' forwards at once, half the cores each (default: on for "
-                          "llama.cpp on a CPU with >= 2 cores unless --threads would oversubscribe them)."),
-    ]):
+    opts = [quant if fl.name == "quant" and quant is not None else _engine_option(fl) for fl in cli_fields]
+    if overlap:
+        opts.append(click.option("--overlap/--no-overlap", default=None,
+                                 help="Run the two models' forwards at once, half the cores each (default: on for "
+                                      "llama.cpp on a CPU with >= 2 cores unless --threads would oversubscribe them)."))
+    for opt in reversed(opts):
         wrapper = opt(wrapper)
     return wrapper
+
+
+def _engine_option(fl):
+    """The click option of an EngineOptions field, from its metadata["cli"]."""
+    m = fl.metadata["cli"]
+    return click.option(*m["names"], fl.name, type=click.Choice(m["choices"]) if m["choices"] else m["type"],
+                        default=fl.default, show_default=m["show_default"], envvar=m["envvar"],
+                        show_envvar=m["envvar"] is not None, help=m["help"])
 
 
 def _notes(rt) -> None:
@@ -362,7 +352,7 @@ def generate_cmd(bundle, prompt, prompt_opt, prompt_file, system, raw, as_json, 
     if explain:
         settings.update(explain=True, top_logprobs=top_logprobs)
     Settings().updated(**settings)  # out-of-range values fail before the models load
-    rt = load(bundle, **engine)
+    rt = load(bundle, engine)
     _notes(rt)
     with rt:
         events = rt.stream(prompt, raw=raw, system=system, **settings)
@@ -422,7 +412,7 @@ def chat_cmd(bundle, system, engine, **settings):
 
     settings["stop"] = settings["stop"] or None
     Settings().updated(**settings)  # out-of-range values fail before the models load
-    rt = load(bundle, **engine)
+    rt = load(bundle, engine)
     _notes(rt)
     with rt:
         run_repl(ChatApp(rt, system=system, dim=sys.stderr.isatty(), **settings))
@@ -470,10 +460,10 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
         click.echo(f"Nothing to do: all {job.total} requests already have a record in {output}.", err=True)
         return
     if ray_address is not None:
-        load_options = {k: v for k, v in engine.items() if k != "n_threads"}
-        return _ray_batch(bundle, job, ray_address, actors, engine.get("n_threads"), parallel, compare, system,
+        load_options = {k: v for k, v in engine.changed().items() if k != "n_threads"}
+        return _ray_batch(bundle, job, ray_address, actors, engine.n_threads, parallel, compare, system,
                           settings, load_options)
-    rt = load(bundle, **engine)
+    rt = load(bundle, engine)
     _notes(rt)
     if parallel > 1 and not batch.batched_supported(rt):
         click.echo(f"Note: no batched decoding on {rt.backend}: requests run one at a time.", err=True)
@@ -522,9 +512,9 @@ def _ray_batch(bundle, job, address, actors, n_threads, parallel, compare, syste
               help="Open connections at most; beyond, the oldest one still sending its request is dropped.")
 @click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), default=15.0, show_default=True,
               help="Seconds a client has to send its request's headers, and again its body.")
-@runtime_options
+@runtime_options(overlap=False)
 def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit, name, max_connections,
-              read_timeout, engine, overlap):
+              read_timeout, engine):
     """Serve BUNDLE over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for
     chat front ends, editors and the openai client. Model NAME is EpiCoDe, NAME:finetuned the finetuned model
     alone; extra body fields `lambda` and `alpha` set contrastive decoding per request, `epicode: {"explain":
@@ -547,7 +537,7 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     serve_log.addHandler(handler)
     serve_log.setLevel(logging.INFO)
-    rt = load(bundle, **engine)
+    rt = load(bundle, engine)
     with rt:
         served = make_server(rt, cfg, host=host, port=port)
         for note in served.notes:
@@ -699,6 +689,8 @@ def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha,
              max_tokens, extract, limit, force, engine, overlap):
     """The paper's tuning: pick mu with the extrapolated model alone on DEV, then lambda at that mu; write
     the bundle with both. Interrupted? Run the same command again: finished grid points are kept."""
+    from dataclasses import replace
+
     from .apps.tune import tune
 
     finetuned, inferior, base = _checkpoints(run, finetuned, inferior, base)
@@ -707,8 +699,8 @@ def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha,
         click.echo(f"Warning: {msg}", err=True)
 
     ctx = click.get_current_context()
-    if engine.get("backend") == "mlx" and ctx.get_parameter_source("backend") == ParameterSource.ENVIRONMENT:
-        engine = {**engine, "backend": "auto"}  # a machine-wide preference; tune's bundles are GGUF
+    if engine.backend == "mlx" and ctx.get_parameter_source("backend") == ParameterSource.ENVIRONMENT:
+        engine = replace(engine, backend="auto")  # a machine-wide preference; tune's bundles are GGUF
         click.echo("Note: tune converts GGUF bundles and scores them on llama.cpp; EPICODE_EDGE_BACKEND=mlx is "
                    "not applied to it.", err=True)
     with _StageBars() as bars:
