@@ -154,14 +154,14 @@ def convert_cmd(finetuned, inferior, run, mu, to, quant, mlx_bits, mlx_group_siz
         else:
             show(message, category, *args, **kw)
 
-    with _sigterm_as_interrupt(), warnings.catch_warnings(), _ConvertBar() as bar:
+    with _sigterm_as_interrupt(), warnings.catch_warnings(), _Bars() as bars:
         warnings.simplefilter("always", ExtrapolationWarning)
         warnings.showwarning = show_warning
         from .runtime import check_gguf_runs
 
         kw = dict(mu=mu, to=to, quant=quant, mlx_bits=int(mlx_bits) if mlx_bits else None,
                   mlx_group_size=mlx_group_size, with_inferior=with_inferior, force=force, lam=lam, alpha=alpha,
-                  progress=bar.update, check_model=check_gguf_runs)
+                  progress=functools.partial(_convert_progress, bars), check_model=check_gguf_runs)
         if base is not None:
             from .converters.lora import convert_lora
 
@@ -209,29 +209,14 @@ def _base_path(base: Path) -> Path:
     return find_base(str(base)) or base
 
 
-class _ConvertBar:
-    """A tqdm bar over the input bytes of the extrapolation pass, then the later stages as its label."""
-
-    def __enter__(self):
-        self.bar = None
-        return self
-
-    def update(self, p) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=p.bytes_total or None, unit="B", unit_scale=True, desc="extrapolate",
-                            file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
-        if p.stage == "extrapolate":
-            self.bar.update(p.bytes_done - self.bar.n)
-            self.bar.set_postfix_str(p.name[-40:], refresh=False)
-        else:
-            self.bar.set_description(p.stage)
-            self.bar.set_postfix_str(p.name, refresh=True)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
+def _convert_progress(bars, p) -> None:
+    """convert's progress on one bar: the input bytes of the extrapolation pass, then the later stages as its label."""
+    if p.stage == "extrapolate":
+        bars("extrapolate", p.bytes_done, p.bytes_total or None, note=p.name[-40:], unit="B", unit_scale=True)
+        return
+    if bars.bar is None:
+        bars("extrapolate", 0, p.bytes_total or None, unit="B", unit_scale=True)
+    bars.label(p.stage, p.name)
 
 
 @main.command("info")
@@ -286,9 +271,23 @@ def _engine_option(fl):
                         show_envvar=m["envvar"] is not None, help=m["help"])
 
 
-def _notes(rt) -> None:
+def _check_settings(settings: dict) -> None:
+    """The decoding options as settings (no --stop: None), checked: out-of-range values fail before the models
+    load."""
+    from .runtime import Settings
+
+    settings["stop"] = settings["stop"] or None
+    Settings().updated(**settings)
+
+
+def _load(bundle, engine):
+    """The bundle's Runtime, opened as `engine` says, with its notes (a context size rounded...) on stderr."""
+    from .runtime import load
+
+    rt = load(bundle, engine)
     for note in rt.notes:
         click.echo(f"Note: {note}.", err=True)
+    return rt
 
 
 def decoding_options(f):
@@ -343,17 +342,13 @@ def generate_cmd(bundle, prompt, prompt_opt, prompt_file, system, raw, as_json, 
     PROMPT, -p TEXT or -f FILE (exactly one); "-" as PROMPT, -p or -f reads it from stdin."""
     import json
 
-    from .runtime import Settings, load
-
     prompt = _one_prompt(prompt, prompt_opt, prompt_file)
-    settings["stop"] = settings["stop"] or None
     if top_logprobs and not explain:
         raise click.UsageError("--top-logprobs goes with --explain")
     if explain:
         settings.update(explain=True, top_logprobs=top_logprobs)
-    Settings().updated(**settings)  # out-of-range values fail before the models load
-    rt = load(bundle, engine)
-    _notes(rt)
+    _check_settings(settings)
+    rt = _load(bundle, engine)
     with rt:
         events = rt.stream(prompt, raw=raw, system=system, **settings)
         if explain:
@@ -408,12 +403,9 @@ def chat_cmd(bundle, system, engine, **settings):
     sessions: each line a message or a /command). /help lists the commands; Ctrl-C stops an answer and
     keeps the session; Ctrl-D or /bye exits. Each turn prefills only its new tokens."""
     from .apps.chat import ChatApp, run_repl
-    from .runtime import Settings, load
 
-    settings["stop"] = settings["stop"] or None
-    Settings().updated(**settings)  # out-of-range values fail before the models load
-    rt = load(bundle, engine)
-    _notes(rt)
+    _check_settings(settings)
+    rt = _load(bundle, engine)
     with rt:
         run_repl(ChatApp(rt, system=system, dim=sys.stderr.isatty(), **settings))
 
@@ -442,12 +434,10 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
     record a line, flushed as each finishes (completion order; "line" gives the input order). A bad line or
     a failed request becomes an error record; ids already in OUTPUT are skipped."""
     from .apps import batch
-    from .runtime import Settings, load
 
     if actors is not None and ray_address is None:
         raise click.UsageError("--actors applies to --ray only")
-    settings["stop"] = settings["stop"] or None
-    Settings().updated(**settings)  # out-of-range values fail before the models load
+    _check_settings(settings)
     job = batch.prepare(input_path, output, retry_errors=retry_errors)  # bad paths fail before loading too
     click.get_current_context().call_on_close(job.close)  # the output stays locked until the command ends
     if job.repaired:
@@ -463,17 +453,17 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
         load_options = {k: v for k, v in engine.changed().items() if k != "n_threads"}
         return _ray_batch(bundle, job, ray_address, actors, engine.n_threads, parallel, compare, system,
                           settings, load_options)
-    rt = load(bundle, engine)
-    _notes(rt)
+    rt = _load(bundle, engine)
     if parallel > 1 and not batch.batched_supported(rt):
         click.echo(f"Note: no batched decoding on {rt.backend}: requests run one at a time.", err=True)
-    bar = _BatchBar()
+    bars = _Bars()
+    progress = _batch_progress(bars)
     try:
-        with rt, bar:
-            summary = batch.run_job(rt, job, compare=compare, progress=bar.update, parallel=parallel,
+        with rt, bars:
+            summary = batch.run_job(rt, job, compare=compare, progress=progress, parallel=parallel,
                                     system=system, **settings)
     except KeyboardInterrupt:
-        click.echo(f"\nInterrupted after {bar.new} new records; run the same command again to resume.", err=True)
+        click.echo(f"\nInterrupted after {progress.new} new records; run the same command again to resume.", err=True)
         sys.exit(130)
     click.echo(summary.line(), err=True)
 
@@ -482,14 +472,15 @@ def _ray_batch(bundle, job, address, actors, n_threads, parallel, compare, syste
     """batch --ray: the same job on Ray actors (apps/ray_batch.py); --threads is the CPUs of each actor."""
     from .apps.ray_batch import run_ray_job
 
-    bar = _BatchBar()
+    bars = _Bars()
+    progress = _batch_progress(bars)
     try:
-        with bar:
+        with bars:
             summary = run_ray_job(bundle, job, address=None if address == "local" else address, actors=actors,
-                                  threads=n_threads or 1, parallel=parallel, compare=compare, progress=bar.update,
+                                  threads=n_threads or 1, parallel=parallel, compare=compare, progress=progress,
                                   load_options=load_options, system=system, **settings)
     except KeyboardInterrupt:
-        click.echo(f"\nInterrupted after {bar.new} new records; run the same command again to resume.", err=True)
+        click.echo(f"\nInterrupted after {progress.new} new records; run the same command again to resume.", err=True)
         sys.exit(130)
     click.echo(summary.line(), err=True)
 
@@ -523,7 +514,6 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
     import logging
 
     from .apps.serve import ServeConfig, make_server
-    from .runtime import load
 
     name = name or Path(bundle).resolve().name
     cfg = ServeConfig(name=name, parallel=parallel, max_queue=max_queue, api_key=api_key or None,
@@ -537,8 +527,7 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     serve_log.addHandler(handler)
     serve_log.setLevel(logging.INFO)
-    rt = load(bundle, engine)
-    with rt:
+    with _load(bundle, engine) as rt:
         served = make_server(rt, cfg, host=host, port=port)
         for note in served.notes:
             click.echo(f"Note: {note}.", err=True)
@@ -551,28 +540,14 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
         served.run()
 
 
-class _BatchBar:
-    """A tqdm bar over the requests of a batch run; progress(done, total, record) drives it."""
+def _batch_progress(bars):
+    """batch's progress(done, total, record) on a bar; its .new counts the records this run wrote."""
+    def progress(done: int, total: int, record) -> None:
+        progress.new += record is not None
+        bars("batch", done, total, unit="req")
 
-    def __init__(self):
-        self.bar, self.new = None, 0
-
-    def update(self, done: int, total: int, record) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, initial=done, desc="batch", unit="req", file=sys.stderr,
-                            dynamic_ncols=True, leave=False, disable=None)
-        if record is not None:
-            self.new += 1
-            self.bar.update(done - self.bar.n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
+    progress.new = 0
+    return progress
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,28 +555,35 @@ class _BatchBar:
 # ----------------------------------------------------------------------------------------------
 
 
-def _bar(desc: str, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
-
-
-class _StageBars:
-    """One tqdm bar per stage name (a method, a grid point); progress(stage, done, total) drives it."""
+class _Bars:
+    """Progress on stderr (tqdm; off where stderr is not a terminal), one bar per stage: bars(stage, done, total)
+    drives it and a new stage closes the last bar; tqdm keywords (unit...) shape a stage's bar; note: its text
+    after the count; label(): the bar's name and note for a stage without a count of its own."""
 
     def __init__(self):
         self.bar, self.stage = None, None
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int | None, note: str | None = None, **tqdm_kw) -> None:
         if stage != self.stage:
+            from tqdm import tqdm
+
             self.close()
-            self.bar, self.stage = _bar(stage, total), stage
+            self.bar = tqdm(total=total, initial=done, desc=stage, file=sys.stderr, dynamic_ncols=True, leave=False,
+                            disable=None, **tqdm_kw)
+            self.stage = stage
         self.bar.update(done - self.bar.n)
+        if note is not None:
+            self.bar.set_postfix_str(note, refresh=False)
+
+    def label(self, desc: str, note: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(desc)
+            self.bar.set_postfix_str(note, refresh=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-            self.bar = None
+            self.bar, self.stage = None, None
 
     def __enter__(self):
         return self
@@ -642,7 +624,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
     from .runtime import check_output_dir
 
     check_output_dir(out_dir, "eval output folder")  # before the scoring, not after it
-    with _StageBars() as bars:
+    with _Bars() as bars:
         report = evaluate(bundle, data, out_dir=out_dir, max_tokens=max_tokens, extract=extract, limit=limit,
                           methods=methods, lam=lam, alpha=alpha, cd_lam=cd_lam, runs=runs, temp=temp,
                           engine=engine, overlap=overlap, progress=bars)
@@ -703,7 +685,7 @@ def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha,
         engine = replace(engine, backend="auto")  # a machine-wide preference; tune's bundles are GGUF
         click.echo("Note: tune converts GGUF bundles and scores them on llama.cpp; EPICODE_EDGE_BACKEND=mlx is "
                    "not applied to it.", err=True)
-    with _StageBars() as bars:
+    with _Bars() as bars:
         result = tune(finetuned, inferior, dev, out, mu_grid=mu_grid, lam_grid=lam_grid, alpha=alpha,
                       with_inferior=with_inferior, base=base, cd=cd,
                       work_dir=work_dir, max_tokens=max_tokens,
@@ -755,10 +737,10 @@ def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
         if s["base"] in fetch.KNOWN:  # the one download the tool makes: the demo's base, once, checked
             src = fetch.KNOWN[s["base"]]
             click.echo(f"Fetching the demo's base model ({src.size / 2**20:.0f} MB, once) from {src.url}", err=True)
-            with _StageBars() as bars:
+            with _Bars() as bars:
                 path = fetch.fetch_base(s["base"], progress=lambda done, total: bars("download", done, total))
             click.echo(f"Saved {path}", err=True)
-    with _StageBars() as bars:
+    with _Bars() as bars:
         bundle, reused = demo.demo_bundle(
             fam, mu=s["mu"], base=s["base"], with_inferior=eval_data is not None or demo.shows_cd(s),
             progress=lambda p: bars("convert", p.tensors_done, p.tensors_total or 1))
@@ -767,7 +749,7 @@ def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
         from .apps.eval import evaluate
 
         out_dir = out_dir or Path("demo-eval")
-        with _StageBars() as bars:
+        with _Bars() as bars:
             report = evaluate(bundle.path, eval_data, out_dir=out_dir, max_tokens=max_tokens, extract=s["extract"],
                               lam=s["lambda"], alpha=s["alpha"], cd_lam=s["cd_lambda"], n_threads=n_threads,
                               progress=bars)

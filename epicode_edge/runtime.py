@@ -47,7 +47,8 @@ from .errors import (BackendError, BundleError, ContextFullError, EpicodeError, 
                      UnsupportedError)
 from .userdirs import unwritable_reason
 
-__all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "EngineOptions", "Event", "Explain", "Result", "Stats"]
+__all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "EngineOptions", "Event", "Explain", "Result",
+           "Stats"]
 
 # overlap=None (the default) turns overlap on where it applies (llama.cpp on a CPU with >= 2 cores, no thread
 # count that would oversubscribe them). It is the naive loop's engine calls, so its answers equal the naive
