@@ -450,9 +450,7 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
         click.echo(f"Nothing to do: all {job.total} requests already have a record in {output}.", err=True)
         return
     if ray_address is not None:
-        load_options = {k: v for k, v in engine.changed().items() if k != "n_threads"}
-        return _ray_batch(bundle, job, ray_address, actors, engine.n_threads, parallel, compare, system,
-                          settings, load_options)
+        return _ray_batch(bundle, job, ray_address, actors, engine, parallel, compare, system, settings)
     rt = _load(bundle, engine)
     if parallel > 1 and not batch.batched_supported(rt):
         click.echo(f"Note: no batched decoding on {rt.backend}: requests run one at a time.", err=True)
@@ -468,7 +466,7 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
     click.echo(summary.line(), err=True)
 
 
-def _ray_batch(bundle, job, address, actors, n_threads, parallel, compare, system, settings, load_options):
+def _ray_batch(bundle, job, address, actors, engine, parallel, compare, system, settings):
     """batch --ray: the same job on Ray actors (apps/ray_batch.py); --threads is the CPUs of each actor."""
     from .apps.ray_batch import run_ray_job
 
@@ -477,8 +475,8 @@ def _ray_batch(bundle, job, address, actors, n_threads, parallel, compare, syste
     try:
         with bars:
             summary = run_ray_job(bundle, job, address=None if address == "local" else address, actors=actors,
-                                  threads=n_threads or 1, parallel=parallel, compare=compare, progress=progress,
-                                  load_options=load_options, system=system, **settings)
+                                  threads=engine.n_threads or 1, parallel=parallel, compare=compare, progress=progress,
+                                  engine=engine, system=system, **settings)
     except KeyboardInterrupt:
         click.echo(f"\nInterrupted after {progress.new} new records; run the same command again to resume.", err=True)
         sys.exit(130)

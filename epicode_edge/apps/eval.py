@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from ..engine_options import EngineOptions
 from ..errors import MissingExtraError, ParameterError, require
 from . import tasks
 from .tasks import Item
@@ -259,7 +260,7 @@ def cd_lambda(b) -> tuple[float, str]:
 def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str = "last-number",
              limit: int | None = None, methods=METHODS, lam: float | None = None, alpha: float | None = None,
              cd_lam: float | None = None, runs: int = 1, temp: float = DEFAULT_TEMP,
-             engine=None, overlap: bool | None = None, progress: ProgressFn | None = None,
+             engine: EngineOptions | None = None, overlap: bool | None = None, progress: ProgressFn | None = None,
              **engine_options) -> EvalReport:
     """Score the methods on the same items (greedy) and, with out_dir, write the JSONL, report and chart.
 
@@ -275,7 +276,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
 
     methods = check_methods(methods)
     tasks.make_extractor(extract)  # validate before any work
-    from ..runtime import EngineOptions, Settings
+    from ..runtime import Settings
 
     engine = EngineOptions.of(engine, **engine_options)
     Settings().updated(max_tokens=max_tokens)  # the one max_tokens rule (an integer >= 0)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..defaults import DEFAULT_ALPHA
+from ..engine_options import EngineOptions
 from ..errors import MissingExtraError, ParameterError, require
 from . import tasks
 
@@ -235,7 +236,7 @@ def tune_charts(result: TuneResult) -> list[Path]:
 def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEFAULT_LAM_GRID,
          alpha: float = DEFAULT_ALPHA, with_inferior: bool = False, base=None, cd: bool | None = None,
          work_dir=None, extract: str = "last-number", max_tokens: int = 128, limit: int | None = None,
-         force: bool = False, engine=None, overlap: bool | None = None,
+         force: bool = False, engine: EngineOptions | None = None, overlap: bool | None = None,
          progress: ProgressFn | None = None, warn: WarnFn | None = None, **engine_options) -> TuneResult:
     """Pick mu (extrapolated model alone on dev, mu = 0 competing), then lambda (EpiCoDe at that mu), and,
     with cd, the CD-only row's own lambda; write the bundle `out` with that mu and lambda as its default.
@@ -248,8 +249,6 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     Resumes from WORK/state.json (default work folder: OUT.tune). alpha = 0.1 is the paper's."""
     from ..converters.bundle import check_output
     from ..decoding.contrastive import check_alpha
-
-    from ..runtime import EngineOptions
 
     engine = EngineOptions.of(engine, **engine_options)
     if engine.backend not in ("auto", "llama.cpp"):
