@@ -55,6 +55,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ContextFullError, NumericError, ParameterError
+from .constraint import Matcher, candidates
 from .contrastive import candidate_scores, check_alpha, check_lam, plausible_ids
 from .sampling import Sampler, greedy
 
@@ -71,6 +72,7 @@ class Step:
     skipped: bool      # no amateur forward was needed for this pick (forced pick, or lam == 0)
     n_candidates: int  # tokens the plausibility mask kept
     overlap_s: float = 0.0  # forward time hidden by running the two models at once (overlap), since the last pick
+    forced: bool = False    # a constraint forced this token (no pick)
 
 
 @dataclass
@@ -92,6 +94,9 @@ class Stats:
     expert_forward_s: float = 0.0    # time inside the engines' forward passes
     amateur_forward_s: float = 0.0
     overlap_s: float = 0.0           # of those, time the two models' forwards ran at the same time (overlap)
+    forced: int = 0                  # tokens a constraint forced (emitted without a pick)
+    constraint_complete: bool | None = None  # with a constraint: whether the answer matches it whole (False:
+                                             # it stopped first, e.g. at max_tokens, and will not parse)
 
     @property
     def tokens_per_s(self) -> float:
@@ -157,18 +162,21 @@ def check_catch_up(catch_up: str) -> str:
 def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                   sampler: Sampler = greedy, processors: Sequence = (), lazy: bool = True,
                   catch_up: str = "auto", overlap: bool = False, candidate_head: bool = True,
-                  roles: tuple[str, str] = ROLES) -> Iterator[Step]:
+                  roles: tuple[str, str] = ROLES, matcher=None, fast_forward: bool = True) -> Iterator[Step]:
     """Yield one Step per picked token, forever (close the generator to stop).
 
     expert, amateur: Backends (amateur may be None when lam == 0: one model alone). The expert is stepped
     with a pick only when the next pick is asked for, so stopping after a pick wastes no forward pass.
     overlap: run the amateur's forwards beside the expert's (see the module docstring); ignored when the
-    amateur is not in use or an engine is not `concurrent`. candidate_head: the amateur's logits of the
-    candidates only (see the module docstring).
+    amateur is not in use or an engine is not `concurrent`, or with a constraint. candidate_head: the
+    amateur's logits of the candidates only (see the module docstring). matcher: a constraint.Matcher over
+    the expert's vocabulary (structured output, see decoding/constraint.py: forbidden tokens are out first,
+    a token the constraint forces is emitted without a pick and needs no amateur); fast_forward: emit the
+    constraint's forced runs at once and feed them in one batch.
     """
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
-    if overlap and can_overlap(expert, amateur, lam, lazy):
+    if overlap and matcher is None and can_overlap(expert, amateur, lam, lazy):
         yield from _overlapped_steps(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
                                      processors=processors, roles=roles)
         return
@@ -180,8 +188,29 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
     y = None  # (V,) amateur logits (rows: (K,) of the ids), current when fresh and pending are empty
     normalize = bool(processors)
     rows = candidate_head and not normalize and amateur is not None
+    feed: list[int] = []  # ids picked or forced since the expert's last forward
+    run: list[int] = []  # ids the constraint forces after the last pick (fast-forward; none before the first)
     while True:
-        ids = plausible_ids(x, alpha)  # (K,) ascending
+        if run:  # emitted without picks, fed to the expert with the pick before them in one batch
+            for t in run:  # consumed one by one: an answer cut inside the run is not taken for complete
+                matcher.consume([t])
+                yield Step(t, False, True, 1, forced=True)
+            feed, run = feed + run, []
+        if feed:
+            x = check_finite(expert.step(feed[0]) if len(feed) == 1 else expert.prefill(feed), roles[0], expert)
+            _extend(history, pending, amateur, feed)
+            feed = []
+        if matcher is not None:
+            allowed = matcher.allowed()  # (A,) ascending
+            if len(allowed) == 1:  # the constraint allows one token: emitted without a pick
+                token = int(allowed[0])
+                matcher.consume([token])
+                yield Step(token, False, True, 1, forced=True)
+                feed, run = [token], forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert))
+                continue
+            ids = candidates(x, allowed, alpha)  # (K,) ascending, the allowed plausible ones
+        else:
+            ids = plausible_ids(x, alpha)  # (K,) ascending
         forced = len(ids) == 1
         need = not lazy or (lam > 0 and not forced)
         if need and (fresh is None or fresh or pending):
@@ -191,11 +220,29 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
             fresh, pending = [], []
         token, changed = pick(x, y, ids, lam, sampler, normalize, processors, history, rows)
         yield Step(token, changed, not need, len(ids))
-        if history is not None:
-            history.append(token)
-        if amateur is not None:
-            pending.append(token)
-        x = check_finite(expert.step(token), roles[0], expert)
+        feed = [token]
+        if matcher is not None:
+            matcher.consume([token])
+            run = forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert))
+
+
+def _room(expert) -> int:
+    return expert.n_ctx - expert.n_past - 2  # positions left after the pending pick, less one
+
+
+def forced_run(matcher, fast_forward: bool, last: int, eos_ids, room: int) -> list[int]:
+    """The run of tokens the constraint forces after token `last` ([] without fast-forward, once the answer
+    ended, or without room: at most `room` tokens, so that the run and the pick fit the context)."""
+    if matcher is None or not fast_forward or last in eos_ids:
+        return []
+    return matcher.forced_run()[:max(0, room)]
+
+
+def _extend(history: list[int] | None, pending: list[int], amateur, ids: list[int]) -> None:
+    if history is not None:
+        history.extend(ids)
+    if amateur is not None:
+        pending.extend(ids)
 
 
 def can_overlap(expert, amateur, lam: float, lazy: bool) -> bool:
@@ -379,12 +426,15 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
                     sampler: Sampler = greedy, processors: Sequence = (), max_tokens: int = 256,
                     stop: Sequence[str] = (), lazy: bool = True, catch_up: str = "auto",
                     overlap: bool = False, candidate_head: bool = True,
-                    roles: tuple[str, str] = ROLES) -> Iterator[Event]:
+                    roles: tuple[str, str] = ROLES, constraint=None, fast_forward: bool = True) -> Iterator[Event]:
     """Yield an Event per answer token, then a final Event (finish_reason, stopped_by, stats).
 
     Stops on the expert's EOS / end-of-turn ids, a stop string (not emitted, even when it spans tokens),
     max_tokens ("length"), or a full context ("length", stopped_by "context_full"). Arguments are checked
     on the first next(), before any work: a prompt longer than the context raises ContextFullError.
+    constraint: a decoding/constraint.py Constraint (structured output); the final Event's stats then say
+    whether the answer matches it whole (constraint_complete: False when max_tokens or a stop string ended it
+    first, with finish_reason "length" / "stop").
     """
     lam, alpha = check_lam(lam), check_alpha(alpha)
     stop = check_limits(max_tokens, stop)
@@ -392,18 +442,20 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     prompt = check_prompt(prompt, expert)
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
+    matcher = Matcher(constraint, expert) if constraint is not None else None
     yield from _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-                       catch_up, bool(overlap), bool(candidate_head), roles)
+                       catch_up, bool(overlap), bool(candidate_head), roles, matcher, bool(fast_forward))
 
 
 def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-            catch_up, overlap, candidate_head=True, roles=ROLES) -> Iterator[Event]:
+            catch_up, overlap, candidate_head=True, roles=ROLES, matcher=None, fast_forward=True) -> Iterator[Event]:
     models = [expert] + ([amateur] if amateur is not None else [])
     c0 = [_snapshot(m) for m in models]
     answer = Answer(len(prompt), max_tokens, stop, expert, expert.n_ctx)
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
                           processors=processors, lazy=lazy, catch_up=catch_up, overlap=overlap,
-                          candidate_head=candidate_head, roles=roles) if answer.reason is None else _nothing()
+                          candidate_head=candidate_head, roles=roles, matcher=matcher,
+                          fast_forward=fast_forward) if answer.reason is None else _nothing()
     try:
         for step in steps:
             ev = answer.add(step, expert.n_past)
@@ -413,6 +465,8 @@ def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens
                 break
     finally:
         steps.close()
+    if matcher is not None:
+        answer.stats.constraint_complete = matcher.complete
     final = answer.finish()
     _fill_counters(answer.stats, models, c0)
     yield final
@@ -532,6 +586,7 @@ class Answer:
         st.picks += 1
         st.changed += step.changed
         st.amateur_skipped += step.skipped
+        st.forced += step.forced
         st.overlap_s += step.overlap_s
         if step.token in self.vocab.eos_ids:
             self.reason = ("stop", "eos")
