@@ -54,12 +54,13 @@ class Synthetic:
     def __init__(self, base, size: int = 128256, seed: int = 0):
         rng = np.random.default_rng(seed)
         n = base.vocab_size
-        plain = [i for i in range(n) if base.token_bytes(i)]
         self._bytes = [base.token_bytes(i) for i in range(n)]
         self._texts = list(base.token_texts())
+        plain = [b for b in self._bytes if b]
         seen = set(self._bytes)
         while len(self._bytes) < size:
-            b = base.token_bytes(int(rng.choice(plain))) + base.token_bytes(int(rng.choice(plain)))
+            i, j = rng.integers(len(plain), size=2)
+            b = plain[i] + plain[j]
             if b not in seen and len(b) <= 24:
                 seen.add(b)
                 self._bytes.append(b)

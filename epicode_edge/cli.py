@@ -315,6 +315,31 @@ def decoding_options(f):
     return wrapper
 
 
+def constraint_options(f):
+    """--json-schema FILE --regex R --grammar FILE --json-object: structured output (at most one); a setting
+    `constraint` only when given. (--json-object: generate's --json already prints the result as JSON.)"""
+    for opt in reversed([
+        click.option("--json-schema", "json_schema_file", type=click.Path(path_type=Path), default=None,
+                     help="Answer with JSON that validates against this JSON Schema file."),
+        click.option("--regex", "regex_pattern", default=None, help="Answer with text that matches this regex."),
+        click.option("--grammar", "grammar_file", type=click.Path(path_type=Path), default=None,
+                     help="Answer in this grammar (a file: GBNF as llama.cpp reads it, or Lark)."),
+        click.option("--json-object", "json_object_flag", is_flag=True, help="Answer with any JSON object."),
+    ]):
+        f = opt(f)
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        from .decoding.constraint import from_options
+
+        c = from_options(kw.pop("json_schema_file"), kw.pop("regex_pattern"), kw.pop("grammar_file"),
+                         kw.pop("json_object_flag"))
+        if c is not None:
+            kw["constraint"] = c
+        return f(*args, **kw)
+    return wrapper
+
+
 @main.command("generate")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt")
@@ -322,6 +347,7 @@ def decoding_options(f):
 @click.option("--system", default=None, help="System prompt (chat template).")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, counts, timings).")
+@constraint_options
 @runtime_options
 def generate_cmd(bundle, prompt, system, raw, as_json, engine, **settings):
     """Answer PROMPT with EpiCoDe (expert contrasted with amateur), streaming to stdout."""
@@ -351,6 +377,9 @@ def generate_cmd(bundle, prompt, system, raw, as_json, engine, **settings):
         click.echo(f"[{st.completion_tokens} tokens, {st.tokens_per_s:.1f} tok/s, first token {st.ttft_s:.2f} s, "
                    f"finish: {last.finish_reason} ({last.stopped_by}), changed by contrastive decoding: "
                    f"{st.changed}, amateur skipped: {st.amateur_skipped}/{st.picks}]", err=True)
+        if st.constraint_complete is False:
+            click.echo("Warning: the answer stopped before the end of the constraint (it does not parse); "
+                       "raise --max-tokens.", err=True)
 
 
 @main.command("chat")
@@ -389,6 +418,7 @@ def chat_cmd(bundle, system, engine, **settings):
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --ray: actors, each loading the bundle once [default: CPUs / --threads].")
 @decoding_options
+@constraint_options
 @runtime_options
 def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, system, ray_address, actors, engine,
               **settings):

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConstraintError, UnsupportedError
+from ..errors import ConstraintError, InputError, UnsupportedError
 
 KINDS = ("json_schema", "json_object", "regex", "grammar")
 LIBRARY = "llguidance"
@@ -146,6 +146,40 @@ def parse_constraint(value: Any, where: str = "response_format") -> Constraint |
 # answer with whitespace until max_tokens, and the fixed parts (keys, punctuation) are forced, so fast-forward
 # takes them. A schema's own "x-guidance" options override it.
 JSON_OPTIONS = {"whitespace_flexible": False}
+
+def from_options(json_schema_file=None, regex_pattern: str | None = None, grammar_file=None,
+                 json_object_flag: bool = False, max_bytes: int = 1 << 20) -> Constraint | None:
+    """The constraint the command-line options give (at most one): a JSON Schema file, a regex, a grammar
+    file (Lark or GBNF), or any JSON object. InputError / ConstraintError naming the file or the option."""
+    given = [n for n, v in (("--json-schema", json_schema_file), ("--regex", regex_pattern),
+                            ("--grammar", grammar_file), ("--json-object", json_object_flag)) if v]
+    if len(given) > 1:
+        raise ConstraintError(f"give one constraint, not {' and '.join(given)}")
+    if json_schema_file is not None:
+        return json_schema(_read(json_schema_file, "JSON schema", max_bytes), f"{json_schema_file}")
+    if grammar_file is not None:
+        return grammar(_read(grammar_file, "grammar", max_bytes), f"{grammar_file}")
+    if regex_pattern is not None:
+        return regex(regex_pattern, "--regex")
+    return json_object("--json-object") if json_object_flag else None
+
+
+def _read(path, what: str, max_bytes: int) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise InputError(f"{p}: cannot read the {what} ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise InputError(f"{p}: the {what} is larger than {max_bytes} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: the {what} is not UTF-8 ({e.reason} at byte {e.start})") from None
+
 
 _GRAMMARS: dict[tuple[str, str], str] = {}
 

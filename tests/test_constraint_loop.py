@@ -1,0 +1,203 @@
+"""Structured output under contrastive decoding (decoding/constraint.py) on the real engines: every constrained
+answer parses and validates (llama.cpp and MLX, single and batched: a hypothesis property over small JSON
+Schemas and regexes), lambda = 0 equals llguidance's own constrained greedy decoding of the expert (the matcher
+driven here by hand), forced tokens need no amateur, and an answer cut by max_tokens says it is incomplete."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from epicode_edge.decoding import constraint as C
+from epicode_edge.runtime import load
+
+from rt_models import N_THREADS, bundle, bundle_dir, rt  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def rt_mlx(bundle):
+    r = load(bundle, backend="mlx")
+    yield r
+    r.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# strategies: small JSON Schemas and regexes whose every match is short
+# ---------------------------------------------------------------------------------------------
+
+PROPERTY = st.one_of(
+    st.just({"type": "boolean"}),
+    st.tuples(st.integers(-50, 50), st.integers(0, 60)).map(
+        lambda t: {"type": "integer", "minimum": t[0], "maximum": t[0] + t[1]}),
+    st.integers(1, 4).map(lambda n: {"type": "string", "maxLength": n}),
+    st.lists(st.sampled_from(["red", "green", "x y", "7"]), min_size=1, max_size=3, unique=True).map(
+        lambda v: {"enum": v}),
+    st.just({"type": "array", "items": {"type": "boolean"}, "maxItems": 2}),
+)
+SCHEMAS = st.dictionaries(st.sampled_from(["a", "b", "name", "n_2"]), PROPERTY, min_size=1, max_size=3).map(
+    lambda p: {"type": "object", "properties": p, "required": list(p), "additionalProperties": False})
+REGEXES = st.lists(st.sampled_from(["[a-c]{1,3}", "(yes|no)", "[0-9]{2}", "-", "x?", "[A-Z]", " "]),
+                   min_size=1, max_size=4).map("".join)
+
+MAX_TOKENS = 160  # far more than any match of the strategies needs
+
+
+def _check_schema(schema, text):
+    jsonschema.validate(json.loads(text), schema)
+
+
+def _check_regex(pattern, text):
+    assert re.fullmatch(pattern, text), (pattern, text)
+
+
+def _single_and_batched(r, constraint, prompts=("hello", "Tell me")):
+    """The answers of one request at a time, then of the same requests decoded together (2 slots)."""
+    s = r.settings(max_tokens=MAX_TOKENS, constraint=constraint)
+    single = [r.generate(p, raw=True, max_tokens=MAX_TOKENS, constraint=constraint) for p in prompts]
+    reqs = [(i, r.encode(p, raw=True), s) for i, p in enumerate(prompts)]
+    batched = dict(r.stream_many(iter(reqs), parallel=2))
+    return single, [batched[i] for i in range(len(prompts))]
+
+
+def _assert_all_valid(results, check, spec):
+    for res in results:
+        assert not isinstance(res, Exception), res
+        assert res.finish_reason == "stop" and res.stopped_by == "eos", (spec, res.text, res.finish_reason)
+        assert res.stats.constraint_complete is True
+        check(spec, res.text)
+
+
+HYP = settings(max_examples=4, deadline=None, derandomize=True,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("engine", ["rt", "rt_mlx"])
+@HYP
+@given(schema=SCHEMAS)
+def test_every_schema_answer_parses_and_validates(request, engine, schema):
+    r = request.getfixturevalue(engine)
+    single, batched = _single_and_batched(r, {"type": "json_schema", "json_schema": {"schema": schema}})
+    _assert_all_valid(single + batched, _check_schema, schema)
+    # the batch's picks are the single loop's (same engine; tiny F32 models: no rounding ties)
+    assert [b.tokens for b in batched] == [s.tokens for s in single]
+
+
+@pytest.mark.parametrize("engine", ["rt", "rt_mlx"])
+@HYP
+@given(pattern=REGEXES)
+def test_every_regex_answer_matches(request, engine, pattern):
+    r = request.getfixturevalue(engine)
+    single, batched = _single_and_batched(r, {"type": "regex", "regex": pattern})
+    _assert_all_valid(single + batched, _check_regex, pattern)
+    assert [b.tokens for b in batched] == [s.tokens for s in single]
+
+
+def test_json_object_and_gbnf_grammar(rt):
+    res = rt.generate("hi", raw=True, max_tokens=MAX_TOKENS, constraint={"type": "json_object"})
+    assert isinstance(json.loads(res.text), dict) and res.finish_reason == "stop"
+    g = 'root ::= "answer: " ("yes" | "no") "."'
+    res = rt.generate("hi", raw=True, max_tokens=MAX_TOKENS, constraint=C.grammar(g))
+    assert res.text in ("answer: yes.", "answer: no.") and res.finish_reason == "stop"
+
+
+# ---------------------------------------------------------------------------------------------
+# lambda = 0: llguidance's own constrained greedy decoding of the expert
+# ---------------------------------------------------------------------------------------------
+
+
+def _library_greedy(gguf, prompt, grammar, max_tokens):
+    """llguidance's matcher driven by hand with the expert's logits (llama-cpp-python's Llama, llguidance's
+    own llama.cpp tokenizer): mask, argmax over the allowed tokens, consume; no code of the loop."""
+    import llama_cpp
+    import llguidance
+    import llguidance.numpy as lln
+    from llguidance.llamacpp import lltokenizer_from_vocab
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_threads=N_THREADS, verbose=False)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        n = llama_cpp.llama_vocab_n_tokens(vocab)
+        eog = [i for i in range(n) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+        tok = lltokenizer_from_vocab(vocab, eos_token=eog)
+        m = llguidance.LLMatcher(tok, grammar, log_level=0)
+        assert not m.is_error(), m.get_error()
+        mask = lln.allocate_token_bitmask(1, n)
+        out = []
+        llm.eval(prompt)
+        while len(out) < max_tokens:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n,)).copy()
+            lln.fill_next_token_bitmask(m, mask)
+            lln.apply_token_bitmask_inplace(logits[None], mask)
+            t = int(logits.argmax())
+            if t in eog:
+                break
+            assert m.consume_token(t)
+            out.append(t)
+            llm.eval([t])
+        return out
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("spec", [
+    {"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                         "n": {"type": "integer", "minimum": 0, "maximum": 999}},
+        "required": ["name", "n"], "additionalProperties": False}}},
+    {"type": "regex", "regex": "[a-z]{2,6}-[0-9]{1,3}( ok)?"},
+])
+def test_lambda_zero_is_the_librarys_constrained_greedy(rt, bundle, spec):
+    c = C.parse_constraint(spec)
+    prompt = rt.encode("The quick brown fox", raw=True)
+    want = _library_greedy(rt.bundle.gguf("expert", "F32"), prompt, c.grammar(), 60)
+    got = rt.generate("The quick brown fox", raw=True, lam=0.0, max_tokens=60, constraint=c, fast_forward=False)
+    assert got.tokens == want
+    assert got.finish_reason == "stop" and len(want) < 60
+    # fast-forward: the same text as a valid answer, in fewer expert forwards (forced runs in one batch)
+    ff = rt.generate("The quick brown fox", raw=True, lam=0.0, max_tokens=60, constraint=c, fast_forward=True)
+    assert ff.stats.constraint_complete and ff.stats.expert_forwards <= got.stats.expert_forwards
+
+
+# ---------------------------------------------------------------------------------------------
+# the pick's rules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_forced_tokens_need_no_amateur_and_count_as_skipped(rt):
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    res = rt.generate("hi", raw=True, lam=1.0, max_tokens=40, constraint=C.json_schema(schema))
+    st_ = res.stats
+    assert json.loads(res.text)["answer"] in ("yes", "no")
+    assert st_.forced >= len('"answer":"') - 2  # the fixed key is forced (the tokenizer's pieces of it)
+    assert st_.amateur_skipped >= st_.forced
+    # the amateur ran once per real pick at most (forced tokens are caught up in the next pick's batch)
+    assert st_.amateur_forwards <= st_.picks - st_.forced
+
+
+def test_candidates_are_the_plausibility_mask_over_the_allowed_tokens():
+    x = np.array([9.0, 5.0, 4.9, 1.0, 4.0, -3.0], dtype=np.float32)  # (V,)
+    allowed = np.array([1, 2, 3, 4])
+    got = C.candidates(x, allowed, 0.5)  # max over allowed is 5.0: keep x >= 5 + log 0.5 = 4.31
+    assert got.tolist() == [1, 2]
+    assert C.candidates(x, np.array([3]), 0.1).tolist() == [3]
+
+
+def test_max_tokens_before_the_end_is_length_and_incomplete(rt):
+    schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 50}}, "required": ["text"]}
+    res = rt.generate("hi", raw=True, max_tokens=8, constraint=C.json_schema(schema))
+    assert res.finish_reason == "length" and res.stats.constraint_complete is False
+    assert res.timings["constraint_complete"] is False
+    (_, b), = list(rt.stream_many(iter([(0, rt.encode("hi", raw=True),
+                                        rt.settings(max_tokens=8, constraint=C.json_schema(schema)))]),
+                                  parallel=1))
+    assert b.finish_reason == "length" and b.stats.constraint_complete is False
+
+
+def test_no_constraint_keeps_the_complete_field_empty(rt):
+    assert rt.generate("hi", raw=True, max_tokens=3).stats.constraint_complete is None
