@@ -3,11 +3,13 @@
     python bench/convert.py                         # hf + gguf F16, then hf + gguf Q8_0; 1 run each
     python bench/convert.py --to hf --repeat 3      # medians of 3 runs
     python bench/convert.py --layers 22             # a ~2.2 GB checkpoint
+    python bench/convert.py --arch gemma2           # only the Gemma-2-shaped pair (default: llama, then gemma2)
     python bench/convert.py --gguf model.gguf --to gguf --quant Q8_0   # a GGUF input (as both checkpoints)
     python bench/convert.py --to hf --mergekit mk/bin/mergekit-yaml --repeat 3   # with the anchor row
 
 The pair (a wide Llama: hidden 2048, 16 heads / 4 KV heads, MLP 5632, vocab 16384, untied; bf16; shards
-of ~300 MB with an index) is written chunk by chunk into a temporary folder, deleted at the end. Each
+of ~300 MB with an index; then a Gemma 2 of the same size: 8 heads of 256, four norms per layer, tied
+embeddings, a SentencePiece tokenizer) is written chunk by chunk into a temporary folder, deleted at the end. Each
 convert runs in a child process that the parent polls through /proc/PID/status every 10 ms:
 
     peak RSS      VmHWM: everything resident, file pages of the memory-mapped inputs included
@@ -53,9 +55,23 @@ def wide_llama(layers: int) -> dict:
                        intermediate=5632)
 
 
+def wide_gemma2(layers: int) -> dict:
+    """Gemma 2 2B's shape at the Llama row's size: 8 heads of 256 (4 KV heads), four norms per layer, tied
+    embeddings; the GGUF export adds 1 to every norm and writes the soft-capping and sliding-window keys."""
+    return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 16384, "hidden_size": 2048,
+            "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "head_dim": 256, "query_pre_attn_scalar": 256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+            "sliding_window": 4096, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+
+
+SHAPES = {"llama": wide_llama, "gemma2": wide_gemma2}
+
+
 def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     h, v, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
-    hd = h // cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     shapes = {"model.embed_tokens.weight": (v, h)}
     for i in range(cfg["num_hidden_layers"]):
@@ -65,8 +81,11 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
                        p + "self_attn.o_proj.weight": (h, nq), p + "post_attention_layernorm.weight": (h,),
                        p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
                        p + "mlp.down_proj.weight": (h, inter)})
+        if cfg["model_type"] == "gemma2":
+            shapes.update({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)})
     shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (v, h)
+    if not cfg.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (v, h)
     return shapes
 
 
@@ -340,6 +359,8 @@ def bench_gguf(a, configs) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=11, help="decoder layers (11: ~1.13 GB per checkpoint)")
+    ap.add_argument("--arch", action="append", choices=sorted(SHAPES),
+                    help="shape of the generated pair (repeatable; default: llama, then gemma2)")
     ap.add_argument("--to", action="append", help="output formats of one configuration (repeatable)")
     ap.add_argument("--quant", action="append", help="GGUF quants, one per --to")
     ap.add_argument("--repeat", type=int, default=1)
@@ -357,17 +378,23 @@ def main() -> None:
     configs = list(zip(a.to or ["hf,gguf", "hf,gguf"], a.quant or ["F16", "Q8_0"]))
     if a.gguf is not None:
         return bench_gguf(a, configs)
-    from factory import make_tokenizer
+    for arch in a.arch or ["llama", "gemma2"]:
+        bench_hf(a, arch, configs)
+
+
+def bench_hf(a, arch: str, configs) -> None:
+    """A generated pair of this shape, each config a child; the mergekit anchor for the Llama shape."""
+    from factory import make_spm_tokenizer, make_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="epicode-bench-", dir=a.tmp) as tmp:
         tmp = Path(tmp)
-        cfg = wide_llama(a.layers)
+        cfg = SHAPES[arch](a.layers)
         t0 = time.perf_counter()
-        tok = make_tokenizer(tmp / "tok")
+        tok = make_spm_tokenizer(tmp / "tok") if arch == "gemma2" else make_tokenizer(tmp / "tok")
         one = write_checkpoint(tmp / "finetuned", cfg, tok, inferior=False)
         write_checkpoint(tmp / "inferior", cfg, tok, inferior=True)
         n_files = len(list((tmp / "finetuned").glob("*.safetensors")))
-        print(f"generated 2 x {one / 1e9:.2f} GB bf16 ({n_files} shards each, largest tensor "
+        print(f"[{arch}] generated 2 x {one / 1e9:.2f} GB bf16 ({n_files} shards each, largest tensor "
               f"{max(np.prod(s) for s in tensor_shapes(cfg).values()) * 2 / 1e6:.0f} MB) in "
               f"{time.perf_counter() - t0:.1f} s")
         read = 2 * one
@@ -380,16 +407,17 @@ def main() -> None:
                     Path("/proc/sys/vm/drop_caches").write_text("1\n")
                 runs.append(run_child(tmp / "finetuned", tmp / "inferior", tmp / "bundle", to, quant))
             med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "peak_rss", "peak_anon")}
-            print(f"convert --to {to} --quant {quant} (median of {len(runs)}): wall {med['seconds']:.1f} s, "
+            print(f"[{arch}] convert --to {to} --quant {quant} (median of {len(runs)}): wall {med['seconds']:.1f} s, "
                   f"read {read / 1e9:.2f} GB at {read / med['seconds'] / 1e9:.2f} GB/s, "
                   f"wrote {runs[0]['output_bytes'] / 1e9:.2f} GB; peak RSS {med['peak_rss'] / 1e6:.0f} MB, "
                   f"peak private (RssAnon) {med['peak_anon'] / 1e6:.0f} MB = "
                   f"{100 * med['peak_anon'] / one:.1f}% of one checkpoint, {100 * med['peak_anon'] / read:.1f}% "
                   f"of the input read (interpreter + imports at start: {runs[0]['anon_start'] / 1e6:.0f} MB)")
-        if a.mergekit:
-            bench_mergekit(a, a.mergekit, tmp, one)
-        else:
-            print("anchor: mergekit not found (--mergekit PATH, or mergekit-yaml on PATH): no ratio row")
+        if arch == "llama":  # the anchor row is for the Llama shape
+            if a.mergekit:
+                bench_mergekit(a, a.mergekit, tmp, one)
+            else:
+                print("anchor: mergekit not found (--mergekit PATH, or mergekit-yaml on PATH): no ratio row")
         shutil.rmtree(tmp / "bundle", ignore_errors=True)
 
 

@@ -116,8 +116,9 @@ def _preload_llama_cpp() -> None:
                    "adapter folder): shows its checkpoints and takes finetuned and inferior from it.")
 @click.option("--mu", required=True, type=float, help="Extrapolation strength: expert = ft + mu * (ft - inf).")
 @click.option("--to", default="gguf", show_default=True,
-              help="Output formats, comma-separated: gguf, mlx, hf. GGUF inputs give all three (hf/mlx: "
-                   "byte-level BPE tokenizers only; quantized tensors dequantized to float32).")
+              help="Output formats, comma-separated: gguf, mlx, hf. GGUF inputs give gguf for any architecture "
+                   "llama.cpp loads, and hf/mlx for the architectures whose HF form the tool rebuilds (byte-level "
+                   "BPE tokenizers only; quantized tensors dequantized to float32).")
 @click.option("--quant", default="Q8_0", show_default=True,
               help="GGUF quant types, comma-separated: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0.")
 @click.option("--mlx-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
@@ -493,27 +494,46 @@ def _ray_batch(bundle, job, address, actors, n_threads, parallel, compare, syste
 @click.option("--max-tokens-limit", type=click.IntRange(min=1), default=None,
               help="The most tokens one request may ask for [default: the context size].")
 @click.option("--name", default=None, help="The model id clients use [default: the bundle folder's name].")
+@click.option("--max-connections", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Open connections at most; beyond, the oldest one still sending its request is dropped.")
+@click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), default=15.0, show_default=True,
+              help="Seconds a client has to send its request's headers, and again its body.")
 @runtime_options
-def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit, name, engine, overlap):
+def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit, name, max_connections,
+              read_timeout, engine, overlap):
     """Serve BUNDLE over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for
     chat front ends, editors and the openai client. Model NAME is EpiCoDe, NAME:finetuned the finetuned model
-    alone; extra body fields `lambda` and `alpha` set contrastive decoding per request."""
-    import uvicorn
+    alone; extra body fields `lambda` and `alpha` set contrastive decoding per request. One line per request
+    on stderr."""
+    import logging
 
-    from .apps.serve import ServeConfig, create_app
+    from .apps.serve import ServeConfig, make_server
     from .runtime import load
 
-    rt = load(bundle, **engine)
     name = name or Path(bundle).resolve().name
     cfg = ServeConfig(name=name, parallel=parallel, max_queue=max_queue, api_key=api_key or None,
-                      max_tokens_limit=max_tokens_limit)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.", err=True)
-    click.echo(f"Serving {name} ({rt.backend}, lambda {rt.defaults.lam:g}, alpha {rt.defaults.alpha:g}, "
-               f"{parallel} at a time) on http://{host}:{port}/v1 - models: {name}, {name}:finetuned. "
-               "Ctrl-C stops.", err=True)
+                      max_tokens_limit=max_tokens_limit, max_connections=max_connections, read_timeout=read_timeout)
+    cfg.check()  # a bad --api-key is refused before the models load
+    serve_log = logging.getLogger("epicode_edge.apps.serve")
+    for h in [h for h in serve_log.handlers if h.get_name() == "epicode-serve"]:  # an earlier serve in-process
+        serve_log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("epicode-serve")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    serve_log.addHandler(handler)
+    serve_log.setLevel(logging.INFO)
+    rt = load(bundle, **engine)
     with rt:
-        uvicorn.run(create_app(rt, cfg), host=host, port=port, log_level="warning")
+        served = make_server(rt, cfg, host=host, port=port)
+        for note in served.notes:
+            click.echo(f"Note: {note}.", err=True)
+        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+            click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.",
+                       err=True)
+        click.echo(f"Serving {name} ({rt.backend}, lambda {rt.defaults.lam:g}, alpha {rt.defaults.alpha:g}, "
+                   f"{parallel} at a time) on {served.url}/v1 - models: {name}, {name}:finetuned. "
+                   "Ctrl-C stops.", err=True)
+        served.run()
 
 
 class _BatchBar:

@@ -599,14 +599,132 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=quant if backend == "llama.cpp" else None)
 
 
-def check_gguf_runs(path, n_threads: int | None = 1, adapters=None, role: str | None = None) -> None:
-    """What convert asks of each GGUF it wrote: llama.cpp loads it and one token gives finite logits.
-    adapters: [(GGUF LoRA file, scale), ...] applied to it (a shared-base bundle's role, named `role`).
-    Raises BackendError (cannot load: e.g. a config that does not match the weights) or NumericError."""
+def check_gguf_runs(paths, n_threads: int | None = 1, vocab_only: bool = False, adapters=None,
+                    role: str | None = None) -> None:
+    """What convert asks of each GGUF it wrote (paths: one path or several): llama.cpp loads it and one
+    token gives finite logits (vocab_only: llama.cpp reads its architecture, hyperparameters and vocabulary
+    only; convert asks this of a GGUF input before writing anything). adapters: [(GGUF LoRA file, scale), ...]
+    applied to it (a shared-base bundle's role, named `role`). Runs in one child process, the files in
+    order, so that an abort inside llama.cpp (a GGML_ASSERT on a value its loader does not expect) cannot
+    kill the caller. Raises BackendError (cannot load, or the child died: one line naming the file, with
+    llama.cpp's reason) or NumericError, for the first file that fails."""
+    import json
+    import signal
+    import subprocess
+
+    from .backends import cpu_kernels
+    from .errors import BackendError, NumericError
+
+    files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not files:
+        return
+    env = dict(os.environ)
+    mode, source = cpu_kernels.current_mode()
+    if source != "default":  # a mode set in this process (the API, --cpu-repack) holds in the child too
+        env[cpu_kernels.ENV] = mode
+    root = str(Path(__file__).resolve().parent.parent)  # the child imports this epicode_edge, first
+    code = ("import sys; root = sys.argv[1]; root in sys.path or sys.path.insert(0, root); "
+            "from epicode_edge.runtime import gguf_check_child; sys.exit(gguf_check_child(sys.argv[2:]))")
+    extra = json.dumps({"adapters": [[str(f), float(s)] for f, s in adapters or ()], "role": role})
+    args = [sys.executable, "-c", code, root, str(n_threads or 0), "1" if vocab_only else "0", extra,
+            *map(str, files)]
+    r = subprocess.run(args, capture_output=True, text=True, errors="replace", env=env, stdin=subprocess.DEVNULL)
+    if r.returncode == 0:
+        return
+    try:
+        report = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        report = None
+    # the child names each file on stderr before checking it: the failure is the last one's
+    _, marker, tail = r.stderr.rpartition(_CHECKING)
+    name, _, log = tail.partition("\n") if marker else (str(files[0]), "", r.stderr)
+    path, reason = Path(name), _llama_reason(log)
+    if isinstance(report, dict) and report.get("kind") in ("BackendError", "NumericError"):
+        cls = NumericError if report["kind"] == "NumericError" else BackendError
+        message = str(report.get("message", ""))
+        if reason and reason not in message:  # llama.cpp's own words instead of llama-cpp-python's generic ones
+            generic = "(Failed to load model from file: "
+            message = (message[:message.index(generic)] + f"({reason})" if generic in message and message.endswith(")")
+                       else f"{message} ({reason})")
+        raise cls(message)
+    if r.returncode < 0:
+        try:
+            name = signal.Signals(-r.returncode).name
+        except ValueError:
+            name = "unknown signal"
+        how = f"the process died with signal {-r.returncode} ({name})"
+    else:
+        how = f"the process exited with code {r.returncode}"
+    raise BackendError(f"llama.cpp could not load {path}: {how}{f': {reason}' if reason else ''}")
+
+
+def _llama_reason(stderr: str) -> str:
+    """llama.cpp's own words on a failed load, from its error log (or an assert's line), one line."""
+    lines = [" ".join(line.split()) for line in stderr.splitlines() if line.strip()]
+    for marker in ("GGML_ASSERT", "error loading model:", "error:"):
+        found = [line for line in lines if marker in line]
+        if found:
+            line = found[-1]
+            text = line.split("error loading model:", 1)[-1].strip() if marker != "GGML_ASSERT" else \
+                line[line.index("GGML_ASSERT"):]
+            return text[:300]
+    return ""
+
+
+_CHECKING = "epicode-edge: checking "  # the child's line on stderr before each file
+
+
+def gguf_check_child(argv: list[str]) -> int:
+    """The child process of check_gguf_runs (argv: threads, vocab_only 0/1, JSON {adapters, role}, paths...):
+    0 when every file
+    passes; else 1 and one JSON line on stdout ({"kind": error class, "message": ...})."""
+    import json
+
+    from .errors import EpicodeError
+
+    import contextlib
+
+    import llama_cpp._internals as internals
+    import llama_cpp.llama as high_level
+
+    # llama-cpp-python points stderr at /dev/null while it loads a model (verbose=False); here stderr is the
+    # parent's pipe, and an abort's only words (GGML_ASSERT's line) go there
+    for module in (internals, high_level):
+        module.suppress_stdout_stderr = lambda disable=True: contextlib.nullcontext()
+    n_threads, vocab_only, extra = int(argv[0]) or None, argv[1] == "1", json.loads(argv[2])
+    adapters = [(Path(f), s) for f, s in extra["adapters"]]
+    try:
+        for path in map(Path, argv[3:]):
+            print(f"{_CHECKING}{path}", file=sys.stderr, flush=True)
+            if vocab_only:
+                _load_vocab_only(path)
+            else:
+                _check_gguf_here(path, n_threads, adapters, extra["role"])
+    except EpicodeError as e:
+        print(json.dumps({"kind": type(e).__name__, "message": " ".join(str(e).split())}), flush=True)
+        return 1
+    return 0
+
+
+def _load_vocab_only(path: Path) -> None:
+    from .backends import cpu_kernels
+    from .backends.llamacpp import quiet_llama_logs
+    from .errors import BackendError
+
+    import llama_cpp
+
+    quiet_llama_logs(llama_cpp)
+    try:
+        llm = cpu_kernels.open_llama(path, vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise BackendError(f"{path}: llama.cpp cannot load the model ({' '.join(str(e).split())})") from None
+    llm.close()
+
+
+def _check_gguf_here(path: Path, n_threads: int | None, adapters=None, role: str | None = None) -> None:
     from .backends.llamacpp import LlamaCppBackend
     from .decoding.loop import check_finite
 
-    path = Path(path)
     role = role or path.stem.split("-", 1)[0]
     if adapters:
         from .backends.llamacpp_lora import open_roles

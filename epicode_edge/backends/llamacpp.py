@@ -31,7 +31,7 @@ _LOG = {"callback": None, "last": 0, "buffers": []}
 _BUFFER_LINE = re.compile(r"(\S+) model buffer size")  # "load_tensors:   CPU_REPACK model buffer size = ..."
 
 
-def _quiet_llama_logs(llama_cpp) -> None:
+def quiet_llama_logs(llama_cpp) -> None:
     """Keep llama.cpp's errors on stderr, drop its info and warnings (e.g. "n_ctx_seq > n_ctx_train"), which
     llama-cpp-python's own filter lets through (its level table predates ggml's DEBUG level). The names of the
     buffers a model's weights are loaded into are kept (`weight_buffers`: CPU_Mapped, CPU_REPACK, AMX, CUDA0...)."""
@@ -67,7 +67,7 @@ class LlamaCppBackend(BaseBackend):
         if kv_type not in KV_TYPES:
             raise ParameterError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         self._lib = llama_cpp
-        _quiet_llama_logs(llama_cpp)
+        quiet_llama_logs(llama_cpp)
         self.cpu_kernels = cpu_kernels.decide()  # extra buffer types (AMX, repack) only where they run here
         _LOG["buffers"].clear()
         try:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..hashing import sha256_file
 from ..errors import CheckpointError
-from .safetensors_io import FLOAT_TAGS, STORAGE, SafetensorsFile, to_f32
+from .safetensors_io import FLOAT_TAGS, STORAGE, SafetensorsFile, check_input_file, to_f32
 
 # Files that define the tokenizer (hashed to compare two checkpoints, copied into HF outputs).
 TOKENIZER_FILES = (
@@ -127,8 +127,7 @@ class ContentHasher:
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """An HF folder or a GGUF file, opened lazily. Raises CheckpointError with one line naming the file."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+    check_input_file(path, folder_ok=True)  # a FIFO or a device would block or never end: refused unopened
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise CheckpointError(f"{path}: permission denied")
     if path.is_dir():

@@ -35,7 +35,7 @@ from ..defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA, MAX_LAMBDA
 from ..errors import BundleError, ParameterError, UnsupportedError
 from .bundle import (LOCK_FILE, Bundle, BundleWriter, build_manifest, file_entry, gguf_relpath, hf_relpath,
                      human_bytes, mlx_relpath, open_bundle)
-from .checkpoint import Checkpoint, HFCheckpoint, open_checkpoint
+from .checkpoint import Checkpoint, GGUFCheckpoint, HFCheckpoint, open_checkpoint
 from .extrapolate import ExtrapolationWarning, check_mu, iter_expert, iter_expert_rows, validate_pair
 from .hf import MAX_SHARD_BYTES, HFSink
 from .safetensors_io import FLOAT_TAGS, to_f32
@@ -114,12 +114,11 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
         if ckpt.config.get("general.type") == "adapter":
             raise UnsupportedError(f"{ckpt.path}: a GGUF LoRA adapter, not a model (give full checkpoints, or "
                                    "PEFT adapter folders with --base)")
-        from .gguf import ARCHS, SUPPORTED_ARCHS
-        import gguf
+        from .gguf_input import check_gguf_input
 
-        if ckpt.arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
-            raise UnsupportedError(f"{ckpt.path}: architecture {ckpt.arch!r} is not supported for GGUF; "
-                                   f"supported: {', '.join(SUPPORTED_ARCHS)}")
+        # any architecture: GGUF -> GGUF is the same per-tensor sum for all; whether llama.cpp loads it is
+        # for llama.cpp to say (convert's check_model, before writing and on what it wrote)
+        check_gguf_input(ckpt)  # hyperparameters llama.cpp takes without aborting, chat templates
         if {"hf", "mlx"} & set(formats):
             from .gguf_to_hf import hf_plan
 
@@ -128,15 +127,19 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
             raise UnsupportedError(f"{ckpt.path}: architecture {ckpt.arch!r} is not supported by mlx_lm")
         return
     if "gguf" in formats:
-        from .gguf import check_arch
+        from .gguf import check_gguf_export
 
-        check_arch(ckpt.config, where=str(ckpt.path / "config.json"))
+        check_gguf_export(ckpt.config, where=str(ckpt.path / "config.json"))
     from .shapes import check_config_shapes
 
     check_config_shapes(ckpt, for_gguf="gguf" in formats)  # before anything is written
     _check_chat_template(ckpt)
     if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{_mlx_arch(ckpt.arch)}") is None:
         raise UnsupportedError(f"{ckpt.path}/config.json: architecture {ckpt.arch!r} is not supported by mlx_lm")
+    if "mlx" in formats:
+        from .mlx import mlx_lm_config
+
+        mlx_lm_config(ckpt.config, where=str(ckpt.path / "config.json"))  # what mlx_lm cannot run, refused now
     tok = Path(ckpt.tokenizer_dir or ckpt.path)
     if {"gguf", "mlx"} & set(formats) and not any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise UnsupportedError(f"{tok}: no tokenizer.json or tokenizer.model (needed for GGUF/MLX export)")
@@ -417,17 +420,18 @@ def peak_rss_bytes() -> int:
 def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",), quant: Iterable[str] | str = ("Q8_0",),
             mlx_bits: int | None = None, mlx_group_size: int = 64, with_inferior: bool = False, force: bool = False,
             lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA, progress: ProgressFn | None = None,
-            max_shard_bytes: int = MAX_SHARD_BYTES, check_model: Callable[[Path], None] | None = None) -> Bundle:
+            max_shard_bytes: int = MAX_SHARD_BYTES, check_model: Callable[..., None] | None = None) -> Bundle:
     """Extrapolate finetuned/inferior with mu and write a bundle at `out` (DESIGN.md section 3).
 
     to: formats among gguf, mlx, hf (list or comma string); quant: GGUF quant types (one file per role and
     quant); mlx_bits (None = not quantized, or 2..8) and mlx_group_size for the MLX folders; with_inferior adds the inferior model
     (for a contrastive-only comparison); lam and alpha are stored as the bundle's decoding defaults.
     progress(Progress) is called after each tensor and at each later stage. Warnings (large mu, identical
-    checkpoints) are issued as ExtrapolationWarning. check_model(path), if given, is called on each GGUF
-    file written, before the bundle is committed (runtime.check_gguf_runs: it loads and gives finite
-    logits; converters never import an engine). Returns the opened Bundle; its .summary holds sizes,
-    time and peak memory.
+    checkpoints) are issued as ExtrapolationWarning. check_model(paths), if given, is called once with the
+    GGUF files written, before the bundle is committed (runtime.check_gguf_runs: each loads and gives finite
+    logits; converters never import an engine), and check_model([path], vocab_only=True) on a GGUF finetuned
+    input before anything is written (llama.cpp knows its architecture and reads its vocabulary). Returns
+    the opened Bundle; its .summary holds sizes, time and peak memory.
     """
     t0 = time.perf_counter()
     formats = check_formats(to)
@@ -440,6 +444,8 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
     with _open(finetuned) as ft, _open(inferior) as inf:
         notes = validate_pair(ft, inf, mu)
         check_support(ft, formats)
+        if check_model is not None and "gguf" in formats and isinstance(ft, GGUFCheckpoint):
+            check_model([ft.path], vocab_only=True)  # llama.cpp knows its architecture and reads its vocabulary
         for note in notes:
             warnings.warn(note, ExtrapolationWarning, stacklevel=2)
         with bw:
@@ -461,11 +467,10 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
                     notes.append(note)
                     warnings.warn(note, ExtrapolationWarning, stacklevel=2)
                 if check_model is not None and "gguf" in formats:
-                    for q in quants:
-                        for role in _roles(with_inferior):
-                            if progress:
-                                progress(Progress("check", 0, 0, 0, 0, Path(gguf_relpath(role, q)).name))
-                            check_model(bw.tmp / gguf_relpath(role, q))
+                    written = [bw.tmp / gguf_relpath(role, q) for q in quants for role in _roles(with_inferior)]
+                    if progress:
+                        progress(Progress("check", 0, 0, 0, 0, ", ".join(p.name for p in written)))
+                    check_model(written)  # all in one go (runtime.check_gguf_runs: one child process)
                 if "mlx" in formats:
                     _export_mlx_all(bw, hf_dirs, mlx_bits, mlx_group_size, progress)
                 shutil.rmtree(bw.tmp / ".work", ignore_errors=True)

@@ -14,7 +14,7 @@ precision next to the output, then `llama_cpp.llama_model_quantize` (which picks
 back for rows that are not a multiple of the block size, as llama-quantize does). 1-D tensors and norms stay
 F32. Output files appear under their final name only when complete.
 
-`GGUFCopySink` is the same for GGUF inputs: metadata copied from the source GGUF, tensors in GGUF naming,
+`GGUFCopySink` is the same for GGUF inputs of any architecture: metadata copied from the source GGUF, tensors in GGUF naming,
 whole (`write`) or in pieces of rows (`write_rows`, in order), with the same bytes.
 """
 
@@ -32,13 +32,16 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as FT
 
 from ..errors import BackendError, CheckpointError, InputError, NumericError, ParameterError, UnsupportedError
+from . import gguf_arch
 from .gguf_file import Header, read_header
 from .gguf_file import quantize as quantize_rows
 from .tokenizer_meta import read_tokenizer
 
-# HF model_type -> gguf-py architecture. Mistral, Deepseek-LLM and TinyLlama are Llama in llama.cpp.
+# HF model_type -> gguf-py architecture. Mistral, Deepseek-LLM and TinyLlama are Llama in llama.cpp; Phi-3.5
+# and Phi-4 are phi3; gemma3_text is the text model of Gemma 3 (Gemma3ForCausalLM; converters/gguf_arch.py).
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA,
-         "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+         "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+         "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3_text": gguf.MODEL_ARCH.GEMMA3, "phi3": gguf.MODEL_ARCH.PHI3}
 SUPPORTED_ARCHS = tuple(ARCHS)
 
 # quant -> (file type, tensor type written here; None = written in source precision, then llama.cpp quantizes)
@@ -74,9 +77,19 @@ def check_quant(quant: str) -> str:
 def check_arch(config: dict, where: str = "config.json") -> gguf.MODEL_ARCH:
     arch = config.get("model_type")
     if arch not in ARCHS:
-        raise UnsupportedError(
-            f"{where}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
+        hint = " (the multimodal Gemma 3: its text model, model_type gemma3_text, is)" if arch == "gemma3" else ""
+        raise UnsupportedError(f"{where}: architecture {arch!r} is not supported for GGUF{hint}; supported: "
+                               f"{', '.join(SUPPORTED_ARCHS)}")
     return ARCHS[arch]
+
+
+def check_gguf_export(config: dict, where: str = "config.json") -> gguf.MODEL_ARCH:
+    """check_arch, and the hyperparameters the architecture needs that llama.cpp runs as transformers does
+    (converters/gguf_arch.py), before anything is written."""
+    arch = check_arch(config, where)
+    if arch in gguf_arch.ARCHS:
+        gguf_arch.check_layout(config, hparams(config), arch, where)
+    return arch
 
 
 # byte offsets of the f16 scales (d, and m / dmin) inside one block of each ggml quant type
@@ -322,8 +335,10 @@ class GGUFSink(_StreamingGGUF):
         self.tensor_map = gguf.get_tensor_name_map(self.model_arch, self.hp["n_layer"])
         self.names: dict[str, str | None] = {}  # HF name -> GGUF name (None: dropped)
         try:
+            if self.model_arch in gguf_arch.ARCHS:
+                gguf_arch.check_layout(config, self.hp, self.model_arch)
             extra = self._plan(tensors)
-            add_hparams(self.writer, self.hp, self.model_arch, name)
+            add_hparams(self.writer, self.hp, self.model_arch, name, config)
             read_tokenizer(tokenizer_dir, self.hp["n_vocab"], config.get("model_type")).add_to(self.writer)
         except BaseException:
             self.abort()
@@ -333,12 +348,14 @@ class GGUFSink(_StreamingGGUF):
             self._write_gguf(gname, x)
 
     def _plan(self, tensors: dict) -> dict[str, np.ndarray]:
-        """Map every HF tensor to its GGUF name and type; returns the extra tensors GGUF needs (rope_freqs)."""
-        extra = {}
+        """Map every HF tensor to its GGUF name and type; returns the extra tensors GGUF needs (rope_freqs, Phi-3's
+        rope_factors_long / _short)."""
+        extra = gguf_arch.extra_tensors(self.config, self.hp, self.model_arch)
         freqs = llama3_rope_factors(self.config, self.hp)
         if freqs is not None:
             extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = freqs
-            self.plan[next(iter(extra))] = (freqs.shape, Q.F32)
+        for gname, x in extra.items():
+            self.plan[gname] = (x.shape, Q.F32)
         for hf_name, (shape, tag) in tensors.items():
             gname = self._gguf_name(hf_name)
             self.names[hf_name] = gname
@@ -366,7 +383,7 @@ class GGUFSink(_StreamingGGUF):
             return
         if self.model_arch == gguf.MODEL_ARCH.LLAMA:
             x = self._llama_permute(hf_name, x)
-        self._write_gguf(gname, x)
+        self._write_gguf(gname, gguf_arch.tensor_for_gguf(self.model_arch, hf_name, x))
 
     def _llama_permute(self, hf_name: str, x: np.ndarray) -> np.ndarray:
         """q/k rows reordered from HF's rotate-half layout to llama.cpp's interleaved rope (LlamaModel.permute)."""
@@ -386,14 +403,18 @@ class GGUFCopySink(_StreamingGGUF):
                  types: dict[str, int] | None = None):
         header = header or _open_header(source)
         arch = header.meta.get(gguf.Keys.General.ARCHITECTURE)
-        if arch not in {gguf.MODEL_ARCH_NAMES[a] for a in ARCHS.values()}:
-            raise UnsupportedError(
-                f"{source}: architecture {arch!r} is not supported for GGUF; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if not isinstance(arch, str) or not arch:
+            raise InputError(f"{source}: no general.architecture in GGUF metadata")
         super().__init__(out_path, arch, quant, types)
+        # A tensor the source keeps in F32 among tensors of lower types was kept so by the converter that wrote
+        # it (e.g. the ssm_* tensors of Mamba-like models, which llama.cpp's ops take in F32 only): it stays F32.
+        kept = {n for n, (_, tag) in tensors.items() if tag == "F32"} if any(
+            tag != "F32" for _, tag in tensors.values()) else set()
         try:
             copy_metadata(header, self.writer)
             for name, (shape, tag) in tensors.items():
-                self.plan[name] = (tuple(int(d) for d in shape), self._tensor_type(name, tuple(shape), tag))
+                qtype = Q.F32 if name in kept and types is None else self._tensor_type(name, tuple(shape), tag)
+                self.plan[name] = (tuple(int(d) for d in shape), qtype)
         except BaseException:
             self.abort()
             raise
@@ -551,11 +572,7 @@ def hparams(config: dict) -> dict:
     """The hyperparameters llama.cpp needs, from an HF config.json dict (one-line error for a missing field)."""
     n_embd = int(_need(config, "hidden_size", "n_embd"))
     n_head = int(_need(config, "num_attention_heads", "n_head"))
-    rope = dict(config.get("rope_parameters") or {})  # transformers >= 5 keeps theta and scaling here
-    scaling = config.get("rope_scaling") or {}
-    rope.update(scaling)
-    if "rope_type" not in rope and "type" in rope:
-        rope["rope_type"] = rope["type"]
+    rope, theta_swa = rope_parameters(config)
     if n_embd % n_head and config.get("head_dim") is None:
         raise InputError(f"config.json hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
     return {
@@ -569,16 +586,39 @@ def hparams(config: dict) -> dict:
         "head_dim": int(config.get("head_dim") or n_embd // n_head),
         "explicit_head_dim": config.get("head_dim") is not None,
         "rope_theta": config.get("rope_theta", rope.get("rope_theta")),
+        "rope_theta_swa": theta_swa,  # Gemma 3's local layers
         "rope": rope if rope.get("rope_type") not in (None, "default") else {},
+        "rope_all": rope,
         "rms_eps": float(_need(config, "rms_norm_eps")),
         "tied": bool(config.get("tie_word_embeddings", False)),
     }
 
 
-def add_hparams(w: gguf.GGUFWriter, hp: dict, arch: gguf.MODEL_ARCH, name: str | None) -> None:
-    """The architecture keys, as convert_hf_to_gguf's TextModel / LlamaModel / Qwen2Model write them."""
+def rope_parameters(config: dict) -> tuple[dict, float | None]:
+    """(the rope parameters of the global layers: rope_theta, rope_type and its scaling fields, the rope theta of
+    sliding-window layers or None). transformers >= 5 keeps them in rope_parameters, per layer type for Gemma 3
+    ({"full_attention": ..., "sliding_attention": ...}); older configs in rope_theta, rope_scaling and
+    rope_local_base_freq."""
+    params = dict(config.get("rope_parameters") or {})
+    theta_swa = config.get("rope_local_base_freq")
+    if "full_attention" in params or "sliding_attention" in params:
+        theta_swa = (params.get("sliding_attention") or {}).get("rope_theta", theta_swa)
+        params = dict(params.get("full_attention") or {})
+    params.update(config.get("rope_scaling") or {})
+    if "rope_type" not in params and "type" in params:
+        params["rope_type"] = params["type"]
+    return params, theta_swa
+
+
+def add_hparams(w: gguf.GGUFWriter, hp: dict, arch: gguf.MODEL_ARCH, name: str | None,
+                config: dict | None = None) -> None:
+    """The architecture keys, as convert_hf_to_gguf's TextModel / LlamaModel / Qwen2Model write them (Gemma 2/3
+    and Phi-3, from the config: converters/gguf_arch.py)."""
     if name:
         w.add_name(name)
+    if arch in gguf_arch.ARCHS:
+        gguf_arch.add_arch_hparams(w, config or {}, hp, arch)
+        return
     w.add_context_length(hp["n_ctx"])
     w.add_embedding_length(hp["n_embd"])
     w.add_block_count(hp["n_layer"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import math
 import mmap
 import os
 import struct
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
+from .safetensors_io import check_input_file
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -34,6 +36,8 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 STRING, ARRAY = 8, 9
+MAX_ARRAY_DEPTH = 16  # arrays of arrays of ...: deeper is refused (Python's recursion limit is ~1000)
+INT64_MAX = 2**63 - 1  # ggml counts a tensor's elements in int64
 
 
 class Header:
@@ -139,10 +143,12 @@ class _Cursor:
         self.pos += n
         return s
 
-    def value(self, vtype: int | None = None, types: list | None = None, parse: bool = True, decode: bool = False):
+    def value(self, vtype: int | None = None, types: list | None = None, parse: bool = True, decode: bool = False,
+              depth: int = 0):
         """The value at the cursor, of type vtype (None: read from the type field at the cursor); with
         parse=False an array is only walked over (its elements checked to fit) and None returned; decode:
-        strings inside arrays as str (UTF-8, errors replaced), else bytes."""
+        strings inside arrays as str (UTF-8, errors replaced), else bytes. Arrays of arrays are taken up to
+        MAX_ARRAY_DEPTH deep (llama.cpp takes none)."""
         if vtype is None:
             vtype = self.scalar("<I")
         if vtype in _SCALAR:
@@ -162,7 +168,10 @@ class _Cursor:
                 self.need(count * 8)  # at least a length per element
                 return self._strings(count, parse, decode)
             if etype == ARRAY:
-                items = [self.value(ARRAY, parse=parse, decode=decode) for _ in range(count)]
+                if depth + 1 >= MAX_ARRAY_DEPTH:
+                    raise CheckpointError(f"{self.path}: corrupted GGUF file (metadata arrays nested more than "
+                                          f"{MAX_ARRAY_DEPTH} deep at byte {self.pos})")
+                items = [self.value(ARRAY, parse=parse, decode=decode, depth=depth + 1) for _ in range(count)]
                 return items if parse else None
         raise CheckpointError(f"{self.path}: corrupted GGUF file (unknown metadata value type {vtype} at byte "
                               f"{self.pos})")
@@ -193,6 +202,7 @@ def read_header(path) -> Header:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
+    check_input_file(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             c = _Cursor(memoryview(mm), path)
@@ -238,7 +248,10 @@ def read_header(path) -> Header:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(gtype)]
         except (ValueError, KeyError):
             raise CheckpointError(f"{path}: tensor {name!r} has an unknown ggml type {gtype}") from None
-        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        n = math.prod(dims)  # Python ints: no int64 overflow while checking
+        if any(d > INT64_MAX for d in dims) or n > INT64_MAX:
+            raise CheckpointError(f"{path}: corrupted GGUF file (tensor {name!r} has dims {list(dims)}: more "
+                                  "elements than int64 counts)")
         if dims and n % block:
             raise CheckpointError(f"{path}: tensor {name!r}: {n} elements are not whole blocks of {block}")
         nbytes = n // block * type_size

@@ -21,6 +21,7 @@ so there the default dtype for quantized exports is float32.
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import io
 import json
@@ -76,6 +77,34 @@ def export_mlx(hf_dir, out_dir, bits: int | None = None, group_size: int = 64, d
     return out_dir
 
 
+def mlx_lm_config(config: dict, where: str = "config.json") -> dict:
+    """The config fields mlx_lm's model classes read that a transformers >= 5 config.json keeps elsewhere:
+    rope_theta and rope_scaling (in rope_parameters, per layer type for Gemma 3), rope_local_base_freq, and
+    Gemma 3's sliding_window_pattern (as layer_types). UnsupportedError for a layer pattern mlx_lm cannot run."""
+    from .gguf import rope_parameters
+
+    out: dict = {}
+    rope, theta_swa = rope_parameters(config)
+    if config.get("rope_theta") is None and rope.get("rope_theta") is not None:
+        out["rope_theta"] = rope["rope_theta"]
+    kind = rope.get("rope_type")
+    if config.get("rope_scaling") is None and kind not in (None, "default"):
+        out["rope_scaling"] = {**{k: v for k, v in rope.items() if k != "rope_theta"}, "type": kind}
+    if config.get("model_type") == "gemma3_text":
+        if config.get("rope_local_base_freq") is None and theta_swa is not None:
+            out["rope_local_base_freq"] = theta_swa
+        types = config.get("layer_types")
+        if config.get("sliding_window_pattern") is None and types:
+            # mlx_lm: layer i is global when i % n == n - 1
+            n = next((n for n in range(1, len(types) + 2)
+                      if all((t == "full_attention") == (i % n == n - 1) for i, t in enumerate(types))), None)
+            if n is None:
+                raise UnsupportedError(f"{where}: layer_types has no global layer every n-th layer, which "
+                                       "mlx_lm's gemma3_text needs (sliding_window_pattern)")
+            out["sliding_window_pattern"] = n
+    return out
+
+
 @dataclass
 class _Job:
     """How to make the output tensors of one step, in file order.
@@ -99,7 +128,8 @@ def _stream_export(hf_dir: Path, out: Path, bits, group_size: int, dtype: str | 
     from mlx_lm.convert import MODEL_CONVERSION_DTYPES
 
     # The steps of mlx_lm.convert.convert, up to its save(), all lazy.
-    model, tokenizer, config = mu.load(str(hf_dir), return_config=True, lazy=True,
+    overrides = mlx_lm_config(json.loads((hf_dir / "config.json").read_text()), str(hf_dir / "config.json"))
+    model, tokenizer, config = mu.load(str(hf_dir), return_config=True, lazy=True, model_config=overrides or None,
                                        tokenizer_config={"trust_remote_code": False}, trust_remote_code=False)
     if dtype is None:
         dtype = config.get("torch_dtype", None)
@@ -199,7 +229,15 @@ def _sources(hf_dir: Path, model) -> dict:
         for k, v in arrays.items():
             origin[id(v)] = (Path(wf), k)
         raw.update(arrays)
-    kept = model.sanitize(dict(raw)) if hasattr(model, "sanitize") else dict(raw)
+    # On a new model of the same class (its arrays lazy, never evaluated): some sanitize methods change the
+    # model too (gemma3_text drops its lm_head when the embeddings are tied), and load() already ran it once
+    # on this one, so a second call there can fail.
+    if hasattr(model, "sanitize"):
+        fresh = type(model)(model.args) if hasattr(model, "args") else copy.copy(model)
+        kept = fresh.sanitize(dict(raw))
+        del fresh
+    else:
+        kept = dict(raw)
     found = {}
     for k, v in kept.items():
         src = origin.get(id(v))

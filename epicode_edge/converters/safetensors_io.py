@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,25 @@ def from_f32(x: np.ndarray, tag: str) -> np.ndarray:
     return x.astype(STORAGE[tag], copy=False)
 
 
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_input_file(path: Path, folder_ok: bool = False) -> os.stat_result:
+    """os.stat of an input before it is opened: CheckpointError naming it unless it is a regular file (or with
+    folder_ok a folder). Opening a FIFO blocks until a writer comes; a device never ends."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file or directory") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISREG(st.st_mode) or (folder_ok and stat.S_ISDIR(st.st_mode)):
+        return st
+    kind = next((what for test, what in _SPECIAL if test(st.st_mode)), "not a regular file")
+    raise CheckpointError(f"{path}: {kind}, not a model file{' or folder' if folder_ok else ''}")
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -96,8 +116,8 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        size = check_input_file(self.path).st_size
         try:
-            size = self.path.stat().st_size
             with open(self.path, "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:

@@ -1,5 +1,6 @@
 """config.json against the weights, before anything is written: the fields every export reads (types and
-ranges), and the shape of every tensor those fields imply (Llama, Mistral, Qwen2, Qwen3 layouts).
+ranges), and the shape of every tensor those fields imply (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3
+text and Phi-3 layouts).
 
     check_config_shapes(ckpt)        # HF checkpoint; MismatchError / CheckpointError naming field or tensor
 
@@ -15,7 +16,7 @@ import re
 from ..errors import CheckpointError, MismatchError
 
 INT_MAX = 2**31 - 1
-LAYOUT_ARCHS = ("llama", "mistral", "qwen2", "qwen3")  # the tensor layout below
+LAYOUT_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")  # the tensor layouts below
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -75,7 +76,8 @@ def config_fields(config: dict, where: str = "config.json", for_gguf: bool = Tru
 
 def expected_shapes(arch: str, f: dict, names) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape the config implies, for the tensors the layout needs (biases when present,
-    and Qwen2's always; Qwen3's q/k norms)."""
+    and Qwen2's always; Qwen3's and Gemma 3's q/k norms; Gemma's four norms per layer; Phi-3's fused qkv and
+    gate_up projections)."""
     H, I, V, hd = f["hidden"], f["intermediate"], f["vocab"], f["head_dim"]
     q, kv = f["heads"] * hd, f["kv_heads"] * hd
     want = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
@@ -83,6 +85,16 @@ def expected_shapes(arch: str, f: dict, names) -> dict[str, tuple[int, ...]]:
         want["lm_head.weight"] = (V, H)
     for i in range(f["layers"]):
         p = f"model.layers.{i}."
+        if arch == "phi3":  # fused projections: q, k, v rows stacked; gate and up rows stacked
+            want.update({
+                p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                p + "self_attn.qkv_proj.weight": (q + 2 * kv, H), p + "self_attn.o_proj.weight": (H, q),
+                p + "mlp.gate_up_proj.weight": (2 * I, H), p + "mlp.down_proj.weight": (H, I),
+            })
+            continue
+        if arch in ("gemma2", "gemma3_text"):  # a norm before and after attention and feed-forward
+            want[p + "pre_feedforward_layernorm.weight"] = (H,)
+            want[p + "post_feedforward_layernorm.weight"] = (H,)
         want.update({
             p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
             p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
@@ -92,7 +104,7 @@ def expected_shapes(arch: str, f: dict, names) -> dict[str, tuple[int, ...]]:
         for proj, n in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
             if arch == "qwen2" or p + f"self_attn.{proj}.bias" in names:
                 want[p + f"self_attn.{proj}.bias"] = (n,)
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3_text"):
             want[p + "self_attn.q_norm.weight"] = (hd,)
             want[p + "self_attn.k_norm.weight"] = (hd,)
     return want

@@ -50,6 +50,9 @@ _LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
 _QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 KNOWN_PRE_REGEXES = {_LLAMA3_RE: "llama-bpe", _QWEN2_RE: "qwen2"}
+# SentencePiece vocabularies that llama.cpp's converter marks as adding no '▁' before the text (Gemma2Model,
+# Gemma3Model: Gemma's normalizer only replaces spaces).
+NO_SPACE_PREFIX_ARCHS = ("gemma", "gemma2", "gemma3", "gemma3_text")
 # Turn-end tokens that llama.cpp treats as end-of-generation; written as eot when present.
 EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -106,6 +109,8 @@ def read_tokenizer(tok_dir: str | Path, vocab_size: int, arch: str = "llama") ->
             f"{tj_path}: tokenizer model {tj.get('model', {}).get('type')!r} is not supported "
             "(supported: byte-level BPE, SentencePiece)")
     _add_specials(meta, tok_dir, vocab_size, tj)
+    if arch in NO_SPACE_PREFIX_ARCHS and meta.model == "llama":
+        meta.add_space_prefix = False
     return meta
 
 
