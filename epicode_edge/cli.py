@@ -602,7 +602,8 @@ class _StageBars:
               help="Where eval.jsonl, report.md, accuracy.png, summary.json go [default: ./eval-BUNDLE-DATA].")
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Answer length limit.")
 @click.option("--extract", default="last-number", show_default=True,
-              help="Answer extraction: last-number, exact, choice or regex:PATTERN (first group if any).")
+              help="Answer extraction: last-number, exact, choice, regex:PATTERN (first group if any) or "
+                   "json:FIELD (a field of a JSON answer: with --json-schema).")
 @click.option("--limit", type=int, default=None, help="Score only the first N items.")
 @click.option("--methods", default=",".join(("finetuned", "extrapolation", "cd", "epicode")), show_default=True,
               help="Rows to run, comma-separated.")
@@ -613,9 +614,10 @@ class _StageBars:
 @click.option("--runs", type=int, default=1, show_default=True,
               help="Also N sampled runs (seeds 0..N-1) with a paired t-test across runs (N >= 2).")
 @click.option("--temp", type=float, default=0.7, show_default=True, help="Sampling temperature of the runs.")
+@constraint_options
 @runtime_options
 def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd_lam, alpha, runs, temp, engine,
-             overlap):
+             overlap, constraint=None):
     """Accuracy of finetuned, extrapolation only, CD only and EpiCoDe on the same items of DATA (JSONL of
     {"id", "prompt"|"messages", "answer"}), with 95% intervals and exact McNemar tests against finetuned."""
     from .apps.eval import evaluate
@@ -628,7 +630,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
     with _StageBars() as bars:
         report = evaluate(bundle, data, out_dir=out_dir, max_tokens=max_tokens, extract=extract, limit=limit,
                           methods=methods, lam=lam, alpha=alpha, cd_lam=cd_lam, runs=runs, temp=temp,
-                          engine=engine, overlap=overlap, progress=bars)
+                          engine=engine, overlap=overlap, constraint=constraint, progress=bars)
     for w in report.warnings:
         click.echo(f"Warning: {w}", err=True)
     s = report.settings

@@ -138,3 +138,36 @@ def test_python_api_setting_checks_the_constraint(rt):
     with pytest.raises(ParameterError, match="fast_forward must be True or False"):
         rt.settings(fast_forward="yes")
     assert rt.settings(constraint={"type": "text"}).constraint is None
+
+
+def test_eval_scores_constrained_answers_with_json_extract(bundle, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(3)))
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0,
+                                                                              "maximum": 9}},
+                                  "required": ["answer"], "additionalProperties": False}))
+    out = tmp_path / "ev"
+    code, log = cli("eval", bundle, data, "-o", out, "--json-schema", schema, "--extract", "json:answer",
+                    "--methods", "finetuned,epicode", "--max-tokens", 40, *ENGINE)
+    assert code == 0, log
+    recs = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    for rec in recs:
+        for m in ("finetuned", "epicode"):
+            got = json.loads(rec[m]["text"])["answer"]  # every row's answer is constrained
+            assert rec[m]["extracted"] == str(got)
+            assert rec[m]["correct"] == (got == int(rec["answer"]))
+    assert json.loads((out / "summary.json").read_text())["settings"]["constraint"]["type"] == "json_schema"
+
+
+def test_json_extractor():
+    from epicode_edge.apps import tasks
+
+    ex = tasks.make_extractor("json:result.values.1")
+    assert ex('{"result": {"values": [1, 2.5]}}') == "2.5"
+    assert ex('{"result": {}}') is None and ex("not json") is None
+    assert tasks.make_extractor("json:answer")('{"answer": " Paris "}') == "Paris"
+    assert tasks.is_correct("42", "42.0", "json:answer") and not tasks.is_correct("Paris", "paris", "json:answer")
+    with pytest.raises(Exception, match="json:"):
+        tasks.make_extractor("json:")
