@@ -86,7 +86,7 @@ def walk_llguidance(backend, kind, text, steps, seed):
 
     c = C.grammar(text) if kind == "gbnf" else (C.json_object() if kind == "json_object"
                                                 else C.Constraint(kind, text))
-    C._GRAMMARS.clear(), C._TEMPLATES.clear()  # noqa: the bench measures the compile, not the caches
+    C.clear_caches()  # the bench measures the compile, not the caches
     t = time.perf_counter()
     m = C.Matcher(c, backend)
     compile_s = time.perf_counter() - t
@@ -174,7 +174,7 @@ def main() -> None:
             if lib == "llguidance":
                 from epicode_edge.decoding import constraint as C
 
-                C._TOKENIZERS.pop(backend, None)
+                C.clear_caches()
                 C.tokenizer_for(backend)
             else:
                 import xgrammar as xgr

@@ -44,10 +44,10 @@ class ContextFullError(EpicodeError):
     """The prompt (or prompt plus generation) does not fit the context window."""
 
 
+class ConstraintError(InputError, ValueError):
+    """A structured-output constraint (JSON schema, regex, grammar) is invalid or uses what is unsupported."""
+
+
 def one_line(e: BaseException) -> str:
     """An error as the one line users see: its message with whitespace folded (the class name if empty)."""
     return " ".join(str(e).split()) or type(e).__name__
-
-
-class ConstraintError(InputError, ValueError):
-    """A structured-output constraint (JSON schema, regex, grammar) is invalid or uses what is unsupported."""

@@ -323,6 +323,13 @@ class Matcher:
             raise ConstraintError(f"{self.constraint.where}: {_first_lines(self._m.get_error())}")
 
 
+def clear_caches() -> None:
+    """Forget the checked grammars, tokenizers and compiled matchers (bench/constrain.py times the compile)."""
+    _GRAMMARS.clear()
+    _TEMPLATES.clear()
+    _TOKENIZERS.clear()
+
+
 def candidates(x: np.ndarray, allowed: np.ndarray, alpha: float) -> np.ndarray:
     """The plausibility mask on the expert's distribution renormalised over the allowed tokens.
     x (V,) expert logits, allowed (A,) ascending ids -> (K,) ascending ids (never empty when A > 0)."""

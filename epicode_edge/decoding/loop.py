@@ -39,6 +39,12 @@ that cannot run forwards from two threads (Backend.concurrent false, e.g. MLX) k
 Broken weights: logits holding NaN or +Inf (or all -Inf) stop the request with a NumericError naming the role
 (expert / amateur) and the token position (`check_finite`, one max over the vocabulary per forward).
 
+Structured output (`matcher`, decoding/constraint.py): tokens the constraint forbids are out before the
+plausibility mask, which is taken over the allowed tokens; a token the constraint forces is emitted without a
+pick (no sampler draw, no amateur: a skipped step); with fast_forward the forced run after a pick is emitted at
+once and fed to the expert with the pick in one batch (the amateur gets it in its next catch-up). Overlap does
+not apply with a constraint (the lazy path runs).
+
 Cache reuse: each model keeps what it has cached; a new prompt is compared with it and only the tokens after
 the common prefix are fed (chat turns prefill only their new tokens; the amateur catches up lazily).
 """
