@@ -163,6 +163,69 @@ def test_lambda_zero_is_the_librarys_constrained_greedy(rt, bundle, spec):
     assert ff.stats.constraint_complete and ff.stats.expert_forwards <= got.stats.expert_forwards
 
 
+def _reference_constrained_cd(gguf_e, gguf_a, prompt, grammar, lam, alpha, max_tokens):
+    """Constrained contrastive decoding by its definition, in numpy over both models' full logits (fresh
+    llama-cpp-python models, llguidance's own tokenizer and matcher): allowed tokens only; a single allowed
+    token taken as is; else the plausibility mask on the expert's log-softmax renormalised over the allowed
+    tokens, then argmax of (1 + lam) * le - lam * la over the kept ones."""
+    import llama_cpp
+    import llguidance
+    import llguidance.numpy as lln
+    from llguidance.llamacpp import lltokenizer_from_vocab
+
+    from epicode_edge.decoding.contrastive import log_softmax
+
+    models = [llama_cpp.Llama(model_path=str(g), n_ctx=512, n_threads=N_THREADS, verbose=False)
+              for g in (gguf_e, gguf_a)]
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(models[0].model)
+        n = llama_cpp.llama_vocab_n_tokens(vocab)
+        eog = [i for i in range(n) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+        m = llguidance.LLMatcher(lltokenizer_from_vocab(vocab, eos_token=eog), grammar, log_level=0)
+        mask = lln.allocate_token_bitmask(1, n)
+        for llm in models:
+            llm.eval(prompt)
+        out = []
+        while len(out) < max_tokens:
+            xe, xa = (np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n,)).copy()
+                      for llm in models)
+            lln.fill_next_token_bitmask(m, mask)
+            allowed = np.unpackbits(mask[0].view(np.uint8), bitorder="little")[:n].astype(bool)  # (V,)
+            if allowed.sum() == 1:
+                t = int(allowed.argmax())
+            else:
+                le = np.where(allowed, xe, -np.inf)
+                le = le - np.logaddexp.reduce(le[allowed])  # (V,) log-probs over the allowed tokens
+                keep = allowed & (le >= np.log(alpha) + le.max())
+                s = np.where(keep, (1 + lam) * le - lam * log_softmax(xa), -np.inf)
+                t = int(s.argmax())
+            if t in eog:
+                break
+            assert m.consume_token(t)
+            out.append(t)
+            for llm in models:
+                llm.eval([t])
+        return out
+    finally:
+        for llm in models:
+            llm.close()
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_constrained_cd_equals_the_numpy_reference(rt, lazy):
+    spec = {"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "properties": {"w": {"type": "string", "maxLength": 8}, "k": {"enum": ["a", "bb", "c"]}},
+        "required": ["w", "k"], "additionalProperties": False}}}
+    c = C.parse_constraint(spec)
+    prompt = rt.encode("Hello there", raw=True)
+    want = _reference_constrained_cd(rt.bundle.gguf("expert", "F32"), rt.bundle.gguf("amateur", "F32"), prompt,
+                                     c.grammar(), 1.0, 0.1, 60)
+    got = rt.generate("Hello there", raw=True, lam=1.0, alpha=0.1, max_tokens=60, constraint=c, fast_forward=False,
+                      lazy=lazy, catch_up="steps")
+    assert got.tokens == want and got.finish_reason == "stop"
+    assert got.stats.changed > 0  # the amateur changed picks: the contrast is exercised, not just the mask
+
+
 # ---------------------------------------------------------------------------------------------
 # the pick's rules
 # ---------------------------------------------------------------------------------------------
