@@ -424,7 +424,7 @@ def chat_cmd(bundle, system, engine, **settings):
 def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, system, ray_address, actors, engine,
               **settings):
     """Answer every request of INPUT.jsonl ({"id", "prompt"} or {"id", "messages"} a line, with optional
-    per-line max_tokens, lambda, alpha, temp, top_p, top_k, min_p, seed, stop, system) into OUTPUT, one
+    per-line max_tokens, lambda, alpha, temp, top_p, top_k, min_p, seed, stop, system, response_format) into OUTPUT, one
     record a line, flushed as each finishes (completion order; "line" gives the input order). A bad line or
     a failed request becomes an error record; ids already in OUTPUT are skipped."""
     from .apps import batch
