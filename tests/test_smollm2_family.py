@@ -83,7 +83,7 @@ def test_demo_eval_on_a_users_draw(family, cache, tmp_path, monkeypatch):
 
 def test_demo_side_by_side_on_the_family(family, cache, monkeypatch):
     monkeypatch.setenv(demo.CACHE_ENV, str(cache))
-    res = CliRunner().invoke(main, ["demo", "--family", str(family), "-n", "2", "--no-color", "--threads", "2"])
+    res = CliRunner().invoke(main, ["demo", "--family", str(family), "--examples", "2", "--no-color", "--threads", "2"])
     assert res.exit_code == 0, res.output
     assert "Reused bundle" in res.output  # made by the test before, same sources and settings
     assert res.output.count("finetuned :") == 2 and res.output.count("EpiCoDe   :") == 2
@@ -112,7 +112,10 @@ def test_shipped_adapters_are_small_and_portable():
 def test_default_demo_is_the_real_family(cache, monkeypatch):
     monkeypatch.setenv(demo.CACHE_ENV, str(cache))
     assert demo.family_dir() == SHIPPED
-    res = CliRunner().invoke(main, ["demo", "-n", "2", "--no-color", "--threads", "2"])
+    res = CliRunner().invoke(main, ["demo", "--examples", "2", "--no-color", "--threads", "2"])
     assert res.exit_code == 0, res.output
     assert res.output.count("finetuned :") == 2 and res.output.count("EpiCoDe   :") == 2
     assert "The family's test table" in res.output and "EpiCoDe" in res.output
+    # the tuned lambda is 0: the demo says CD is off there, and shows the CD-only row at work
+    assert "contrastive decoding is OFF" in res.output and res.output.count("CD only   :") == 2
+    assert "Over all 600 test items" in res.output and "Accuracy on these" not in res.output

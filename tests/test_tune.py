@@ -113,16 +113,22 @@ def expert_dev(pair, tmp_path_factory):
 
 def test_mu_that_beats_finetuned_is_chosen_and_lambda_grid_goes_past_1(pair, expert_dev, tmp_path):
     ft, inf, _ = pair
-    res = tune(ft, inf, expert_dev, tmp_path / "b", mu_grid="0.05,0.5", lam_grid="0.5,2,4", quant="F32",
-               max_tokens=6, extract="exact", with_inferior=True)
+    res = tune(ft, inf, expert_dev, tmp_path / "b", mu_grid="0.05,0.5", lam_grid="0.01,0.5,2,4",
+               quant="F32", max_tokens=6, extract="exact", with_inferior=True)
     assert res.points["mu=0.5"].accuracy == 1.0 and res.points["finetuned"].accuracy < 1.0
     assert res.beats_finetuned and res.mu == 0.5 and res.sweep_mu == 0.5
-    assert res.lam in (0.0, 0.5, 2.0, 4.0)
+    # the pick at mu 0.5: the best of that mu alone (lambda 0) and its lambdas, ties to the simpler (smaller)
+    # lambda; the dev answers are the expert's own, so lambda 0 scores 1.0 and no lambda can beat it; the tiny
+    # lambda 0.01 ties with it (the same answers) and must not win the tie
+    lam_acc = {p.lam: p.accuracy for p in res.points.values() if p.kind == "lambda"}
+    assert lam_acc[0.01] == 1.0 and min(lam_acc.values()) < 1.0
+    at_mu = [(0.0, res.points["mu=0.5"].accuracy)] + sorted(lam_acc.items())
+    assert res.lam == max(at_mu, key=lambda la: (la[1], -la[0]))[0] == 0.0
     assert res.chosen().accuracy == max(p.accuracy for p in res.points.values() if p.kind in ("mu", "lambda"))
-    assert {p.lam for p in res.points.values() if p.kind == "lambda"} == {0.5, 2.0, 4.0}
+    assert set(lam_acc) == {0.01, 0.5, 2.0, 4.0}
     # the CD-only row got its own lambda from its own dev points (finetuned against inferior)
     cd = {p.lam: p for p in res.points.values() if p.kind == "cd"}
-    assert set(cd) == {0.5, 2.0, 4.0}
+    assert set(cd) == {0.01, 0.5, 2.0, 4.0}
     assert res.cd_lam == max(cd.values(), key=lambda p: (p.accuracy, -p.lam)).lam
     b = open_bundle(res.bundle)
     assert b.mu == 0.5 and b.lam == res.lam and b.manifest["tune"]["beats_finetuned"] is True

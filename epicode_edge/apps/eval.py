@@ -18,7 +18,11 @@ method of a run) and a paired t-test across runs against finetuned, as the paper
 beside the greedy table's one-run McNemar test.
 
 Writes OUT/eval.jsonl (one line per item: every method's output, extracted answer, correctness),
-OUT/report.md (settings, table, chart, disagreements) with OUT/accuracy.png, and OUT/summary.json.
+OUT/report.md (settings, table, chart, disagreements) with OUT/accuracy.png, OUT/summary.json, and
+OUT/report.html: the table with its intervals and the items where EpiCoDe and finetuned disagree, each
+EpiCoDe answer with its changed picks highlighted and every token's candidates (apps/web/report.html; one
+self-contained file). For those items the EpiCoDe row decodes with explain on (decoding/explain.py: the same
+picks; the amateur's whole output layer is read), and keeps the per-token data of the disagreeing items only.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ParameterError
+from ..errors import MissingExtraError, ParameterError, require
 from . import tasks
 from .tasks import Item
 
@@ -58,6 +62,7 @@ class MethodResult:
     changed: int = 0  # picks where contrastive decoding overrode the expert's own choice
     seconds: float = 0.0
     skipped: str | None = None  # why the method was left out
+    traces: dict[int, dict] = field(default_factory=dict)  # item index -> {"tokens": [...], "tail": str}
 
     @property
     def n(self) -> int:
@@ -191,18 +196,21 @@ class EvalReport:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def score(generate: Callable[[Item], tuple[str, int, int]], items: list[Item], extract: str, name: str,
-          progress: ProgressFn | None = None) -> MethodResult:
-    """Run one method over the items: generate(item) -> (text, tokens, changed picks)."""
+def score(generate: Callable[[Item], tuple], items: list[Item], extract: str, name: str,
+          progress: ProgressFn | None = None, keep: Callable[[int, bool], bool] | None = None) -> MethodResult:
+    """Run one method over the items: generate(item) -> (text, tokens, changed picks[, trace]), trace a
+    callable giving the answer's per-token data; keep(i, correct) says which items' traces to keep."""
     extractor = tasks.make_extractor(extract)
     r = MethodResult(name)
     t0 = time.perf_counter()
     for i, item in enumerate(items):
-        text, n_tokens, changed = generate(item)
+        text, n_tokens, changed, *trace = generate(item)
         got = extractor(text)
         r.texts.append(text)
         r.extracted.append(got)
         r.correct.append(tasks.is_correct(got, item.answer, extract))
+        if trace and keep is not None and keep(i, r.correct[-1]):
+            r.traces[i] = trace[0]()
         r.tokens += n_tokens
         r.changed += changed
         if progress:
@@ -303,7 +311,13 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
         # the finetuned row is the finetuned model at the main quant, whatever quant the contrast model has
         rt = _load(b, roles=roles, **({**opts, "amateur_quant": None} if m == "finetuned" else opts))
         try:
-            results[m] = score(runner(rt, m, settings_of[m], max_tokens), items, extract, m, progress)
+            ft = results.get("finetuned")
+            keep = None  # EpiCoDe's answers where finetuned got the other verdict: their tokens, for report.html
+            if m == "epicode" and ft is not None and not ft.skipped:
+                def keep(i, correct, ft=ft):
+                    return correct != ft.correct[i]
+            results[m] = score(runner(rt, m, settings_of[m], max_tokens, explain=keep is not None), items,
+                               extract, m, progress, keep)
             results[m].settings = dict(settings_of[m])
             for seed in range(runs if runs > 1 else 0):
                 s = dict(settings_of[m], temp=float(temp), seed=seed)
@@ -339,12 +353,28 @@ def _load(b, *, roles, **opts):
     return load(b.path, roles=roles, **opts)
 
 
-def runner(rt, method: str, settings: dict, max_tokens: int):
-    """item -> (text, completion tokens, changed picks) for one method on a Runtime."""
+def runner(rt, method: str, settings: dict, max_tokens: int, explain: bool = False):
+    """item -> (text, completion tokens, changed picks) for one method on a Runtime; explain: and a fourth
+    element, a callable giving the answer's tokens as decoding/explain.py's JSON ({"tokens", "tail"})."""
     if method == "finetuned":
         def run(item: Item):
             r = rt.compare(item.chat(), max_tokens=max_tokens, **settings)
             return r.text, r.completion_tokens, 0
+    elif explain:
+        from ..decoding.explain import explain_json
+        from ..runtime import Collector
+
+        def run(item: Item):
+            got, steps = Collector(), []
+            for ev in rt.stream(item.chat(), max_tokens=max_tokens, explain=True, **settings):
+                got.add(ev)
+                if not ev.final:
+                    steps.append((ev.text, ev.explain))
+            r, tail = got.result(), got.last.text  # the final event's text: what the stream held back
+
+            def trace():
+                return {"tokens": [explain_json(exp, rt.expert, text) for text, exp in steps], "tail": tail}
+            return r.text, r.completion_tokens, r.changed_tokens, trace
     else:
         def run(item: Item):
             r = rt.generate(item.chat(), max_tokens=max_tokens, **settings)
@@ -370,7 +400,7 @@ def write_outputs(report: EvalReport, out_dir) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"jsonl": out / "eval.jsonl", "summary": out / "summary.json", "chart": out / "accuracy.png",
-             "report": out / "report.md"}
+             "report": out / "report.md", "html": out / "report.html"}
     _atomic_lines(paths["jsonl"], (json.dumps(rec, ensure_ascii=False) for rec in item_records(report)))
     rows = report.rows()
     summary = {"settings": report.settings, "warnings": report.warnings,
@@ -378,9 +408,13 @@ def write_outputs(report: EvalReport, out_dir) -> dict[str, Path]:
     if report.runs:
         summary["runs"] = [dict(r.__dict__, mean=r.mean, sd=r.sd) for r in runs_rows(report.runs)]
     _atomic_lines(paths["summary"], [json.dumps(summary, indent=2)])
-    accuracy_chart(rows, paths["chart"], title=f"{report.settings.get('data', '')} "
-                                               f"(n={len(report.items)})")
+    try:
+        accuracy_chart(rows, paths["chart"], title=f"{report.settings.get('data', '')} "
+                                                   f"(n={len(report.items)})")
+    except MissingExtraError as e:  # the scores are the result; the chart is optional (the `charts` extra)
+        report.warnings.append(f"no chart: {e}")
     _atomic_lines(paths["report"], [markdown_report(report, rows, paths["chart"].name)])
+    _atomic_lines(paths["html"], [html_report(report, rows)])
     report.out_dir = out
     return paths
 
@@ -395,6 +429,7 @@ def _atomic_lines(path: Path, lines) -> None:
 
 def accuracy_chart(rows: list[Row], path: Path, title: str = "") -> Path:
     """Horizontal bars of accuracy with 95% Wilson intervals (matplotlib, Agg backend)."""
+    require("matplotlib", f"the chart {path.name}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -462,3 +497,39 @@ def _disagreements(report: EvalReport, n: int) -> list[str]:
 def _one_line(text: str, limit: int = 200) -> str:
     t = " ".join(text.split()).replace("`", "'")
     return t if len(t) <= limit else t[: limit - 3] + "..."
+
+
+HTML_ITEMS = 200  # the most disagreeing items report.html shows (the first ones)
+
+
+def html_report(report: EvalReport, rows: list[Row], limit: int = HTML_ITEMS) -> str:
+    """report.html: the rows with their intervals, and the items where EpiCoDe and finetuned disagree (won:
+    EpiCoDe right and finetuned wrong; lost: the other way), each EpiCoDe answer token by token with its
+    changed picks (apps/web/report.html, apps/web/tokens.js)."""
+    from .web import page
+
+    s = report.settings
+    settings = [("bundle", s.get("bundle")), ("mu", s.get("mu")), ("lambda", s.get("lam")), ("alpha", s.get("alpha")),
+                ("data", f"{s.get('data')} ({len(report.items)} items)"), ("extraction", s.get("extract")),
+                ("max_tokens", s.get("max_tokens")), ("decoding", "greedy"), ("backend", s.get("backend")),
+                ("time", f"{s.get('seconds', 0):.0f} s")]
+    data = {"settings": settings, "items": [], "n_disagree": 0, "note": None,
+            "rows": [{"method": r.method, "label": r.label, "k": r.k, "n": r.n, "accuracy": r.accuracy,
+                      "ci": list(r.ci), "delta": r.delta, "wins": r.wins, "losses": r.losses,
+                      "p_value": r.p_value, "boot_ci": list(r.boot_ci) if r.boot_ci else None,
+                      "skipped": r.skipped} for r in rows]}
+    ft, ep = report.results.get("finetuned"), report.results.get("epicode")
+    if not ft or not ep or ft.skipped or ep.skipped:
+        data["note"] = "The disagreements need both the finetuned and the EpiCoDe rows."
+        return page("report.html", data)
+    idx = [i for i in range(len(report.items)) if ft.correct[i] != ep.correct[i]]
+    data["n_disagree"] = len(idx)
+    for i in idx[:limit]:
+        it = report.items[i]
+        trace = ep.traces.get(i) or {}
+        data["items"].append({
+            "id": it.id, "prompt": it.text, "answer": it.answer, "outcome": "won" if ep.correct[i] else "lost",
+            "finetuned": {"text": ft.texts[i], "extracted": ft.extracted[i], "correct": ft.correct[i]},
+            "epicode": {"text": ep.texts[i], "extracted": ep.extracted[i], "correct": ep.correct[i],
+                        "tokens": trace.get("tokens"), "tail": trace.get("tail", "")}})
+    return page("report.html", data)

@@ -6,13 +6,22 @@
     client = openai.OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")
     client.chat.completions.create(model="my-bundle", messages=[...], extra_body={"lambda": 1.0})
 
-Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, streaming
-(server-sent events ending with `data: [DONE]`) or not. Two models: NAME (EpiCoDe) and NAME:finetuned (the
-finetuned model alone, for comparison). EpiCoDe's own settings come as extra body fields: `lambda`, `alpha`
-(and llama-server's `top_k`, `min_p`, `repetition_penalty`). Structured output: OpenAI's `response_format`
-(`json_object`, `json_schema` with `strict`) or an extra `grammar` (GBNF or Lark) / `regex` field
-(decoding/constraint.py); a bad one is 400 naming what is wrong, and `epicode.constraint_complete` is false when
-max_tokens cut the answer first (finish_reason "length").
+Endpoints: GET / (the chat page, apps/web/chat.html), GET /health, GET /v1/models, POST /v1/chat/completions,
+POST /v1/completions, streaming (server-sent events ending with `data: [DONE]`) or not. Two models: NAME
+(EpiCoDe) and NAME:finetuned (the finetuned model alone, for comparison). EpiCoDe's own settings come as extra
+body fields: `lambda`, `alpha` (and llama-server's `top_k`, `min_p`, `repetition_penalty`).
+
+What contrastive decoding did, per token, on request (decoding/explain.py): the extra body field
+`"epicode": {"explain": true}` adds `"epicode": {"tokens": [...]}` to every streamed chunk (the token's pick,
+whether contrastive decoding changed it, the plausible candidates with the expert's and the amateur's
+log-probs and scores) and `"epicode": {..., "stats": {...}}` to the one with the finish reason (in a
+non-streamed answer: `epicode.tokens` and `epicode.stats`). Chat requests also take OpenAI's `logprobs` and
+`top_logprobs` (0-20): the speaking model's log-probs, in `choices[0].logprobs.content`. A request without
+them streams what it did before either existed: one chunk per text piece, nothing computed for them.
+
+Structured output: OpenAI's `response_format` (`json_object`, `json_schema` with `strict`) or an extra
+`grammar` (GBNF or Lark) / `regex` field (decoding/constraint.py); a bad one is 400 naming what is wrong, and
+`epicode.constraint_complete` is false when max_tokens cut the answer first (finish_reason "length").
 
 Concurrent requests are decoded together: one decoding thread per model over Runtime.stream_many (continuous
 batching over `parallel` slots); beyond the slots a queue of `max_queue`, beyond that 429 with Retry-After.
@@ -47,6 +56,7 @@ from typing import Any
 from ..decoding.constraint import grammar, parse_constraint, regex
 from ..errors import (BackendError, ConstraintError, ContextFullError, EpicodeError, InputError, ParameterError,
                       UnsupportedError, one_line)
+from ..decoding.explain import MAX_TOP_LOGPROBS, explain_json, openai_logprob
 from ..runtime import IDLE, Cancelled, available_memory, check_messages, kv_cache_bytes
 
 log = logging.getLogger(__name__)  # one line per request (cli.py shows it on stderr)
@@ -139,15 +149,16 @@ def _number(body, name, lo=None, hi=None, integer=False):
 # The fields each endpoint reads. A field outside these is refused (400 naming it), not ignored: a client that
 # asks for tools, JSON mode or log-probabilities must learn that it did not get them.
 FIELDS = {"model", "stream", "stream_options", "max_tokens", "n", "temperature", "top_p", "top_k", "min_p", "seed",
-          "stop", "lambda", "alpha", "repetition_penalty", "user", "response_format", "grammar", "regex"}
-CHAT_FIELDS = FIELDS | {"messages", "max_completion_tokens"}
+          "stop", "lambda", "alpha", "repetition_penalty", "user", "epicode", "response_format", "grammar", "regex"}
+CHAT_FIELDS = FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = FIELDS | {"prompt", "echo"}
 # Fields of OpenAI's API that are accepted at the value that asks for nothing (what some clients always send).
 NEUTRAL = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
            "top_logprobs": (0,), "best_of": (1,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
            "parallel_tool_calls": (False,), "store": (False,),
            "suffix": ("",)}
-UNSUPPORTED = {"logprobs": "log-probabilities are not returned", "top_logprobs": "log-probabilities are not returned",
+UNSUPPORTED = {"logprobs": "log-probabilities come from /v1/chat/completions only",
+               "top_logprobs": "log-probabilities come from /v1/chat/completions only",
                "tools": "this server runs no tools", "tool_choice": "this server runs no tools",
                "functions": "this server runs no tools", "parallel_tool_calls": "this server runs no tools",
                "logit_bias": "logit_bias is not applied",
@@ -261,6 +272,9 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int, default_max_to
     constraint = _constraint(body)
     if constraint is not None:
         s["constraint"] = constraint
+    out.update(_explain_fields(body, kind))
+    if out["explain"] or out["logprobs"]:
+        s.update(explain=True, top_logprobs=out["top_logprobs"])
     out["settings"] = s
     return out
 
@@ -287,6 +301,30 @@ def _constraint(body: dict):
         return grammar(value, "grammar") if name == "grammar" else regex(value, "regex")
     except ConstraintError as e:
         raise RequestError(400, one_line(e), name) from None
+
+
+def _explain_fields(body: dict, kind: str) -> dict:
+    """{"explain", "logprobs", "top_logprobs"} of a request: the `epicode` extra field and OpenAI's logprobs."""
+    ex = body.get("epicode")
+    if ex is not None:
+        if not isinstance(ex, dict):
+            raise RequestError(400, "'epicode' must be an object, e.g. {\"explain\": true}", "epicode")
+        for k, v in ex.items():
+            if k != "explain":
+                raise RequestError(400, f"'epicode.{str(k)[:40]}' is not supported (only explain)", "epicode")
+            if v is not None and not isinstance(v, bool):
+                raise RequestError(400, "'epicode.explain' must be true or false", "epicode")
+    out = {"explain": bool((ex or {}).get("explain")), "logprobs": False, "top_logprobs": 0}
+    if kind == "chat":
+        lp = body.get("logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise RequestError(400, "'logprobs' must be true or false", "logprobs")
+        out["logprobs"] = bool(lp)
+        n = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True) or 0
+        if n and not out["logprobs"]:
+            raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        out["top_logprobs"] = n
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +431,11 @@ class Scheduler:
 
     def _on_event(self, key, ev) -> None:
         job = self._jobs.get(key)
-        if job is not None and ev.text:
+        if job is None:
+            return
+        if ev.explain is not None:  # explain or logprobs asked for: every token, with its data
+            job.put(("token", ev))
+        elif ev.text:
             job.put(("text", ev.text))
 
     def _finish(self, job: Job, res) -> None:
@@ -424,6 +466,7 @@ class Server:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.started = time.time()
+        self._page: str | None = None
 
     def start(self, timeout: float = 300.0) -> None:
         """Open both models' slots now (EpiCoDe's and the finetuned model's), so that a server whose slots do not
@@ -542,6 +585,17 @@ class Server:
             body["error"] = problem
         return (200 if status == "ok" else 503), body
 
+    async def page(self, request):
+        """The chat page (apps/web/chat.html, its CSS and JS inlined). It is the same for everyone: the API key
+        is asked by the page and sent with its /v1 requests. The policy header keeps it on this server."""
+        from starlette.responses import HTMLResponse
+
+        from .web import page
+
+        if self._page is None:
+            self._page = page("chat.html")
+        return HTMLResponse(self._page, headers=PAGE_HEADERS)
+
     async def health(self, request):
         from starlette.responses import JSONResponse
 
@@ -600,9 +654,11 @@ class Server:
         note["model"] = meta["model"]
         note["prompt_tokens"] = len(job.ids)
         if req["stream"]:
-            return StreamingResponse(self._sse(request, sched, job, kind, meta, req["include_usage"], note),
+            return StreamingResponse(self._sse(request, sched, job, kind, meta, req["include_usage"], note,
+                                               req["explain"], req["logprobs"]),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        res = await self._wait(request, sched, job)
+        tokens: list = []
+        res = await self._wait(request, sched, job, tokens)
         if isinstance(res, RequestError):
             note["outcome"] = res.message[:160]
             return self.error_response(res)
@@ -613,10 +669,16 @@ class Server:
         choice = {"index": 0, "finish_reason": res.finish_reason}
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": res.text}
+            if req["logprobs"]:
+                choice["logprobs"] = {"content": [openai_logprob(ev.explain, self.rt.expert) for ev in tokens]}
         else:
             choice.update(text=res.text, logprobs=None)
+        extras = _extras(res, job)
+        if req["explain"]:
+            extras.update(tokens=[explain_json(ev.explain, self.rt.expert, ev.text) for ev in tokens],
+                          stats=_stats(res))
         return JSONResponse({**meta, "object": "chat.completion" if kind == "chat" else "text_completion",
-                             "choices": [choice], "usage": _usage(res), "epicode": _extras(res, job)})
+                             "choices": [choice], "usage": _usage(res), "epicode": extras})
 
     def _job(self, req: dict) -> Job:
         rt = self.rt
@@ -633,8 +695,9 @@ class Server:
                                isinstance(req["input"], list) else "prompt", kind="context_length_exceeded")
         return Job(next(self._ids), ids, settings, asyncio.get_running_loop())
 
-    async def _wait(self, request, sched: Scheduler, job: Job):
-        """The job's Result (text events dropped); None when the client went away (the job is cancelled)."""
+    async def _wait(self, request, sched: Scheduler, job: Job, tokens: list | None = None):
+        """The job's Result (text events dropped, token events appended to tokens); None when the client went
+        away (the job is cancelled)."""
         while True:
             try:
                 what, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
@@ -643,22 +706,32 @@ class Server:
                     sched.cancel(job)
                     return None
                 continue
+            if what == "token" and tokens is not None:
+                tokens.append(value)
             if what == "done":
                 return _as_error(value) if isinstance(value, BaseException) else value
 
     async def _sse(self, request, sched: Scheduler, job: Job, kind: str, meta: dict, include_usage: bool,
-                   note: dict):
+                   note: dict, explain: bool = False, logprobs: bool = False):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        vocab = self.rt.expert
 
-        def chunk(text=None, finish=None, role=False, usage=None):
+        def chunk(text=None, finish=None, role=False, usage=None, token=None, extras=None):
             if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                delta = {"role": "assistant", "content": ""} if role else (
+                    {"content": text} if text or token is not None else {})
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                if token is not None and logprobs:
+                    choice["logprobs"] = {"content": [openai_logprob(token.explain, vocab)]}
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
             d = {**meta, "object": obj, "choices": [] if usage else [choice]}
             if usage:
                 d["usage"] = usage
+            if token is not None and explain:
+                d["epicode"] = {"tokens": [explain_json(token.explain, vocab, token.text)]}
+            if extras is not None:
+                d["epicode"] = extras
             return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
 
         sent = []
@@ -672,6 +745,10 @@ class Server:
                     sent.append(value)
                     yield chunk(text=value)
                     continue
+                if what == "token":
+                    sent.append(value.text)
+                    yield chunk(text=value.text, token=value)
+                    continue
                 done = True
                 if isinstance(value, BaseException):
                     err = _as_error(value)
@@ -682,7 +759,8 @@ class Server:
                     tail = value.text[len("".join(sent)):]
                     if tail:
                         yield chunk(text=tail)
-                    yield chunk(finish=value.finish_reason)
+                    yield chunk(finish=value.finish_reason,
+                                extras={**_extras(value, job), "stats": _stats(value)} if explain else None)
                     if include_usage:
                         yield chunk(usage=_usage(value))
                 yield "data: [DONE]\n\n"
@@ -710,6 +788,14 @@ def _extras(res, job: Job) -> dict:
     return out
 
 
+def _stats(res) -> dict:
+    """A request's counts and speed for the page's summary (loop.Stats)."""
+    st = res.stats
+    return {"completion_tokens": st.completion_tokens, "picks": st.picks, "changed": st.changed,
+            "amateur_skipped": st.amateur_skipped, "tokens_per_s": st.tokens_per_s, "ttft_s": st.ttft_s,
+            "decode_s": st.decode_s}
+
+
 def _as_error(e: BaseException) -> RequestError:
     """A request's failure as the client sees it, by the error's class: what the request asked for (a parameter,
     its input, a prompt that does not fit) is 400; everything else - NaN logits from broken weights, an engine
@@ -726,6 +812,12 @@ def _as_error(e: BaseException) -> RequestError:
 # ----------------------------------------------------------------------------------------------
 # the app: routes, JSON errors for unknown paths and methods, one log line per request
 # ----------------------------------------------------------------------------------------------
+
+# The chat page may talk to this server only: no script, style, image or connection from another address.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                                           "form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 LOG_KEY = "epicode.request"  # the scope entry where a handler notes the request's id, model and tokens
 
@@ -789,6 +881,7 @@ def create_app(runtime, config: ServeConfig | None = None, start: bool = True):
             server.close()
 
     routes = [
+        Route("/", server.page, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/v1/models", server.models_list, methods=["GET"]),
         Route("/v1/chat/completions", server.chat, methods=["POST"]),

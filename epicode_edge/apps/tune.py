@@ -1,4 +1,4 @@
-"""`tune`: the paper's procedure on a dev set (DESIGN.md section 1, step 3).
+"""`tune`: the paper's procedure on a dev set (docs/design.md#the-method, step 3).
 
     result = tune("ft/", "ep1/", "dev.jsonl", "bundle/")                  # full checkpoints
     result = tune("ep2-adapter/", "ep1-adapter/", "dev.jsonl", "bundle/", base="base.gguf")   # LoRA
@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..defaults import DEFAULT_ALPHA
-from ..errors import ParameterError
+from ..errors import MissingExtraError, ParameterError, require
 from . import tasks
 
 STATE = "state.json"
-# mu: the paper has mu << 1; on SmolLM2-135M (DESIGN.md section 5) mu = 1 overshot and the gains sat at
-# mu <= 0.5, so the grid is dense at small values (down to 0.025); mu = 0 (finetuned) always competes.
+# mu: the paper has mu << 1; on SmolLM2-135M (models/smollm2/README.md#what-was-tried) mu = 1 overshot and
+# the gains sat at mu <= 0.5, so the grid is dense at small values (down to 0.025); mu = 0 (finetuned) always
+# competes.
 DEFAULT_MU_GRID = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5)
 # lambda: the paper's error analysis puts the best lambda near 1/(k-1) for an amateur whose error is k times
 # the expert's, which is large when the two are close (k near 1): the grid reaches well past 1.
@@ -185,6 +186,7 @@ class State:
 
 def tune_charts(result: TuneResult) -> list[Path]:
     """WORK/tune_mu.png and WORK/tune_lambda.png: dev accuracy with 95% intervals."""
+    require("matplotlib", "tune's charts")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,7 +322,11 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     # 5. the final bundle (mu = 0: the finetuned model itself, flagged)
     src = run.bundle_dir(chosen_mu) if chosen_mu > 0 else run.bundle(0.0).path
     write_final(src, out, lam=chosen_lam, alpha=alpha, force=force, tune_info=_tune_info(result))
-    result.charts = tune_charts(result)
+    try:
+        result.charts = tune_charts(result)
+    except MissingExtraError as e:  # the bundle is the result; the charts are optional (the `charts` extra)
+        result.charts = []
+        warn(f"no charts: {e}")
     verdict = ("" if result.beats_finetuned else "**Nothing beat the finetuned model on dev: the bundle is the "
                "finetuned model itself (mu = 0, lambda = 0).**\n\n")
     (work / "tune.md").write_text(f"# tune\n\n{verdict}mu = {chosen_mu:g}, lambda = {chosen_lam:g}, alpha = {alpha:g}"

@@ -1,4 +1,4 @@
-"""The Backend protocol: one engine holding one model and its KV cache (DESIGN.md sec. 4).
+"""The Backend protocol: one engine holding one model and its KV cache (docs/design.md#the-backend-protocol).
 
 A backend keeps the token ids it has cached (`tokens`, `n_past`). `prefill(ids)` appends ids after the cached
 positions and returns the logits of the last one; `step(id)` is prefill of one token; `truncate(n)` drops

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import BackendError, InputError, UnsupportedError
+from ..errors import BackendError, InputError, UnsupportedError, require
 from .base import BaseBackend, end_of_turn_ids
 
 PREFILL_CHUNK = 512  # tokens per forward during a long prefill (bounds the attention scratch memory)
@@ -30,6 +30,7 @@ class MLXBackend(BaseBackend):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise InputError(f"{path}: not an MLX/HF model folder (no config.json)")
+        require("mlx_lm", "the MLX backend")
         import mlx.core as mx
         from mlx_lm import load
         from mlx_lm.models import cache as mlx_cache

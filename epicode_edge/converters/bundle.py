@@ -1,4 +1,4 @@
-"""The bundle: the folder `convert` writes and everything else reads (DESIGN.md section 3).
+"""The bundle: the folder `convert` writes and everything else reads (docs/bundle.md).
 
     BUNDLE/
       epicode.json                 manifest (format_version, mu, defaults, files, sources, ...)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA, MAX_LAMBDA
-from ..errors import BundleError, ParameterError, UnsupportedError
+from ..errors import BundleError, ParameterError, UnsupportedError, require
 from .bundle import (LOCK_FILE, Bundle, BundleWriter, build_manifest, file_entry, gguf_relpath, hf_relpath,
                      human_bytes, mlx_relpath, open_bundle)
 from .checkpoint import Checkpoint, GGUFCheckpoint, HFCheckpoint, open_checkpoint
@@ -123,6 +123,8 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
             from .gguf_to_hf import hf_plan
 
             hf_plan(ckpt)  # config, tensor names and tokenizer can be rebuilt (else one line naming the field)
+        if "mlx" in formats:
+            require("mlx_lm", "--to mlx")
         if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{_mlx_arch(ckpt.arch)}") is None:
             raise UnsupportedError(f"{ckpt.path}: architecture {ckpt.arch!r} is not supported by mlx_lm")
         return
@@ -134,6 +136,8 @@ def check_support(ckpt: Checkpoint, formats: list[str]) -> None:
 
     check_config_shapes(ckpt, for_gguf="gguf" in formats)  # before anything is written
     _check_chat_template(ckpt)
+    if "mlx" in formats:
+        require("mlx_lm", "--to mlx")
     if "mlx" in formats and importlib.util.find_spec(f"mlx_lm.models.{_mlx_arch(ckpt.arch)}") is None:
         raise UnsupportedError(f"{ckpt.path}/config.json: architecture {ckpt.arch!r} is not supported by mlx_lm")
     if "mlx" in formats:
@@ -421,7 +425,7 @@ def convert(finetuned, inferior, out, *, mu, to: Iterable[str] | str = ("gguf",)
             mlx_bits: int | None = None, mlx_group_size: int = 64, with_inferior: bool = False, force: bool = False,
             lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA, progress: ProgressFn | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES, check_model: Callable[..., None] | None = None) -> Bundle:
-    """Extrapolate finetuned/inferior with mu and write a bundle at `out` (DESIGN.md section 3).
+    """Extrapolate finetuned/inferior with mu and write a bundle at `out` (docs/bundle.md).
 
     to: formats among gguf, mlx, hf (list or comma string); quant: GGUF quant types (one file per role and
     quant); mlx_bits (None = not quantized, or 2..8) and mlx_group_size for the MLX folders; with_inferior adds the inferior model

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from epicode_edge.errors import BackendError, InputError, ParameterError, UnsupportedError
+from epicode_edge.errors import BackendError, InputError, ParameterError, UnsupportedError, require
 
 from .safetensors_io import ClosingSink, SafetensorsFile, SafetensorsWriter
 
@@ -58,11 +58,8 @@ def export_mlx(hf_dir, out_dir, bits: int | None = None, group_size: int = 64, d
         dtype = "float32"
     tmp = out_dir.with_name(out_dir.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        import mlx.core  # noqa: F401
-        import mlx_lm.utils  # noqa: F401
-    except ImportError as e:
-        raise BackendError(f"MLX export needs mlx-lm ({e})") from None
+    require("mlx.core", "MLX export (--to mlx)")
+    require("mlx_lm.utils", "MLX export (--to mlx)")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # mlx_lm prints progress lines
             _stream_export(hf_dir, tmp, bits, group_size, dtype)

@@ -34,8 +34,9 @@ import numpy as np
 
 from .contrastive import plausible_ids
 from .constraint import Matcher, candidates
+from .explain import check_top_logprobs, explain_pick
 from .loop import (NO_ROWS, ROLES, Answer, Step, check_finite, check_limits, check_prompt, common_prefix,
-                   forced_run, pick)
+                   forced_run, pick_own)
 from .sampling import make_logits_processors, make_sampler
 
 
@@ -71,6 +72,8 @@ class _Seq:
     matcher: Any = None                               # constraint.Matcher (structured output) or None
     fast_forward: bool = True
     cforced: bool = False                             # the constraint allows one token: emitted, no pick
+    explain: bool = False                             # each Step carries an Explain (loop.py)
+    top_logprobs: int = 0
 
 
 def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any, list[int], Any]], *,
@@ -147,8 +150,10 @@ def _admit(key, slot: int, ids, s, expert_ms, amateur_ms, vocab) -> _Seq:
     seq = _Seq(key, slot, s.lam, s.alpha, s.lazy, make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed),
                processors, list(prompt) if processors else None,
                Answer(len(prompt), s.max_tokens, stop, vocab, expert_ms.n_ctx),
-               rows=bool(getattr(s, "candidate_head", True)) and not processors,
-               fast_forward=bool(getattr(s, "fast_forward", True)))
+               explain=bool(getattr(s, "explain", False)),
+               top_logprobs=check_top_logprobs(getattr(s, "top_logprobs", 0)))
+    seq.rows = bool(getattr(s, "candidate_head", True)) and not processors and not seq.explain
+    seq.fast_forward = bool(getattr(s, "fast_forward", True)) and not seq.explain  # explain: every token its logits
     if getattr(s, "constraint", None) is not None:
         seq.matcher = Matcher(s.constraint, vocab)
     if seq.answer.reason is None:
@@ -209,12 +214,13 @@ def _pick(q: _Seq, vocab, expert_ms, on_event) -> tuple[str, str] | None:
     the finish reason or None."""
     need = q.need
     if q.cforced:
-        token, changed = int(q.ids[0]), False
+        token = own = int(q.ids[0])
     else:
-        token, changed = pick(q.x, q.y, q.ids, q.lam, q.sampler, bool(q.processors), q.processors, q.history,
+        token, own = pick_own(q.x, q.y, q.ids, q.lam, q.sampler, bool(q.processors), q.processors, q.history,
                               q.rows)
+    exp = explain_pick(q.x, q.y if need else None, q.ids, q.lam, token, own, q.top_logprobs) if q.explain else None
     feed = [token]
-    steps = [Step(token, changed, not need, len(q.ids), forced=q.cforced)]
+    steps = [Step(token, token != own, not need, len(q.ids), explain=exp, forced=q.cforced)]
     if q.matcher is not None:
         q.matcher.consume([token])
         n_past = expert_ms.n_past(q.slot)

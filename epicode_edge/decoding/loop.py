@@ -36,6 +36,11 @@ The prompt prefills overlap too. An error in either forward is raised after both
 first); Ctrl-C waits for the amateur's forward before it propagates, so both caches stay consistent. Engines
 that cannot run forwards from two threads (Backend.concurrent false, e.g. MLX) keep the sequential path.
 
+Explain (`explain=True`): each Step and Event carries an Explain (decoding/explain.py): the expert's own pick,
+the candidates with both models' log-probabilities and contrastive scores, the expert's top log-probs; the
+amateur's whole output layer is then read (its candidate rows alone have no log-normaliser). Off (the default),
+nothing of it is computed.
+
 Broken weights: logits holding NaN or +Inf (or all -Inf) stop the request with a NumericError naming the role
 (expert / amateur) and the token position (`check_finite`, one max over the vocabulary per forward).
 
@@ -63,6 +68,7 @@ import numpy as np
 from ..errors import ContextFullError, NumericError, ParameterError
 from .constraint import Matcher, candidates
 from .contrastive import candidate_scores, check_alpha, check_lam, plausible_ids
+from .explain import Explain, check_top_logprobs, explain_pick
 from .sampling import Sampler, greedy
 
 
@@ -79,6 +85,7 @@ class Step:
     n_candidates: int  # tokens the plausibility mask kept
     overlap_s: float = 0.0  # forward time hidden by running the two models at once (overlap), since the last pick
     forced: bool = False    # a constraint forced this token (no pick)
+    explain: Explain | None = None  # what contrastive decoding did (explain=True only; decoding/explain.py)
 
 
 @dataclass
@@ -140,6 +147,7 @@ class Event:
     finish_reason: str | None = None  # final event only: "stop" (EOS/end-of-turn or stop string) | "length"
     stopped_by: str | None = None     # final event only: "eos" | "stop_string" | "max_tokens" | "context_full"
     stats: Stats | None = field(default=None, repr=False)
+    explain: Explain | None = field(default=None, repr=False)  # explain=True only: candidates, log-probs, scores
 
     @property
     def final(self) -> bool:
@@ -168,7 +176,8 @@ def check_catch_up(catch_up: str) -> str:
 def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                   sampler: Sampler = greedy, processors: Sequence = (), lazy: bool = True,
                   catch_up: str = "auto", overlap: bool = False, candidate_head: bool = True,
-                  roles: tuple[str, str] = ROLES, matcher=None, fast_forward: bool = True) -> Iterator[Step]:
+                  roles: tuple[str, str] = ROLES, matcher=None, fast_forward: bool = True,
+                  explain: bool = False, top_logprobs: int = 0) -> Iterator[Step]:
     """Yield one Step per picked token, forever (close the generator to stop).
 
     expert, amateur: Backends (amateur may be None when lam == 0: one model alone). The expert is stepped
@@ -178,13 +187,16 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
     amateur's logits of the candidates only (see the module docstring). matcher: a constraint.Matcher over
     the expert's vocabulary (structured output, see decoding/constraint.py: forbidden tokens are out first,
     a token the constraint forces is emitted without a pick and needs no amateur); fast_forward: emit the
-    constraint's forced runs at once and feed them in one batch.
+    constraint's forced runs at once and feed them in one batch. explain: each Step carries an Explain
+    (decoding/explain.py; the amateur's whole output layer is then read, and fast-forward is off, so that every
+    token has its logits), with the expert's top_logprobs most likely tokens.
     """
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
     if overlap and matcher is None and can_overlap(expert, amateur, lam, lazy):
         yield from _overlapped_steps(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
-                                     processors=processors, roles=roles)
+                                     processors=processors, roles=roles, explain=explain,
+                                     top_logprobs=top_logprobs)
         return
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None  # (T,) ids the processors look back on
@@ -193,7 +205,8 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
     pending: list[int] = []  # generated ids the amateur has not seen
     y = None  # (V,) amateur logits (rows: (K,) of the ids), current when fresh and pending are empty
     normalize = bool(processors)
-    rows = candidate_head and not normalize and amateur is not None
+    rows = candidate_head and not normalize and not explain and amateur is not None
+    fast_forward = fast_forward and not explain  # explain: every token is fed alone and has its logits
     feed: list[int] = []  # ids picked or forced since the expert's last forward
     run: list[int] = []  # ids the constraint forces after the last pick (fast-forward; none before the first)
     while True:
@@ -211,7 +224,8 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
             if len(allowed) == 1:  # the constraint allows one token: emitted without a pick
                 token = int(allowed[0])
                 matcher.consume([token])
-                yield Step(token, False, True, 1, forced=True)
+                exp = explain_pick(x, None, allowed, lam, token, token, top_logprobs) if explain else None
+                yield Step(token, False, True, 1, explain=exp, forced=True)
                 feed, run = [token], forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert))
                 continue
             ids = candidates(x, allowed, alpha)  # (K,) ascending, the allowed plausible ones
@@ -224,8 +238,9 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
                 fresh = _reuse_cache(amateur, prompt)
             y = check_finite(_catch_up(amateur, fresh, pending, catch_up, ids if rows else None), roles[1], amateur)
             fresh, pending = [], []
-        token, changed = pick(x, y, ids, lam, sampler, normalize, processors, history, rows)
-        yield Step(token, changed, not need, len(ids))
+        token, own = pick_own(x, y, ids, lam, sampler, normalize, processors, history, rows)
+        exp = explain_pick(x, y if need else None, ids, lam, token, own, top_logprobs) if explain else None
+        yield Step(token, token != own, not need, len(ids), explain=exp)
         feed = [token]
         if matcher is not None:
             matcher.consume([token])
@@ -257,7 +272,8 @@ def can_overlap(expert, amateur, lam: float, lazy: bool) -> bool:
             and expert.concurrent and amateur.concurrent)
 
 
-def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processors, roles=ROLES) -> Iterator[Step]:
+def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processors, roles=ROLES,
+                      explain=False, top_logprobs=0) -> Iterator[Step]:
     """generate_step with both models fed every token at once (the naive loop's engine calls, overlapped)."""
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None
@@ -269,8 +285,10 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
         while True:
             check_finite(x, roles[0], expert), check_finite(y, roles[1], amateur)
             ids = plausible_ids(x, alpha)  # (K,) ascending
-            token, changed = pick(x, y, ids, lam, sampler, normalize, processors, history)
-            yield Step(token, changed, len(ids) == 1, len(ids), pair.take_saved())
+            token, own = pick_own(x, y, ids, lam, sampler, normalize, processors, history)
+            forced = len(ids) == 1  # its pick reads no amateur logits (they are computed all the same)
+            exp = explain_pick(x, None if forced else y, ids, lam, token, own, top_logprobs) if explain else None
+            yield Step(token, token != own, forced, len(ids), pair.take_saved(), exp)
             if history is not None:
                 history.append(token)
             x, y = pair.run(lambda: expert.step(token), lambda: amateur.step(token))
@@ -278,10 +296,10 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
         pair.close()
 
 
-def pick(x, y, ids, lam, sampler, normalize, processors, history, y_on_ids=False) -> tuple[int, bool]:
-    """The contrastive pick among ids (K,) and whether it differs from the expert's own (same random draw).
-    x, y: (V,) expert and amateur logits, or y (K,) the amateur's of ids only (y_on_ids); y is read only when
-    lam > 0 and K > 1."""
+def pick_own(x, y, ids, lam, sampler, normalize, processors, history, y_on_ids=False) -> tuple[int, int]:
+    """The contrastive pick among ids (K,) and the expert's own pick with the same random draw (they differ
+    where contrastive decoding changed the pick). x, y: (V,) expert and amateur logits, or y (K,) the
+    amateur's of ids only (y_on_ids); y is read only when lam > 0 and K > 1."""
     if len(ids) == 1:  # one candidate: its score is irrelevant; the sampler still draws, as for any pick
         (k,), k_own = sampler(_ONE), None
     elif lam > 0:
@@ -290,7 +308,7 @@ def pick(x, y, ids, lam, sampler, normalize, processors, history, y_on_ids=False
         k, k_own = sampler(s, own)
     else:
         (k,), k_own = sampler(processed_scores(x, None, ids, 0.0, normalize, processors, history)), None
-    return int(ids[k]), k_own is not None and k != k_own
+    return int(ids[k]), int(ids[k if k_own is None else k_own])
 
 
 class _Overlap:
@@ -432,7 +450,8 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
                     sampler: Sampler = greedy, processors: Sequence = (), max_tokens: int = 256,
                     stop: Sequence[str] = (), lazy: bool = True, catch_up: str = "auto",
                     overlap: bool = False, candidate_head: bool = True,
-                    roles: tuple[str, str] = ROLES, constraint=None, fast_forward: bool = True) -> Iterator[Event]:
+                    roles: tuple[str, str] = ROLES, constraint=None, fast_forward: bool = True,
+                    explain: bool = False, top_logprobs: int = 0) -> Iterator[Event]:
     """Yield an Event per answer token, then a final Event (finish_reason, stopped_by, stats).
 
     Stops on the expert's EOS / end-of-turn ids, a stop string (not emitted, even when it spans tokens),
@@ -441,8 +460,10 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     constraint: a decoding/constraint.py Constraint (structured output); the final Event's stats then say
     whether the answer matches it whole (constraint_complete: False when max_tokens or a stop string ended it
     first, with finish_reason "length" / "stop").
+    explain: each token's Event carries an Explain (decoding/explain.py); the terminating EOS has no Event.
     """
     lam, alpha = check_lam(lam), check_alpha(alpha)
+    top_logprobs = check_top_logprobs(top_logprobs)
     stop = check_limits(max_tokens, stop)
     check_catch_up(catch_up)
     prompt = check_prompt(prompt, expert)
@@ -450,18 +471,21 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
         raise ParameterError("an amateur model is needed when lambda > 0")
     matcher = Matcher(constraint, expert) if constraint is not None else None
     yield from _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-                       catch_up, bool(overlap), bool(candidate_head), roles, matcher, bool(fast_forward))
+                       catch_up, bool(overlap), bool(candidate_head), roles, matcher, bool(fast_forward),
+                       bool(explain), top_logprobs)
 
 
 def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-            catch_up, overlap, candidate_head=True, roles=ROLES, matcher=None, fast_forward=True) -> Iterator[Event]:
+            catch_up, overlap, candidate_head=True, roles=ROLES, matcher=None, fast_forward=True, explain=False,
+            top_logprobs=0) -> Iterator[Event]:
     models = [expert] + ([amateur] if amateur is not None else [])
     c0 = [_snapshot(m) for m in models]
     answer = Answer(len(prompt), max_tokens, stop, expert, expert.n_ctx)
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
                           processors=processors, lazy=lazy, catch_up=catch_up, overlap=overlap,
                           candidate_head=candidate_head, roles=roles, matcher=matcher,
-                          fast_forward=fast_forward) if answer.reason is None else _nothing()
+                          fast_forward=fast_forward, explain=explain,
+                          top_logprobs=top_logprobs) if answer.reason is None else _nothing()
     try:
         for step in steps:
             ev = answer.add(step, expert.n_past)
@@ -607,7 +631,7 @@ class Answer:
             self.reason = ("length", "max_tokens")
         elif n_past >= self.n_ctx:
             self.reason = ("length", "context_full")
-        return Event(delta, step.token, step.changed, step.skipped)
+        return Event(delta, step.token, step.changed, step.skipped, explain=step.explain)
 
     def finish(self) -> Event:
         """The final Event (once): text held back for a possible stop string (unless a stop string ended the

