@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from epicode_edge.decoding import constraint as C
-from epicode_edge.runtime import load
+from epicode_edge.runtime import collect, load
 
 from rt_models import N_THREADS, bundle, bundle_dir, rt  # noqa: F401 (fixtures)
 
@@ -266,3 +266,22 @@ def test_max_tokens_before_the_end_is_length_and_incomplete(rt):
 
 def test_no_constraint_keeps_the_complete_field_empty(rt):
     assert rt.generate("hi", raw=True, max_tokens=3).stats.constraint_complete is None
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_explain_with_a_constraint_explains_every_token(rt, batched):
+    c = C.json_schema({"type": "object", "properties": {"k": {"enum": ["yes", "no"]}}, "required": ["k"]})
+    kw = dict(max_tokens=40, lam=1.0, constraint=c, explain=True)
+    if batched:
+        (_, res), = list(rt.stream_many(iter([(0, rt.encode("hi", raw=True), rt.settings(**kw))]), parallel=1))
+        events = None
+    else:
+        events = list(rt.stream("hi", raw=True, **kw))
+        res = collect(iter(events))
+    assert json.loads(res.text)["k"] in ("yes", "no")
+    if events is not None:
+        toks = [e for e in events if not e.final]
+        assert toks and all(e.explain is not None and e.explain.token == e.token for e in toks)
+        forced = [e for e in toks if len(e.explain.candidates) == 1]
+        assert forced  # the fixed key's tokens: explained one by one (explain turns fast-forward off)
+    assert res.stats.forced > 0

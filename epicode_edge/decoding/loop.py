@@ -84,8 +84,8 @@ class Step:
     skipped: bool      # no amateur forward was needed for this pick (forced pick, or lam == 0)
     n_candidates: int  # tokens the plausibility mask kept
     overlap_s: float = 0.0  # forward time hidden by running the two models at once (overlap), since the last pick
-    forced: bool = False    # a constraint forced this token (no pick)
     explain: Explain | None = None  # what contrastive decoding did (explain=True only; decoding/explain.py)
+    forced: bool = False    # a constraint forced this token (no pick)
 
 
 @dataclass
