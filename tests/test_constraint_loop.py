@@ -72,7 +72,7 @@ def _assert_all_valid(results, check, spec):
         check(spec, res.text)
 
 
-HYP = settings(max_examples=4, deadline=None, derandomize=True,
+HYP = settings(max_examples=6, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
