@@ -217,7 +217,7 @@ class Runtime:
     def overlaps(self, s: Settings | None = None) -> bool:
         """Whether a request with these settings runs the two models' forwards at the same time."""
         s = s or self.defaults
-        if s.constraint is not None or not can_overlap(self.expert, self.amateur, s.lam, s.lazy):
+        if not can_overlap(self.expert, self.amateur, s.lam, s.lazy):
             return False
         if s.overlap is None:  # auto: not where given thread counts would oversubscribe the cores
             cores = os.cpu_count() or 1

@@ -211,8 +211,8 @@ def _reference_constrained_cd(gguf_e, gguf_a, prompt, grammar, lam, alpha, max_t
             llm.close()
 
 
-@pytest.mark.parametrize("lazy", [True, False])
-def test_constrained_cd_equals_the_numpy_reference(rt, lazy):
+@pytest.mark.parametrize("mode", [{"lazy": True}, {"lazy": False}, {"overlap": True}])
+def test_constrained_cd_equals_the_numpy_reference(rt, mode):
     spec = {"type": "json_schema", "json_schema": {"schema": {
         "type": "object", "properties": {"w": {"type": "string", "maxLength": 8}, "k": {"enum": ["a", "bb", "c"]}},
         "required": ["w", "k"], "additionalProperties": False}}}
@@ -221,9 +221,14 @@ def test_constrained_cd_equals_the_numpy_reference(rt, lazy):
     want = _reference_constrained_cd(rt.bundle.gguf("expert", "F32"), rt.bundle.gguf("amateur", "F32"), prompt,
                                      c.grammar(), 1.0, 0.1, 60)
     got = rt.generate("Hello there", raw=True, lam=1.0, alpha=0.1, max_tokens=60, constraint=c, fast_forward=False,
-                      lazy=lazy, catch_up="steps")
+                      catch_up="steps", **{"overlap": False, **mode})
     assert got.tokens == want and got.finish_reason == "stop"
     assert got.stats.changed > 0  # the amateur changed picks: the contrast is exercised, not just the mask
+    if mode.get("overlap"):
+        assert got.stats.amateur_forwards == got.stats.expert_forwards  # the overlapped path: both fed every token
+        ff = rt.generate("Hello there", raw=True, lam=1.0, max_tokens=60, constraint=c, overlap=True)
+        jsonschema.validate(json.loads(ff.text), json.loads(c.text))
+        assert ff.stats.expert_forwards < got.stats.expert_forwards  # forced runs fed to both in one batch
 
 
 # ---------------------------------------------------------------------------------------------

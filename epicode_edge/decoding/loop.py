@@ -47,8 +47,8 @@ Broken weights: logits holding NaN or +Inf (or all -Inf) stop the request with a
 Structured output (`matcher`, decoding/constraint.py): tokens the constraint forbids are out before the
 plausibility mask, which is taken over the allowed tokens; a token the constraint forces is emitted without a
 pick (no sampler draw, no amateur: a skipped step); with fast_forward the forced run after a pick is emitted at
-once and fed to the expert with the pick in one batch (the amateur gets it in its next catch-up). Overlap does
-not apply with a constraint (the lazy path runs).
+once and fed to the expert with the pick in one batch (the amateur gets it in its next catch-up; with overlap,
+both models get it at once).
 
 Cache reuse: each model keeps what it has cached; a new prompt is compared with it and only the tokens after
 the common prefix are fed (chat turns prefill only their new tokens; the amateur catches up lazily).
@@ -183,7 +183,7 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
     expert, amateur: Backends (amateur may be None when lam == 0: one model alone). The expert is stepped
     with a pick only when the next pick is asked for, so stopping after a pick wastes no forward pass.
     overlap: run the amateur's forwards beside the expert's (see the module docstring); ignored when the
-    amateur is not in use or an engine is not `concurrent`, or with a constraint. candidate_head: the
+    amateur is not in use or an engine is not `concurrent`. candidate_head: the
     amateur's logits of the candidates only (see the module docstring). matcher: a constraint.Matcher over
     the expert's vocabulary (structured output, see decoding/constraint.py: forbidden tokens are out first,
     a token the constraint forces is emitted without a pick and needs no amateur); fast_forward: emit the
@@ -193,10 +193,10 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
     """
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
-    if overlap and matcher is None and can_overlap(expert, amateur, lam, lazy):
+    if overlap and can_overlap(expert, amateur, lam, lazy):
         yield from _overlapped_steps(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
                                      processors=processors, roles=roles, explain=explain,
-                                     top_logprobs=top_logprobs)
+                                     top_logprobs=top_logprobs, matcher=matcher, fast_forward=fast_forward)
         return
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None  # (T,) ids the processors look back on
@@ -273,27 +273,59 @@ def can_overlap(expert, amateur, lam: float, lazy: bool) -> bool:
 
 
 def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processors, roles=ROLES,
-                      explain=False, top_logprobs=0) -> Iterator[Step]:
-    """generate_step with both models fed every token at once (the naive loop's engine calls, overlapped)."""
+                      explain=False, top_logprobs=0, matcher=None, fast_forward=True) -> Iterator[Step]:
+    """generate_step with both models fed every token at once (the naive loop's engine calls, overlapped).
+    With a constraint (matcher): its forced tokens are fed to both models too (a forced run with the pick
+    before it in one batch, fast_forward)."""
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None
     normalize = bool(processors)
+    fast_forward = fast_forward and not explain
     pair = _Overlap()
     try:
         x, y = pair.run(lambda: expert.prefill(_reuse_cache(expert, prompt)),
                         lambda: amateur.prefill(_reuse_cache(amateur, prompt)))  # (V,), (V,)
         while True:
             check_finite(x, roles[0], expert), check_finite(y, roles[1], amateur)
-            ids = plausible_ids(x, alpha)  # (K,) ascending
+            if matcher is not None:
+                allowed = matcher.allowed()  # (A,) ascending
+                if len(allowed) == 1:  # the constraint allows one token: emitted without a pick
+                    token = int(allowed[0])
+                    matcher.consume([token])
+                    exp = explain_pick(x, None, allowed, lam, token, token, top_logprobs) if explain else None
+                    yield Step(token, False, True, 1, pair.take_saved(), exp, forced=True)
+                    feed = [token] + forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert))
+                    for t in feed[1:]:
+                        matcher.consume([t])
+                        yield Step(t, False, True, 1, forced=True)
+                    x, y = _feed_both(pair, expert, amateur, feed, history)
+                    continue
+                ids = candidates(x, allowed, alpha)  # (K,) ascending, the allowed plausible ones
+            else:
+                ids = plausible_ids(x, alpha)  # (K,) ascending
             token, own = pick_own(x, y, ids, lam, sampler, normalize, processors, history)
             forced = len(ids) == 1  # its pick reads no amateur logits (they are computed all the same)
             exp = explain_pick(x, None if forced else y, ids, lam, token, own, top_logprobs) if explain else None
             yield Step(token, token != own, forced, len(ids), pair.take_saved(), exp)
-            if history is not None:
-                history.append(token)
-            x, y = pair.run(lambda: expert.step(token), lambda: amateur.step(token))
+            feed = [token]
+            if matcher is not None:
+                matcher.consume([token])
+                for t in forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert)):
+                    matcher.consume([t])
+                    yield Step(t, False, True, 1, forced=True)
+                    feed.append(t)
+            x, y = _feed_both(pair, expert, amateur, feed, history)
     finally:
         pair.close()
+
+
+def _feed_both(pair, expert, amateur, feed: list[int], history) -> tuple:
+    """Both models fed the picked (and forced) ids at once: a step for one id, else one batch."""
+    if history is not None:
+        history.extend(feed)
+    if len(feed) == 1:
+        return pair.run(lambda: expert.step(feed[0]), lambda: amateur.step(feed[0]))
+    return pair.run(lambda: expert.prefill(feed), lambda: amateur.prefill(feed))
 
 
 def pick_own(x, y, ids, lam, sampler, normalize, processors, history, y_on_ids=False) -> tuple[int, int]:
