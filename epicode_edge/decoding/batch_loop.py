@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .contrastive import plausible_ids
-from .constraint import Matcher, candidates
+from .constraint import Matcher, candidates, forced_token
 from .explain import check_top_logprobs, explain_pick
 from .loop import (NO_ROWS, ROLES, Answer, Step, check_finite, check_limits, check_prompt, common_prefix,
                    forced_run, pick_own)
@@ -198,8 +198,9 @@ def _needs_amateur(q: _Seq) -> bool:
     q.cforced = False
     if q.matcher is not None:  # structured output: loop.generate_step's rules (decoding/constraint.py)
         allowed = q.matcher.allowed()  # (A,) ascending
-        if len(allowed) == 1:
-            q.ids, q.forced, q.cforced, q.need = allowed, True, True, False
+        token = forced_token(q.x, allowed, q.answer.vocab.eos_ids)
+        if token is not None:  # one allowed token, or only the end: no pick
+            q.ids, q.forced, q.cforced, q.need = np.array([token]), True, True, False
             return False
         q.ids = candidates(q.x, allowed, q.alpha)  # (K,) ascending
     else:

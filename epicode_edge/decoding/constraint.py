@@ -330,6 +330,17 @@ def clear_caches() -> None:
     _TOKENIZERS.clear()
 
 
+def forced_token(x: np.ndarray, allowed: np.ndarray, eos_ids) -> int | None:
+    """The token emitted without a pick, or None: the one allowed token, or, where the constraint is complete
+    and allows only the end (several EOS / end-of-turn ids), the expert's likeliest of them (whichever ends
+    the answer the same way: no amateur is needed to choose). x (V,), allowed (A,) ascending."""
+    if len(allowed) == 1:
+        return int(allowed[0])
+    if len(allowed) <= len(eos_ids) and all(int(t) in eos_ids for t in allowed):
+        return int(allowed[int(np.argmax(x[allowed]))])
+    return None
+
+
 def candidates(x: np.ndarray, allowed: np.ndarray, alpha: float) -> np.ndarray:
     """The plausibility mask on the expert's distribution renormalised over the allowed tokens.
     x (V,) expert logits, allowed (A,) ascending ids -> (K,) ascending ids (never empty when A > 0)."""

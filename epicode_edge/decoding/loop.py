@@ -66,7 +66,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ContextFullError, NumericError, ParameterError
-from .constraint import Matcher, candidates
+from .constraint import Matcher, candidates, forced_token
 from .contrastive import candidate_scores, check_alpha, check_lam, plausible_ids
 from .explain import Explain, check_top_logprobs, explain_pick
 from .sampling import Sampler, greedy
@@ -221,8 +221,8 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
             feed = []
         if matcher is not None:
             allowed = matcher.allowed()  # (A,) ascending
-            if len(allowed) == 1:  # the constraint allows one token: emitted without a pick
-                token = int(allowed[0])
+            token = forced_token(x, allowed, expert.eos_ids)
+            if token is not None:  # the constraint allows one token (or only the end): emitted without a pick
                 matcher.consume([token])
                 exp = explain_pick(x, None, allowed, lam, token, token, top_logprobs) if explain else None
                 yield Step(token, False, True, 1, explain=exp, forced=True)
@@ -289,8 +289,8 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
             check_finite(x, roles[0], expert), check_finite(y, roles[1], amateur)
             if matcher is not None:
                 allowed = matcher.allowed()  # (A,) ascending
-                if len(allowed) == 1:  # the constraint allows one token: emitted without a pick
-                    token = int(allowed[0])
+                token = forced_token(x, allowed, expert.eos_ids)
+                if token is not None:  # the constraint allows one token (or only the end): emitted without a pick
                     matcher.consume([token])
                     exp = explain_pick(x, None, allowed, lam, token, token, top_logprobs) if explain else None
                     yield Step(token, False, True, 1, pair.take_saved(), exp, forced=True)
