@@ -171,3 +171,15 @@ def test_json_extractor():
     assert tasks.is_correct("42", "42.0", "json:answer") and not tasks.is_correct("Paris", "paris", "json:answer")
     with pytest.raises(Exception, match="json:"):
         tasks.make_extractor("json:")
+
+
+def test_a_lines_response_format_survives_json_as_ray_sends_it(rt):
+    from dataclasses import asdict
+
+    from epicode_edge.apps import batch
+
+    r = batch.parse_line(b'{"id": 1, "prompt": "x", "response_format": {"type": "regex", "regex": "[ab]{2}"}}', 1)
+    back = batch.Request(**json.loads(json.dumps(asdict(r))))  # apps/ray_batch.py's way to its workers
+    s = rt.settings(**back.settings)
+    assert s.constraint == C.regex("[ab]{2}", "constraint.regex") or s.constraint.text == "[ab]{2}"
+    assert re.fullmatch("[ab]{2}", rt.generate("x", raw=True, max_tokens=8, **back.settings).text)

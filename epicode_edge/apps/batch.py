@@ -322,8 +322,8 @@ def _override(name: str, value: Any, where: str) -> Any:
         raise InputError(f"{where}: field {name!r} must be {what}")
     if name == "stop" and isinstance(value, list) and not all(isinstance(s, str) for s in value):
         raise InputError(f"{where}: field 'stop' must be a string or a list of strings")
-    if name == "response_format":  # {"type": "text"} gives None: this line unconstrained
-        return parse_constraint(value, f"{where}: response_format")
+    if name == "response_format":  # checked here; kept as the object (it travels as JSON to Ray workers)
+        parse_constraint(value, f"{where}: response_format")
     return value
 
 
