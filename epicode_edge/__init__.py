@@ -7,13 +7,15 @@ Public API:
     EngineOptions(backend=, quant=, n_ctx=, ...) how load() opens the models (or the same as keywords)
     set_cpu_repack("auto" | "on" | "off")       llama.cpp's extra CPU kernels (AMX, repacked weights)
     cpu_kernels()                               which of them are used here, and why
+    json_schema(schema), regex(r), grammar(g)   structured output: rt.generate(..., constraint=json_schema(s))
 
 Engines (llama_cpp, mlx) are imported lazily, on first use.
 """
 
 from .version import __version__
 
-__all__ = ["__version__", "convert", "extrapolate", "load", "EngineOptions", "Runtime", "set_cpu_repack", "cpu_kernels"]
+__all__ = ["__version__", "convert", "extrapolate", "load", "EngineOptions", "Runtime", "set_cpu_repack", "cpu_kernels",
+           "json_schema", "regex", "grammar"]
 
 
 def __getattr__(name):
@@ -25,4 +27,8 @@ def __getattr__(name):
         from . import runtime as _runtime
 
         return getattr(_runtime, name)
+    if name in ("json_schema", "regex", "grammar"):
+        from .decoding import constraint as _constraint
+
+        return getattr(_constraint, name)
     raise AttributeError(f"module 'epicode_edge' has no attribute {name!r}")

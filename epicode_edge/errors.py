@@ -44,6 +44,8 @@ class ContextFullError(EpicodeError):
     """The prompt (or prompt plus generation) does not fit the context window."""
 
 
+class ConstraintError(InputError, ValueError):
+    """A structured-output constraint (JSON schema, regex, grammar) is invalid or uses what is unsupported."""
 class MissingExtraError(EpicodeError):
     """A feature needs an optional dependency that is not installed (pyproject.toml's extras)."""
 

@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 
 from .backends.base import Backend, check_same_vocab
 from .decoding.batch_loop import IDLE, Cancelled  # noqa: F401  (request sources and servers use them)
+from .decoding.constraint import Constraint, parse_constraint
 from .decoding.contrastive import check_alpha, check_lam
 from .decoding.explain import Explain, check_top_logprobs
 from .defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
@@ -81,6 +82,8 @@ class Settings:
     catch_up: str = "auto"
     overlap: bool | None = None
     candidate_head: bool = True
+    constraint: Constraint | None = None  # structured output (decoding/constraint.py); a response_format dict
+    fast_forward: bool = True             # is parsed into one. fast_forward: forced runs in one batch
     explain: bool = False
     top_logprobs: int = 0
 
@@ -94,6 +97,8 @@ class Settings:
         kw = {k: v for k, v in kw.items() if v is not None or k in ("seed", "repetition_penalty", "overlap")}
         if "stop" in kw:
             kw["stop"] = tuple(check_limits(0, kw["stop"]))
+        if "constraint" in kw:
+            kw["constraint"] = parse_constraint(kw["constraint"], "constraint")
         s = replace(self, **kw)
         s.check()
         return s
@@ -111,6 +116,11 @@ class Settings:
             raise ParameterError(f"overlap must be True, False or None (auto), got {self.overlap!r}")
         if not isinstance(self.candidate_head, bool):
             raise ParameterError(f"candidate_head must be True or False, got {self.candidate_head!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ParameterError(f"constraint must be a Constraint or a response_format object, got "
+                                 f"{type(self.constraint).__name__}")
+        if not isinstance(self.fast_forward, bool):
+            raise ParameterError(f"fast_forward must be True or False, got {self.fast_forward!r}")
         if not isinstance(self.explain, bool):
             raise ParameterError(f"explain must be True or False, got {self.explain!r}")
         check_top_logprobs(self.top_logprobs)
@@ -202,7 +212,8 @@ class Runtime:
             sampler=make_sampler(s.temp, s.top_p, s.top_k, s.min_p, s.seed),
             processors=make_logits_processors(s.repetition_penalty, s.repetition_context_size),
             max_tokens=s.max_tokens, stop=s.stop, lazy=s.lazy, catch_up=s.catch_up, overlap=overlap,
-            candidate_head=s.candidate_head, explain=s.explain, top_logprobs=s.top_logprobs)
+            candidate_head=s.candidate_head, constraint=s.constraint, fast_forward=s.fast_forward,
+            explain=s.explain, top_logprobs=s.top_logprobs)
 
     def overlaps(self, s: Settings | None = None) -> bool:
         """Whether a request with these settings runs the two models' forwards at the same time."""
@@ -234,7 +245,8 @@ class Runtime:
         s = s or self.defaults
         self._share_cores(1)
         return stream_generate(self.amateur, None, ids, lam=0.0, alpha=1.0, max_tokens=s.max_tokens, stop=s.stop,
-                               roles=("amateur", "amateur"), explain=s.explain, top_logprobs=s.top_logprobs)
+                               roles=("amateur", "amateur"), constraint=s.constraint, fast_forward=s.fast_forward,
+                               explain=s.explain, top_logprobs=s.top_logprobs)
 
     def chat(self, system: str | None = None, **settings) -> "ChatSession":
         return ChatSession(self, system=system, **settings)

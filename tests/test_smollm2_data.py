@@ -1,6 +1,5 @@
 """The SmolLM2 family's task generator (seeded, disjoint splits, fresh draws) and the premise gate's bookkeeping."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,18 +7,11 @@ from pathlib import Path
 
 import pytest
 
-FAMILY = Path(__file__).resolve().parents[1] / "models" / "smollm2"
+from family_modules import FAMILY, load_family_script
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"smollm2_{name}", FAMILY / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(FAMILY))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(FAMILY))
-    return mod
+    return load_family_script(name)
 
 
 make_data = _load("make_data")

@@ -2,25 +2,16 @@
 never over the shipped family by default; --full selects the paper's regime. Training itself is replaced by
 a stand-in that writes what training writes (this checks the file handling, not the training)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-FAMILY = Path(__file__).resolve().parents[1] / "models" / "smollm2"
+from family_modules import FAMILY, load_family_script
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"smollm2_{name}_out", FAMILY / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(FAMILY))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(FAMILY))
-    return mod
+    return load_family_script(name, "_out")
 
 
 recipe = _load("recipe")

@@ -5,12 +5,17 @@
 
 Input lines are `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [{"role", "content"}, ...]}`
 with optional per-line overrides of the defaults: max_tokens, lambda, alpha, temp, top_p, top_k, min_p,
-seed, stop, system. Blank lines are ignored; any other key is an error (it catches typos like
+seed, stop, system, response_format (structured output: {"type": "json_object"}, {"type": "json_schema",
+"json_schema": {"schema": {...}}}, {"type": "regex", "regex": "..."}, {"type": "grammar", "grammar": "..."},
+{"type": "text"} for none). Blank lines are ignored; any other key is an error (it catches typos like
 "temperature").
 
 Output records (one JSON object per line, UTF-8):
     {"id", "line", "text", "finish_reason", "prompt_tokens", "completion_tokens", "changed_tokens",
-     "timings"[, "finetuned_text"]}               a request that ran (finetuned_text with compare=True)
+     "timings"[, "finetuned_text"][, "constraint_complete"]}
+                                                  a request that ran (finetuned_text with compare=True;
+                                                  constraint_complete with a response_format: false when
+                                                  max_tokens cut the answer before the constraint's end)
     {"id", "line", "error"}                       a malformed line or a failed request (id null when the
                                                   line has none; `line` is the 1-based input line)
 
@@ -49,19 +54,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..decoding.constraint import parse_constraint
 from ..errors import EpicodeError, InputError, one_line
 
 # JSON field -> Python keyword of Runtime.generate / Runtime.stream
 OVERRIDES = {
     "max_tokens": "max_tokens", "lambda": "lam", "alpha": "alpha", "temp": "temp", "top_p": "top_p",
     "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop", "system": "system",
+    "response_format": "constraint",  # structured output (decoding/constraint.py), OpenAI's shape
 }
 _NUMBER = (int, float)
 _TYPES = {  # JSON field -> (accepted Python types, description)
     "max_tokens": ((int,), "an integer"), "lambda": (_NUMBER, "a number"), "alpha": (_NUMBER, "a number"),
     "temp": (_NUMBER, "a number"), "top_p": (_NUMBER, "a number"), "top_k": ((int,), "an integer"),
     "min_p": (_NUMBER, "a number"), "seed": ((int,), "an integer"), "stop": ((str, list), "a string or a list"),
-    "system": ((str,), "a string"),
+    "system": ((str,), "a string"), "response_format": ((dict,), "an object"),
 }
 _ROLES = ("system", "user", "assistant")
 
@@ -315,6 +322,8 @@ def _override(name: str, value: Any, where: str) -> Any:
         raise InputError(f"{where}: field {name!r} must be {what}")
     if name == "stop" and isinstance(value, list) and not all(isinstance(s, str) for s in value):
         raise InputError(f"{where}: field 'stop' must be a string or a list of strings")
+    if name == "response_format":  # checked here; kept as the object (it travels as JSON to Ray workers)
+        parse_constraint(value, f"{where}: response_format")
     return value
 
 
@@ -718,6 +727,8 @@ def result_record(req: Request, result) -> dict:
         "id": req.id, "line": req.line, "text": result.text, "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
         "changed_tokens": result.changed_tokens, "timings": _timings(result.timings),
+        **({} if result.stats.constraint_complete is None
+           else {"constraint_complete": result.stats.constraint_complete}),
     }
 
 

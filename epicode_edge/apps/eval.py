@@ -260,8 +260,8 @@ def cd_lambda(b) -> tuple[float, str]:
 def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str = "last-number",
              limit: int | None = None, methods=METHODS, lam: float | None = None, alpha: float | None = None,
              cd_lam: float | None = None, runs: int = 1, temp: float = DEFAULT_TEMP,
-             engine: EngineOptions | None = None, overlap: bool | None = None, progress: ProgressFn | None = None,
-             **engine_options) -> EvalReport:
+             engine: EngineOptions | None = None, overlap: bool | None = None, constraint=None,
+             progress: ProgressFn | None = None, **engine_options) -> EvalReport:
     """Score the methods on the same items (greedy) and, with out_dir, write the JSONL, report and chart.
 
     lam / alpha default to the bundle's; cd_lam (the CD-only row's lambda) to tune's choice for it, else the
@@ -269,7 +269,9 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     reason. runs > 1 adds that many sampled runs (temp, seeds 0..runs-1) and a paired t-test across them.
     Warnings (extraction misses, too few items) are in report.warnings. engine: how the bundle is loaded, a
     runtime.EngineOptions or its fields as keywords (quant="Q4_0", n_threads=4), as load() takes it;
-    overlap: the decoding setting of the contrastive rows (None: auto).
+    overlap: the decoding setting of the contrastive rows (None: auto). constraint: structured output for
+    every row (a decoding/constraint.py Constraint or a response_format object; score it with extract
+    "json:FIELD").
     """
     from ..converters.bundle import open_bundle
     from ..decoding.contrastive import check_alpha, check_lam
@@ -280,6 +282,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
 
     engine = EngineOptions.of(engine, **engine_options)
     Settings().updated(max_tokens=max_tokens)  # the one max_tokens rule (an integer >= 0)
+    cons = {} if constraint is None else {"constraint": Settings().updated(constraint=constraint).constraint}
     if limit is not None and limit < 1:
         raise ParameterError(f"limit must be >= 1, got {limit!r}")
     if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
@@ -293,8 +296,8 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     items = tasks.load_items(data, limit=limit)
     t0 = time.perf_counter()
     ov = {} if overlap is None else {"overlap": bool(overlap)}
-    settings_of = {"finetuned": {}, "extrapolation": {"lam": 0.0}, "epicode": {"lam": lam, "alpha": alpha, **ov},
-                   "cd": {"lam": cd_lam, "alpha": alpha, **ov}}
+    settings_of = {"finetuned": {**cons}, "extrapolation": {"lam": 0.0, **cons},
+                   "epicode": {"lam": lam, "alpha": alpha, **ov, **cons}, "cd": {"lam": cd_lam, "alpha": alpha, **ov, **cons}}
     results: dict[str, MethodResult] = {}
     sampled: dict[str, list[MethodResult]] = {}
     used_backend = engine.backend
@@ -332,6 +335,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
                 "cd_lam": cd_lam, "cd_lam_from": cd_lam_from, "max_tokens": max_tokens, "extract": extract,
                 "backend": used_backend, "quant": engine.quant, "amateur_quant": engine.amateur_quant,
                 "n_items": len(items), "runs": runs,
+                "constraint": None if constraint is None else cons["constraint"].as_response_format(),
                 "temp": temp if runs > 1 else None, "seconds": round(time.perf_counter() - t0, 2)}
     report = EvalReport(items, results, settings, runs=sampled)
     report.warnings = extraction_warnings(results, extract)
@@ -354,7 +358,7 @@ def runner(rt, method: str, settings: dict, max_tokens: int, explain: bool = Fal
     element, a callable giving the answer's tokens as decoding/explain.py's JSON ({"tokens", "tail"})."""
     if method == "finetuned":
         def run(item: Item):
-            r = rt.compare(item.chat(), max_tokens=max_tokens)
+            r = rt.compare(item.chat(), max_tokens=max_tokens, **settings)
             return r.text, r.completion_tokens, 0
     elif explain:
         from ..decoding.explain import explain_json

@@ -19,6 +19,10 @@ non-streamed answer: `epicode.tokens` and `epicode.stats`). Chat requests also t
 `top_logprobs` (0-20): the speaking model's log-probs, in `choices[0].logprobs.content`. A request without
 them streams what it did before either existed: one chunk per text piece, nothing computed for them.
 
+Structured output: OpenAI's `response_format` (`json_object`, `json_schema` with `strict`) or an extra
+`grammar` (GBNF or Lark) / `regex` field (decoding/constraint.py); a bad one is 400 naming what is wrong, and
+`epicode.constraint_complete` is false when max_tokens cut the answer first (finish_reason "length").
+
 Concurrent requests are decoded together: one decoding thread per model over Runtime.stream_many (continuous
 batching over `parallel` slots); beyond the slots a queue of `max_queue`, beyond that 429 with Retry-After.
 A client that goes away frees its slot at once. Every bad request gets a status and a one-line message in
@@ -49,8 +53,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import (BackendError, ContextFullError, EpicodeError, InputError, ParameterError, UnsupportedError,
-                      one_line)
+from ..decoding.constraint import grammar, parse_constraint, regex
+from ..errors import (BackendError, ConstraintError, ContextFullError, EpicodeError, InputError, ParameterError,
+                      UnsupportedError, one_line)
 from ..decoding.explain import MAX_TOP_LOGPROBS, explain_json, openai_logprob
 from ..runtime import IDLE, Cancelled, available_memory, check_messages, kv_cache_bytes
 
@@ -144,19 +149,19 @@ def _number(body, name, lo=None, hi=None, integer=False):
 # The fields each endpoint reads. A field outside these is refused (400 naming it), not ignored: a client that
 # asks for tools, JSON mode or log-probabilities must learn that it did not get them.
 FIELDS = {"model", "stream", "stream_options", "max_tokens", "n", "temperature", "top_p", "top_k", "min_p", "seed",
-          "stop", "lambda", "alpha", "repetition_penalty", "user", "epicode"}
+          "stop", "lambda", "alpha", "repetition_penalty", "user", "epicode", "response_format", "grammar", "regex"}
 CHAT_FIELDS = FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = FIELDS | {"prompt", "echo"}
 # Fields of OpenAI's API that are accepted at the value that asks for nothing (what some clients always send).
 NEUTRAL = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
            "top_logprobs": (0,), "best_of": (1,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
-           "parallel_tool_calls": (False,), "response_format": ({"type": "text"},), "store": (False,),
+           "parallel_tool_calls": (False,), "store": (False,),
            "suffix": ("",)}
 UNSUPPORTED = {"logprobs": "log-probabilities come from /v1/chat/completions only",
                "top_logprobs": "log-probabilities come from /v1/chat/completions only",
                "tools": "this server runs no tools", "tool_choice": "this server runs no tools",
                "functions": "this server runs no tools", "parallel_tool_calls": "this server runs no tools",
-               "response_format": "only plain text is produced", "logit_bias": "logit_bias is not applied",
+               "logit_bias": "logit_bias is not applied",
                "presence_penalty": "use 'repetition_penalty'", "frequency_penalty": "use 'repetition_penalty'",
                "best_of": "one answer per request", "suffix": "no insertion", "store": "nothing is stored"}
 
@@ -264,11 +269,38 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int, default_max_to
         if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) or len(stop) > 16:
             raise RequestError(400, "'stop' must be a string or a list of up to 16 non-empty strings", "stop")
         s["stop"] = stop
+    constraint = _constraint(body)
+    if constraint is not None:
+        s["constraint"] = constraint
     out.update(_explain_fields(body, kind))
     if out["explain"] or out["logprobs"]:
         s.update(explain=True, top_logprobs=out["top_logprobs"])
     out["settings"] = s
     return out
+
+
+def _constraint(body: dict):
+    """Structured output from `response_format` (OpenAI's json_object / json_schema with strict, or text), or
+    the extra fields `grammar` (GBNF or Lark text) / `regex` (llama-server's and vLLM's way): at most one.
+    RequestError(400) naming the field and what is wrong (an unsupported schema feature is named)."""
+    given = {k: body[k] for k in ("response_format", "grammar", "regex") if body.get(k) is not None}
+    rf = given.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") == "text" and len(given) > 1:
+        del given["response_format"]
+    if len(given) > 1:
+        raise RequestError(400, f"give one of 'response_format', 'grammar', 'regex', not {' and '.join(given)}",
+                           sorted(given)[1])
+    if not given:
+        return None
+    (name, value), = given.items()
+    try:
+        if name == "response_format":
+            return parse_constraint(value, "response_format")
+        if not isinstance(value, str) or not value:
+            raise RequestError(400, f"'{name}' must be a non-empty string", name)
+        return grammar(value, "grammar") if name == "grammar" else regex(value, "regex")
+    except ConstraintError as e:
+        raise RequestError(400, one_line(e), name) from None
 
 
 def _explain_fields(body: dict, kind: str) -> dict:
@@ -749,8 +781,11 @@ def _usage(res) -> dict:
 
 
 def _extras(res, job: Job) -> dict:
-    return {"stopped_by": res.stopped_by, "changed_tokens": res.changed_tokens,
-            "lambda": job.settings.lam, "alpha": job.settings.alpha}
+    out = {"stopped_by": res.stopped_by, "changed_tokens": res.changed_tokens,
+           "lambda": job.settings.lam, "alpha": job.settings.alpha}
+    if res.stats.constraint_complete is not None:  # false: max_tokens cut the answer before the constraint's end
+        out["constraint_complete"] = res.stats.constraint_complete
+    return out
 
 
 def _stats(res) -> dict:

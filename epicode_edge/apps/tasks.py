@@ -106,7 +106,7 @@ def load_items(path, limit: int | None = None) -> list[Item]:
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _CHOICE = re.compile(r"\b([A-J])\b")
 _CHOICE_MARKED = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-J])\b|\(([A-J])\)", re.IGNORECASE)
-EXTRACT_MODES = ("last-number", "exact", "regex:PATTERN", "choice")
+EXTRACT_MODES = ("last-number", "exact", "regex:PATTERN", "choice", "json:FIELD")
 
 Extractor = Callable[[str], "str | None"]
 
@@ -151,8 +151,35 @@ def regex_extractor(pattern: str) -> Extractor:
     return extract
 
 
+def json_extractor(path: str) -> Extractor:
+    """The field at PATH (dot-separated keys, list indices as numbers: `answer`, `result.value`, `items.0`)
+    of the output parsed as JSON (a constrained answer, e.g. --json-schema with an `answer` field); None when
+    the output is not JSON or has no such field. Strings as they are, numbers and booleans as JSON writes them."""
+    keys = path.split(".")
+    if not all(keys):
+        raise ParameterError(f"extract 'json:{path}': empty key in the field path (keys separated by '.')")
+
+    def extract(text: str) -> str | None:
+        try:
+            v = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        for k in keys:
+            if isinstance(v, dict) and k in v:
+                v = v[k]
+            elif isinstance(v, list) and k.isdigit() and int(k) < len(v):
+                v = v[int(k)]
+            else:
+                return None
+        if v is None or isinstance(v, (dict, list)):
+            return None if v is None else json.dumps(v, ensure_ascii=False)
+        return v.strip() if isinstance(v, str) else json.dumps(v)
+
+    return extract
+
+
 def make_extractor(spec: str) -> Extractor:
-    """`last-number`, `exact`, `choice` or `regex:PATTERN` -> a function text -> answer (or None)."""
+    """`last-number`, `exact`, `choice`, `regex:PATTERN` or `json:FIELD` -> a function text -> answer (or None)."""
     if spec == "last-number":
         return last_number
     if spec == "exact":
@@ -163,6 +190,10 @@ def make_extractor(spec: str) -> Extractor:
         if not spec[6:]:
             raise ParameterError("extract 'regex:' needs a pattern, e.g. regex:Answer: (\\S+)")
         return regex_extractor(spec[6:])
+    if spec.startswith("json:"):
+        if not spec[5:]:
+            raise ParameterError("extract 'json:' needs a field, e.g. json:answer")
+        return json_extractor(spec[5:])
     raise ParameterError(f"extract {spec!r} is not one of {', '.join(EXTRACT_MODES)}")
 
 
@@ -184,6 +215,8 @@ def is_correct(extracted: str | None, answer: str, spec: str) -> bool:
         return extracted.upper() == answer.strip().strip("()").upper()
     if spec == "exact":
         return extracted == exact(answer)
+    if spec.startswith("json:") and last_number(extracted) == extracted and last_number(answer.strip()) == answer.strip():
+        return numbers_equal(extracted, answer)  # 42 and 42.0, as a JSON number may be written
     return extracted.strip() == answer.strip()
 
 

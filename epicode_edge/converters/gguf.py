@@ -619,12 +619,7 @@ def add_hparams(w: gguf.GGUFWriter, hp: dict, arch: gguf.MODEL_ARCH, name: str |
     if arch in gguf_arch.ARCHS:
         gguf_arch.add_arch_hparams(w, config or {}, hp, arch)
         return
-    w.add_context_length(hp["n_ctx"])
-    w.add_embedding_length(hp["n_embd"])
-    w.add_block_count(hp["n_layer"])
-    w.add_feed_forward_length(hp["n_ff"])
-    w.add_head_count(hp["n_head"])
-    w.add_head_count_kv(hp["n_head_kv"])
+    gguf_arch.add_shape_hparams(w, hp)
     if hp["rope_theta"] is not None:
         w.add_rope_freq_base(float(hp["rope_theta"]))
     w.add_layer_norm_rms_eps(hp["rms_eps"])

@@ -112,14 +112,19 @@ def _phi3_rope(config: dict, hp: dict, where: str = "config.json") -> dict:
     return out
 
 
-def add_arch_hparams(w: gguf.GGUFWriter, config: dict, hp: dict, arch: gguf.MODEL_ARCH) -> None:
-    """The architecture keys of Gemma2Model / Gemma3Model / Phi3MiniModel (same keys and values)."""
+def add_shape_hparams(w: gguf.GGUFWriter, hp: dict) -> None:
+    """The keys every architecture writes first (convert_hf_to_gguf's TextModel.set_gguf_parameters)."""
     w.add_context_length(hp["n_ctx"])
     w.add_embedding_length(hp["n_embd"])
     w.add_block_count(hp["n_layer"])
     w.add_feed_forward_length(hp["n_ff"])
     w.add_head_count(hp["n_head"])
     w.add_head_count_kv(hp["n_head_kv"])
+
+
+def add_arch_hparams(w: gguf.GGUFWriter, config: dict, hp: dict, arch: gguf.MODEL_ARCH) -> None:
+    """The architecture keys of Gemma2Model / Gemma3Model / Phi3MiniModel (same keys and values)."""
+    add_shape_hparams(w, hp)
     w.add_layer_norm_rms_eps(hp["rms_eps"])
     if arch == PHI3:
         rope = _phi3_rope(config, hp)

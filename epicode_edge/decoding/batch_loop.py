@@ -33,8 +33,10 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .contrastive import plausible_ids
+from .constraint import Matcher, candidates, forced_token
 from .explain import check_top_logprobs, explain_pick
-from .loop import NO_ROWS, ROLES, Answer, Step, check_finite, check_limits, check_prompt, common_prefix, pick_own
+from .loop import (NO_ROWS, ROLES, Answer, Step, check_finite, check_limits, check_prompt, common_prefix,
+                   forced_run, pick_own)
 from .sampling import make_logits_processors, make_sampler
 
 
@@ -67,6 +69,9 @@ class _Seq:
     forced: bool = False                              # a single candidate: no amateur needed
     need: bool = False                                # this pick reads the amateur's logits
     rows: bool = False                                # the amateur's logits of the candidates only (loop.py)
+    matcher: Any = None                               # constraint.Matcher (structured output) or None
+    fast_forward: bool = True
+    cforced: bool = False                             # the constraint allows one token: emitted, no pick
     explain: bool = False                             # each Step carries an Explain (loop.py)
     top_logprobs: int = 0
 
@@ -107,7 +112,7 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
                 yield key, e
                 continue
             if seq.answer.reason is not None:  # max_tokens 0
-                yield key, seq.answer.result()
+                yield key, _result(seq)
                 continue
             active[free.pop()] = seq
         if cancelled is not None:
@@ -135,7 +140,7 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
                 continue
             if reason is not None:
                 _release(seq, active, free)
-                yield seq.key, seq.answer.result()
+                yield seq.key, _result(seq)
 
 
 def _admit(key, slot: int, ids, s, expert_ms, amateur_ms, vocab) -> _Seq:
@@ -148,6 +153,9 @@ def _admit(key, slot: int, ids, s, expert_ms, amateur_ms, vocab) -> _Seq:
                explain=bool(getattr(s, "explain", False)),
                top_logprobs=check_top_logprobs(getattr(s, "top_logprobs", 0)))
     seq.rows = bool(getattr(s, "candidate_head", True)) and not processors and not seq.explain
+    seq.fast_forward = bool(getattr(s, "fast_forward", True)) and not seq.explain  # explain: every token its logits
+    if getattr(s, "constraint", None) is not None:
+        seq.matcher = Matcher(s.constraint, vocab)
     if seq.answer.reason is None:
         seq.feed = _reuse(expert_ms, slot, prompt)
         seq.pending = _reuse(amateur_ms, slot, prompt)
@@ -187,7 +195,16 @@ def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
 
 
 def _needs_amateur(q: _Seq) -> bool:
-    q.ids = plausible_ids(q.x, q.alpha)  # (K,) ascending
+    q.cforced = False
+    if q.matcher is not None:  # structured output: loop.generate_step's rules (decoding/constraint.py)
+        allowed = q.matcher.allowed()  # (A,) ascending
+        token = forced_token(q.x, allowed, q.answer.vocab.eos_ids)
+        if token is not None:  # one allowed token, or only the end: no pick
+            q.ids, q.forced, q.cforced, q.need = np.array([token]), True, True, False
+            return False
+        q.ids = candidates(q.x, allowed, q.alpha)  # (K,) ascending
+    else:
+        q.ids = plausible_ids(q.x, q.alpha)  # (K,) ascending
     q.forced = len(q.ids) == 1
     q.need = not q.lazy or (q.lam > 0 and not q.forced)
     return q.need
@@ -197,19 +214,39 @@ def _pick(q: _Seq, vocab, expert_ms, on_event) -> tuple[str, str] | None:
     """loop.generate_step's pick, then the request's Answer (loop.stream_generate's stop rules and text);
     the finish reason or None."""
     need = q.need
-    token, own = pick_own(q.x, q.y, q.ids, q.lam, q.sampler, bool(q.processors), q.processors, q.history,
-                          q.rows)
+    if q.cforced:
+        token = own = int(q.ids[0])
+    else:
+        token, own = pick_own(q.x, q.y, q.ids, q.lam, q.sampler, bool(q.processors), q.processors, q.history,
+                              q.rows)
     exp = explain_pick(q.x, q.y if need else None, q.ids, q.lam, token, own, q.top_logprobs) if q.explain else None
-    ev = q.answer.add(Step(token, token != own, not need, len(q.ids), explain=exp), expert_ms.n_past(q.slot))
-    if ev is not None and on_event is not None:
-        on_event(q.key, ev)
-    if q.answer.reason is not None:
-        return q.answer.reason
+    feed = [token]
+    steps = [Step(token, token != own, not need, len(q.ids), explain=exp, forced=q.cforced)]
+    if q.matcher is not None:
+        q.matcher.consume([token])
+        n_past = expert_ms.n_past(q.slot)
+        run = forced_run(q.matcher, q.fast_forward, token, vocab.eos_ids, expert_ms.n_ctx - n_past - 2)
+        feed += run
+        steps += [Step(t, False, True, 1, forced=True) for t in run]
+    for i, step in enumerate(steps):
+        if i:
+            q.matcher.consume([step.token])
+        ev = q.answer.add(step, expert_ms.n_past(q.slot))
+        if ev is not None and on_event is not None:
+            on_event(q.key, ev)
+        if q.answer.reason is not None:
+            return q.answer.reason
     if q.history is not None:
-        q.history.append(token)
-    q.feed = [token]
-    q.pending.append(token)
+        q.history.extend(feed)
+    q.feed = feed
+    q.pending.extend(feed)
     return None
+
+
+def _result(q: _Seq):
+    if q.matcher is not None:
+        q.answer.stats.constraint_complete = q.matcher.complete
+    return q.answer.result()
 
 
 def _release(q: _Seq, active: dict, free: list) -> None:

@@ -44,6 +44,12 @@ nothing of it is computed.
 Broken weights: logits holding NaN or +Inf (or all -Inf) stop the request with a NumericError naming the role
 (expert / amateur) and the token position (`check_finite`, one max over the vocabulary per forward).
 
+Structured output (`matcher`, decoding/constraint.py): tokens the constraint forbids are out before the
+plausibility mask, which is taken over the allowed tokens; a token the constraint forces is emitted without a
+pick (no sampler draw, no amateur: a skipped step); with fast_forward the forced run after a pick is emitted at
+once and fed to the expert with the pick in one batch (the amateur gets it in its next catch-up; with overlap,
+both models get it at once).
+
 Cache reuse: each model keeps what it has cached; a new prompt is compared with it and only the tokens after
 the common prefix are fed (chat turns prefill only their new tokens; the amateur catches up lazily).
 """
@@ -60,6 +66,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ContextFullError, NumericError, ParameterError
+from .constraint import Matcher, candidates, forced_token
 from .contrastive import candidate_scores, check_alpha, check_lam, plausible_ids
 from .explain import Explain, check_top_logprobs, explain_pick
 from .sampling import Sampler, greedy
@@ -78,6 +85,7 @@ class Step:
     n_candidates: int  # tokens the plausibility mask kept
     overlap_s: float = 0.0  # forward time hidden by running the two models at once (overlap), since the last pick
     explain: Explain | None = None  # what contrastive decoding did (explain=True only; decoding/explain.py)
+    forced: bool = False    # a constraint forced this token (no pick)
 
 
 @dataclass
@@ -99,6 +107,9 @@ class Stats:
     expert_forward_s: float = 0.0    # time inside the engines' forward passes
     amateur_forward_s: float = 0.0
     overlap_s: float = 0.0           # of those, time the two models' forwards ran at the same time (overlap)
+    forced: int = 0                  # tokens a constraint forced (emitted without a pick)
+    constraint_complete: bool | None = None  # with a constraint: whether the answer matches it whole (False:
+                                             # it stopped first, e.g. at max_tokens, and will not parse)
 
     @property
     def tokens_per_s(self) -> float:
@@ -165,22 +176,27 @@ def check_catch_up(catch_up: str) -> str:
 def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: float,
                   sampler: Sampler = greedy, processors: Sequence = (), lazy: bool = True,
                   catch_up: str = "auto", overlap: bool = False, candidate_head: bool = True,
-                  roles: tuple[str, str] = ROLES, explain: bool = False, top_logprobs: int = 0) -> Iterator[Step]:
+                  roles: tuple[str, str] = ROLES, matcher=None, fast_forward: bool = True,
+                  explain: bool = False, top_logprobs: int = 0) -> Iterator[Step]:
     """Yield one Step per picked token, forever (close the generator to stop).
 
     expert, amateur: Backends (amateur may be None when lam == 0: one model alone). The expert is stepped
     with a pick only when the next pick is asked for, so stopping after a pick wastes no forward pass.
     overlap: run the amateur's forwards beside the expert's (see the module docstring); ignored when the
-    amateur is not in use or an engine is not `concurrent`. candidate_head: the amateur's logits of the
-    candidates only (see the module docstring). explain: each Step carries an Explain (decoding/explain.py;
-    the amateur's whole output layer is then read), with the expert's top_logprobs most likely tokens.
+    amateur is not in use or an engine is not `concurrent`. candidate_head: the
+    amateur's logits of the candidates only (see the module docstring). matcher: a constraint.Matcher over
+    the expert's vocabulary (structured output, see decoding/constraint.py: forbidden tokens are out first,
+    a token the constraint forces is emitted without a pick and needs no amateur); fast_forward: emit the
+    constraint's forced runs at once and feed them in one batch. explain: each Step carries an Explain
+    (decoding/explain.py; the amateur's whole output layer is then read, and fast-forward is off, so that every
+    token has its logits), with the expert's top_logprobs most likely tokens.
     """
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
     if overlap and can_overlap(expert, amateur, lam, lazy):
         yield from _overlapped_steps(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
                                      processors=processors, roles=roles, explain=explain,
-                                     top_logprobs=top_logprobs)
+                                     top_logprobs=top_logprobs, matcher=matcher, fast_forward=fast_forward)
         return
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None  # (T,) ids the processors look back on
@@ -190,8 +206,31 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
     y = None  # (V,) amateur logits (rows: (K,) of the ids), current when fresh and pending are empty
     normalize = bool(processors)
     rows = candidate_head and not normalize and not explain and amateur is not None
+    fast_forward = fast_forward and not explain  # explain: every token is fed alone and has its logits
+    feed: list[int] = []  # ids picked or forced since the expert's last forward
+    run: list[int] = []  # ids the constraint forces after the last pick (fast-forward; none before the first)
     while True:
-        ids = plausible_ids(x, alpha)  # (K,) ascending
+        if run:  # emitted without picks, fed to the expert with the pick before them in one batch
+            for t in run:  # consumed one by one: an answer cut inside the run is not taken for complete
+                matcher.consume([t])
+                yield Step(t, False, True, 1, forced=True)
+            feed, run = feed + run, []
+        if feed:
+            x = check_finite(expert.step(feed[0]) if len(feed) == 1 else expert.prefill(feed), roles[0], expert)
+            _extend(history, pending, amateur, feed)
+            feed = []
+        if matcher is not None:
+            allowed = matcher.allowed()  # (A,) ascending
+            token = forced_token(x, allowed, expert.eos_ids)
+            if token is not None:  # the constraint allows one token (or only the end): emitted without a pick
+                matcher.consume([token])
+                exp = explain_pick(x, None, allowed, lam, token, token, top_logprobs) if explain else None
+                yield Step(token, False, True, 1, explain=exp, forced=True)
+                feed, run = [token], forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert))
+                continue
+            ids = candidates(x, allowed, alpha)  # (K,) ascending, the allowed plausible ones
+        else:
+            ids = plausible_ids(x, alpha)  # (K,) ascending
         forced = len(ids) == 1
         need = not lazy or (lam > 0 and not forced)
         if need and (fresh is None or fresh or pending):
@@ -202,11 +241,29 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
         token, own = pick_own(x, y, ids, lam, sampler, normalize, processors, history, rows)
         exp = explain_pick(x, y if need else None, ids, lam, token, own, top_logprobs) if explain else None
         yield Step(token, token != own, not need, len(ids), explain=exp)
-        if history is not None:
-            history.append(token)
-        if amateur is not None:
-            pending.append(token)
-        x = check_finite(expert.step(token), roles[0], expert)
+        feed = [token]
+        if matcher is not None:
+            matcher.consume([token])
+            run = forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert))
+
+
+def _room(expert) -> int:
+    return expert.n_ctx - expert.n_past - 2  # positions left after the pending pick, less one
+
+
+def forced_run(matcher, fast_forward: bool, last: int, eos_ids, room: int) -> list[int]:
+    """The run of tokens the constraint forces after token `last` ([] without fast-forward, once the answer
+    ended, or without room: at most `room` tokens, so that the run and the pick fit the context)."""
+    if matcher is None or not fast_forward or last in eos_ids:
+        return []
+    return matcher.forced_run()[:max(0, room)]
+
+
+def _extend(history: list[int] | None, pending: list[int], amateur, ids: list[int]) -> None:
+    if history is not None:
+        history.extend(ids)
+    if amateur is not None:
+        pending.extend(ids)
 
 
 def can_overlap(expert, amateur, lam: float, lazy: bool) -> bool:
@@ -216,27 +273,59 @@ def can_overlap(expert, amateur, lam: float, lazy: bool) -> bool:
 
 
 def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processors, roles=ROLES,
-                      explain=False, top_logprobs=0) -> Iterator[Step]:
-    """generate_step with both models fed every token at once (the naive loop's engine calls, overlapped)."""
+                      explain=False, top_logprobs=0, matcher=None, fast_forward=True) -> Iterator[Step]:
+    """generate_step with both models fed every token at once (the naive loop's engine calls, overlapped).
+    With a constraint (matcher): its forced tokens are fed to both models too (a forced run with the pick
+    before it in one batch, fast_forward)."""
     prompt = [int(t) for t in prompt]
     history = list(prompt) if processors else None
     normalize = bool(processors)
+    fast_forward = fast_forward and not explain
     pair = _Overlap()
     try:
         x, y = pair.run(lambda: expert.prefill(_reuse_cache(expert, prompt)),
                         lambda: amateur.prefill(_reuse_cache(amateur, prompt)))  # (V,), (V,)
         while True:
             check_finite(x, roles[0], expert), check_finite(y, roles[1], amateur)
-            ids = plausible_ids(x, alpha)  # (K,) ascending
+            if matcher is not None:
+                allowed = matcher.allowed()  # (A,) ascending
+                token = forced_token(x, allowed, expert.eos_ids)
+                if token is not None:  # the constraint allows one token (or only the end): emitted without a pick
+                    matcher.consume([token])
+                    exp = explain_pick(x, None, allowed, lam, token, token, top_logprobs) if explain else None
+                    yield Step(token, False, True, 1, pair.take_saved(), exp, forced=True)
+                    feed = [token] + forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert))
+                    for t in feed[1:]:
+                        matcher.consume([t])
+                        yield Step(t, False, True, 1, forced=True)
+                    x, y = _feed_both(pair, expert, amateur, feed, history)
+                    continue
+                ids = candidates(x, allowed, alpha)  # (K,) ascending, the allowed plausible ones
+            else:
+                ids = plausible_ids(x, alpha)  # (K,) ascending
             token, own = pick_own(x, y, ids, lam, sampler, normalize, processors, history)
             forced = len(ids) == 1  # its pick reads no amateur logits (they are computed all the same)
             exp = explain_pick(x, None if forced else y, ids, lam, token, own, top_logprobs) if explain else None
             yield Step(token, token != own, forced, len(ids), pair.take_saved(), exp)
-            if history is not None:
-                history.append(token)
-            x, y = pair.run(lambda: expert.step(token), lambda: amateur.step(token))
+            feed = [token]
+            if matcher is not None:
+                matcher.consume([token])
+                for t in forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert)):
+                    matcher.consume([t])
+                    yield Step(t, False, True, 1, forced=True)
+                    feed.append(t)
+            x, y = _feed_both(pair, expert, amateur, feed, history)
     finally:
         pair.close()
+
+
+def _feed_both(pair, expert, amateur, feed: list[int], history) -> tuple:
+    """Both models fed the picked (and forced) ids at once: a step for one id, else one batch."""
+    if history is not None:
+        history.extend(feed)
+    if len(feed) == 1:
+        return pair.run(lambda: expert.step(feed[0]), lambda: amateur.step(feed[0]))
+    return pair.run(lambda: expert.prefill(feed), lambda: amateur.prefill(feed))
 
 
 def pick_own(x, y, ids, lam, sampler, normalize, processors, history, y_on_ids=False) -> tuple[int, int]:
@@ -393,13 +482,16 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
                     sampler: Sampler = greedy, processors: Sequence = (), max_tokens: int = 256,
                     stop: Sequence[str] = (), lazy: bool = True, catch_up: str = "auto",
                     overlap: bool = False, candidate_head: bool = True,
-                    roles: tuple[str, str] = ROLES, explain: bool = False,
-                    top_logprobs: int = 0) -> Iterator[Event]:
+                    roles: tuple[str, str] = ROLES, constraint=None, fast_forward: bool = True,
+                    explain: bool = False, top_logprobs: int = 0) -> Iterator[Event]:
     """Yield an Event per answer token, then a final Event (finish_reason, stopped_by, stats).
 
     Stops on the expert's EOS / end-of-turn ids, a stop string (not emitted, even when it spans tokens),
     max_tokens ("length"), or a full context ("length", stopped_by "context_full"). Arguments are checked
     on the first next(), before any work: a prompt longer than the context raises ContextFullError.
+    constraint: a decoding/constraint.py Constraint (structured output); the final Event's stats then say
+    whether the answer matches it whole (constraint_complete: False when max_tokens or a stop string ended it
+    first, with finish_reason "length" / "stop").
     explain: each token's Event carries an Explain (decoding/explain.py); the terminating EOS has no Event.
     """
     lam, alpha = check_lam(lam), check_alpha(alpha)
@@ -409,18 +501,22 @@ def stream_generate(expert, amateur, prompt: Sequence[int], *, lam: float, alpha
     prompt = check_prompt(prompt, expert)
     if amateur is None and (lam != 0 or not lazy):
         raise ParameterError("an amateur model is needed when lambda > 0")
+    matcher = Matcher(constraint, expert) if constraint is not None else None
     yield from _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-                       catch_up, bool(overlap), bool(candidate_head), roles, bool(explain), top_logprobs)
+                       catch_up, bool(overlap), bool(candidate_head), roles, matcher, bool(fast_forward),
+                       bool(explain), top_logprobs)
 
 
 def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens, stop, lazy,
-            catch_up, overlap, candidate_head=True, roles=ROLES, explain=False, top_logprobs=0) -> Iterator[Event]:
+            catch_up, overlap, candidate_head=True, roles=ROLES, matcher=None, fast_forward=True, explain=False,
+            top_logprobs=0) -> Iterator[Event]:
     models = [expert] + ([amateur] if amateur is not None else [])
     c0 = [_snapshot(m) for m in models]
     answer = Answer(len(prompt), max_tokens, stop, expert, expert.n_ctx)
     steps = generate_step(expert, amateur, prompt, lam=lam, alpha=alpha, sampler=sampler,
                           processors=processors, lazy=lazy, catch_up=catch_up, overlap=overlap,
-                          candidate_head=candidate_head, roles=roles, explain=explain,
+                          candidate_head=candidate_head, roles=roles, matcher=matcher,
+                          fast_forward=fast_forward, explain=explain,
                           top_logprobs=top_logprobs) if answer.reason is None else _nothing()
     try:
         for step in steps:
@@ -431,6 +527,8 @@ def _stream(expert, amateur, prompt, lam, alpha, sampler, processors, max_tokens
                 break
     finally:
         steps.close()
+    if matcher is not None:
+        answer.stats.constraint_complete = matcher.complete
     final = answer.finish()
     _fill_counters(answer.stats, models, c0)
     yield final
@@ -550,6 +648,7 @@ class Answer:
         st.picks += 1
         st.changed += step.changed
         st.amateur_skipped += step.skipped
+        st.forced += step.forced
         st.overlap_s += step.overlap_s
         if step.token in self.vocab.eos_ids:
             self.reason = ("stop", "eos")
