@@ -1,6 +1,7 @@
 """The Python API of the online half: load a bundle (or two model files), then stream, generate or chat.
 
     rt = load("bundle/")                           # backend="auto": MLX on Apple silicon, else llama.cpp
+    rt = load("bundle/", quant="Q4_0", n_threads=4)  # engine options as keywords, or one EngineOptions(...)
     for ev in rt.stream("What is 17 * 23?"):       # chat template applied; raw=True for a plain prompt
         print(ev.text, end="")
     res = rt.generate("What is 17 * 23?", max_tokens=64, lam=0.5, alpha=0.1)
