@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import llama_cpp  # noqa: F401  (before numpy: a CUDA build segfaulted at model load otherwise)
@@ -66,7 +66,7 @@ def main() -> None:
     from ray.util import ActorPool
 
     from epicode_edge.apps import batch, ray_batch
-    from epicode_edge.runtime import load
+    from epicode_edge.runtime import EngineOptions, load
     from epicode_edge.version import __version__
 
     tmp = tempfile.TemporaryDirectory(prefix="epicode-bench-ray-") if args.work is None else None
@@ -76,7 +76,7 @@ def main() -> None:
     inp = work / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt": f"{PROMPTS[i % len(PROMPTS)]} #{i}"}, ensure_ascii=False)
                            + "\n" for i in range(args.requests)), encoding="utf-8")
-    load_options = {"backend": "llama.cpp", "quant": "F32", "n_ctx": 256}
+    engine = EngineOptions(backend="llama.cpp", quant="F32", n_ctx=256)
     defaults = {"max_tokens": args.max_tokens}
     block = max(4, 4 * args.parallel)
     print(f"{args.requests} requests x {args.max_tokens} tokens, {args.actors} actors x 1 thread, --parallel "
@@ -91,7 +91,7 @@ def main() -> None:
     rows = {"local": [], "ray-data": [], "ray-actors": []}
     for run in range(args.runs):
         t0 = time.perf_counter()
-        with load(bundle, n_threads=1, **load_options) as rt:
+        with load(bundle, replace(engine, n_threads=1)) as rt:
             batch.run_batch(rt, inp, out("local"), parallel=args.parallel, **defaults)
         rows["local"].append({"init": 0.0, "first": float("nan"), "wall": time.perf_counter() - t0})
         want = strip(work / "local.jsonl")
@@ -110,12 +110,12 @@ def main() -> None:
             t1 = time.perf_counter()
             with batch.prepare(inp, out("ray-data")) as job:
                 ray_batch.run_ray_job(bundle, job, actors=args.actors, parallel=args.parallel,
-                                      load_options=load_options, progress=progress, **defaults)
+                                      engine=engine, progress=progress, **defaults)
             rows["ray-data"].append({"init": init, "first": first[0] - t1, "wall": time.perf_counter() - t1})
 
             t1 = time.perf_counter()
             spec = {"bundle": str(bundle), "manifest_sha256": ray_batch.manifest_digest(bundle),
-                    "version": __version__, "verify": True, "load": {**load_options, "n_threads": 1},
+                    "version": __version__, "verify": True, "load": replace(engine, n_threads=1).changed(),
                     "defaults": defaults, "compare": False, "parallel": args.parallel}
             actor = ray.remote(num_cpus=1, max_restarts=0)(ray_batch.Decoder)
             pool = ActorPool([actor.remote(spec) for _ in range(args.actors)])

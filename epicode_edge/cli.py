@@ -154,14 +154,14 @@ def convert_cmd(finetuned, inferior, run, mu, to, quant, mlx_bits, mlx_group_siz
         else:
             show(message, category, *args, **kw)
 
-    with _sigterm_as_interrupt(), warnings.catch_warnings(), _ConvertBar() as bar:
+    with _sigterm_as_interrupt(), warnings.catch_warnings(), _Bars() as bars:
         warnings.simplefilter("always", ExtrapolationWarning)
         warnings.showwarning = show_warning
         from .runtime import check_gguf_runs
 
         kw = dict(mu=mu, to=to, quant=quant, mlx_bits=int(mlx_bits) if mlx_bits else None,
                   mlx_group_size=mlx_group_size, with_inferior=with_inferior, force=force, lam=lam, alpha=alpha,
-                  progress=bar.update, check_model=check_gguf_runs)
+                  progress=functools.partial(_convert_progress, bars), check_model=check_gguf_runs)
         if base is not None:
             from .converters.lora import convert_lora
 
@@ -209,29 +209,14 @@ def _base_path(base: str | Path) -> str | Path:
     return find_base(str(base)) or base
 
 
-class _ConvertBar:
-    """A tqdm bar over the input bytes of the extrapolation pass, then the later stages as its label."""
-
-    def __enter__(self):
-        self.bar = None
-        return self
-
-    def update(self, p) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=p.bytes_total or None, unit="B", unit_scale=True, desc="extrapolate",
-                            file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
-        if p.stage == "extrapolate":
-            self.bar.update(p.bytes_done - self.bar.n)
-            self.bar.set_postfix_str(p.name[-40:], refresh=False)
-        else:
-            self.bar.set_description(p.stage)
-            self.bar.set_postfix_str(p.name, refresh=True)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
+def _convert_progress(bars, p) -> None:
+    """convert's progress on one bar: the input bytes of the extrapolation pass, then the later stages as its label."""
+    if p.stage == "extrapolate":
+        bars("extrapolate", p.bytes_done, p.bytes_total or None, note=p.name[-40:], unit="B", unit_scale=True)
+        return
+    if bars.bar is None:
+        bars("extrapolate", 0, p.bytes_total or None, unit="B", unit_scale=True)
+    bars.label(p.stage, p.name)
 
 
 @main.command("info")
@@ -249,56 +234,60 @@ def info_cmd(bundle, verify):
 # ----------------------------------------------------------------------------------------------
 
 
-ENGINE_OPTIONS = ("backend", "quant", "amateur_quant", "n_gpu_layers", "n_ctx", "n_threads", "kv_type")
-
-
-_LOAD_QUANT = click.option("--quant", default=None, help="GGUF quant to load (default: the bundle's first).")
-
-
-def runtime_options(f=None, *, quant=_LOAD_QUANT):
-    """--backend --quant --amateur-quant --n-gpu-layers --n-ctx --threads --cache-type: how `load()` opens a
-    bundle, handed to the command as one `engine` dict of load() keywords (unset ones left out); --overlap is a
-    decoding setting and stays a keyword of its own. quant: the command's own --quant option (tune: the quant
-    it converts to, and loads)."""
+def runtime_options(f=None, *, quant=None, overlap: bool = True):
+    """The options of engine_options.EngineOptions, made from its fields (flags, help, envvar and default in
+    each field's metadata["cli"]) and handed to the command as one `engine` EngineOptions, checked before
+    anything loads. quant: the command's own --quant option in place of the field's (tune: the quant it
+    converts to, and loads). overlap: also --overlap/--no-overlap, a decoding setting that stays a keyword of
+    its own (not for serve: its batched decoding runs no overlap)."""
     if f is None:
-        return lambda g: runtime_options(g, quant=quant)
+        return lambda g: runtime_options(g, quant=quant, overlap=overlap)
+    from dataclasses import fields
+
+    from .engine_options import EngineOptions
+
+    cli_fields = [fl for fl in fields(EngineOptions) if "cli" in fl.metadata]
 
     @functools.wraps(f)
     def wrapper(*args, **kw):
-        engine = {k: kw.pop(k) for k in ENGINE_OPTIONS}
-        kw["engine"] = {k: v for k, v in engine.items() if v is not None}
+        kw["engine"] = EngineOptions(**{fl.name: kw.pop(fl.name) for fl in cli_fields})
         return f(*args, **kw)
 
-    for opt in reversed([
-        click.option("--backend", type=click.Choice(["auto", "llama.cpp", "mlx"]), default="auto", show_default=True,
-                     envvar="EPICODE_EDGE_BACKEND", show_envvar=True,
-                     help="Engine: auto = MLX on Apple silicon when the bundle has MLX models, else llama.cpp."),
-        quant,
-        click.option("--amateur-quant", default=None,
-                     help="The amateur's GGUF at another quant (e.g. Q4_0 beside a Q8_0 expert: faster, only close "
-                          "to the same-quant answers; the bundle must hold it)."),
-        click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True,
-                     envvar="EPICODE_EDGE_N_GPU_LAYERS", show_envvar=True,
-                     help="Layers offloaded to CUDA/Metal on llama.cpp (-1 = all)."),
-        click.option("-c", "--n-ctx", "--ctx-size", "n_ctx", type=int, default=2048, show_default=True,
-                     envvar="EPICODE_EDGE_N_CTX", show_envvar=True, help="Context size in tokens."),
-        click.option("-t", "--threads", "--n-threads", "n_threads", type=int, default=None,
-                     envvar="EPICODE_EDGE_THREADS", show_envvar=True, help="CPU threads (default: engine's)."),
-        click.option("--cache-type", "kv_type", type=click.Choice(["f16", "f32", "q8_0"]), default=None,
-                     envvar="EPICODE_EDGE_CACHE_TYPE", show_envvar=True,
-                     help="llama.cpp KV cache type (as -ctk/-ctv): f16 [default], f32 (exact checks: f16 moves "
-                          "logits by ~1e-2), q8_0 (half the memory; needs flash attention, turned on for it)."),
-        click.option("--overlap/--no-overlap", default=None,
-                     help="Run the two models' forwards at once, half the cores each (default: on for "
-                          "llama.cpp on a CPU with >= 2 cores unless --threads would oversubscribe them)."),
-    ]):
+    opts = [quant if fl.name == "quant" and quant is not None else _engine_option(fl) for fl in cli_fields]
+    if overlap:
+        opts.append(click.option("--overlap/--no-overlap", default=None,
+                                 help="Run the two models' forwards at once, half the cores each (default: on for "
+                                      "llama.cpp on a CPU with >= 2 cores unless --threads would oversubscribe them)."))
+    for opt in reversed(opts):
         wrapper = opt(wrapper)
     return wrapper
 
 
-def _notes(rt) -> None:
+def _engine_option(fl):
+    """The click option of an EngineOptions field, from its metadata["cli"]."""
+    m = fl.metadata["cli"]
+    return click.option(*m["names"], fl.name, type=click.Choice(m["choices"]) if m["choices"] else m["type"],
+                        default=fl.default, show_default=m["show_default"], envvar=m["envvar"],
+                        show_envvar=m["envvar"] is not None, help=m["help"])
+
+
+def _check_settings(settings: dict) -> None:
+    """The decoding options as settings (no --stop: None), checked: out-of-range values fail before the models
+    load."""
+    from .runtime import Settings
+
+    settings["stop"] = settings["stop"] or None
+    Settings().updated(**settings)
+
+
+def _load(bundle, engine):
+    """The bundle's Runtime, opened as `engine` says, with its notes (a context size rounded...) on stderr."""
+    from .runtime import load
+
+    rt = load(bundle, engine)
     for note in rt.notes:
         click.echo(f"Note: {note}.", err=True)
+    return rt
 
 
 def decoding_options(f):
@@ -379,17 +368,13 @@ def generate_cmd(bundle, prompt, prompt_opt, prompt_file, system, raw, as_json, 
     PROMPT, -p TEXT or -f FILE (exactly one); "-" as PROMPT, -p or -f reads it from stdin."""
     import json
 
-    from .runtime import Settings, load
-
     prompt = _one_prompt(prompt, prompt_opt, prompt_file)
-    settings["stop"] = settings["stop"] or None
     if top_logprobs and not explain:
         raise click.UsageError("--top-logprobs goes with --explain")
     if explain:
         settings.update(explain=True, top_logprobs=top_logprobs)
-    Settings().updated(**settings)  # out-of-range values fail before the models load
-    rt = load(bundle, **engine)
-    _notes(rt)
+    _check_settings(settings)
+    rt = _load(bundle, engine)
     with rt:
         events = rt.stream(prompt, raw=raw, system=system, **settings)
         if explain:
@@ -447,12 +432,9 @@ def chat_cmd(bundle, system, engine, **settings):
     sessions: each line a message or a /command). /help lists the commands; Ctrl-C stops an answer and
     keeps the session; Ctrl-D or /bye exits. Each turn prefills only its new tokens."""
     from .apps.chat import ChatApp, run_repl
-    from .runtime import Settings, load
 
-    settings["stop"] = settings["stop"] or None
-    Settings().updated(**settings)  # out-of-range values fail before the models load
-    rt = load(bundle, **engine)
-    _notes(rt)
+    _check_settings(settings)
+    rt = _load(bundle, engine)
     with rt:
         run_repl(ChatApp(rt, system=system, dim=sys.stderr.isatty(), **settings))
 
@@ -482,12 +464,10 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
     record a line, flushed as each finishes (completion order; "line" gives the input order). A bad line or
     a failed request becomes an error record; ids already in OUTPUT are skipped."""
     from .apps import batch
-    from .runtime import Settings, load
 
     if actors is not None and ray_address is None:
         raise click.UsageError("--actors applies to --ray only")
-    settings["stop"] = settings["stop"] or None
-    Settings().updated(**settings)  # out-of-range values fail before the models load
+    _check_settings(settings)
     job = batch.prepare(input_path, output, retry_errors=retry_errors)  # bad paths fail before loading too
     click.get_current_context().call_on_close(job.close)  # the output stays locked until the command ends
     if job.repaired:
@@ -500,36 +480,35 @@ def batch_cmd(bundle, input_path, output, compare, parallel, retry_errors, syste
         click.echo(f"Nothing to do: all {job.total} requests already have a record in {output}.", err=True)
         return
     if ray_address is not None:
-        load_options = {k: v for k, v in engine.items() if k != "n_threads"}
-        return _ray_batch(bundle, job, ray_address, actors, engine.get("n_threads"), parallel, compare, system,
-                          settings, load_options)
-    rt = load(bundle, **engine)
-    _notes(rt)
+        return _ray_batch(bundle, job, ray_address, actors, engine, parallel, compare, system, settings)
+    rt = _load(bundle, engine)
     if parallel > 1 and not batch.batched_supported(rt):
         click.echo(f"Note: no batched decoding on {rt.backend}: requests run one at a time.", err=True)
-    bar = _BatchBar()
+    bars = _Bars()
+    progress = _batch_progress(bars)
     try:
-        with rt, bar:
-            summary = batch.run_job(rt, job, compare=compare, progress=bar.update, parallel=parallel,
+        with rt, bars:
+            summary = batch.run_job(rt, job, compare=compare, progress=progress, parallel=parallel,
                                     system=system, **settings)
     except KeyboardInterrupt:
-        click.echo(f"\nInterrupted after {bar.new} new records; run the same command again to resume.", err=True)
+        click.echo(f"\nInterrupted after {progress.new} new records; run the same command again to resume.", err=True)
         sys.exit(130)
     click.echo(summary.line(), err=True)
 
 
-def _ray_batch(bundle, job, address, actors, n_threads, parallel, compare, system, settings, load_options):
+def _ray_batch(bundle, job, address, actors, engine, parallel, compare, system, settings):
     """batch --ray: the same job on Ray actors (apps/ray_batch.py); --threads is the CPUs of each actor."""
     from .apps.ray_batch import run_ray_job
 
-    bar = _BatchBar()
+    bars = _Bars()
+    progress = _batch_progress(bars)
     try:
-        with bar:
+        with bars:
             summary = run_ray_job(bundle, job, address=None if address == "local" else address, actors=actors,
-                                  threads=n_threads or 1, parallel=parallel, compare=compare, progress=bar.update,
-                                  load_options=load_options, system=system, **settings)
+                                  threads=engine.n_threads or 1, parallel=parallel, compare=compare, progress=progress,
+                                  engine=engine, system=system, **settings)
     except KeyboardInterrupt:
-        click.echo(f"\nInterrupted after {bar.new} new records; run the same command again to resume.", err=True)
+        click.echo(f"\nInterrupted after {progress.new} new records; run the same command again to resume.", err=True)
         sys.exit(130)
     click.echo(summary.line(), err=True)
 
@@ -552,9 +531,9 @@ def _ray_batch(bundle, job, address, actors, n_threads, parallel, compare, syste
               help="Open connections at most; beyond, the oldest one still sending its request is dropped.")
 @click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), default=15.0, show_default=True,
               help="Seconds a client has to send its request's headers, and again its body.")
-@runtime_options
+@runtime_options(overlap=False)
 def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit, name, max_connections,
-              read_timeout, engine, overlap):
+              read_timeout, engine):
     """Serve BUNDLE over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for
     chat front ends, editors and the openai client. Model NAME is EpiCoDe, NAME:finetuned the finetuned model
     alone; extra body fields `lambda` and `alpha` set contrastive decoding per request, `epicode: {"explain":
@@ -563,7 +542,6 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
     import logging
 
     from .apps.serve import ServeConfig, make_server
-    from .runtime import load
 
     name = name or Path(bundle).resolve().name
     cfg = ServeConfig(name=name, parallel=parallel, max_queue=max_queue, api_key=api_key or None,
@@ -577,8 +555,7 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     serve_log.addHandler(handler)
     serve_log.setLevel(logging.INFO)
-    rt = load(bundle, **engine)
-    with rt:
+    with _load(bundle, engine) as rt:
         served = make_server(rt, cfg, host=host, port=port)
         for note in served.notes:
             click.echo(f"Note: {note}.", err=True)
@@ -591,28 +568,14 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
         served.run()
 
 
-class _BatchBar:
-    """A tqdm bar over the requests of a batch run; progress(done, total, record) drives it."""
+def _batch_progress(bars):
+    """batch's progress(done, total, record) on a bar; its .new counts the records this run wrote."""
+    def progress(done: int, total: int, record) -> None:
+        progress.new += record is not None
+        bars("batch", done, total, unit="req")
 
-    def __init__(self):
-        self.bar, self.new = None, 0
-
-    def update(self, done: int, total: int, record) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, initial=done, desc="batch", unit="req", file=sys.stderr,
-                            dynamic_ncols=True, leave=False, disable=None)
-        if record is not None:
-            self.new += 1
-            self.bar.update(done - self.bar.n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
+    progress.new = 0
+    return progress
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,28 +583,35 @@ class _BatchBar:
 # ----------------------------------------------------------------------------------------------
 
 
-def _bar(desc: str, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
-
-
-class _StageBars:
-    """One tqdm bar per stage name (a method, a grid point); progress(stage, done, total) drives it."""
+class _Bars:
+    """Progress on stderr (tqdm; off where stderr is not a terminal), one bar per stage: bars(stage, done, total)
+    drives it and a new stage closes the last bar; tqdm keywords (unit...) shape a stage's bar; note: its text
+    after the count; label(): the bar's name and note for a stage without a count of its own."""
 
     def __init__(self):
         self.bar, self.stage = None, None
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int | None, note: str | None = None, **tqdm_kw) -> None:
         if stage != self.stage:
+            from tqdm import tqdm
+
             self.close()
-            self.bar, self.stage = _bar(stage, total), stage
+            self.bar = tqdm(total=total, initial=done, desc=stage, file=sys.stderr, dynamic_ncols=True, leave=False,
+                            disable=None, **tqdm_kw)
+            self.stage = stage
         self.bar.update(done - self.bar.n)
+        if note is not None:
+            self.bar.set_postfix_str(note, refresh=False)
+
+    def label(self, desc: str, note: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(desc)
+            self.bar.set_postfix_str(note, refresh=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-            self.bar = None
+            self.bar, self.stage = None, None
 
     def __enter__(self):
         return self
@@ -684,7 +654,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
     from .runtime import check_output_dir
 
     check_output_dir(out_dir, "eval output folder")  # before the scoring, not after it
-    with _StageBars() as bars:
+    with _Bars() as bars:
         report = evaluate(bundle, data, out_dir=out_dir, max_tokens=max_tokens, extract=extract, limit=limit,
                           methods=methods, lam=lam, alpha=alpha, cd_lam=cd_lam, runs=runs, temp=temp,
                           engine=engine, overlap=overlap, constraint=constraint, progress=bars)
@@ -731,6 +701,8 @@ def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha,
              max_tokens, extract, limit, force, engine, overlap):
     """The paper's tuning: pick mu with the extrapolated model alone on DEV, then lambda at that mu; write
     the bundle with both. Interrupted? Run the same command again: finished grid points are kept."""
+    from dataclasses import replace
+
     from .apps.tune import tune
 
     finetuned, inferior, base = _checkpoints(run, finetuned, inferior, base)
@@ -739,11 +711,11 @@ def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha,
         click.echo(f"Warning: {msg}", err=True)
 
     ctx = click.get_current_context()
-    if engine.get("backend") == "mlx" and ctx.get_parameter_source("backend") == ParameterSource.ENVIRONMENT:
-        engine = {**engine, "backend": "auto"}  # a machine-wide preference; tune's bundles are GGUF
+    if engine.backend == "mlx" and ctx.get_parameter_source("backend") == ParameterSource.ENVIRONMENT:
+        engine = replace(engine, backend="auto")  # a machine-wide preference; tune's bundles are GGUF
         click.echo("Note: tune converts GGUF bundles and scores them on llama.cpp; EPICODE_EDGE_BACKEND=mlx is "
                    "not applied to it.", err=True)
-    with _StageBars() as bars:
+    with _Bars() as bars:
         result = tune(finetuned, inferior, dev, out, mu_grid=mu_grid, lam_grid=lam_grid, alpha=alpha,
                       with_inferior=with_inferior, base=base, cd=cd,
                       work_dir=work_dir, max_tokens=max_tokens,
@@ -795,10 +767,10 @@ def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
         if s["base"] in fetch.KNOWN:  # the one download the tool makes: the demo's base, once, checked
             src = fetch.KNOWN[s["base"]]
             click.echo(f"Fetching the demo's base model ({src.size / 2**20:.0f} MB, once) from {src.url}", err=True)
-            with _StageBars() as bars:
+            with _Bars() as bars:
                 path = fetch.fetch_base(s["base"], progress=lambda done, total: bars("download", done, total))
             click.echo(f"Saved {path}", err=True)
-    with _StageBars() as bars:
+    with _Bars() as bars:
         bundle, reused = demo.demo_bundle(
             fam, mu=s["mu"], base=s["base"], with_inferior=eval_data is not None or demo.shows_cd(s),
             progress=lambda p: bars("convert", p.tensors_done, p.tensors_total or 1))
@@ -807,7 +779,7 @@ def demo_cmd(n, max_tokens, family, eval_data, out_dir, n_threads, color):
         from .apps.eval import evaluate
 
         out_dir = out_dir or Path("demo-eval")
-        with _StageBars() as bars:
+        with _Bars() as bars:
             report = evaluate(bundle.path, eval_data, out_dir=out_dir, max_tokens=max_tokens, extract=s["extract"],
                               lam=s["lambda"], alpha=s["alpha"], cd_lam=s["cd_lambda"], n_threads=n_threads,
                               progress=bars)

@@ -1,6 +1,7 @@
 """The Python API of the online half: load a bundle (or two model files), then stream, generate or chat.
 
     rt = load("bundle/")                           # backend="auto": MLX on Apple silicon, else llama.cpp
+    rt = load("bundle/", quant="Q4_0", n_threads=4)  # engine options as keywords, or one EngineOptions(...)
     for ev in rt.stream("What is 17 * 23?"):       # chat template applied; raw=True for a plain prompt
         print(ev.text, end="")
     res = rt.generate("What is 17 * 23?", max_tokens=64, lam=0.5, alpha=0.1)
@@ -43,13 +44,14 @@ from .decoding.loop import (Collector, Event, Result, Stats, can_overlap, check_
                             stream_generate)
 from .decoding.sampling import check_sampling, make_logits_processors, make_sampler
 from .chat_template import check_messages, check_text, render_chat  # noqa: F401  (part of the runtime's API)
+from .engine_options import BACKENDS, EngineOptions
 from .errors import (BackendError, BundleError, ContextFullError, EpicodeError, InputError, ParameterError,
                      UnsupportedError)
 from .userdirs import unwritable_reason
 
-__all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "Event", "Explain", "Result", "Stats"]
+__all__ = ["load", "load_models", "Runtime", "ChatSession", "Settings", "EngineOptions", "Event", "Explain", "Result",
+           "Stats"]
 
-BACKENDS = ("auto", "llama.cpp", "mlx")
 # overlap=None (the default) turns overlap on where it applies (llama.cpp on a CPU with >= 2 cores, no thread
 # count that would oversubscribe them). It is the naive loop's engine calls, so its answers equal the naive
 # loop's, and on a real model it was the fastest of the exact modes: bench/decode.py on SmolLM2-135M Q8_0, 2 cores
@@ -284,12 +286,7 @@ class Runtime:
         from .backends.multiseq import open_multiseq
 
         check_kv_memory(self, n_slots)  # refuse caches that cannot fit, before allocating them
-        e = open_multiseq(self.expert, n_slots)
-        try:
-            return e, open_multiseq(self.amateur, n_slots)
-        except BaseException:
-            e.close()
-            raise
+        return open_pair(lambda: open_multiseq(self.expert, n_slots), lambda e: open_multiseq(self.amateur, n_slots))
 
     def describe(self) -> dict:
         return {"path": str(self.path), "backend": self.backend, "quant": self.quant, "mu": self.mu,
@@ -462,24 +459,10 @@ def apple_silicon() -> bool:
     return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ParameterError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    return backend
-
-
-def _check_engine_options(n_ctx, n_threads, n_gpu_layers) -> None:
-    if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1:
-        raise ParameterError(f"n_ctx must be an integer >= 1, got {n_ctx!r}")
-    if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
-        raise ParameterError(f"n_threads must be an integer >= 1, got {n_threads!r}")
-    if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
-        raise ParameterError(f"n_gpu_layers must be an integer >= -1 (-1 = all), got {n_gpu_layers!r}")
-
-
-def open_backend(path, backend: str, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, **engine_kw) -> Backend:
-    """One model on one engine: a .gguf file on llama.cpp, an MLX/HF folder on MLX."""
+def open_backend(path, backend: str = "auto", engine: EngineOptions | None = None, **options) -> Backend:
+    """One model on one engine: a .gguf file on llama.cpp, an MLX/HF folder on MLX. engine (or its fields as
+    keywords): n_ctx, n_threads, n_gpu_layers, n_batch, kv_type; its backend is not read (the argument is)."""
+    engine = EngineOptions.of(engine, **options)
     path = Path(path)
     if backend == "auto":
         backend = "llama.cpp" if path.suffix == ".gguf" else "mlx"
@@ -487,13 +470,12 @@ def open_backend(path, backend: str, *, n_ctx: int = 2048, n_threads: int | None
         if backend == "llama.cpp":
             from .backends.llamacpp import LlamaCppBackend
 
-            return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
+            return LlamaCppBackend(path, **engine.backend_kwargs())
         from .backends.mlx import MLXBackend
 
-        if engine_kw.get("kv_type") is not None:
+        if engine.kv_type is not None:
             raise ParameterError("the KV cache type (kv_type / --cache-type) applies to llama.cpp only")
-        engine_kw.pop("kv_type", None)
-        return MLXBackend(path, n_ctx=n_ctx, **engine_kw)
+        return MLXBackend(path, n_ctx=engine.n_ctx)
     except EpicodeError:
         raise
     except Exception as e:  # a model file that is not what it claims: one line, not the engine's traceback
@@ -504,20 +486,28 @@ def open_backend(path, backend: str, *, n_ctx: int = 2048, n_threads: int | None
         raise BackendError(f"{path}: {backend} cannot load the model ({type(e).__name__}: {msg})") from None
 
 
-def load_models(expert, amateur, *, backend: str = "auto", n_ctx: int = 2048, n_threads: int | None = None,
-                n_gpu_layers: int = 0, lam: float = DEFAULT_LAMBDA, alpha: float = DEFAULT_ALPHA,
-                **engine_kw) -> Runtime:
-    """A Runtime from two explicit model paths (two .gguf files, or two MLX/HF folders)."""
-    _check_backend(backend)
-    _check_engine_options(n_ctx, n_threads, n_gpu_layers)
-    check_lam(lam), check_alpha(alpha)
-    e = open_backend(expert, backend, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
+def open_pair(open_first, open_second) -> tuple[Backend, Backend]:
+    """(first, second) backends, or neither: open_first() then open_second(first); the first is closed when
+    the second fails."""
+    first = open_first()
     try:
-        a = open_backend(amateur, e.name, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
+        return first, open_second(first)
     except BaseException:
-        e.close()
+        first.close()
         raise
-    return _runtime(e, a, n_ctx, lam=lam, alpha=alpha)
+
+
+def load_models(expert, amateur, engine: EngineOptions | None = None, *, lam: float = DEFAULT_LAMBDA,
+                alpha: float = DEFAULT_ALPHA, **options) -> Runtime:
+    """A Runtime from two explicit model paths (two .gguf files, or two MLX/HF folders). engine (or its
+    fields as keywords): as load() takes it; quant and amateur_quant pick a bundle's files, so not here."""
+    engine = EngineOptions.of(engine, **options)
+    if engine.quant is not None or engine.amateur_quant is not None:
+        raise ParameterError("quant and amateur_quant pick a bundle's GGUF files: load_models takes the model files")
+    check_lam(lam), check_alpha(alpha)
+    e, a = open_pair(lambda: open_backend(expert, engine.backend, engine),
+                     lambda e: open_backend(amateur, e.name, engine))
+    return _runtime(e, a, engine.n_ctx, lam=lam, alpha=alpha)
 
 
 def _runtime(e, a, n_ctx: int | None = None, **kw) -> Runtime:
@@ -533,11 +523,11 @@ def _runtime(e, a, n_ctx: int | None = None, **kw) -> Runtime:
     return rt
 
 
-def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: int = 0, n_ctx: int = 2048,
-         n_threads: int | None = None, roles: tuple[str, str] = ("expert", "amateur"),
-         amateur_quant: str | None = None, **engine_kw) -> Runtime:
+def load(bundle, engine: EngineOptions | None = None, *, roles: tuple[str, str] = ("expert", "amateur"),
+         **options) -> Runtime:
     """A Runtime over a bundle folder (the output of `convert`).
 
+    engine: an EngineOptions, or its fields as keywords (load(b, quant="Q4_0", n_threads=4)), not both.
     backend "auto": MLX on Apple silicon when the bundle has MLX models, else llama.cpp (MLX when the bundle
     has no GGUF files). quant picks the GGUF files (default: the bundle's first quant). n_gpu_layers offloads
     layers to CUDA/Metal on llama.cpp (-1 = all). The bundle's lambda and alpha become the defaults.
@@ -549,64 +539,64 @@ def load(bundle, backend: str = "auto", quant: str | None = None, n_gpu_layers: 
     """
     from .converters.bundle import open_bundle
 
-    _check_backend(backend)
-    _check_engine_options(n_ctx, n_threads, n_gpu_layers)
+    engine = EngineOptions.of(engine, **options)
     if len(roles) != 2 or not all(isinstance(r, str) for r in roles):
         raise ParameterError(f"roles must be two role names (expert, amateur), got {roles!r}")
     b = open_bundle(bundle)
     if b.manifest.get("layout") == "shared-base":  # one base GGUF + LoRA adapters (backends/llamacpp_lora.py)
-        if backend == "mlx":
-            raise UnsupportedError(f"{b.path}: a shared-base (LoRA) bundle runs on llama.cpp only")
-        from .backends.llamacpp_lora import open_roles
-        from .converters.lora import fused_roles, shared_base_roles
-        from .userdirs import cache_dir
-
-        base, per_role = shared_base_roles(b, quant)
-        per_role = fused_roles(per_role, cache_dir())  # the expert's two adapters as one (half the LoRA work)
-        if any(r not in per_role for r in roles):
-            raise BundleError(f"{b.path}: shared-base bundle has no role "
-                              f"{next(r for r in roles if r not in per_role)!r} (has {', '.join(per_role)})")
-        opts = dict(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
-        label = base.stem.split("-", 1)[-1]
-        if amateur_quant is None:  # both roles over one loaded base
-            r = open_roles(base, per_role, tuple(dict.fromkeys(roles)), **opts)
-            e = r[roles[0]]
-            try:  # one role twice (the finetuned model alone, sampled): a second context, same base and adapters
-                a = e.twin() if roles[0] == roles[1] else r[roles[1]]
-            except BaseException:
-                e.close()
-                raise
-        else:  # a cheaper amateur: the base at amateur_quant loaded beside it, with the amateur's adapters
-            base_a, _ = shared_base_roles(b, amateur_quant)
-            label += "/" + base_a.stem.split("-", 1)[-1]
-            e = open_roles(base, per_role, roles[:1], **opts)[roles[0]]
-            try:
-                a = open_roles(base_a, per_role, roles[1:], **opts)[roles[1]]
-            except BaseException:
-                e.close()
-                raise
-        return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=label)
+        return _load_shared_base(b, engine, roles)
+    backend = engine.backend
     if backend == "auto":
         backend = "mlx" if ("mlx" in b.formats and (apple_silicon() or "gguf" not in b.formats)) else "llama.cpp"
-    if backend == "llama.cpp":
-        paths = (b.gguf(roles[0], quant), b.gguf(roles[1], amateur_quant or quant))
-        quant = paths[0].stem.split("-", 1)[-1]
-        if amateur_quant is not None:
-            quant += "/" + paths[1].stem.split("-", 1)[-1]
+    return (_load_gguf if backend == "llama.cpp" else _load_mlx)(b, engine, roles)
+
+
+def _load_gguf(b, engine: EngineOptions, roles) -> Runtime:
+    """A two-model bundle on llama.cpp: the roles' GGUF files at quant (the amateur's at amateur_quant)."""
+    paths = (b.gguf(roles[0], engine.quant), b.gguf(roles[1], engine.amateur_quant or engine.quant))
+    label = "/".join(p.stem.split("-", 1)[-1] for p in paths[:1 + (engine.amateur_quant is not None)])
+    e, a = open_pair(lambda: open_backend(paths[0], "llama.cpp", engine),
+                     lambda e: open_backend(paths[1], "llama.cpp", engine))
+    return _runtime(e, a, engine.n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=label)
+
+
+def _load_mlx(b, engine: EngineOptions, roles) -> Runtime:
+    """A two-model bundle on MLX: the roles' MLX folders."""
+    if engine.quant is not None or engine.amateur_quant is not None:
+        raise ParameterError("quant picks GGUF files: it applies to the llama.cpp backend only")
+    if "mlx" not in b.formats:
+        raise BundleError(f"{b.path}: the bundle has no MLX models (formats: {', '.join(b.formats)})")
+    paths = (b.mlx(roles[0]), b.mlx(roles[1]))
+    e, a = open_pair(lambda: open_backend(paths[0], "mlx", engine), lambda e: open_backend(paths[1], "mlx", engine))
+    return _runtime(e, a, engine.n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=None)
+
+
+def _load_shared_base(b, engine: EngineOptions, roles) -> Runtime:
+    """A shared-base bundle (one base GGUF + LoRA adapters) on llama.cpp: both roles over one loaded base, or,
+    with amateur_quant, the base at that quant loaded beside it for the amateur."""
+    if engine.backend == "mlx":
+        raise UnsupportedError(f"{b.path}: a shared-base (LoRA) bundle runs on llama.cpp only")
+    from .backends.llamacpp_lora import open_roles
+    from .converters.lora import fused_roles, shared_base_roles
+    from .userdirs import cache_dir
+
+    base, per_role = shared_base_roles(b, engine.quant)
+    per_role = fused_roles(per_role, cache_dir())  # the expert's two adapters as one (half the LoRA work)
+    if any(r not in per_role for r in roles):
+        raise BundleError(f"{b.path}: shared-base bundle has no role "
+                          f"{next(r for r in roles if r not in per_role)!r} (has {', '.join(per_role)})")
+    opts = engine.backend_kwargs()
+    label = base.stem.split("-", 1)[-1]
+    if engine.amateur_quant is None:  # both roles over one loaded base
+        r = open_roles(base, per_role, tuple(dict.fromkeys(roles)), **opts)
+        # one role twice (the finetuned model alone, sampled): a second context, same base and adapters
+        e, a = open_pair(lambda: r[roles[0]], lambda e: e.twin() if roles[0] == roles[1] else r[roles[1]])
     else:
-        if quant is not None or amateur_quant is not None:
-            raise ParameterError("quant picks GGUF files: it applies to the llama.cpp backend only")
-        if "mlx" not in b.formats:
-            raise BundleError(f"{b.path}: the bundle has no MLX models (formats: {', '.join(b.formats)})")
-        paths = (b.mlx(roles[0]), b.mlx(roles[1]))
-    opts = dict(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **engine_kw)
-    e = open_backend(paths[0], backend, **opts)
-    try:
-        a = open_backend(paths[1], backend, **opts)
-    except BaseException:
-        e.close()
-        raise
-    return _runtime(e, a, n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=quant if backend == "llama.cpp" else None)
+        base_a, _ = shared_base_roles(b, engine.amateur_quant)
+        label += "/" + base_a.stem.split("-", 1)[-1]
+        e, a = open_pair(lambda: open_roles(base, per_role, roles[:1], **opts)[roles[0]],
+                         lambda e: open_roles(base_a, per_role, roles[1:], **opts)[roles[1]])
+    return _runtime(e, a, engine.n_ctx, lam=b.lam, alpha=b.alpha, bundle=b, quant=label)
 
 
 def check_gguf_runs(paths, n_threads: int | None = 1, vocab_only: bool = False, adapters=None,

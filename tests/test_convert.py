@@ -542,7 +542,7 @@ class TestCLI:
             if len(calls) == 4:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(cli._ConvertBar, "update", update)
+        monkeypatch.setattr(cli, "_convert_progress", update)
         ft, inf = pairs["f32"]
         code, output = self.run("--finetuned", ft, "--inferior", inf, "--mu", "0.3", "--to", "gguf,hf", "-o",
                                 tmp_path / "b")

@@ -193,7 +193,7 @@ def test_eval_takes_the_engine_options(family, tmp_path):
                     with_inferior=True)
     kw = dict(max_tokens=12, extract="exact", methods="finetuned,epicode")
     same = evaluate(b.path, family["data"], quant="F32", **kw)
-    mixed = evaluate(b.path, family["data"], quant="F32", engine={"amateur_quant": "Q8_0"}, **kw)
+    mixed = evaluate(b.path, family["data"], quant="F32", amateur_quant="Q8_0", **kw)
     assert mixed.settings["amateur_quant"] == "Q8_0" and same.settings["amateur_quant"] is None
     assert mixed.results["finetuned"].texts == same.results["finetuned"].texts
     r = CliRunner().invoke(main, ["eval", str(b.path), str(family["data"]), "--quant", "F32", "--amateur-quant",

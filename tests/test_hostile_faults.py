@@ -29,7 +29,7 @@ _SLOW_CONVERT = textwrap.dedent("""
     def update(self, p):
         print("tensor", p.tensors_done, flush=True)
         time.sleep(0.2)
-    cli._ConvertBar.update = update
+    cli._convert_progress = update
     sys.argv = ["epicode-edge", "convert"] + sys.argv[1:]
     cli.main()
 """)

@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "epicode_edge"
 # Lower numbers are lower layers; a module may import its own group or lower layers only.
 LAYERS = {
     "errors": 0, "version": 0, "userdirs": 0, "hashing": 0, "defaults": 0,
-    "backends": 1, "decoding": 1, "converters": 1, "chat_template": 1,
+    "backends": 1, "decoding": 1, "converters": 1, "chat_template": 1, "engine_options": 1,
     "runtime": 2,
     "apps": 3,
     "cli": 4, "__init__": 4, "__main__": 4,

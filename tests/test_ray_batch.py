@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from epicode_edge.apps import batch, ray_batch
+from epicode_edge.engine_options import EngineOptions
 from epicode_edge.errors import BundleError
 from rt_models import N_THREADS, bundle_dir
 
@@ -198,7 +199,7 @@ def test_a_worker_that_cannot_verify_the_bundle_stops_the_run_with_one_line(bund
     sigterm = signal.getsignal(signal.SIGTERM)
     with batch.prepare(inp, out) as job:
         with pytest.raises(BundleError) as e:
-            ray_batch.run_ray_job(bundle, job, num_cpus=2, actors=1, load_options={"quant": "F32", "n_ctx": 256},
+            ray_batch.run_ray_job(bundle, job, num_cpus=2, actors=1, engine=EngineOptions(quant="F32", n_ctx=256),
                                   max_tokens=4)
     msg = str(e.value)
     assert msg.startswith("worker on ") and "epicode.json: not the driver's bundle" in msg and "\n" not in msg

@@ -185,11 +185,11 @@ def test_tune_takes_the_engine_options(pair, tmp_path):
     dev.write_text(json.dumps({"id": 0, "prompt": "The quick brown fox " * 40, "answer": "x"}) + "\n")
     work = tmp_path / "work"
     kw = dict(mu_grid="0.5", lam_grid="1", max_tokens=2, extract="exact", work_dir=work)
-    res = tune(ft, inf, dev, tmp_path / "b", quant="F32", engine={"amateur_quant": "Q8_0", "n_threads": 1}, **kw)
+    res = tune(ft, inf, dev, tmp_path / "b", quant="F32", amateur_quant="Q8_0", n_threads=1, **kw)
     assert set(open_bundle(res.bundle).quants) == {"F32", "Q8_0"}
     assert json.loads((work / "state.json").read_text())["key"]["amateur_quant"] == "Q8_0"
     with pytest.raises(ContextFullError, match="context of 256"):
-        tune(ft, inf, dev, tmp_path / "c", quant="F32", engine={"n_ctx": 256}, **kw)
+        tune(ft, inf, dev, tmp_path / "c", quant="F32", n_ctx=256, **kw)
     args = ["tune", "--finetuned", str(ft), "--inferior", str(inf), "--dev", str(dev), "-o", str(tmp_path / "d"),
             "--work-dir", str(work), "--mu-grid", "0.5", "--lambda-grid", "1", "--quant", "F32",
             "--max-tokens", "2", "--extract", "exact"]

@@ -30,10 +30,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from ..engine_options import EngineOptions
 from ..errors import MissingExtraError, ParameterError, require
 from . import tasks
 from .tasks import Item
@@ -259,16 +260,15 @@ def cd_lambda(b) -> tuple[float, str]:
 def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str = "last-number",
              limit: int | None = None, methods=METHODS, lam: float | None = None, alpha: float | None = None,
              cd_lam: float | None = None, runs: int = 1, temp: float = DEFAULT_TEMP,
-             backend: str = "auto", quant: str | None = None, n_threads: int | None = None,
-             engine: dict | None = None, overlap: bool | None = None, constraint=None,
-             progress: ProgressFn | None = None) -> EvalReport:
+             engine: EngineOptions | None = None, overlap: bool | None = None, constraint=None,
+             progress: ProgressFn | None = None, **engine_options) -> EvalReport:
     """Score the methods on the same items (greedy) and, with out_dir, write the JSONL, report and chart.
 
     lam / alpha default to the bundle's; cd_lam (the CD-only row's lambda) to tune's choice for it, else the
     bundle's lambda. Methods the bundle cannot run (cd without an inferior model) are kept as rows with the
     reason. runs > 1 adds that many sampled runs (temp, seeds 0..runs-1) and a paired t-test across them.
-    Warnings (extraction misses, too few items) are in report.warnings. engine: more load() keywords
-    (amateur_quant, n_gpu_layers, n_ctx, kv_type; backend, quant, n_threads there win over the arguments);
+    Warnings (extraction misses, too few items) are in report.warnings. engine: how the bundle is loaded, a
+    runtime.EngineOptions or its fields as keywords (quant="Q4_0", n_threads=4), as load() takes it;
     overlap: the decoding setting of the contrastive rows (None: auto). constraint: structured output for
     every row (a decoding/constraint.py Constraint or a response_format object; score it with extract
     "json:FIELD").
@@ -280,6 +280,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     tasks.make_extractor(extract)  # validate before any work
     from ..runtime import Settings
 
+    engine = EngineOptions.of(engine, **engine_options)
     Settings().updated(max_tokens=max_tokens)  # the one max_tokens rule (an integer >= 0)
     cons = {} if constraint is None else {"constraint": Settings().updated(constraint=constraint).constraint}
     if limit is not None and limit < 1:
@@ -294,13 +295,12 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     cd_lam, cd_lam_from = (check_lam(cd_lam), "given") if cd_lam is not None else cd_lambda(b)
     items = tasks.load_items(data, limit=limit)
     t0 = time.perf_counter()
-    opts = {"backend": backend, "quant": quant, "n_threads": n_threads, **(engine or {})}
     ov = {} if overlap is None else {"overlap": bool(overlap)}
     settings_of = {"finetuned": {**cons}, "extrapolation": {"lam": 0.0, **cons},
                    "epicode": {"lam": lam, "alpha": alpha, **ov, **cons}, "cd": {"lam": cd_lam, "alpha": alpha, **ov, **cons}}
     results: dict[str, MethodResult] = {}
     sampled: dict[str, list[MethodResult]] = {}
-    used_backend = backend
+    used_backend = engine.backend
     for m in methods:
         roles = {"cd": ("amateur", "inferior"), "finetuned": ("amateur", "amateur")}.get(m, ("expert", "amateur"))
         if m == "cd" and "inferior" not in b.roles:
@@ -309,7 +309,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
         if m == "finetuned" and runs == 1:
             roles = ("expert", "amateur")  # greedy: the amateur alone through compare(), no second copy
         # the finetuned row is the finetuned model at the main quant, whatever quant the contrast model has
-        rt = _load(b, roles=roles, **({**opts, "amateur_quant": None} if m == "finetuned" else opts))
+        rt = _load(b, replace(engine, amateur_quant=None) if m == "finetuned" else engine, roles=roles)
         try:
             ft = results.get("finetuned")
             keep = None  # EpiCoDe's answers where finetuned got the other verdict: their tokens, for report.html
@@ -333,7 +333,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     results = {m: results[m] for m in methods}
     settings = {"bundle": str(b.path), "data": str(data), "mu": b.mu, "lam": lam, "alpha": alpha,
                 "cd_lam": cd_lam, "cd_lam_from": cd_lam_from, "max_tokens": max_tokens, "extract": extract,
-                "backend": used_backend, "quant": opts["quant"], "amateur_quant": opts.get("amateur_quant"),
+                "backend": used_backend, "quant": engine.quant, "amateur_quant": engine.amateur_quant,
                 "n_items": len(items), "runs": runs,
                 "constraint": None if constraint is None else cons["constraint"].as_response_format(),
                 "temp": temp if runs > 1 else None, "seconds": round(time.perf_counter() - t0, 2)}
@@ -347,10 +347,10 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     return report
 
 
-def _load(b, *, roles, **opts):
+def _load(b, engine, *, roles):
     from ..runtime import load
 
-    return load(b.path, roles=roles, **opts)
+    return load(b.path, engine, roles=roles)
 
 
 def runner(rt, method: str, settings: dict, max_tokens: int, explain: bool = False):

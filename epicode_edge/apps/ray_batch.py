@@ -39,15 +39,15 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from ..engine_options import EngineOptions
 from ..errors import BackendError, BundleError, EpicodeError, ParameterError, UnsupportedError
 from . import batch
 from .batch import Job, Request, Summary
 
-LOAD_OPTIONS = ("backend", "quant", "amateur_quant", "n_gpu_layers", "n_ctx", "kv_type")  # load() keywords for the actors
 
 
 class RayJobError(EpicodeError):
@@ -75,15 +75,15 @@ def manifest_digest(bundle) -> str:
 
 def run_ray_job(bundle, job: Job, *, address: str | None = None, num_cpus: int | None = None,
                 actors: int | None = None, threads: int = 1, parallel: int = 1, block_size: int | None = None,
-                verify: bool = True, compare: bool = False, progress=None, load_options: dict | None = None,
+                verify: bool = True, compare: bool = False, progress=None, engine: EngineOptions | None = None,
                 **defaults) -> Summary:
     """Run the pending requests of `job` (from batch.prepare) on Ray actors, appending records to its output.
 
     address: None = a local Ray (num_cpus CPUs, default all cores), else a cluster's address. actors: the
     pool size (default: the CPUs (GPUs with n_gpu_layers != 0) over threads, at most one per block).
     threads: CPUs per actor, and llama.cpp's threads in it. parallel: requests decoded together in an actor.
-    block_size: requests per block (default max(4, 4 * parallel)). load_options: backend, quant,
-    n_gpu_layers, n_ctx as for runtime.load(). defaults: decoding settings and `system`, as run_job's.
+    block_size: requests per block (default max(4, 4 * parallel)). engine: how each actor loads the bundle,
+    as runtime.load() takes it (its n_threads is `threads`). defaults: decoding settings and `system`, as run_job's.
     """
     for name, v, lo in (("threads", threads, 1), ("parallel", parallel, 1), ("actors", actors, 1),
                         ("block_size", block_size, 1), ("num_cpus", num_cpus, 1)):
@@ -91,16 +91,13 @@ def run_ray_job(bundle, job: Job, *, address: str | None = None, num_cpus: int |
             raise ParameterError(f"{name} must be an integer >= {lo}, got {v!r}")
     if job.out is None:
         raise ParameterError("the job is closed (its output is no longer locked): prepare it again")
-    load_options = dict(load_options or {})
-    unknown = sorted(set(load_options) - set(LOAD_OPTIONS))
-    if unknown:
-        raise ParameterError(f"unknown load option {unknown[0]!r} (options: {', '.join(LOAD_OPTIONS)})")
+    engine = replace(EngineOptions.of(engine), n_threads=threads)
     ray = import_ray()
     from ..version import __version__
 
     bundle = Path(os.path.abspath(Path(bundle).expanduser()))  # the workers' working folders differ from ours
     spec = {"bundle": str(bundle), "manifest_sha256": manifest_digest(bundle), "version": __version__,
-            "verify": verify, "load": {**load_options, "n_threads": threads}, "defaults": defaults,
+            "verify": verify, "load": engine.changed(), "defaults": defaults,
             "compare": compare, "parallel": parallel}  # (a bad bundle fails here, before anything is written)
     summary = Summary(n_skipped=job.skipped, duplicates=list(job.duplicates), output_path=job.output_path)
     writer = _Writer(job, summary, progress)
@@ -112,7 +109,7 @@ def run_ray_job(bundle, job: Job, *, address: str | None = None, num_cpus: int |
         return writer.finish()
     block_size = block_size or max(4, 4 * parallel)
     n_blocks = -(-len(requests) // block_size)
-    gpus = 1 if load_options.get("n_gpu_layers", 0) else 0
+    gpus = 1 if engine.n_gpu_layers else 0
     with _ray_session(ray, address, num_cpus), _quiet_ray_data():  # (Ray unreachable: nothing written)
         for rec in bad_lines:
             writer.write(rec)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from ..defaults import DEFAULT_ALPHA
+from ..engine_options import EngineOptions
 from ..errors import MissingExtraError, ParameterError, require
 from . import tasks
 
@@ -233,31 +234,29 @@ def tune_charts(result: TuneResult) -> list[Path]:
 
 
 def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEFAULT_LAM_GRID,
-         alpha: float = DEFAULT_ALPHA, quant: str = "Q8_0", with_inferior: bool = False, base=None, cd: bool | None = None,
+         alpha: float = DEFAULT_ALPHA, with_inferior: bool = False, base=None, cd: bool | None = None,
          work_dir=None, extract: str = "last-number", max_tokens: int = 128, limit: int | None = None,
-         backend: str = "llama.cpp", n_threads: int | None = None, force: bool = False,
-         engine: dict | None = None, overlap: bool | None = None,
-         progress: ProgressFn | None = None, warn: WarnFn | None = None) -> TuneResult:
+         force: bool = False, engine: EngineOptions | None = None, overlap: bool | None = None,
+         progress: ProgressFn | None = None, warn: WarnFn | None = None, **engine_options) -> TuneResult:
     """Pick mu (extrapolated model alone on dev, mu = 0 competing), then lambda (EpiCoDe at that mu), and,
     with cd, the CD-only row's own lambda; write the bundle `out` with that mu and lambda as its default.
     base: the base model when finetuned/inferior are PEFT LoRA adapters (a shared-base bundle, which always
     holds the inferior model). cd defaults to whether the bundles hold the inferior model.
-    engine: more load() keywords, as eval takes them (amateur_quant, n_gpu_layers, n_ctx, kv_type; backend,
-    quant, n_threads there win over the arguments); with amateur_quant the bundles are converted at both quants.
+    engine: how the bundles are loaded, a runtime.EngineOptions or its fields as keywords, as eval takes it;
+    its quant (default Q8_0) is also the quant the bundles are converted at; with amateur_quant they are
+    converted at both quants. Its backend is llama.cpp (auto means it: the bundles are GGUF).
     overlap: the decoding setting of the contrastive points (None: auto).
     Resumes from WORK/state.json (default work folder: OUT.tune). alpha = 0.1 is the paper's."""
     from ..converters.bundle import check_output
     from ..decoding.contrastive import check_alpha
 
-    opts = {"backend": backend, "quant": quant, "n_threads": n_threads, **(engine or {})}
-    backend, quant = opts.pop("backend"), opts.pop("quant")
-    if backend == "auto":
-        backend = "llama.cpp"  # the bundles tune converts are GGUF only
-    if backend != "llama.cpp":
-        raise ParameterError(f"tune converts GGUF bundles and scores them on llama.cpp: backend {backend!r} "
+    engine = EngineOptions.of(engine, **engine_options)
+    if engine.backend not in ("auto", "llama.cpp"):
+        raise ParameterError(f"tune converts GGUF bundles and scores them on llama.cpp: backend {engine.backend!r} "
                              "is not supported (use auto or llama.cpp)")
-    if not isinstance(quant, str) or not quant:
-        raise ParameterError(f"quant must be a GGUF quant type name, got {quant!r}")
+    # the bundles tune converts are GGUF only
+    engine = replace(engine, backend="llama.cpp", quant=engine.quant or "Q8_0")
+    quant = engine.quant
     mus = parse_grid(mu_grid, "mu", allow_zero=True)
     mus = [m for m in mus if m > 0]  # mu = 0 is the finetuned baseline, scored anyway
     if not mus:
@@ -288,14 +287,13 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     key = {"finetuned": file_digest(Path(finetuned)), "inferior": file_digest(Path(inferior)),
            "base": file_digest(Path(base)) if base is not None else None,
            "dev": file_digest(Path(dev)), "limit": limit, "extract": extract, "max_tokens": max_tokens,
-           "alpha": alpha, "quant": quant, "backend": backend, "with_inferior": with_inferior,
-           **_result_options(opts)}
+           "alpha": alpha, "quant": quant, "backend": engine.backend, "with_inferior": with_inferior,
+           **_result_options(engine)}
     state = State(work, key)
     if state.stale and warn:
         warn(f"{state.path}: made with other inputs or settings; starting afresh")
-    run = _Runner(finetuned, inferior, items, work, state, quant=quant, with_inferior=with_inferior, base=base,
-                  extract=extract, max_tokens=max_tokens, backend=backend, engine=opts, overlap=overlap,
-                  progress=progress)
+    run = _Runner(finetuned, inferior, items, work, state, with_inferior=with_inferior, base=base,
+                  extract=extract, max_tokens=max_tokens, engine=engine, overlap=overlap, progress=progress)
     resumed = [k for k in state.points]
 
     # 1-2. the baseline and the mu sweep (the extrapolated model alone); mu = 0 competes
@@ -336,25 +334,24 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     return result
 
 
-def _result_options(opts: dict) -> dict:
+def _result_options(engine) -> dict:
     """The engine options that can change the scores, for the state key: only those set away from load()'s
     defaults, so that the same run from the CLI and from Python shares its finished points."""
-    defaults = {"amateur_quant": None, "kv_type": None, "n_ctx": 2048}
-    return {k: opts[k] for k in defaults if opts.get(k) not in (None, defaults[k])}
+    changed = engine.changed()
+    return {k: changed[k] for k in ("amateur_quant", "kv_type", "n_ctx") if k in changed}
 
 
 class _Runner:
     """Converts the mu bundles (kept in WORK/mu-X) and scores grid points, storing each in the state."""
 
-    def __init__(self, finetuned, inferior, items, work, state, *, quant, with_inferior, base, extract, max_tokens,
-                 backend, engine, overlap, progress):
+    def __init__(self, finetuned, inferior, items, work, state, *, with_inferior, base, extract, max_tokens,
+                 engine, overlap, progress):
         self.finetuned, self.inferior, self.items, self.work, self.state = finetuned, inferior, items, work, state
-        self.quant, self.with_inferior, self.extract, self.max_tokens = quant, with_inferior, extract, max_tokens
+        self.with_inferior, self.extract, self.max_tokens = with_inferior, extract, max_tokens
         self.base = base
-        self.backend, self.engine, self.overlap, self.progress = backend, dict(engine), overlap, progress
-        amateur_quant = self.engine.get("amateur_quant")
+        self.engine, self.overlap, self.progress = engine, overlap, progress
         # the bundles hold the amateur's quant too (load() takes it from the bundle)
-        self.quants = tuple(dict.fromkeys(q for q in (quant, amateur_quant) if q))
+        self.quants = tuple(dict.fromkeys(q for q in (engine.quant, engine.amateur_quant) if q))
         self.points: dict[str, Point] = {}
 
     def bundle_dir(self, mu: float) -> Path:
@@ -408,10 +405,9 @@ class _Runner:
             return p
         b = self.bundle(mu)
         roles = ("amateur", "inferior") if kind == "cd" else ("expert", "amateur")
-        opts = dict(self.engine)
-        if kind == "finetuned":
-            opts["amateur_quant"] = None  # the finetuned model at the main quant, as eval's finetuned row
-        rt = load(b.path, backend=self.backend, quant=self.quant, roles=roles, **opts)
+        # the finetuned model at the main quant, as eval's finetuned row
+        engine = replace(self.engine, amateur_quant=None) if kind == "finetuned" else self.engine
+        rt = load(b.path, engine, roles=roles)
         try:
             method = {"finetuned": "finetuned", "mu": "extrapolation"}.get(kind, "epicode")
             settings = {"lam": lam} if kind != "finetuned" else {}
