@@ -110,6 +110,10 @@ def test_json_object_and_gbnf_grammar(rt):
 # ---------------------------------------------------------------------------------------------
 
 
+# llguidance's own llama.cpp tokenizer calls llama-cpp-python's deprecated llama_token_get_attr once per token
+_LLGUIDANCE_TOKENIZER = pytest.mark.filterwarnings("ignore:llama_token_get_attr is deprecated:DeprecationWarning")
+
+
 def _library_greedy(gguf, prompt, grammar, max_tokens):
     """llguidance's matcher driven by hand with the expert's logits (llama-cpp-python's Llama, llguidance's
     own llama.cpp tokenizer): mask, argmax over the allowed tokens, consume; no code of the loop."""
@@ -151,6 +155,7 @@ def _library_greedy(gguf, prompt, grammar, max_tokens):
         "required": ["name", "n"], "additionalProperties": False}}},
     {"type": "regex", "regex": "[a-z]{2,6}-[0-9]{1,3}( ok)?"},
 ])
+@_LLGUIDANCE_TOKENIZER
 def test_lambda_zero_is_the_librarys_constrained_greedy(rt, bundle, spec):
     c = C.parse_constraint(spec)
     prompt = rt.encode("The quick brown fox", raw=True)
@@ -211,6 +216,7 @@ def _reference_constrained_cd(gguf_e, gguf_a, prompt, grammar, lam, alpha, max_t
             llm.close()
 
 
+@_LLGUIDANCE_TOKENIZER
 @pytest.mark.parametrize("mode", [{"lazy": True}, {"lazy": False}, {"overlap": True}])
 def test_constrained_cd_equals_the_numpy_reference(rt, mode):
     spec = {"type": "json_schema", "json_schema": {"schema": {
