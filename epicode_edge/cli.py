@@ -548,6 +548,8 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
     serve_log.addHandler(handler)
     serve_log.setLevel(logging.INFO)
     rt = load(bundle, **engine)
+    if overlap is not None:  # the slots' batched decoding follows the defaults' overlap (Runtime.batch_overlaps)
+        rt.defaults = rt.defaults.updated(overlap=overlap)
     with rt:
         served = make_server(rt, cfg, host=host, port=port)
         for note in served.notes:
