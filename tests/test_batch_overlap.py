@@ -65,7 +65,8 @@ def test_overlapped_batch_is_bit_identical_to_the_naive_batched_loop(runtime, se
 def test_overlap_runs_the_amateur_in_a_worker_thread_one_core_each(runtime, monkeypatch):
     """stream_many (batch --parallel, serve's slots) decides overlap: with it the amateur's batches run in
     the worker thread and each model's batched context gets half the cores (1 on 2 cores: no thread of a
-    decode spins at a barrier for a descheduled sibling); without it, the load-time threads."""
+    decode spins at a barrier for a descheduled sibling); without it, the engine's generation thread count
+    (llama-cpp-python: half the cores), not its prompt count (all cores)."""
     seen = {}
     real = batch_loop.generate_batched
 
@@ -96,8 +97,8 @@ def test_overlap_runs_the_amateur_in_a_worker_thread_one_core_each(runtime, monk
 
     seen.clear()
     list(runtime.stream_many([(0, runtime.encode(PROMPTS[0]), s)], parallel=2, overlap=False))
-    load_time = tuple(runtime.expert._threads_at_load)
-    assert seen["overlap"] is False and seen["threads"] == (load_time, load_time)
+    gen = (runtime.expert._threads_at_load[0],) * 2  # the engine's generation threads, for prompts too
+    assert seen["overlap"] is False and seen["threads"] == (gen, gen)
     assert seen["amateur_threads"] == {threading.current_thread().name}
 
 

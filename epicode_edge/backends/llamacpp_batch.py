@@ -58,6 +58,11 @@ class MultiSeqLlamaCpp(MultiSeqBase):
         p.n_batch = p.n_ubatch = max(int(p.n_batch), p.n_seq_max)
         self._lib = lib
         self.n_threads_given = n_threads_given
+        if n_threads_given is None:
+            # A step of many slots is generation, not a long prompt: the engine's generation thread count for
+            # it too (llama-cpp-python: half the cores for generation, all for prompts). With all cores on a
+            # busy CPU the decode's threads wait at barriers for siblings the OS has descheduled (bench/batch.py).
+            p.n_threads_batch = p.n_threads
         self.threads = self._threads_at_load = (int(p.n_threads), int(p.n_threads_batch))
         self._ctx = lib.llama_init_from_model(model, p)
         if not self._ctx:
