@@ -122,3 +122,45 @@ def test_auto_batch_overlap_on_one_and_two_cores(runtime, tmp_path_factory, monk
         assert rt2.batch_overlaps() is False  # 2 + 2 given threads would oversubscribe 2 cores
         monkeypatch.setattr(os, "cpu_count", lambda: 4)
         assert rt2.batch_overlaps() is True
+
+
+def test_serve_slots_decode_overlapped_over_a_socket(runtime, monkeypatch):
+    """serve --parallel N decodes its slots through stream_many: the contrastive model's slots overlap with one
+    thread per model on 2 cores; the finetuned model's slots (one model) do not, and decode with the engine's
+    generation threads."""
+    import httpx
+    import uvicorn
+
+    from epicode_edge.apps import serve
+
+    seen = []
+    real = batch_loop.generate_batched
+
+    def spy(e, a, *args, overlap=False, **kw):
+        seen.append((e is a, overlap, e.threads))
+        yield from real(e, a, *args, overlap=overlap, **kw)
+
+    monkeypatch.setattr(batch_loop, "generate_batched", spy)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    app = serve.create_app(runtime, serve.ServeConfig(name="tiny", parallel=3, max_queue=4))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            if server.started or not thread.is_alive():
+                break
+            threading.Event().wait(0.05)
+        assert server.started, "server did not start"
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        for model in ("tiny", "tiny:finetuned"):
+            r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": PROMPTS[1], "max_tokens": 4},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] > 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    gen = (runtime.expert._threads_at_load[0],) * 2
+    assert (False, True, (1, 1)) in seen  # the contrastive slots
+    assert (True, False, gen) in seen  # the finetuned slots
