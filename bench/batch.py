@@ -7,6 +7,10 @@
     python bench/batch.py --n-gpu-layers -1        # CUDA/Metal build of llama-cpp-python: all layers offloaded
     python bench/batch.py --bundle B --quant Q8_0 --whole-head-row   # a bundle; also batched with the amateur's
                                                                       # whole output layer (candidate_head=False)
+    python bench/batch.py --bundle runs/S --parallel 4 --requests 8 --max-tokens 32 --load --runs 2
+        # idle and loaded rows (loaded: two busy processes started and stopped by the bench, bench/busy.py):
+        # one at a time (--parallel 1), batched (overlap auto), batched --no-overlap, and llama-cpp-python alone
+        # on the expert GGUF (one model, one request at a time), as ratios in the same run
 
 The model pair is a generated ~88M-parameter Llama (hidden 768, 12 layers, 12 heads / 4 KV heads, MLP 2048,
 random weights; finetuned and inferior differ by a little noise) converted into an EpiCoDe bundle in a
@@ -30,6 +34,7 @@ import llama_cpp  # noqa: F401  (before numpy: a CUDA build segfaulted at model 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROMPTS = [
@@ -106,9 +111,58 @@ def engine_ceiling(rt, parallel: int, repeats: int = 10) -> float:
     return parallel * statistics.median(one) / statistics.median(many)
 
 
+def load_rows(rt, prompts, parallel: int, max_tokens: int, runs: int, expert_gguf: Path | None) -> None:
+    """Idle and loaded rows: wall time of each way (median of `runs`, alternated), and its throughput over
+    one at a time and over llama-cpp-python alone (tokens/s ratios)."""
+    from busy import busy_load, load_average
+
+    from epicode_edge.apps.batch import generate_batch
+
+    llm = None
+    if expert_gguf is not None:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(expert_gguf), n_ctx=512, verbose=False)  # its own default threads
+    ids = [rt.encode(p) for p in prompts]
+
+    def alone() -> int:
+        return sum(llm.create_completion(i, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0)
+                   ["usage"]["completion_tokens"] for i in ids)
+
+    ways = {"one at a time (--parallel 1)": lambda: generate_batch(rt, prompts, parallel=1, max_tokens=max_tokens),
+            f"--parallel {parallel} (overlap auto: {rt.batch_overlaps()})":
+                lambda: generate_batch(rt, prompts, parallel=parallel, max_tokens=max_tokens),
+            f"--parallel {parallel} --no-overlap":
+                lambda: generate_batch(rt, prompts, parallel=parallel, max_tokens=max_tokens, overlap=False)}
+    if llm is not None:
+        ways["llama-cpp-python alone (expert)"] = alone
+    ways["one at a time (--parallel 1)"]()  # warm-up
+    for cond, n_busy in (("idle", 0), ("loaded", 2)):
+        with busy_load(n_busy):
+            before = load_average()
+            times = {w: [] for w in ways}
+            tokens = {}
+            for r in range(runs):
+                for w in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
+                    t = time.perf_counter()
+                    out = ways[w]()
+                    times[w].append(time.perf_counter() - t)
+                    tokens[w] = out if isinstance(out, int) else sum(x.completion_tokens for x in out)
+            after = load_average()
+        tps = {w: tokens[w] / statistics.median(v) for w, v in times.items()}
+        one = tps["one at a time (--parallel 1)"]
+        anchor = tps.get("llama-cpp-python alone (expert)")
+        print(f"{cond} ({n_busy} busy processes; before: {before}; after: {after}):")
+        for w, v in times.items():
+            print(f"  {w:38} {statistics.median(v):6.2f} s {tps[w]:7.1f} tok/s  x{tps[w] / one:.2f} vs one at a time"
+                  + (f"  x{tps[w] / anchor:.2f} vs llama-cpp-python alone" if anchor else "")
+                  + f"  (runs: {', '.join(f'{x:.1f}' for x in v)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parallel", type=int, default=8, help="concurrent requests (also the request count)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per run (default: --parallel)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--quant", default="Q8_0")
@@ -120,6 +174,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep the generated bundle here")
     ap.add_argument("--bundle", type=Path, default=None, help="an existing bundle instead of a generated model")
     ap.add_argument("--prompts-file", type=Path, default=None, help="JSONL with 'prompt' fields (cycled)")
+    ap.add_argument("--load", action="store_true",
+                    help="idle and loaded rows instead (two busy processes beside it; see the docstring)")
     ap.add_argument("--whole-head-row", action="store_true",
                     help="also batched with the amateur's whole output layer (candidate_head=False), each run")
     a = ap.parse_args()
@@ -135,8 +191,9 @@ def main() -> None:
             import json
 
             texts = [json.loads(x)["prompt"] for x in a.prompts_file.read_text().splitlines() if x.strip()]
-        prompts = (texts * (a.parallel // len(texts) + 1))[:a.parallel]
-        threads = a.threads or os.cpu_count()
+        n = a.requests or a.parallel
+        prompts = (texts * (n // len(texts) + 1))[:n]
+        threads = a.threads or (None if a.load else os.cpu_count())  # --load: the engine's own default
         opts = dict(n_threads=threads, n_gpu_layers=a.n_gpu_layers) if a.backend == "llama.cpp" else {}
         if a.backend == "llama.cpp":
             opts["quant"] = a.quant
@@ -146,6 +203,16 @@ def main() -> None:
             model = (f"bundle {a.bundle}" if a.bundle else
                      f"llama {n_params(a.hidden, a.layers):.1f}M params ({a.hidden} hidden, {a.layers} layers)")
             print(f"model: {model}, {what}")
+            if a.load:
+                from epicode_edge.converters.bundle import open_bundle
+
+                try:
+                    expert = open_bundle(bundle).gguf("expert", a.quant) if a.backend == "llama.cpp" else None
+                except Exception as e:  # e.g. a shared-base (LoRA) bundle: no expert GGUF of its own
+                    print(f"llama-cpp-python alone: not measured ({e})")
+                    expert = None
+                print(f"{n} requests x {a.max_tokens} tokens max, greedy EpiCoDe; {a.runs} runs per row")
+                return load_rows(rt, prompts, a.parallel, a.max_tokens, a.runs, expert)
             print(f"{a.parallel} requests x {a.max_tokens} tokens max, greedy EpiCoDe; {a.runs} runs (+1 warm-up)")
             one_run(rt, prompts[:2], 2, 4)  # warm-up
             seq, bat, whole = [], [], []

@@ -3,6 +3,7 @@
     python bench/serve.py                                # 4 clients x 4 requests x 32 tokens, 3 runs
     python bench/serve.py --clients 8 --requests 2 --max-tokens 64 --parallel 8
     python bench/serve.py --bundle models/demo/bundle --quant Q8_0 --runs 5
+    python bench/serve.py --bundle runs/S --load --runs 1    # idle and loaded rows (below)
 
 Both servers run in child processes on 127.0.0.1 (free ports), with the same threads and context size:
     ours     epicode-edge serve BUNDLE --parallel P: expert + amateur, contrastive decoding, requests decoded
@@ -16,6 +17,10 @@ by itself. Figures per run: requests/s and completion tokens/s (tokens from each
 run's wall time, p50 / p95 of the requests' latencies (send to full answer); printed: the median over runs,
 and ours / anchor as the median of the per-run ratios. The model is a generated Llama (random weights;
 --hidden/--layers, default 512 x 8) in a temporary folder (or --work DIR, reused), as bench/decode.py makes it.
+With --load: a third server, ours with --parallel 1 (one request at a time), and every server without
+--threads unless given (the engines' own defaults: what a user runs); the runs are made idle, then loaded
+(two busy processes beside the servers, started and stopped by the bench, bench/busy.py), and each condition
+prints its table with ours / ours --parallel 1 and ours / anchor.
 """
 
 from __future__ import annotations
@@ -147,11 +152,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--parallel", type=int, default=None, help="our server's slots (default: --clients)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of each server (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of each server (default: all cores; with --load: the engines' defaults)")
+    ap.add_argument("--load", action="store_true", help="idle and loaded rows, and ours with --parallel 1")
     ap.add_argument("--n-ctx", type=int, default=1024)
     ap.add_argument("--work", type=Path, default=None, help="folder for the generated model (kept; reused)")
     args = ap.parse_args()
-    if min(args.clients, args.requests, args.max_tokens, args.runs, args.threads) < 1:
+    if args.threads is None and not args.load:
+        args.threads = os.cpu_count()
+    if min(args.clients, args.requests, args.max_tokens, args.runs, args.threads or 1) < 1:
         raise SystemExit("--clients, --requests, --max-tokens, --runs and --threads must be >= 1")
     parallel = args.parallel or args.clients
 
@@ -172,53 +181,69 @@ def main() -> None:
     expert = open_bundle(args.bundle).gguf("expert", args.quant)
     no_anchor = has_llama_server()
     print(f"expert: {expert.name}; {args.clients} clients x {args.requests} requests x {args.max_tokens} tokens, "
-          f"{args.runs} runs; threads {args.threads}, n_ctx {args.n_ctx}, our --parallel {parallel}; "
+          f"{args.runs} runs; threads {args.threads or 'engine default'}, n_ctx {args.n_ctx}, our --parallel {parallel}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
     servers = {}
     try:
-        port = free_port()
-        servers["ours"] = Server("ours", [
-            sys.executable, "-c", "from epicode_edge.cli import main; main()", "serve", str(args.bundle),
-            "--port", str(port), "--parallel", str(parallel), "--max-queue", str(args.clients * args.requests),
-            "--threads", str(args.threads), "--n-ctx", str(args.n_ctx), "--quant", args.quant, "--name", "bench"],
-            port, args.work / "serve-ours.log", "/health")
+        threads = [] if args.threads is None else ["--threads", str(args.threads)]
+        for name, p in [("ours", parallel)] + ([("ours-p1", 1)] if args.load else []):
+            port = free_port()
+            servers[name] = Server(name, [
+                sys.executable, "-c", "from epicode_edge.cli import main; main()", "serve", str(args.bundle),
+                "--port", str(port), "--parallel", str(p), "--max-queue", str(args.clients * args.requests),
+                *threads, "--n-ctx", str(args.n_ctx), "--quant", args.quant, "--name", "bench"],
+                port, args.work / f"serve-{name}.log", "/health")
         if no_anchor:
             print(f"anchor: not measured, llama-cpp-python's server cannot run here: {no_anchor}")
         else:
             port = free_port()
             servers["anchor"] = Server("anchor", [
                 sys.executable, "-m", "llama_cpp.server", "--model", str(expert), "--model_alias", "expert",
-                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads),
-                "--n_threads_batch", str(args.threads), "--n_ctx", str(args.n_ctx)],
+                "--host", "127.0.0.1", "--port", str(port),
+                *([] if args.threads is None else ["--n_threads", str(args.threads), "--n_threads_batch",
+                                                   str(args.threads)]), "--n_ctx", str(args.n_ctx)],
                 port, args.work / "serve-anchor.log", "/v1/models")
-        how = {"ours": ("bench", {}), "anchor": ("expert", {"repeat_penalty": 1.0})}  # greedy, no penalty
+        how = {"ours": ("bench", {}), "ours-p1": ("bench", {}),
+               "anchor": ("expert", {"repeat_penalty": 1.0})}  # greedy, no penalty
         for name, srv in servers.items():  # warm-up: first requests allocate buffers
             one_run(srv.url, how[name][0], 1, 1, 4, how[name][1])
-        rows = {name: [] for name in servers}
-        for run in range(args.runs):
-            for name, srv in servers.items():
-                rows[name].append(one_run(srv.url, how[name][0], args.clients, args.requests, args.max_tokens,
-                                          how[name][1]))
-            print(f"  run {run + 1}/{args.runs}: " + ", ".join(
-                f"{n} {r[-1]['rps']:.2f} req/s {r[-1]['tps']:.1f} tok/s p50 {1000 * r[-1]['p50']:.0f} ms"
-                for n, r in rows.items()))
+        from busy import busy_load, load_average
+
+        for cond, n_busy in (("idle", 0), ("loaded", 2)) if args.load else (("", 0),):
+            with busy_load(n_busy):
+                if cond:
+                    print(f"\n{cond} ({n_busy} busy processes; {load_average()})")
+                rows = {name: [] for name in servers}
+                for run in range(args.runs):
+                    for name, srv in servers.items():
+                        rows[name].append(one_run(srv.url, how[name][0], args.clients, args.requests,
+                                                  args.max_tokens, how[name][1]))
+                    print(f"  run {run + 1}/{args.runs}: " + ", ".join(
+                        f"{n} {r[-1]['rps']:.2f} req/s {r[-1]['tps']:.1f} tok/s p50 {1000 * r[-1]['p50']:.0f} ms"
+                        for n, r in rows.items()))
+                if cond:
+                    print(f"  after: {load_average()}")
+            table(rows)
     finally:
         for srv in servers.values():
             srv.stop()
         if tmp is not None:
             tmp.cleanup()
 
+
+def table(rows: dict) -> None:
     keys = (("rps", "req/s", 2), ("tps", "tok/s", 1), ("p50", "p50 ms", 0), ("p95", "p95 ms", 0))
-    print(f"\n{'':8}" + "".join(f"{label:>10}" for _, label, _ in keys) + f"{'tokens':>9}")
+    print(f"{'':14}" + "".join(f"{label:>10}" for _, label, _ in keys) + f"{'tokens':>9}")
     for name, runs in rows.items():
         med = {k: statistics.median(r[k] for r in runs) for k, _, _ in keys}
-        print(f"{name:8}" + "".join(f"{med[k] * (1000 if k.startswith('p') else 1):>10.{d}f}" for k, _, d in keys)
+        print(f"{name:14}" + "".join(f"{med[k] * (1000 if k.startswith('p') else 1):>10.{d}f}" for k, _, d in keys)
               + f"{statistics.median(r['tokens'] for r in runs):>9.0f}")
-    if "anchor" in rows:
-        ratio = {k: statistics.median(o[k] / a[k] for o, a in zip(rows["ours"], rows["anchor"])) for k, _, _ in keys}
-        print(f"{'ratio':8}" + "".join(f"{ratio[k]:>10.2f}" for k, _, _ in keys)
-              + "   (ours / anchor, median of per-run ratios; latency: lower is better)")
+    for other, label in (("ours-p1", "ours / ours --parallel 1"), ("anchor", "ours / anchor")):
+        if other in rows:
+            ratio = {k: statistics.median(o[k] / a[k] for o, a in zip(rows["ours"], rows[other])) for k, _, _ in keys}
+            print(f"{'ratio':14}" + "".join(f"{ratio[k]:>10.2f}" for k, _, _ in keys)
+                  + f"   ({label}, median of per-run ratios; latency: lower is better)")
 
 
 if __name__ == "__main__":

@@ -531,9 +531,9 @@ def _ray_batch(bundle, job, address, actors, engine, parallel, compare, system, 
               help="Open connections at most; beyond, the oldest one still sending its request is dropped.")
 @click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), default=15.0, show_default=True,
               help="Seconds a client has to send its request's headers, and again its body.")
-@runtime_options(overlap=False)
+@runtime_options
 def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit, name, max_connections,
-              read_timeout, engine):
+              read_timeout, engine, overlap):
     """Serve BUNDLE over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for
     chat front ends, editors and the openai client. Model NAME is EpiCoDe, NAME:finetuned the finetuned model
     alone; extra body fields `lambda` and `alpha` set contrastive decoding per request, `epicode: {"explain":
@@ -556,6 +556,8 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
     serve_log.addHandler(handler)
     serve_log.setLevel(logging.INFO)
     with _load(bundle, engine) as rt:
+        if overlap is not None:  # the slots' batched decoding follows the defaults' overlap (Runtime.batch_overlaps)
+            rt.defaults = rt.defaults.updated(overlap=overlap)
         served = make_server(rt, cfg, host=host, port=port)
         for note in served.notes:
             click.echo(f"Note: {note}.", err=True)

@@ -221,12 +221,25 @@ class Runtime:
         s = s or self.defaults
         if not can_overlap(self.expert, self.amateur, s.lam, s.lazy):
             return False
-        if s.overlap is None:  # auto: not where given thread counts would oversubscribe the cores
-            cores = os.cpu_count() or 1
-            return AUTO_OVERLAP and cores >= 2 and all(
-                b.on_cpu and 2 * (b.n_threads_given or 1) <= cores
-                for b in (self.expert, self.amateur))
+        if s.overlap is None:
+            return self._auto_overlap()
         return s.overlap
+
+    def batch_overlaps(self, overlap: bool | None = None, finetuned: bool = False) -> bool:
+        """Whether stream_many runs the two models' multi-sequence decodes at the same time, half the cores
+        each (decoding/batch_loop.py). overlap None: the defaults' setting, and where that is None too, the
+        same auto rule as one request's overlap. Never for finetuned (one model) or an engine that cannot
+        decode from two threads (MLX)."""
+        if finetuned or not (self.expert.concurrent and self.amateur.concurrent):
+            return False
+        overlap = self.defaults.overlap if overlap is None else overlap
+        return self._auto_overlap() if overlap is None else bool(overlap)
+
+    def _auto_overlap(self) -> bool:
+        """On a CPU with >= 2 cores, where no given thread count would oversubscribe them."""
+        cores = os.cpu_count() or 1
+        return AUTO_OVERLAP and cores >= 2 and all(
+            b.on_cpu and 2 * (b.n_threads_given or 1) <= cores for b in (self.expert, self.amateur))
 
     def _share_cores(self, parts: int) -> None:
         for b in (self.expert, self.amateur):
@@ -254,12 +267,13 @@ class Runtime:
 
     # -- info and lifetime -------------------------------------------------------------------------
     def stream_many(self, requests, *, parallel: int = 8, on_event=None, cancelled=None,
-                    finetuned: bool = False) -> Iterator[tuple]:
+                    finetuned: bool = False, overlap: bool | None = None) -> Iterator[tuple]:
         """Many requests decoded together, `parallel` at a time (continuous batching: a request takes the
         first free slot). `requests` yields (key, prompt ids, Settings), or IDLE (nothing to admit yet: the
         admitted ones go on decoding). Yields (key, Result or the exception that ended it) in completion order;
         on_event(key, Event) sees every streamed token; cancelled(key) ends a request (Cancelled) and frees its
-        slot. finetuned=True decodes with the finetuned model (the amateur) alone, lambda 0."""
+        slot. finetuned=True decodes with the finetuned model (the amateur) alone, lambda 0. overlap: the two
+        models' decodes at the same time, half the cores each (see batch_overlaps; None: auto)."""
         from .decoding.batch_loop import generate_batched
 
         if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
@@ -272,9 +286,12 @@ class Runtime:
             requests = (r if r is IDLE else (r[0], r[1], replace(r[2], lam=0.0)) for r in requests)
         else:
             (e, a), vocab = self.multiseq(parallel), self.expert
+        both = self.batch_overlaps(overlap, finetuned)
         try:
+            for m in {id(e): e, id(a): a}.values():
+                m.share_cores(2 if both else 1)
             yield from generate_batched(e, a, vocab, requests, on_event=on_event,
-                                        cancelled=cancelled)
+                                        cancelled=cancelled, overlap=both)
         finally:
             e.close()
             if a is not e:

@@ -128,9 +128,35 @@ def test_open_pair_closes_the_first_when_the_second_fails():
     assert (e.name, a.name, closed) == ("expert", "expert's amateur", ["expert"])
 
 
-def test_serve_has_no_overlap_option():
-    # serve decodes batched (decoding/batch_loop.py), which runs no overlap: the option is not offered
-    code, out = cli("serve", "bundle", "--overlap")
-    assert code == 2 and "No such option '--overlap'" in out
-    assert "--overlap" not in cli("serve", "--help")[1]
-    assert "--overlap" in cli("generate", "--help")[1]
+def test_serve_takes_overlap_for_its_batched_slots(monkeypatch):
+    # serve's slots decode batched (decoding/batch_loop.py), which overlaps the two models' decodes:
+    # --overlap/--no-overlap set the runtime's default that Runtime.batch_overlaps reads
+    seen = {}
+
+    class FakeRt:
+        defaults = __import__("epicode_edge.runtime", fromlist=["Settings"]).Settings()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def fake_load(bundle, engine):
+        seen["rt"] = FakeRt()
+        return seen["rt"]
+
+    def fake_make_server(rt, cfg, **kw):
+        seen["overlap"] = rt.defaults.overlap
+        raise SystemExit(0)
+
+    import epicode_edge.apps.serve as serve_app
+    import epicode_edge.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_load", fake_load)
+    monkeypatch.setattr(serve_app, "make_server", fake_make_server)
+    for flag, want in (("--no-overlap", False), ("--overlap", True), (None, None)):
+        seen.clear()
+        code, _ = cli("serve", "bundle", *([flag] if flag else []))
+        assert code == 0 and seen["overlap"] is want
+    assert "--overlap / --no-overlap" in cli("serve", "--help")[1]

@@ -631,7 +631,7 @@ def _batched_records(runtime, items: list, defaults: dict, compare: bool, parall
             by_key[item.line] = (item, messages, settings)
             yield item.line, ids, s
 
-    for key, res in runtime.stream_many(requests(), parallel=parallel):
+    for key, res in runtime.stream_many(requests(), parallel=parallel, overlap=defaults.get("overlap")):
         while side:
             yield side.popleft()
         req, messages, settings = by_key.pop(key)
@@ -663,7 +663,7 @@ def generate_batch(runtime, prompts: list, *, parallel: int = 8, return_exceptio
         return out
     s = runtime.settings(**settings)
     requests = ((i, runtime.encode(p), s) for i, p in enumerate(prompts))
-    for i, res in runtime.stream_many(requests, parallel=min(parallel, max(len(prompts), 1))):
+    for i, res in runtime.stream_many(requests, parallel=min(parallel, max(len(prompts), 1)), overlap=s.overlap):
         if isinstance(res, BaseException) and not return_exceptions:
             raise res
         out[i] = res

@@ -164,7 +164,7 @@ class LlamaCppBackend(BaseBackend):
         params = type(self._llm.context_params).from_buffer_copy(self._llm.context_params)
         return MultiSeqLlamaCpp(self._lib, self._llm._model.model, params, n_slots=n_slots,
                                 n_ctx=n_ctx or self.n_ctx, path=self.path, vocab_size=self.vocab_size,
-                                adapters=self._adapters())
+                                adapters=self._adapters(), n_threads_given=self.n_threads_given)
 
     def _adapters(self) -> list:
         """(llama_adapter_lora pointer, scale) pairs set on this context: none for a plain model."""

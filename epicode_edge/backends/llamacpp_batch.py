@@ -17,6 +17,7 @@ differently from the single-sequence context.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 
 import numpy as np
@@ -49,13 +50,20 @@ class MultiSeqLlamaCpp(MultiSeqBase):
     name = "llama.cpp"
 
     def __init__(self, lib, model, params, *, n_slots: int, n_ctx: int, path, vocab_size: int,
-                 adapters: list | None = None):
-        p = params  # a copy of the single-sequence context's parameters
+                 adapters: list | None = None, n_threads_given: int | None = None):
+        p = params  # a copy of the single-sequence context's parameters (its load-time threads)
         p.n_seq_max = max(1, int(n_slots))
         p.kv_unified = False
         p.n_ctx = n_ctx * p.n_seq_max
         p.n_batch = p.n_ubatch = max(int(p.n_batch), p.n_seq_max)
         self._lib = lib
+        self.n_threads_given = n_threads_given
+        if n_threads_given is None:
+            # A step of many slots is generation, not a long prompt: the engine's generation thread count for
+            # it too (llama-cpp-python: half the cores for generation, all for prompts). With all cores on a
+            # busy CPU the decode's threads wait at barriers for siblings the OS has descheduled (bench/batch.py).
+            p.n_threads_batch = p.n_threads
+        self.threads = self._threads_at_load = (int(p.n_threads), int(p.n_threads_batch))
         self._ctx = lib.llama_init_from_model(model, p)
         if not self._ctx:
             raise BackendError(f"{path}: llama.cpp cannot make a context with {n_slots} sequences "
@@ -70,6 +78,15 @@ class MultiSeqLlamaCpp(MultiSeqBase):
                          max_group_tokens=int(lib.llama_n_ubatch(self._ctx)))
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
+
+    def share_cores(self, parts: int) -> None:
+        if self.n_threads_given is not None:
+            return
+        cores = os.cpu_count() or 1
+        threads = self._threads_at_load if parts <= 1 else (max(1, cores // parts),) * 2
+        if threads != self.threads:
+            self._lib.llama_set_n_threads(self._ctx, *threads)
+            self.threads = threads
 
     # -- engine hooks ------------------------------------------------------------------------------
     def _decode_group(self, slots: list[int], ids: list[list[int]], rows: list) -> list[np.ndarray]:

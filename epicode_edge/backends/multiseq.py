@@ -107,6 +107,10 @@ class MultiSeqBase:
             groups += [idx[k:k + per] for k in range(0, len(idx), per)]
         return groups
 
+    def share_cores(self, parts: int) -> None:
+        """As Backend.share_cores: 1/parts of the CPU cores when no thread count was given at load (parts=2:
+        the two models' batches decoding at once); engines without thread control ignore it."""
+
     # -- engine hooks ------------------------------------------------------------------------------
     def _decode_group(self, slots: list[int], ids: list[list[int]],
                       rows: list[np.ndarray | None]) -> list[np.ndarray]:  # pragma: no cover

@@ -23,6 +23,15 @@ truncate(slot, n), tokens(slot), n_past(slot), n_ctx (per slot) and n_slots (bac
 The amateur is fed "sync" by default: when any slot's pick needs its logits, every slot with unseen tokens
 is fed, so its entries keep one length and one engine call does them all (lazy feeding, as loop.py, gives
 catch-ups of mixed lengths, i.e. more and smaller calls). Either way the picks are the same.
+
+Overlap (`overlap=True`): the amateur's multi-sequence decode runs in a worker thread beside the expert's,
+every step, fed every token of every slot whose request uses it (lam > 0, or lazy=False), as loop.py's
+overlap does for one request: the engine calls of sync feeding with lazy=False, so the picks are
+bit-identical to it (tests/test_batch_overlap.py). Its whole logits are computed (the candidates are not
+known before the expert's decode ends) and the candidates' rows are indexed from them: on llama.cpp the same
+values. With half the cores per model (Runtime.stream_many), a 2-core CPU runs one thread per model: no
+thread of one decode waits at a barrier for another that the OS has descheduled, which is what made the
+batched loop several times slower than one request at a time on a busy machine (bench/batch.py).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import numpy as np
 from .contrastive import plausible_ids
 from .constraint import Matcher, candidates, forced_token
 from .explain import check_top_logprobs, explain_pick
-from .loop import (NO_ROWS, ROLES, Answer, Step, check_finite, check_limits, check_prompt, common_prefix,
+from .loop import (NO_ROWS, ROLES, Answer, Overlap, Step, check_finite, check_limits, check_prompt, common_prefix,
                    forced_run, pick_own)
 from .sampling import make_logits_processors, make_sampler
 
@@ -66,6 +75,7 @@ class _Seq:
     y: np.ndarray | None = None                       # (V,) amateur logits (rows: (K,) of ids), current when
                                                       # pending is empty
     ids: np.ndarray | None = None                     # (K,) candidates the plausibility mask kept
+    uses: bool = True                                 # the request reads the amateur (lam > 0 or not lazy)
     forced: bool = False                              # a single candidate: no amateur needed
     need: bool = False                                # this pick reads the amateur's logits
     rows: bool = False                                # the amateur's logits of the candidates only (loop.py)
@@ -78,7 +88,8 @@ class _Seq:
 
 def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any, list[int], Any]], *,
                      on_event=None, amateur: str = "sync",
-                     cancelled: Callable[[Any], bool] | None = None) -> Iterator[tuple[Any, Any]]:
+                     cancelled: Callable[[Any], bool] | None = None,
+                     overlap: bool = False) -> Iterator[tuple[Any, Any]]:
     """Yield (key, result) or (key, exception) per request, in completion order.
 
     vocab: the expert's single-sequence Backend (eos_ids, token_bytes, vocab_size, n_ctx); settings objects
@@ -87,13 +98,27 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
     on_event(key, Event) is called for every streamed token (optional). amateur: "sync" (when a step needs
     the amateur, every slot catches up: one decode of equal-length entries) or "lazy" (only the slots that
     need it, as loop.py; more, smaller decodes). The picks are the same either way. cancelled(key), asked
-    before every step, ends a request with a Cancelled exception and frees its slot.
+    before every step, ends a request with a Cancelled exception and frees its slot. overlap: the amateur's
+    decode beside the expert's in a worker thread (see the module docstring; amateur is then unused); the
+    two engines must be distinct objects that may decode from two threads at once.
     """
     if amateur not in ("sync", "lazy"):
         from ..errors import ParameterError
 
         raise ParameterError(f"amateur must be 'sync' or 'lazy', got {amateur!r}")
-    queue = iter(requests)
+    if overlap and expert_ms is amateur_ms:
+        from ..errors import ParameterError
+
+        raise ParameterError("overlap needs two engines: the expert's and the amateur's")
+    pair = Overlap() if overlap else None
+    try:
+        yield from _run(expert_ms, amateur_ms, vocab, iter(requests), on_event, amateur == "sync", cancelled, pair)
+    finally:
+        if pair is not None:
+            pair.close()
+
+
+def _run(expert_ms, amateur_ms, vocab, queue, on_event, sync: bool, cancelled, pair) -> Iterator[tuple[Any, Any]]:
     free = list(range(expert_ms.n_slots))[::-1]
     active: dict[int, _Seq] = {}
     exhausted = False
@@ -125,7 +150,10 @@ def generate_batched(expert_ms, amateur_ms, vocab, requests: Iterable[tuple[Any,
             continue
         seqs = list(active.values())
         try:
-            _forward(expert_ms, amateur_ms, seqs, amateur == "sync")
+            if pair is None:
+                _forward(expert_ms, amateur_ms, seqs, sync)
+            else:
+                _forward_overlapped(expert_ms, amateur_ms, seqs, pair)
         except Exception as e:  # an engine failure: every request in flight fails, the rest go on
             for seq in seqs:
                 _release(seq, active, free)
@@ -156,6 +184,7 @@ def _admit(key, slot: int, ids, s, expert_ms, amateur_ms, vocab) -> _Seq:
     seq.fast_forward = bool(getattr(s, "fast_forward", True)) and not seq.explain  # explain: every token its logits
     if getattr(s, "constraint", None) is not None:
         seq.matcher = Matcher(s.constraint, vocab)
+    seq.uses = s.lam > 0 or not s.lazy
     if seq.answer.reason is None:
         seq.feed = _reuse(expert_ms, slot, prompt)
         seq.pending = _reuse(amateur_ms, slot, prompt)
@@ -192,6 +221,28 @@ def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
             q.answer.stats.amateur_prefill_tokens += len(q.pending) if len(q.pending) > 1 else 0
             q.answer.stats.amateur_forwards += 1
             q.y, q.pending = y, []
+
+
+def _forward_overlapped(expert_ms, amateur_ms, seqs: list[_Seq], pair: Overlap) -> None:
+    """The expert's decode for every slot in this thread and, at the same time, the amateur's in the worker
+    for every slot whose request uses it (whole logits: the candidates are not known yet)."""
+    fed = [q for q in seqs if q.uses]
+    entries = [(q.slot, q.pending) for q in fed]
+    xs, ys = pair.run(lambda: expert_ms.decode([(q.slot, q.feed) for q in seqs]),
+                      lambda: amateur_ms.decode(entries) if entries else [])
+    for q, x in zip(seqs, xs):
+        check_finite(x, ROLES[0], expert_ms, expert_ms.n_past(q.slot) - 1)
+        q.answer.stats.expert_prefill_tokens += len(q.feed) if q.answer.t_first is None else 0
+        q.answer.stats.expert_forwards += 1
+        q.x, q.feed = x, []
+    for q, y in zip(fed, ys):
+        check_finite(y, ROLES[1], amateur_ms, amateur_ms.n_past(q.slot) - 1)
+        q.answer.stats.amateur_prefill_tokens += len(q.pending) if len(q.pending) > 1 else 0
+        q.answer.stats.amateur_forwards += 1
+        q.y, q.pending = y, []
+    for q in seqs:
+        if _needs_amateur(q) and q.rows:
+            q.y = q.y[q.ids]  # (K,) the candidates' rows, as the non-overlapped decode returns them
 
 
 def _needs_amateur(q: _Seq) -> bool:

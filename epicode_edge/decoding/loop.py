@@ -281,7 +281,7 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
     history = list(prompt) if processors else None
     normalize = bool(processors)
     fast_forward = fast_forward and not explain
-    pair = _Overlap()
+    pair = Overlap()
     try:
         x, y = pair.run(lambda: expert.prefill(_reuse_cache(expert, prompt)),
                         lambda: amateur.prefill(_reuse_cache(amateur, prompt)))  # (V,), (V,)
@@ -343,8 +343,9 @@ def pick_own(x, y, ids, lam, sampler, normalize, processors, history, y_on_ids=F
     return int(ids[k]), int(ids[k if k_own is None else k_own])
 
 
-class _Overlap:
-    """The amateur's forward in one worker thread while the expert's runs in the calling thread."""
+class Overlap:
+    """The amateur's forward in one worker thread while the expert's runs in the calling thread (also the
+    batched loop's, decoding/batch_loop.py)."""
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="epicode-amateur")
