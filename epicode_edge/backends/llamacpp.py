@@ -10,7 +10,6 @@ logits agree with an f32 MLX model to ~1e-5 instead of ~1e-3).
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from ..errors import BackendError, InputError, ParameterError, UnsupportedError
 from . import cpu_kernels
+from .llamacpp_threads import share_context_cores
 from .base import BaseBackend, end_of_turn_ids
 
 # KV cache types: ggml type, and whether llama.cpp needs flash attention for it (a quantized V cache does).
@@ -146,13 +146,7 @@ class LlamaCppBackend(BaseBackend):
 
     # -- threads -----------------------------------------------------------------------------------
     def share_cores(self, parts: int) -> None:
-        if self.n_threads_given is not None:
-            return
-        cores = os.cpu_count() or 1
-        threads = self._threads_at_load if parts <= 1 else (max(1, cores // parts),) * 2
-        if threads != self.threads:
-            self._lib.llama_set_n_threads(self._ctx, *threads)
-            self.threads = threads
+        share_context_cores(self, parts)
 
     # -- batched form ------------------------------------------------------------------------------
     def multiseq(self, n_slots: int, n_ctx: int | None = None):

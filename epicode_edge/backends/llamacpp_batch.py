@@ -17,12 +17,12 @@ differently from the single-sequence context.
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 
 import numpy as np
 
 from ..errors import BackendError
+from .llamacpp_threads import share_context_cores
 from .multiseq import MultiSeqBase
 
 
@@ -80,13 +80,7 @@ class MultiSeqLlamaCpp(MultiSeqBase):
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
 
     def share_cores(self, parts: int) -> None:
-        if self.n_threads_given is not None:
-            return
-        cores = os.cpu_count() or 1
-        threads = self._threads_at_load if parts <= 1 else (max(1, cores // parts),) * 2
-        if threads != self.threads:
-            self._lib.llama_set_n_threads(self._ctx, *threads)
-            self.threads = threads
+        share_context_cores(self, parts)
 
     # -- engine hooks ------------------------------------------------------------------------------
     def _decode_group(self, slots: list[int], ids: list[list[int]], rows: list) -> list[np.ndarray]:
