@@ -220,11 +220,8 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
             _extend(history, pending, amateur, feed)
             feed = []
         if matcher is not None:
-            allowed = matcher.allowed()  # (A,) ascending
-            token = forced_token(x, allowed, expert.eos_ids)
+            allowed, token, exp = _constrained(matcher, x, expert.eos_ids, lam, explain, top_logprobs)
             if token is not None:  # the constraint allows one token (or only the end): emitted without a pick
-                matcher.consume([token])
-                exp = explain_pick(x, None, allowed, lam, token, token, top_logprobs) if explain else None
                 yield Step(token, False, True, 1, explain=exp, forced=True)
                 feed, run = [token], forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert))
                 continue
@@ -245,6 +242,17 @@ def generate_step(expert, amateur, prompt: Sequence[int], *, lam: float, alpha: 
         if matcher is not None:
             matcher.consume([token])
             run = forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert))
+
+
+def _constrained(matcher, x, eos_ids, lam: float, explain: bool, top_logprobs: int):
+    """(allowed ids (A,) ascending, the token the constraint forces or None, its Explain or None); a forced
+    token is consumed by the matcher here."""
+    allowed = matcher.allowed()
+    token = forced_token(x, allowed, eos_ids)
+    if token is None:
+        return allowed, None, None
+    matcher.consume([token])
+    return allowed, token, explain_pick(x, None, allowed, lam, token, token, top_logprobs) if explain else None
 
 
 def _room(expert) -> int:
@@ -288,11 +296,8 @@ def _overlapped_steps(expert, amateur, prompt, *, lam, alpha, sampler, processor
         while True:
             check_finite(x, roles[0], expert), check_finite(y, roles[1], amateur)
             if matcher is not None:
-                allowed = matcher.allowed()  # (A,) ascending
-                token = forced_token(x, allowed, expert.eos_ids)
+                allowed, token, exp = _constrained(matcher, x, expert.eos_ids, lam, explain, top_logprobs)
                 if token is not None:  # the constraint allows one token (or only the end): emitted without a pick
-                    matcher.consume([token])
-                    exp = explain_pick(x, None, allowed, lam, token, token, top_logprobs) if explain else None
                     yield Step(token, False, True, 1, pair.take_saved(), exp, forced=True)
                     feed = [token] + forced_run(matcher, fast_forward, token, expert.eos_ids, _room(expert))
                     for t in feed[1:]:
