@@ -531,9 +531,12 @@ def _ray_batch(bundle, job, address, actors, engine, parallel, compare, system, 
               help="Open connections at most; beyond, the oldest one still sending its request is dropped.")
 @click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), default=15.0, show_default=True,
               help="Seconds a client has to send its request's headers, and again its body.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="On SIGTERM/Ctrl-C, seconds answers in progress get before they are cut (clients that never "
+                   "sent a whole request are not waited for).")
 @runtime_options
 def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit, name, max_connections,
-              read_timeout, engine, overlap):
+              read_timeout, shutdown_timeout, engine, overlap):
     """Serve BUNDLE over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for
     chat front ends, editors and the openai client. Model NAME is EpiCoDe, NAME:finetuned the finetuned model
     alone; extra body fields `lambda` and `alpha` set contrastive decoding per request, `epicode: {"explain":
@@ -545,7 +548,8 @@ def serve_cmd(bundle, host, port, parallel, max_queue, api_key, max_tokens_limit
 
     name = name or Path(bundle).resolve().name
     cfg = ServeConfig(name=name, parallel=parallel, max_queue=max_queue, api_key=api_key or None,
-                      max_tokens_limit=max_tokens_limit, max_connections=max_connections, read_timeout=read_timeout)
+                      max_tokens_limit=max_tokens_limit, max_connections=max_connections, read_timeout=read_timeout,
+                      shutdown_timeout=shutdown_timeout)
     cfg.check()  # a bad --api-key is refused before the models load
     serve_log = logging.getLogger("epicode_edge.apps.serve")
     for h in [h for h in serve_log.handlers if h.get_name() == "epicode-serve"]:  # an earlier serve in-process
