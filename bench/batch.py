@@ -9,8 +9,12 @@
                                                                       # whole output layer (candidate_head=False)
     python bench/batch.py --bundle runs/S --parallel 4 --requests 8 --max-tokens 32 --load --runs 2
         # idle and loaded rows (loaded: two busy processes started and stopped by the bench, bench/busy.py):
-        # one at a time (--parallel 1), batched (overlap auto), batched --no-overlap, and llama-cpp-python alone
-        # on the expert GGUF (one model, one request at a time), as ratios in the same run
+        # one at a time (--parallel 1), batched (overlap auto, --batch-steps auto), batched with every step in
+        # one engine call (--batch-steps grouped), batched --no-overlap, and llama-cpp-python alone on the
+        # expert GGUF (one model, one request at a time), as ratios in the same run
+    python bench/batch.py --bundle runs/S --engine-rows --parallel 4
+        # the engine alone: one-token decodes of k sequences in one llama_decode vs k calls of one (what
+        # --batch-steps auto measures as it decodes), at the threads batched decoding runs with
 
 The model pair is a generated ~88M-parameter Llama (hidden 768, 12 layers, 12 heads / 4 KV heads, MLP 2048,
 random weights; finetuned and inferior differ by a little noise) converted into an EpiCoDe bundle in a
@@ -111,6 +115,35 @@ def engine_ceiling(rt, parallel: int, repeats: int = 10) -> float:
     return parallel * statistics.median(one) / statistics.median(many)
 
 
+def engine_rows(rt, parallel: int, repeats: int = 15) -> None:
+    """One-token decodes of k sequences: one engine call for all (grouped) vs k calls of one (split), medians of
+    `repeats`, at the thread count of batched decoding (half the cores when the two models overlap)."""
+    from epicode_edge.backends.multiseq import StepGrouping, open_multiseq
+
+    prompt = rt.encode(PROMPTS[0])
+    with open_multiseq(rt.expert, parallel) as ms:
+        ms.steps = StepGrouping("grouped")  # decode() as asked: k entries in one call
+        ms.share_cores(2 if rt.batch_overlaps() else 1)
+        print(f"engine alone (expert, threads {getattr(ms, 'threads', '-')}), one token for each of k sequences:")
+        ms.decode([(s, prompt) for s in range(parallel)])
+        for k in sorted({1, 2, 4, parallel} & set(range(1, parallel + 1))):
+            one, many = [], []
+            for _ in range(repeats):
+                for s in range(k):
+                    t = time.perf_counter()
+                    ms.decode([(s, [5])])
+                    one.append(time.perf_counter() - t)
+                    ms.truncate(s, len(prompt))
+                t = time.perf_counter()
+                ms.decode([(s, [5]) for s in range(k)])
+                many.append(time.perf_counter() - t)
+                for s in range(k):
+                    ms.truncate(s, len(prompt))
+            a, b = k * statistics.median(one), statistics.median(many)
+            print(f"  k={k:2}: {k} calls of one {a * 1e3:6.1f} ms, one call of {k} {b * 1e3:6.1f} ms  "
+                  f"(grouped / split time: {b / a:.2f})")
+
+
 def load_rows(rt, prompts, parallel: int, max_tokens: int, runs: int, expert_gguf: Path | None) -> None:
     """Idle and loaded rows: wall time of each way (median of `runs`, alternated), and its throughput over
     one at a time and over llama-cpp-python alone (tokens/s ratios)."""
@@ -129,14 +162,26 @@ def load_rows(rt, prompts, parallel: int, max_tokens: int, runs: int, expert_ggu
         return sum(llm.create_completion(i, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0)
                    ["usage"]["completion_tokens"] for i in ids)
 
+    from epicode_edge.backends.multiseq import StepGrouping
+
+    def grouped():  # every step's tokens in one engine call (--batch-steps grouped), measured in the same run
+        saved = rt.expert.batch_steps, rt.amateur.batch_steps
+        rt.expert.batch_steps, rt.amateur.batch_steps = StepGrouping("grouped"), StepGrouping("grouped")
+        try:
+            return generate_batch(rt, prompts, parallel=parallel, max_tokens=max_tokens)
+        finally:
+            rt.expert.batch_steps, rt.amateur.batch_steps = saved
+
     ways = {"one at a time (--parallel 1)": lambda: generate_batch(rt, prompts, parallel=1, max_tokens=max_tokens),
             f"--parallel {parallel} (overlap auto: {rt.batch_overlaps()})":
                 lambda: generate_batch(rt, prompts, parallel=parallel, max_tokens=max_tokens),
+            f"--parallel {parallel} --batch-steps grouped": grouped,
             f"--parallel {parallel} --no-overlap":
                 lambda: generate_batch(rt, prompts, parallel=parallel, max_tokens=max_tokens, overlap=False)}
     if llm is not None:
         ways["llama-cpp-python alone (expert)"] = alone
     ways["one at a time (--parallel 1)"]()  # warm-up
+    ways[f"--parallel {parallel} (overlap auto: {rt.batch_overlaps()})"]()  # warm-up (auto times both ways)
     for cond, n_busy in (("idle", 0), ("loaded", 2)):
         with busy_load(n_busy):
             before = load_average()
@@ -176,6 +221,8 @@ def main() -> None:
     ap.add_argument("--prompts-file", type=Path, default=None, help="JSONL with 'prompt' fields (cycled)")
     ap.add_argument("--load", action="store_true",
                     help="idle and loaded rows instead (two busy processes beside it; see the docstring)")
+    ap.add_argument("--engine-rows", action="store_true",
+                    help="only the engine: one-token decodes of k sequences, one call vs k calls (see the docstring)")
     ap.add_argument("--whole-head-row", action="store_true",
                     help="also batched with the amateur's whole output layer (candidate_head=False), each run")
     a = ap.parse_args()
@@ -193,7 +240,7 @@ def main() -> None:
             texts = [json.loads(x)["prompt"] for x in a.prompts_file.read_text().splitlines() if x.strip()]
         n = a.requests or a.parallel
         prompts = (texts * (n // len(texts) + 1))[:n]
-        threads = a.threads or (None if a.load else os.cpu_count())  # --load: the engine's own default
+        threads = a.threads or (None if a.load or a.engine_rows else os.cpu_count())  # the engine's own default
         opts = dict(n_threads=threads, n_gpu_layers=a.n_gpu_layers) if a.backend == "llama.cpp" else {}
         if a.backend == "llama.cpp":
             opts["quant"] = a.quant
@@ -203,6 +250,8 @@ def main() -> None:
             model = (f"bundle {a.bundle}" if a.bundle else
                      f"llama {n_params(a.hidden, a.layers):.1f}M params ({a.hidden} hidden, {a.layers} layers)")
             print(f"model: {model}, {what}")
+            if a.engine_rows:
+                return engine_rows(rt, a.parallel)
             if a.load:
                 from epicode_edge.converters.bundle import open_bundle
 

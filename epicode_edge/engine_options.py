@@ -10,6 +10,7 @@ from .errors import ParameterError
 
 BACKENDS = ("auto", "llama.cpp", "mlx")
 KV_TYPES = ("f32", "f16", "q8_0")  # the names of backends/llamacpp.py's KV_TYPES (tests/test_engine_options.py)
+BATCH_STEPS = ("auto", "grouped", "split")  # backends/multiseq.py's STEP_MODES (tests/test_engine_options.py)
 
 
 def _cli(*names: str, help: str, type=str, envvar: str | None = None, choices=None,
@@ -46,6 +47,11 @@ class EngineOptions:
         "--cache-type", choices=("f16", "f32", "q8_0"), envvar="EPICODE_EDGE_CACHE_TYPE",
         help="llama.cpp KV cache type (as -ctk/-ctv): f16 [default], f32 (exact checks: f16 moves logits by ~1e-2), "
              "q8_0 (half the memory; needs flash attention, turned on for it)."))
+    batch_steps: str = field(default="auto", metadata=_cli(
+        "--batch-steps", choices=BATCH_STEPS, envvar="EPICODE_EDGE_BATCH_STEPS", show_default=True,
+        help="Batched decoding on llama.cpp (--parallel > 1, serve): the requests' next tokens in one engine call "
+             "(grouped), one call each (split), or whichever this machine runs faster, measured as it decodes "
+             "(auto; some CPU kernels cost more for a few tokens at once than one at a time)."))
     n_batch: int = 512  # llama.cpp's prompt batch (at most n_ctx)
 
     def __post_init__(self):
@@ -63,6 +69,8 @@ class EngineOptions:
             raise ParameterError(f"n_gpu_layers must be an integer >= -1 (-1 = all), got {self.n_gpu_layers!r}")
         if self.kv_type is not None and self.kv_type not in KV_TYPES:
             raise ParameterError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {self.kv_type!r}")
+        if self.batch_steps not in BATCH_STEPS:
+            raise ParameterError(f"batch_steps must be one of {', '.join(BATCH_STEPS)}, got {self.batch_steps!r}")
         if not _is_int(self.n_batch) or self.n_batch < 1:
             raise ParameterError(f"n_batch must be an integer >= 1, got {self.n_batch!r}")
 
@@ -88,7 +96,8 @@ class EngineOptions:
 
     def backend_kwargs(self) -> dict:
         """The keywords of a llama.cpp backend (backends/llamacpp.py, backends/llamacpp_lora.py)."""
-        kw = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers, n_batch=self.n_batch)
+        kw = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers, n_batch=self.n_batch,
+                  batch_steps=self.batch_steps)
         return kw if self.kv_type is None else dict(kw, kv_type=self.kv_type)
 
 

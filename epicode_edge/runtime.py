@@ -26,6 +26,7 @@ bundle's manifest.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import platform
@@ -776,11 +777,20 @@ def kv_cache_bytes(backend, n_slots: int, bytes_per_value: int = 2) -> int:
     path = Path(getattr(backend, "path", ""))
     if getattr(backend, "name", None) != "llama.cpp" or not path.is_file() or not getattr(backend, "on_cpu", True):
         return 0  # MLX allocates as it goes; with layers offloaded the cache is in device memory
+    st = path.stat()
+    return n_slots * int(backend.n_ctx) * _kv_values_per_position(str(path), st.st_size, st.st_mtime_ns) \
+        * bytes_per_value
+
+
+@functools.lru_cache(maxsize=16)
+def _kv_values_per_position(path: str, size: int, mtime_ns: int) -> int:
+    """K and V values one position of a GGUF model's cache holds (all layers), read from its metadata once per
+    file version (reading a header with its vocabulary takes ~0.07 s: once, not per batched call)."""
     from .converters.checkpoint import GGUFCheckpoint
     from .errors import EpicodeError
 
     try:
-        cfg = GGUFCheckpoint(path).config
+        cfg = GGUFCheckpoint(Path(path)).config
     except EpicodeError:
         return 0
     arch = cfg.get("general.architecture", "")
@@ -793,7 +803,7 @@ def kv_cache_bytes(backend, n_slots: int, bytes_per_value: int = 2) -> int:
     kv_heads = key("attention.head_count_kv", heads) or heads
     k_len = key("attention.key_length", embd // heads)
     v_len = key("attention.value_length", embd // heads)
-    return n_slots * int(backend.n_ctx) * layers * kv_heads * (k_len + v_len) * bytes_per_value
+    return layers * kv_heads * (k_len + v_len)
 
 
 def check_kv_memory(runtime, n_slots: int) -> None:

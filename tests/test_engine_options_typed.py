@@ -52,7 +52,7 @@ def test_every_cli_field_is_an_option_with_its_flags_envvar_and_default():
     params = {p.name: p for p in cmd.params}
     cli_fields = [f for f in dataclasses.fields(EngineOptions) if "cli" in f.metadata]
     assert {f.name for f in cli_fields} == {"backend", "quant", "amateur_quant", "n_gpu_layers", "n_ctx",
-                                           "n_threads", "kv_type"}
+                                           "n_threads", "kv_type", "batch_steps"}
     for f in cli_fields:
         p, m = params[f.name], f.metadata["cli"]
         assert p.opts + p.secondary_opts == list(m["names"]), f.name
@@ -75,6 +75,7 @@ def test_invalid_engine_options_name_the_field():
                     (dict(n_threads=1.5), "n_threads must be an integer >= 1, got 1.5"),
                     (dict(backend="vulkan"), "backend must be one of auto, llama.cpp, mlx, got 'vulkan'"),
                     (dict(kv_type="q4_0"), "kv_type must be one of f32, f16, q8_0, got 'q4_0'"),
+                    (dict(batch_steps="fast"), "batch_steps must be one of auto, grouped, split, got 'fast'"),
                     (dict(n_batch=True), "n_batch must be an integer >= 1, got True")]:
         with pytest.raises(ParameterError) as e:
             EngineOptions(**kw)
@@ -106,6 +107,12 @@ def test_kv_type_names_match_the_backend():
     assert engine_options.KV_TYPES == tuple(KV_TYPES)
     cache_type = next(f for f in dataclasses.fields(EngineOptions) if f.name == "kv_type").metadata["cli"]
     assert set(cache_type["choices"]) == set(KV_TYPES)
+
+
+def test_batch_steps_names_match_the_batched_engines():
+    from epicode_edge.backends.multiseq import STEP_MODES
+
+    assert engine_options.BATCH_STEPS == STEP_MODES
 
 
 def test_open_pair_closes_the_first_when_the_second_fails():

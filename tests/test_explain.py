@@ -40,7 +40,7 @@ def _full_logits(backend, prompt: list[int], answer: list[int]) -> np.ndarray:
     return np.stack(xs)
 
 
-def _check_against_full_logits(rt, prompt, events, lam, alpha, top_n):
+def _check_against_full_logits(rt, prompt, events, lam, alpha, top_n, amateur_atol=1e-5):
     toks = [ev for ev in events if not ev.final]
     answer = [ev.token for ev in toks]
     X = _full_logits(rt.expert, prompt, answer)  # (T, V)
@@ -60,8 +60,8 @@ def _check_against_full_logits(rt, prompt, events, lam, alpha, top_n):
         if exp.skipped:  # the amateur was not read: no numbers of its own, no scores (lam > 0)
             assert exp.amateur_logprobs is None and exp.scores is None and len(kept) == 1
         else:
-            np.testing.assert_allclose(exp.amateur_logprobs, la[kept], rtol=1e-6, atol=1e-5)
-            np.testing.assert_allclose(exp.scores, ref[kept], rtol=1e-6, atol=1e-5)
+            np.testing.assert_allclose(exp.amateur_logprobs, la[kept], rtol=1e-6, atol=amateur_atol)
+            np.testing.assert_allclose(exp.scores, ref[kept], rtol=1e-6, atol=max(1e-5, lam * amateur_atol) if amateur_atol > 1e-5 else 1e-5)
             assert ev.token == kept[int(np.argmax(ref[kept]))]  # greedy: the best score won
         assert exp.own == kept[int(np.argmax(le[kept]))]  # the expert alone: its most likely candidate
     return toks
@@ -75,7 +75,10 @@ def test_explain_equals_recomputation_from_full_logits(rt, mode):
     s = rt.settings(max_tokens=20, lam=LAM, alpha=ALPHA, explain=True, top_logprobs=4, **mode)
     rt.expert.truncate(0), rt.amateur.truncate(0)  # no cache reuse: the same engine calls as the recomputation
     events = list(rt.stream_ids(prompt, s))
-    toks = _check_against_full_logits(rt, prompt, events, LAM, ALPHA, 4)
+    # a batched catch-up feeds the amateur several tokens in one decode, whose CPU matrix kernel sums in another
+    # order than the reference's one-token steps (1.3e-5 seen on an AVX-512 EPYC, F32 weights)
+    atol = 1e-4 if mode.get("catch_up") == "batch" else 1e-5
+    toks = _check_against_full_logits(rt, prompt, events, LAM, ALPHA, 4, amateur_atol=atol)
     assert any(ev.changed for ev in toks) and any(len(ev.explain.candidates) > 1 for ev in toks)
     if mode.get("lazy") and not mode.get("overlap"):
         assert any(ev.skipped for ev in toks)  # forced picks: the amateur said nothing, and the data says so

@@ -58,7 +58,9 @@ class LlamaCppBackend(BaseBackend):
     concurrent = True  # llama_decode releases the GIL; each backend has its own context
 
     def __init__(self, path, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 n_batch: int = 512, kv_type: str = "f16"):
+                 n_batch: int = 512, kv_type: str = "f16", batch_steps: str = "auto"):
+        from .multiseq import StepGrouping
+
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: GGUF model file not found")
@@ -96,6 +98,9 @@ class LlamaCppBackend(BaseBackend):
         self.n_threads_given = n_threads
         self.threads = self._threads_at_load = (self._llm.n_threads, self._llm.n_threads_batch)  # (decode, batch)
         self.on_cpu = n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload()
+        # batched forms (multiseq) decode a step's tokens in one call or one each, by measurement
+        # (backends/multiseq.py); what they measured is kept here for the next one
+        self.batch_steps = StepGrouping(batch_steps)
         self._read_metadata()
 
     def _read_metadata(self) -> None:
@@ -158,7 +163,8 @@ class LlamaCppBackend(BaseBackend):
         params = type(self._llm.context_params).from_buffer_copy(self._llm.context_params)
         return MultiSeqLlamaCpp(self._lib, self._llm._model.model, params, n_slots=n_slots,
                                 n_ctx=n_ctx or self.n_ctx, path=self.path, vocab_size=self.vocab_size,
-                                adapters=self._adapters(), n_threads_given=self.n_threads_given)
+                                adapters=self._adapters(), n_threads_given=self.n_threads_given,
+                                steps=self.batch_steps)
 
     def _adapters(self) -> list:
         """(llama_adapter_lora pointer, scale) pairs set on this context: none for a plain model."""

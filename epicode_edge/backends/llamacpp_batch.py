@@ -50,7 +50,7 @@ class MultiSeqLlamaCpp(MultiSeqBase):
     name = "llama.cpp"
 
     def __init__(self, lib, model, params, *, n_slots: int, n_ctx: int, path, vocab_size: int,
-                 adapters: list | None = None, n_threads_given: int | None = None):
+                 adapters: list | None = None, n_threads_given: int | None = None, steps=None):
         p = params  # a copy of the single-sequence context's parameters (its load-time threads)
         p.n_seq_max = max(1, int(n_slots))
         p.kv_unified = False
@@ -75,12 +75,19 @@ class MultiSeqLlamaCpp(MultiSeqBase):
             raise
         self._n_batch = int(lib.llama_n_batch(self._ctx))
         super().__init__(path, n_slots=n_slots, n_ctx=int(lib.llama_n_ctx_seq(self._ctx)), vocab_size=vocab_size,
-                         max_group_tokens=int(lib.llama_n_ubatch(self._ctx)))
+                         max_group_tokens=int(lib.llama_n_ubatch(self._ctx)), steps=steps)
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
+        # a sequence's KV copied into another (copy_prefix): attention caches only; a recurrent state cannot be
+        # cut back to a prefix
+        self.can_copy = not any(getattr(lib, f, lambda m: True)(model)
+                                for f in ("llama_model_is_recurrent", "llama_model_is_hybrid"))
 
     def share_cores(self, parts: int) -> None:
         share_context_cores(self, parts)
+
+    def _timing_key(self):
+        return self.threads
 
     # -- engine hooks ------------------------------------------------------------------------------
     def _decode_group(self, slots: list[int], ids: list[list[int]], rows: list) -> list[np.ndarray]:
@@ -116,6 +123,15 @@ class MultiSeqLlamaCpp(MultiSeqBase):
 
     def _trim(self, slot: int, n: int) -> None:
         self._lib.llama_memory_seq_rm(self._mem, slot, n, -1)
+
+    def _copy(self, src: int, dst: int, n: int) -> bool:
+        # Each slot is a KV stream of its own (kv_unified = false), and llama.cpp copies between streams only
+        # whole (llama-kv-cache.cpp, seq_cp: the buffers are copied at the next decode, before its tokens are
+        # placed): the whole of src, then dst cut back to n positions.
+        lib, mem = self._lib, self._mem
+        lib.llama_memory_seq_rm(mem, dst, -1, -1)
+        lib.llama_memory_seq_cp(mem, src, dst, -1, -1)
+        return bool(lib.llama_memory_seq_rm(mem, dst, n, -1))
 
     def close(self) -> None:
         ctx, self._ctx = getattr(self, "_ctx", None), None

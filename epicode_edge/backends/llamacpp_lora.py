@@ -30,16 +30,17 @@ from ..errors import BackendError, InputError
 from .base import CachedTokens, Counters
 from .llamacpp import LlamaCppBackend
 from .llamacpp_batch import set_lora_adapters
+from .multiseq import StepGrouping
 
 
 class SharedBase:
     """One base GGUF loaded once; LoRA adapters loaded once each against it; roles made on demand."""
 
     def __init__(self, path, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 n_batch: int = 512, kv_type: str = "f16"):
+                 n_batch: int = 512, kv_type: str = "f16", batch_steps: str = "auto"):
         # The model and a first context, loaded by the plain backend (the first role uses that context).
         self.owner = LlamaCppBackend(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                                     n_batch=n_batch, kv_type=kv_type)
+                                     n_batch=n_batch, kv_type=kv_type, batch_steps=batch_steps)
         self.path, self.llm, self._lib = self.owner.path, self.owner._llm, self.owner._lib
         self._adapters: dict[Path, object] = {}
         self._first_context_free = True
@@ -106,7 +107,7 @@ class LoraRoleBackend(LlamaCppBackend):
     follows whatever that backend keeps about the model; _PER_CONTEXT lists the state that is per context.
     """
 
-    _PER_CONTEXT = ("_ctx", "_batch", "_mem", "_views", "_held", "counters")  # swapped in over()
+    _PER_CONTEXT = ("_ctx", "_batch", "_mem", "_views", "_held", "counters", "batch_steps")  # swapped in over()
 
     @classmethod
     def over(cls, shared: SharedBase, ctx_obj, batch_obj, adapters: list[tuple[object, float]],
@@ -120,6 +121,7 @@ class LoraRoleBackend(LlamaCppBackend):
         if label is not None:
             self.path = shared.path.with_name(f"{shared.path.name}+{label}")
         self._views, self._held, self.counters = {}, CachedTokens(self.path, self.n_ctx), Counters()
+        self.batch_steps = StepGrouping(shared.owner.batch_steps.mode)  # its own timings (its own adapters)
         self.adapters = [s for _, s in adapters]  # scales, for display
         self._adapter_ptrs = list(adapters)
         set_lora_adapters(self._lib, self._ctx, adapters, self.path)
@@ -147,14 +149,14 @@ class LoraRoleBackend(LlamaCppBackend):
 
 def open_roles(base, per_role: dict, roles: Sequence[str] = ("expert", "amateur"), n_ctx: int = 2048,
                n_threads: int | None = None, n_gpu_layers: int = 0, n_batch: int = 512,
-               kv_type: str = "f16") -> dict[str, LoraRoleBackend]:
+               kv_type: str = "f16", batch_steps: str = "auto") -> dict[str, LoraRoleBackend]:
     """Backends for `roles` over one loaded base GGUF; per_role maps each role to its (adapter path, scale)
     pairs (a shared-base bundle's: converters.lora.shared_base_roles)."""
     missing = [r for r in roles if r not in per_role]
     if missing:
         raise InputError(f"{base}: shared base has no role {missing[0]!r} (has {', '.join(per_role)})")
     shared = SharedBase(base, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
-                        kv_type=kv_type)
+                        kv_type=kv_type, batch_steps=batch_steps)
     out: dict[str, LoraRoleBackend] = {}
     try:
         for r in roles:

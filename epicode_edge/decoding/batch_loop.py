@@ -15,7 +15,10 @@ at the next step (continuous batching).
 Per request the picks are those of loop.stream_generate (same plausibility mask, scores, sampler calls,
 stop rules and text stream), so greedy and seeded outputs equal running the requests one after another,
 up to float rounding of the batched kernels. A slot keeps its cache between requests and reuses the
-common prefix with the next prompt (a shared system prompt is prefilled once per slot).
+common prefix with the next prompt; where another slot holds a longer one (a system prompt shared by the
+requests) and the engine can copy KV between slots, that prefix is copied instead of computed again
+(SHARE_MIN positions at least). Requests that arrive together and share such a prefix are admitted one step
+apart: the first one's prompt is decoded, the others copy its prefix at the next step.
 
 Engine-free: expert_ms / amateur_ms are multi-sequence engines with decode([(slot, ids)]) -> [(V,) logits],
 truncate(slot, n), tokens(slot), n_past(slot), n_ctx (per slot) and n_slots (backends/multiseq.py).
@@ -50,6 +53,7 @@ from .sampling import make_logits_processors, make_sampler
 
 
 IDLE = object()  # what a request source yields when it has nothing to admit yet
+SHARE_MIN = 8  # prompt positions another slot must hold beyond a slot's own cache to be copied (copy_prefix)
 
 
 class Cancelled(Exception):
@@ -122,20 +126,26 @@ def _run(expert_ms, amateur_ms, vocab, queue, on_event, sync: bool, cancelled, p
     free = list(range(expert_ms.n_slots))[::-1]
     active: dict[int, _Seq] = {}
     exhausted = False
+    held = None  # a request kept for the next step, to copy the prefix it shares with one admitted in this one
     while True:
+        admitted: list[list[int]] = []  # prompts admitted at this step (not decoded yet)
         while free and not exhausted:  # admit new requests into free slots
-            nxt = next(queue, None)
+            nxt, held = (held, None) if held is not None else (next(queue, None), None)
             if nxt is None:
                 exhausted = True
                 break
             if nxt is IDLE:
                 break
             key, ids, s = nxt
+            if admitted and _wait_to_share(expert_ms, ids, admitted):
+                held = nxt
+                break
             try:
                 seq = _admit(key, free[-1], ids, s, expert_ms, amateur_ms, vocab)
             except Exception as e:  # a bad request fails alone
                 yield key, e
                 continue
+            admitted.append(list(ids))
             if seq.answer.reason is not None:  # max_tokens 0
                 yield key, _result(seq)
                 continue
@@ -192,10 +202,42 @@ def _admit(key, slot: int, ids, s, expert_ms, amateur_ms, vocab) -> _Seq:
 
 
 def _reuse(ms, slot: int, prompt: list[int]) -> list[int]:
-    """Keep the slot's cached common prefix with the prompt (at most len - 1); the ids still to feed."""
-    k = common_prefix(ms.tokens(slot), prompt[:-1])
+    """Keep the slot's cached common prefix with the prompt (at most len - 1), or copy a longer one (by
+    SHARE_MIN) from another slot where the engine can; the ids still to feed."""
+    head = prompt[:-1]
+    k = common_prefix(ms.tokens(slot), head)
+    src, best = _best_source(ms, head, slot)
+    if src is not None and best >= k + SHARE_MIN:
+        if ms.copy_prefix(src, slot, best):
+            return prompt[best:]
+        k = common_prefix(ms.tokens(slot), head)  # a copy that failed half-way leaves the slot empty
     ms.truncate(slot, k)
     return prompt[k:]
+
+
+def _best_source(ms, head: list[int], slot: int) -> tuple[int | None, int]:
+    """The other slot whose cache shares the longest prefix with head, and that length (None, 0: no engine
+    copy, or no other slot shares any)."""
+    if not getattr(ms, "can_copy", False):
+        return None, 0
+    best, src = 0, None
+    for other in range(ms.n_slots):
+        if other != slot:
+            j = common_prefix(ms.tokens(other), head)
+            if j > best:
+                best, src = j, other
+    return src, best
+
+
+def _wait_to_share(ms, ids, admitted: list[list[int]]) -> bool:
+    """Whether a request should wait one step: a prompt admitted at this step shares a longer prefix with it
+    (by SHARE_MIN) than any slot's cache, and the engine can copy it once that prompt is decoded."""
+    if not getattr(ms, "can_copy", False):
+        return False
+    head = list(ids)[:-1]
+    pending = max(common_prefix(p, head) for p in admitted)
+    cached = max(common_prefix(ms.tokens(s), head) for s in range(ms.n_slots))
+    return pending >= cached + SHARE_MIN
 
 
 def _forward(expert_ms, amateur_ms, seqs: list[_Seq], sync: bool) -> None:
