@@ -167,9 +167,11 @@ def load_rows(rt, prompts, parallel: int, max_tokens: int, runs: int, expert_ggu
     def grouped():  # every step's tokens in one engine call (--batch-steps grouped), measured in the same run
         saved = rt.expert.batch_steps, rt.amateur.batch_steps
         rt.expert.batch_steps, rt.amateur.batch_steps = StepGrouping("grouped"), StepGrouping("grouped")
+        rt.release_batched()  # batched forms take the setting when made
         try:
             return generate_batch(rt, prompts, parallel=parallel, max_tokens=max_tokens)
         finally:
+            rt.release_batched()
             rt.expert.batch_steps, rt.amateur.batch_steps = saved
 
     ways = {"one at a time (--parallel 1)": lambda: generate_batch(rt, prompts, parallel=1, max_tokens=max_tokens),

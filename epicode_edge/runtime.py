@@ -156,6 +156,8 @@ class Runtime:
         self.quant = quant
         self.mu = bundle.mu if bundle is not None else None
         self.notes: list[str] = []  # things the caller should tell the user (e.g. a context size changed)
+        self._batched = None  # (n_slots, finetuned, expert form, amateur form) kept open by stream_many
+        self._batched_busy = False
 
     # -- prompts -----------------------------------------------------------------------------------
     def encode(self, prompt, *, raw: bool = False, system: str | None = None) -> list[int]:
@@ -279,24 +281,53 @@ class Runtime:
 
         if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
             raise ParameterError(f"parallel must be an integer >= 1, got {parallel!r}")
+        (e, a), vocab, kept = self._batched_pair(parallel, finetuned), self.amateur if finetuned else self.expert, \
+            not self._batched_busy
         if finetuned:
-            from .backends.multiseq import open_multiseq
-
-            e = a = open_multiseq(self.amateur, parallel)
-            vocab = self.amateur
             requests = (r if r is IDLE else (r[0], r[1], replace(r[2], lam=0.0)) for r in requests)
-        else:
-            (e, a), vocab = self.multiseq(parallel), self.expert
+        if kept:
+            self._batched, self._batched_busy = (parallel, finetuned, e, a), True
         both = self.batch_overlaps(overlap, finetuned)
+        ok = False
         try:
             for m in {id(e): e, id(a): a}.values():
                 m.share_cores(2 if both else 1)
             yield from generate_batched(e, a, vocab, requests, on_event=on_event,
                                         cancelled=cancelled, overlap=both)
+            ok = True
         finally:
-            e.close()
-            if a is not e:
-                a.close()
+            if kept and ok:  # kept open for the next call: its slots' caches (a system prompt) and no new contexts
+                self._batched_busy = False
+            else:  # a call beside another one, or one that failed or was abandoned: its own contexts, closed
+                if kept:
+                    self._batched, self._batched_busy = None, False
+                e.close()
+                if a is not e:
+                    a.close()
+
+    def _batched_pair(self, parallel: int, finetuned: bool) -> tuple:
+        """The batched forms stream_many decodes with: those kept from the last call when they fit (same slots,
+        same role) and no other call uses them, else new ones (finetuned: the amateur's, one form for both)."""
+        kept = self._batched
+        if kept is not None and not self._batched_busy:
+            if kept[:2] == (parallel, finetuned):
+                return kept[2:]
+            self.release_batched()
+        if finetuned:
+            from .backends.multiseq import open_multiseq
+
+            check_kv_memory(self, parallel, roles=1)
+            ms = open_multiseq(self.amateur, parallel)
+            return ms, ms
+        return self.multiseq(parallel)
+
+    def release_batched(self) -> None:
+        """Close the batched contexts stream_many keeps open between calls (their KV caches' memory); the next
+        batched call opens new ones. Runtime.close does it too."""
+        kept, self._batched = self._batched, None
+        if kept is not None and not self._batched_busy:
+            for m in {id(kept[2]): kept[2], id(kept[3]): kept[3]}.values():
+                m.close()
 
     def multiseq(self, n_slots: int) -> tuple:
         """(expert, amateur) multi-sequence forms of the two models, n_slots KV sequences each, decoded together
@@ -312,6 +343,7 @@ class Runtime:
                 "vocab_size": self.expert.vocab_size, "defaults": self.defaults.as_dict()}
 
     def close(self) -> None:
+        self.release_batched()
         for b in (self.expert, self.amateur):
             b.close()
 
@@ -493,6 +525,9 @@ def open_backend(path, backend: str = "auto", engine: EngineOptions | None = Non
 
         if engine.kv_type is not None:
             raise ParameterError("the KV cache type (kv_type / --cache-type) applies to llama.cpp only")
+        if engine.batch_steps != "auto":
+            raise ParameterError("batch_steps / --batch-steps applies to llama.cpp only (MLX decodes a step's "
+                                 "tokens in one batched forward)")
         return MLXBackend(path, n_ctx=engine.n_ctx)
     except EpicodeError:
         raise
@@ -806,16 +841,17 @@ def _kv_values_per_position(path: str, size: int, mtime_ns: int) -> int:
     return layers * kv_heads * (k_len + v_len)
 
 
-def check_kv_memory(runtime, n_slots: int) -> None:
-    """ParameterError when n_slots sequences' KV caches (both models) cannot fit in the available memory."""
-    need = sum(kv_cache_bytes(b, n_slots) for b in (runtime.expert, runtime.amateur))
+def check_kv_memory(runtime, n_slots: int, roles: int = 2) -> None:
+    """ParameterError when n_slots sequences' KV caches (both models; roles=1: the amateur's alone) cannot fit in
+    the available memory."""
+    need = sum(kv_cache_bytes(b, n_slots) for b in (runtime.expert, runtime.amateur)[2 - roles:])
     free = available_memory()
     if need and free is not None and need > free:
         from .converters.bundle import human_bytes
 
         raise ParameterError(f"parallel {n_slots}: the KV caches need {human_bytes(need)} ({n_slots} sequences x "
-                             f"{runtime.expert.n_ctx} tokens x 2 models), more than the {human_bytes(free)} of memory "
-                             "available; lower --parallel or --n-ctx")
+                             f"{runtime.expert.n_ctx} tokens x {roles} model{'s' if roles > 1 else ''}), more than "
+                             f"the {human_bytes(free)} of memory available; lower --parallel or --n-ctx")
 
 
 def check_output_dir(path, what: str = "output folder") -> Path:

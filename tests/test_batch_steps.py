@@ -192,3 +192,35 @@ def test_batched_requests_share_a_system_prompt_and_answer_as_one_at_a_time(bund
                     assert ms.counters.prefill_tokens == len(prompts[0]) + sum(
                         len(p) - n for p, n in zip(prompts[1:], shared)), (overlap, ms)
             assert [got[i].tokens for i in range(len(prompts))] == want
+
+
+def test_stream_many_keeps_its_contexts_for_the_next_call(bundle):
+    """The batched forms stay open between stream_many calls: the next call's prompts find their prefixes
+    cached (one token to feed); a call beside one in flight, an abandoned call and release_batched() do not
+    leave a cache behind for the next."""
+    with _load(bundle) as rt:
+        s = rt.settings(max_tokens=4)
+        prompts = [rt.encode(p, raw=True) for p in PROMPTS[:3]]  # no shared prefix to copy
+        want = [collect(rt.stream_ids(p, s)).tokens for p in prompts]
+
+        def run(parallel=3):  # one request per slot: request i takes slot i
+            got = dict(rt.stream_many([(i, p, s) for i, p in enumerate(prompts[:parallel])], parallel=parallel))
+            assert [got[i].tokens for i in range(parallel)] == want[:parallel]
+            return [got[i].stats.expert_prefill_tokens for i in range(parallel)]
+
+        full = [len(p) for p in prompts]
+        assert run() == full
+        assert run() == [1, 1, 1]  # kept: each slot holds its prompt (the last position is fed again)
+        assert run(parallel=2) == full[:2]  # other slots: new forms (the old ones closed)
+        assert run(parallel=2) == [1, 1]
+        inner = rt.stream_many([(9, prompts[0], s)], parallel=2)
+        next(inner)  # in flight: a call beside it gets forms of its own
+        assert run(parallel=2) == full[:2]
+        list(inner)
+        assert run(parallel=2) == [1, 1]
+        g = rt.stream_many([(0, prompts[0], s), (1, prompts[1], s)], parallel=2)
+        next(g)
+        g.close()  # abandoned: its forms are closed, not kept
+        assert run(parallel=2) == full[:2]
+        rt.release_batched()
+        assert run(parallel=2) == full[:2]

@@ -84,6 +84,8 @@ def test_kv_cache_types(bundle, tmp_path):  # noqa: F811
         load(bundle, kv_type="q4_0")
     with pytest.raises(ParameterError, match="applies to llama.cpp only"):
         load(bundle, backend="mlx", kv_type="f32")
+    with pytest.raises(ParameterError, match="--batch-steps applies to llama.cpp only"):
+        load(bundle, backend="mlx", batch_steps="split")
 
 
 def test_cli_engine_options_and_their_environment_variables(bundle):  # noqa: F811
