@@ -31,6 +31,7 @@ import itertools
 import os
 import platform
 import sys
+import threading
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -157,7 +158,8 @@ class Runtime:
         self.mu = bundle.mu if bundle is not None else None
         self.notes: list[str] = []  # things the caller should tell the user (e.g. a context size changed)
         self._batched = None  # (n_slots, finetuned, expert form, amateur form) kept open by stream_many
-        self._batched_busy = False
+        self._batched_busy = False  # a stream_many call is decoding with them
+        self._batched_lock = threading.Lock()
 
     # -- prompts -----------------------------------------------------------------------------------
     def encode(self, prompt, *, raw: bool = False, system: str | None = None) -> list[int]:
@@ -281,12 +283,10 @@ class Runtime:
 
         if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
             raise ParameterError(f"parallel must be an integer >= 1, got {parallel!r}")
-        (e, a), vocab, kept = self._batched_pair(parallel, finetuned), self.amateur if finetuned else self.expert, \
-            not self._batched_busy
+        (e, a), kept = self._batched_pair(parallel, finetuned)
+        vocab = self.amateur if finetuned else self.expert
         if finetuned:
             requests = (r if r is IDLE else (r[0], r[1], replace(r[2], lam=0.0)) for r in requests)
-        if kept:
-            self._batched, self._batched_busy = (parallel, finetuned, e, a), True
         both = self.batch_overlaps(overlap, finetuned)
         ok = False
         try:
@@ -296,36 +296,57 @@ class Runtime:
                                         cancelled=cancelled, overlap=both)
             ok = True
         finally:
-            if kept and ok:  # kept open for the next call: its slots' caches (a system prompt) and no new contexts
-                self._batched_busy = False
-            else:  # a call beside another one, or one that failed or was abandoned: its own contexts, closed
-                if kept:
-                    self._batched, self._batched_busy = None, False
+            with self._batched_lock:
+                mine = kept and self._batched is not None and self._batched[2] is e  # (not released meanwhile)
+                if mine:
+                    self._batched_busy = False
+                    if not ok:  # a call that failed or was abandoned: its forms are closed, not kept
+                        self._batched = None
+                keep = mine and ok  # open for the next call: its slots' caches (a system prompt), no new contexts
+            if not keep:  # (or forms of its own, beside another call's)
                 e.close()
                 if a is not e:
                     a.close()
 
     def _batched_pair(self, parallel: int, finetuned: bool) -> tuple:
-        """The batched forms stream_many decodes with: those kept from the last call when they fit (same slots,
-        same role) and no other call uses them, else new ones (finetuned: the amateur's, one form for both)."""
-        kept = self._batched
-        if kept is not None and not self._batched_busy:
-            if kept[:2] == (parallel, finetuned):
-                return kept[2:]
-            self.release_batched()
+        """((expert form, amateur form), kept): the batched forms stream_many decodes with, those kept from the
+        last call when they fit (same slots, same role) and no other call uses them, else new ones (finetuned:
+        the amateur's, one form for both); kept: they are the runtime's kept forms, now marked in use."""
+        with self._batched_lock:
+            busy = self._batched_busy
+            if not busy:
+                if self._batched is not None and self._batched[:2] == (parallel, finetuned):
+                    self._batched_busy = True
+                    return self._batched[2:], True
+                self._release_kept()
         if finetuned:
             from .backends.multiseq import open_multiseq
 
             check_kv_memory(self, parallel, roles=1)
-            ms = open_multiseq(self.amateur, parallel)
-            return ms, ms
-        return self.multiseq(parallel)
+            pair = (open_multiseq(self.amateur, parallel),) * 2
+        else:
+            pair = self.multiseq(parallel)
+        if busy:
+            return pair, False
+        with self._batched_lock:
+            if self._batched_busy:  # another call took the place meanwhile
+                return pair, False
+            self._batched, self._batched_busy = (parallel, finetuned, *pair), True
+        return pair, True
 
     def release_batched(self) -> None:
         """Close the batched contexts stream_many keeps open between calls (their KV caches' memory); the next
-        batched call opens new ones. Runtime.close does it too."""
+        batched call opens new ones (forms in use by a call in flight are closed when it ends). Runtime.close
+        does it too."""
+        with self._batched_lock:
+            if self._batched_busy:  # the call in flight closes them at its end (kept no more)
+                self._batched, self._batched_busy = None, False
+            else:
+                self._release_kept()
+
+    def _release_kept(self) -> None:
         kept, self._batched = self._batched, None
-        if kept is not None and not self._batched_busy:
+        if kept is not None:
             for m in {id(kept[2]): kept[2], id(kept[3]): kept[3]}.values():
                 m.close()
 

@@ -224,3 +224,15 @@ def test_stream_many_keeps_its_contexts_for_the_next_call(bundle):
         assert run(parallel=2) == full[:2]
         rt.release_batched()
         assert run(parallel=2) == full[:2]
+
+
+def test_release_during_a_call_closes_its_forms_at_the_end(bundle):
+    with _load(bundle) as rt:
+        s = rt.settings(max_tokens=3)
+        p = rt.encode(PROMPTS[0], raw=True)
+        g = rt.stream_many([(0, p, s)], parallel=1)
+        next(g)
+        rt.release_batched()
+        list(g)
+        again = dict(rt.stream_many([(0, p, s)], parallel=1))
+        assert again[0].stats.expert_prefill_tokens == len(p)  # nothing was kept from the released call

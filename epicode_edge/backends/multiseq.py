@@ -16,10 +16,10 @@ differently from a single-sequence context (which would round differently and ca
 
 One-token entries (a step of every request in flight) go to the engine in one call (grouped) or one call each
 (split), as StepGrouping decides: a CPU kernel for a matrix of several columns can cost more than that many
-one-column calls (SmolLM2 Q8_0 on an AVX-512 EPYC, 1 thread: 4 sequences in one llama_decode 50 ms, one
-9 ms; F16: 24 ms and 10.5 ms; bench/batch.py --engine-rows), so "auto" measures both ways on the steps it
-decodes and keeps the faster one per number of entries. Split entries run as a single-sequence context runs
-them (one token, one output row).
+one-column calls (SmolLM2 Q8_0 on a 2-core AVX-512 EPYC, 1 thread: 4 tokens in one llama_decode 50 ms, four
+calls of one 42 ms; F16: 28 ms and 54 ms; `bench/batch.py --engine-rows`), so "auto" measures both ways on the
+steps it decodes and keeps the faster one per number of entries. Split entries run as a single-sequence
+context runs them (one token, one output row: the same logits, bit for bit).
 Engines: backends/llamacpp_batch.py (one multi-sequence llama_decode), backends/mlx_batch.py (one batched
 forward with a left-padded batch KV cache).
 """
