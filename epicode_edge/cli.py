@@ -426,6 +426,7 @@ def _one_prompt(arg, opt, file) -> str:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="System prompt (change it later with /system).")
 @decoding_options
+@constraint_options
 @runtime_options
 def chat_cmd(bundle, system, engine, **settings):
     """Chat with EpiCoDe offline. Reads stdin: a terminal (line editing, history) or a pipe (scripted

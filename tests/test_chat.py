@@ -261,3 +261,30 @@ def test_a_message_too_long_for_the_context_fails_alone(runtime):
     assert len(app.session.history) == 2  # the failed turn left no trace
     turn = app.answer("What is 17 + 25?")
     assert turn.tokens == MAX and len(app.session.history) == 4
+
+
+def test_structured_output_in_every_answer(bundle, tmp_path):
+    """chat --regex / --json-schema: every answer of the session matches (as generate and batch); /compare's
+    finetuned answer too; a bad pattern is one line before the model loads."""
+    import json
+    import re
+
+    from epicode_edge.cli import main
+
+    script = "Hello there\nWhat is 17 + 25?\n/compare\n/show\n/bye\n"
+    res = CliRunner().invoke(main, ["chat", str(bundle), "--max-tokens", "40", "--n-ctx", "512", "--threads", "1",
+                                    "--regex", "[0-9]{1,3}( [a-z]+)?"], input=script)
+    assert res.exit_code == 0, res.output
+    answers = [x for x in res.stdout.split("\n") if x.strip() and not x.startswith("---")]
+    assert len(answers) == 4  # two turns, then /compare's two answers
+    assert all(re.fullmatch(r"[0-9]{1,3}( [a-z]+)?", a.strip()) for a in answers), answers
+    assert "constraint=regex '[0-9]{1,3}( [a-z]+)?'" in res.stderr  # /show says it
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "boolean"}}, "required": ["n"],
+                                  "additionalProperties": False}))
+    res = CliRunner().invoke(main, ["chat", str(bundle), "--max-tokens", "40", "--n-ctx", "512", "--threads", "1",
+                                    "--json-schema", str(schema)], input="Hello there\n/bye\n")
+    assert res.exit_code == 0, res.output
+    assert isinstance(json.loads(res.stdout.strip())["n"], bool)
+    res = CliRunner().invoke(main, ["chat", str(bundle), "--regex", "(", "--threads", "1"], input="/bye\n")
+    assert res.exit_code != 0 and res.stderr.startswith("Error: ") and res.stderr.count("\n") == 1

@@ -294,6 +294,9 @@ class ChatApp:
         system = self.session.system
         lines.append(f"system: {system!r}" if system else "system: (none)")
         current = self.session.settings.as_dict()
+        c = self.session.settings.constraint
+        if c is not None:  # from --json-schema / --regex / --grammar / --json-object
+            current["constraint"] = c.kind if c.kind == "json_object" else f"{c.kind} {c.text!r}"
         lines.append("settings: " + ", ".join(f"{_name(k)}={v}" for k, v in current.items()))
         return "\n".join(lines)
 
