@@ -92,7 +92,7 @@ def run_convert(ft: Path, inf: Path, out: Path, to: str = "gguf"):
                                   "short_factor": [1.0] * 3}}, ["long_factor must list 8 numbers"]),
     ("phi3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
      ["rope_scaling type 'dynamic' is not supported for phi3"]),
-    ("gemma3", {}, ["architecture 'gemma3' is not supported for GGUF (the multimodal Gemma 3", "gemma3_text"]),
+    ("gemma3", {}, ["field 'text_config' must be an object (the text model's config of a gemma3 checkpoint)"]),
 ])
 def test_config_llama_cpp_would_run_differently_is_refused(tmp_path, spm_tok, arch, config, expect):
     model_type = {"model_type": arch}

@@ -37,7 +37,7 @@ MU = 0.5
 IDS = [1, 17, 42, 99, 7, 256, 3, 64, 200, 11, 150, 5, 77, 31]  # longer than the sliding windows below
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None)
-ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3")
 
 
 def hf_config(arch: str, vocab: int):
@@ -59,6 +59,13 @@ def hf_config(arch: str, vocab: int):
                                   layer_types=["sliding_attention", "full_attention"],
                                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 30.0},
                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}})
+    if arch == "gemma3":  # the multimodal model (Gemma 3 4B and larger): the text model above beside a vision
+        # tower and projector, which the tool leaves out (converters/multimodal.py)
+        vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=28, patch_size=14)
+        return T.Gemma3Config(text_config=hf_config("gemma3_text", vocab), vision_config=vision,
+                              mm_tokens_per_image=4, image_token_index=vocab - 1, boi_token_index=vocab - 3,
+                              eoi_token_index=vocab - 2)
     if arch == "phi3":  # longrope, prompt past original_max_position_embeddings: long factors and attn_factor
         return T.Phi3Config(**c, original_max_position_embeddings=8, rope_parameters={
             "rope_type": "longrope", "rope_theta": 10000.0,
@@ -114,7 +121,7 @@ def torch_expert_logits(ft: Path, inf: Path, ids: list[int]) -> np.ndarray:
 # only for prompts within the window.
 MLX_IDS = {"gemma2": IDS[:4]}
 # llama.cpp's CPU GELU rounds its input to float16 (GGML_GELU_FP16): ~1e-4 relative on these logits
-GGUF_RTOL = {"gemma2": 1e-3, "gemma3_text": 1e-3}
+GGUF_RTOL = {"gemma2": 1e-3, "gemma3_text": 1e-3, "gemma3": 1e-3}
 
 
 @pytest.fixture(scope="module", params=ARCHS)

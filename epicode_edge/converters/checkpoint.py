@@ -21,6 +21,7 @@ import numpy as np
 
 from ..hashing import sha256_file
 from ..errors import CheckpointError
+from .multimodal import is_multimodal, text_config, text_tensor_name
 from .safetensors_io import FLOAT_TAGS, STORAGE, SafetensorsFile, check_input_file, to_f32
 
 # Files that define the tokenizer (hashed to compare two checkpoints, copied into HF outputs).
@@ -180,8 +181,14 @@ class HFCheckpoint(Checkpoint):
         self.arch = self.config.get("model_type") or ""
         if not isinstance(self.arch, str) or not self.arch:
             raise CheckpointError(f"{cfg_path}: no 'model_type' field")
+        self.multimodal = None  # the model_type of a multimodal checkpoint whose text model this is
+        if is_multimodal(self.config):  # its text model (converters/multimodal.py)
+            self.multimodal = self.arch
+            self.config = text_config(self.config, str(cfg_path))
+            self.arch = self.config["model_type"]
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, SafetensorsFile] = {}
+        self._stored: dict[str, str] = {}  # name -> the name in the file, where they differ
         self.tensors = {}
         self._index(files)
 
@@ -227,16 +234,29 @@ class HFCheckpoint(Checkpoint):
                     seen.add(e.name)
                     entries.append((rank, e.start, e, st))
         for _, _, e, st in sorted(entries, key=lambda t: t[:2]):
+            name = e.name
+            if self.multimodal is not None:
+                try:
+                    name = text_tensor_name(e.name)
+                except ValueError:
+                    raise CheckpointError(f"{st.path}: tensor {e.name!r} is neither the language model's nor the "
+                                          f"vision tower's of a {self.multimodal} checkpoint") from None
+                if name is None:  # the vision tower's or the projector's: not converted
+                    continue
+                if name in self.tensors:
+                    raise CheckpointError(f"{st.path}: tensor {e.name!r} is stored twice, also as "
+                                          f"{self._stored.get(name, name)!r}")
+                self._stored[name] = e.name
             if e.dtype not in FLOAT_TAGS:
                 raise CheckpointError(
                     f"{st.path}: tensor {e.name!r} has unsupported dtype {e.dtype} (supported: {', '.join(FLOAT_TAGS)})")
-            self.tensors[e.name] = TensorInfo(e.name, e.dtype, e.shape, e.nbytes)
-            self._where[e.name] = st
+            self.tensors[name] = TensorInfo(name, e.dtype, e.shape, e.nbytes)
+            self._where[name] = st
         if not self.tensors:
             raise CheckpointError(f"{self.path}: no tensors in the safetensors files")
 
     def read(self, name: str) -> np.ndarray:
-        return self._where[name].read(name)
+        return self._where[name].read(self._stored.get(name, name))
 
     def read_f32(self, name: str) -> np.ndarray:
         return to_f32(self.read(name), self.tensors[name].dtype)

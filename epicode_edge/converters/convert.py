@@ -251,7 +251,8 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
     """Create the sinks inside the temporary bundle; returns role -> HF folder for the MLX export.
 
     The expert's HF folder is written by the pass (hf/expert, or a work folder without hf); amateur and
-    inferior use their input folders, unless the input is not a plain HF folder (then the pass writes one).
+    inferior use their input folders, unless the input is not a plain HF folder (a GGUF, LoRA adapters, the text
+    model of a multimodal checkpoint: then the pass writes one).
     """
     hf_dirs: dict[str, Path] = {}
     wanted = ["expert"] if "hf" in formats else []
@@ -259,7 +260,7 @@ def _open_sinks(bw: BundleWriter, ft: Checkpoint, inf: Checkpoint, formats, quan
         wanted = _roles(with_inferior)
     for role in wanted:
         source = inf if role == "inferior" else ft
-        if role != "expert" and type(source) is HFCheckpoint:
+        if role != "expert" and type(source) is HFCheckpoint and source.multimodal is None:
             hf_dirs[role] = source.path
             continue
         hf_dirs[role] = bw.path(hf_relpath(role) if role == "expert" and "hf" in formats else f".work/hf-{role}")

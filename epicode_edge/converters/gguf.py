@@ -77,8 +77,7 @@ def check_quant(quant: str) -> str:
 def check_arch(config: dict, where: str = "config.json") -> gguf.MODEL_ARCH:
     arch = config.get("model_type")
     if arch not in ARCHS:
-        hint = " (the multimodal Gemma 3: its text model, model_type gemma3_text, is)" if arch == "gemma3" else ""
-        raise UnsupportedError(f"{where}: architecture {arch!r} is not supported for GGUF{hint}; supported: "
+        raise UnsupportedError(f"{where}: architecture {arch!r} is not supported for GGUF; supported: "
                                f"{', '.join(SUPPORTED_ARCHS)}")
     return ARCHS[arch]
 
@@ -521,27 +520,16 @@ def gguf_sink_for(checkpoint, out_path, quant: str, types: dict[str, int] | None
 # ------------------------------------------------------------------------------------ convenience
 
 def hf_to_gguf(hf_dir, out_path, quant: str = "F32") -> Path:
-    """Convert one HF folder (config.json, safetensors single or sharded, tokenizer) to one GGUF file."""
-    from epicode_edge.converters.safetensors_io import SafetensorsFile, to_f32
+    """Convert one HF folder (config.json, safetensors single or sharded, tokenizer) to one GGUF file (a
+    multimodal checkpoint's text model: converters/multimodal.py)."""
+    from .checkpoint import HFCheckpoint
 
-    hf_dir = Path(hf_dir)
-    config = read_config(hf_dir)
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise InputError(f"{hf_dir}: no *.safetensors files")
-    opened = [SafetensorsFile(f) for f in files]
-    try:
-        tensors, where = {}, {}
-        for f in opened:
-            for n, e in f.entries.items():
-                tensors[n], where[n] = (e.shape, e.dtype), f
-        with GGUFSink(out_path, config=config, tensors=tensors, tokenizer_dir=hf_dir, quant=quant,
-                      name=hf_dir.name) as sink:
-            for n, (_, tag) in tensors.items():
-                sink.write(n, to_f32(where[n].read(n), tag))
-    finally:
-        for f in opened:
-            f.close()
+    with HFCheckpoint(Path(hf_dir)) as ckpt:
+        tensors = {n: (t.shape, t.dtype) for n, t in ckpt.tensors.items()}
+        with GGUFSink(out_path, config=ckpt.config, tensors=tensors, tokenizer_dir=ckpt.tokenizer_dir, quant=quant,
+                      name=Path(hf_dir).name) as sink:
+            for n in tensors:
+                sink.write(n, ckpt.read_f32(n))
     return Path(out_path)
 
 
