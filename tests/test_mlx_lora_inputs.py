@@ -211,9 +211,60 @@ def test_bad_config_one_line(base, tmp_path):
     cfg = tmp_path / "a" / "adapter_config.json"
     data = json.loads(cfg.read_text())
     for change, expect in ((("lora_parameters", {"rank": 4, "alpha": 16}), "scale"),
-                           (("fine_tune_type", "full"), "full"),
+                           (("fine_tune_type", "full"), "is an adapter parameter, but the config's fine_tune_type "
+                                                        "is full"),
                            (("lora_parameters", {"rank": 8, "scale": 2.0}), "rank 4")):
         cfg.write_text(json.dumps({**data, change[0]: change[1]}))
         code, out = cli("convert", "--base", base, "--finetuned", files[2], "--inferior", files[1], "--mu", MU,
                         "-o", tmp_path / "b")
         assert_one_line_error(code, out, expect)
+
+
+# ------------------------------------------------------------------------------ mlx_lm full finetuning
+
+
+@pytest.fixture(scope="module")
+def full_run(base, tmp_path_factory):
+    """mlx_lm.lora --fine-tune-type full: the last 2 layers' own weights (all of this base's), saved at steps 100
+    and 200."""
+    return _run("full", base, tmp_path_factory)
+
+
+def test_full_run_merged_equals_mlx_lm_load_adapters(full_run, base):
+    """Each saved step over the base == mlx_lm's own load_adapters of it (the weights in place of the base's)."""
+    cfg = full_run["folder"] / "adapter_config.json"
+    ckpt = open_checkpoint(base)
+    for which in ("ft", "inf"):
+        want = mlx_fuse(base, cfg, [(full_run[which], None)])
+        adapter = mlx_lora.read_mlx_adapter(full_run[which])
+        assert (adapter.kind, adapter.format) == ("full", "mlx-full")
+        # the two layers' weights (num_layers 2 of 2), not the embeddings or the final norm
+        assert sorted(adapter.targets) == sorted(n for n in ckpt.tensors if n.startswith("model.layers."))
+        merged = lora.merge_adapter(ckpt, adapter)
+        changed = 0
+        for name in ckpt.tensors:
+            got = merged.read_f32(name)
+            np.testing.assert_array_equal(got, want[name], err_msg=name)  # F32 weights: the same numbers
+            changed += not np.array_equal(got, ckpt.read_f32(name))
+        assert changed == len(adapter.targets)  # every trained weight moved, nothing else
+        adapter.close()
+
+
+def test_full_run_converts_merged_from_its_folder(full_run, base, tmp_path):
+    """`convert --run FOLDER --merge`: the last step finetuned, the first inferior; the expert is the per-tensor
+    extrapolation of the two weight sets; without --merge one line says to merge."""
+    cfg = full_run["folder"] / "adapter_config.json"
+    code, out = cli("convert", "--run", full_run["folder"], "--mu", MU, "--merge", "--quant", "F32", "--to",
+                    "gguf,hf", "-o", tmp_path / "b")
+    assert code == 0, out
+    assert "mlx_lm full-finetuning weights" in out
+    ft, inf = mlx_fuse(base, cfg, [(full_run["ft"], None)]), mlx_fuse(base, cfg, [(full_run["inf"], None)])
+    expert = open_checkpoint(tmp_path / "b" / "hf" / "expert")
+    for name in expert.tensors:
+        np.testing.assert_allclose(expert.read_f32(name), (1 + MU) * ft[name] - MU * inf[name], rtol=1e-6,
+                                   atol=1e-6, err_msg=name)
+    assert max(float(np.abs(expert.read_f32(n) - ft[n]).max()) for n in expert.tensors) > 1e-3
+    code, out = cli("convert", "--base", base, "--finetuned", full_run["ft"], "--inferior", full_run["inf"],
+                    "--mu", MU, "--quant", "F32", "-o", tmp_path / "c")
+    assert_one_line_error(code, out, "full finetuning saves layer weights, not adapters", "--merge")
+    assert not (tmp_path / "c").exists()

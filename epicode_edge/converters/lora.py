@@ -638,11 +638,12 @@ def read_any_adapter(path):
 
 def merge_adapter(base, adapter) -> Checkpoint:
     """base with one adapter merged in, as its trainer's tools merge it: PEFT's merge_and_unload, mlx_lm.fuse
-    (LoRA: W + scale * B @ A; DoRA: converters/mlx_lora.py DoraMergedCheckpoint, rows rescaled)."""
-    if getattr(adapter, "kind", None) == "dora":
-        from .mlx_lora import DoraMergedCheckpoint
+    (LoRA: W + scale * B @ A; DoRA: converters/mlx_lora.py FusedCheckpoint, rows rescaled; an mlx_lm full run:
+    its weights in place of the base's)."""
+    if getattr(adapter, "kind", None) in ("dora", "full"):
+        from .mlx_lora import FusedCheckpoint
 
-        return DoraMergedCheckpoint(base, adapter, label=str(adapter.path))
+        return FusedCheckpoint(base, adapter, label=str(adapter.path))
     return MergedCheckpoint(base, [(adapter, 1.0)], label=str(adapter.path))
 
 
@@ -687,9 +688,13 @@ def convert_lora(base, finetuned, inferior, out, *, mu, quant=("Q8_0",), merge: 
     base_ckpt, ft, inf = open_adapters(base, finetuned, inferior, merge)
     hf_view = None
     try:
-        if not merge and "dora" in (getattr(ft, "kind", None), getattr(inf, "kind", None)):
+        kinds = (getattr(ft, "kind", None), getattr(inf, "kind", None))
+        if not merge and "dora" in kinds:
             raise UnsupportedError(f"{ft.path}: DoRA adapters cannot be applied by llama.cpp at run time (no "
                                    "shared-base bundle): merge them into full weights (--merge)")
+        if not merge and "full" in kinds:
+            raise UnsupportedError(f"{ft.path}: mlx_lm full finetuning saves layer weights, not adapters (no "
+                                   "shared-base bundle): merge them over the base (--merge)")
         if merge:
             merge_base = base_ckpt
             if base_ckpt.format == "gguf":  # merged as the HF checkpoint its export would write (q/k rows, names)

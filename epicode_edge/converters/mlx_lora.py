@@ -17,6 +17,11 @@ A LoRA adapter here is a PEFT one in all but layout (A = lora_a.T (r, in), B = l
 scale = scale), so the shared-base bundle and merging of converters/lora.py take it as they are. DoRA is not
 linear in its adapter: the expert of two DoRA checkpoints is the per-tensor extrapolation of the two fused
 weights, (1 + mu) * W'_ft - mu * W'_inf, which no pair of run-time LoRA scales gives: DoRA is merged only.
+
+`--fine-tune-type full` saves the trained layers' own weights under the model's parameter names (the last
+num_layers layers unfrozen; "lora_parameters": null), which mlx_lm's load_adapters loads over the base
+(mlx_lm/tuner/utils.py). The finetuned model is the base with those weights in place, so a full run is merged
+only too, and its expert is the per-tensor extrapolation of the two weight sets.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from .safetensors_io import SafetensorsFile, from_f32, to_f32
 CONFIG_FILE = "adapter_config.json"
 FINAL_FILE = "adapters.safetensors"  # mlx_lm's default --adapter-file name inside the adapter folder
 NUMBERED = re.compile(r"^(?P<step>\d+)_adapters\.safetensors$")  # f"{it:07d}_adapters.safetensors"
-KINDS = ("lora", "dora")
+KINDS = ("lora", "dora", "full")
 
 _LEAF = re.compile(r"^(?P<module>.+)\.(?P<leaf>lora_a|lora_b|m)$")
 
@@ -65,7 +70,8 @@ def is_mlx_adapter(path) -> bool:
 @dataclass
 class MlxAdapter:
     """One mlx_lm adapter file with its folder's config, opened lazily; the interface of lora.LoraAdapter
-    (targets, scales, r, alpha, shape, read_ab, delta) plus fuse() for DoRA."""
+    (targets, scales, r, alpha, shape, read_ab, delta) plus fuse() for DoRA and full (kind "full": targets are
+    the weights the file holds, r 0 and scale 1)."""
 
     path: Path  # the .safetensors file
     config_path: Path
@@ -91,8 +97,10 @@ class MlxAdapter:
     def rank(self, target: str) -> int:
         return self.file.entries[self.targets[target][0]].shape[1]
 
-    def shape(self, target: str) -> tuple[int, int]:
-        """(out, in) of the base weight this target changes."""
+    def shape(self, target: str) -> tuple[int, ...]:
+        """(out, in) of the base weight this target changes (full: the weight's own shape)."""
+        if self.kind == "full":
+            return tuple(self.file.entries[target].shape)
         a, b = self.targets[target]
         return self.file.entries[b].shape[1], self.file.entries[a].shape[0]
 
@@ -107,7 +115,10 @@ class MlxAdapter:
         return (np.float32(self.scale) * b) @ a  # (out, r) @ (r, in) -> (out, in)
 
     def fuse(self, target: str, w: np.ndarray) -> np.ndarray:
-        """mlx_lm's fused weight (float32) of the base weight w (out, in): LoRA W + delta; DoRA rescaled rows."""
+        """mlx_lm's fused weight (float32) of the base weight w (out, in): LoRA W + delta; DoRA rescaled rows;
+        full: the trained weight, in place of w."""
+        if self.kind == "full":
+            return self._f32(target)
         v = np.asarray(w, dtype=np.float32) + self.delta(target)  # (out, in)
         if self.kind == "lora":
             return v
@@ -156,9 +167,8 @@ def read_mlx_adapter(path) -> MlxAdapter:
 
 def _check_config(config: dict, cfg_path: Path) -> tuple[str, int, float]:
     kind = config.get("fine_tune_type", "dora" if config.get("use_dora") else "lora")
-    if kind == "full":
-        raise UnsupportedError(f"{cfg_path}: fine_tune_type 'full' (mlx_lm's full finetuning) saves layer "
-                               "weights, not adapters: fuse them with mlx_lm.fuse and give the fused folders")
+    if kind == "full":  # the trained layers' weights; no LoRA parameters
+        return kind, 0, 1.0
     if kind not in KINDS:
         raise UnsupportedError(f"{cfg_path}: field 'fine_tune_type' is {kind!r}; supported: {', '.join(KINDS)}")
     params = config.get("lora_parameters")
@@ -175,7 +185,10 @@ def _check_config(config: dict, cfg_path: Path) -> tuple[str, int, float]:
 
 
 def _pair_tensors(file: SafetensorsFile, kind: str, r: int) -> tuple[dict, dict]:
-    """base HF tensor name -> (lora_a, lora_b) names, and DoRA's -> m name; names and shapes checked."""
+    """base HF tensor name -> (lora_a, lora_b) names, and DoRA's -> m name; names and shapes checked. full:
+    each weight -> (its name, its name)."""
+    if kind == "full":
+        return _full_weights(file), {}
     found: dict[str, dict[str, str]] = {}
     for name in file.entries:
         m = _LEAF.match(name)
@@ -215,6 +228,20 @@ def _pair_tensors(file: SafetensorsFile, kind: str, r: int) -> tuple[dict, dict]
     return targets, magnitudes
 
 
+def _full_weights(file: SafetensorsFile) -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, e in file.entries.items():
+        if _LEAF.match(name):
+            raise UnsupportedError(f"{file.path}: tensor {name!r} is an adapter parameter, but the config's "
+                                   "fine_tune_type is full (layer weights)")
+        if e.dtype not in ("F32", "F16", "BF16"):
+            raise CheckpointError(f"{file.path}: tensor {name!r} has dtype {e.dtype} (need F32/F16/BF16)")
+        out[name] = (name, name)
+    if not out:
+        raise CheckpointError(f"{file.path}: no weights")
+    return out
+
+
 def check_pair(ft, inf) -> None:
     """Two checkpoints of one mlx_lm run: both mlx_lm adapters of the same type, rank, scale and modules."""
     for a in (ft, inf):
@@ -238,9 +265,10 @@ def check_pair(ft, inf) -> None:
                             f"{only[0][:-len('.weight')]!r} (not two checkpoints of one run: same keys and num_layers)")
 
 
-class DoraMergedCheckpoint(Checkpoint):
-    """A base HF checkpoint with one DoRA adapter fused in as mlx_lm fuses it (MlxAdapter.fuse), read lazily tensor
-    by tensor and stored back in each weight's dtype: the DoRA counterpart of lora.MergedCheckpoint."""
+class FusedCheckpoint(Checkpoint):
+    """A base HF checkpoint with one DoRA adapter, or one full run's weights, fused in as mlx_lm fuses them
+    (MlxAdapter.fuse), read lazily tensor by tensor and stored back in each weight's dtype: the counterpart of
+    lora.MergedCheckpoint for what is not a sum of LoRA deltas."""
 
     def __init__(self, base: Checkpoint, adapter: MlxAdapter, label: str | None = None):
         if base.format != "hf":

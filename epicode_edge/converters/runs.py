@@ -34,7 +34,7 @@ class RunCheckpoint:
     step: int
     epoch: float | None  # None: not recorded (mlx_lm, or no trainer_state.json)
     loss: float | None  # the last training loss logged at or before this step
-    kind: str  # "full" | "peft-lora" | "mlx-lora" | "mlx-dora"
+    kind: str  # "full" | "peft-lora" | "mlx-lora" | "mlx-dora" | "mlx-full"
     path: Path
 
     @property
@@ -82,7 +82,7 @@ class Run:
     def describe(self) -> str:
         kinds = sorted({c.kind for c in self.checkpoints})
         what = {"full": "full weights", "peft-lora": "PEFT LoRA adapters", "mlx-lora": "LoRA adapters",
-                "mlx-dora": "DoRA adapters"}
+                "mlx-dora": "DoRA adapters", "mlx-full": "mlx_lm full-finetuning weights"}
         src = "mlx_lm.lora" if self.source == "mlx_lm" else "Trainer checkpoints"
         return f"{src}, {' and '.join(what[k] for k in kinds)}, {len(self.checkpoints)} checkpoints"
 
@@ -212,8 +212,8 @@ def _mlx_run(folder: Path) -> Run | None:
     if mlx_config_of(folder) is None:
         return None
     config = json.loads(cfg.read_text())
-    kind = "mlx-dora" if config.get("fine_tune_type", "dora" if config.get("use_dora") else "lora") == "dora" \
-        else "mlx-lora"
+    fine_tune = config.get("fine_tune_type", "dora" if config.get("use_dora") else "lora")
+    kind = {"dora": "mlx-dora", "full": "mlx-full"}.get(fine_tune, "mlx-lora")
     files = numbered_files(folder)
     return Run(folder, "mlx_lm", [RunCheckpoint(step, None, None, kind, f) for step, f in files])
 
