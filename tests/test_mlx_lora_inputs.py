@@ -268,3 +268,11 @@ def test_full_run_converts_merged_from_its_folder(full_run, base, tmp_path):
                     "--mu", MU, "--quant", "F32", "-o", tmp_path / "c")
     assert_one_line_error(code, out, "full finetuning saves layer weights, not adapters", "--merge")
     assert not (tmp_path / "c").exists()
+
+
+def test_full_run_of_another_base_is_one_line(full_run, base, odd, tmp_path):
+    other = make_mlx_run(odd["root"] / "other-full", odd["root"] / "other", kind="full", seed=6)
+    code, out = cli("convert", "--base", base, "--finetuned", other[200], "--inferior", other[100], "--mu", MU,
+                    "--merge", "--quant", "F32", "-o", tmp_path / "b")
+    assert_one_line_error(code, out, "0000200_adapters.safetensors", "tensor 'model.", "another base model")
+    assert not (tmp_path / "b").exists()
