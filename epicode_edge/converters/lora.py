@@ -35,6 +35,7 @@ import numpy as np
 from ..defaults import DEFAULT_ALPHA, DEFAULT_LAMBDA
 from ..errors import CheckpointError, InputError, MismatchError, NumericError, UnsupportedError
 from .checkpoint import Checkpoint
+from .multimodal import text_tensor_name
 from .safetensors_io import SafetensorsFile, from_f32, to_f32
 
 CONFIG_FILE = "adapter_config.json"
@@ -615,6 +616,9 @@ def open_adapters(base, finetuned, inferior, merge: bool = False):
                     shapes[t] = base_ckpt.tensors[gname].shape
         elif base_ckpt.format == "hf":
             shapes = {n: t.shape for n, t in base_ckpt.tensors.items()}
+            if getattr(base_ckpt, "multimodal", None):  # adapters of the whole model, over its text model
+                for a in (ft, inf):
+                    onto_text_model(a, shapes, base_ckpt.multimodal)
         else:
             raise UnsupportedError(f"{base_ckpt.path}: the base model of LoRA adapters must be an HF folder or a GGUF file")
         check_against_base(ft, shapes, base_ckpt.path)
@@ -624,6 +628,30 @@ def open_adapters(base, finetuned, inferior, merge: bool = False):
             x.close()
         raise
     return base_ckpt, ft, inf
+
+
+def onto_text_model(adapter, base_names, model_type: str) -> None:
+    """An adapter trained on a multimodal model (converters/multimodal.py), over its text model: each target
+    named as the text model's tensor (a name the base already has is kept); the vision tower's and the
+    projector's targets dropped, as the bundle has no vision model."""
+    def rename(targets: dict) -> dict:
+        out = {}
+        for t, v in targets.items():
+            try:
+                name = t if t in base_names else text_tensor_name(t)
+            except ValueError:
+                raise MismatchError(f"{adapter.path}: adapter targets tensor {t!r}, which is neither the language "
+                                    f"model's nor the vision tower's of the {model_type} base") from None
+            if name is not None:
+                out[name] = v
+        return out
+
+    adapter.targets, adapter.scales = rename(adapter.targets), rename(adapter.scales)
+    if getattr(adapter, "magnitudes", None):  # DoRA (converters/mlx_lora.py)
+        adapter.magnitudes = rename(adapter.magnitudes)
+    if not adapter.targets:
+        raise MismatchError(f"{adapter.path}: the adapter changes only the vision tower of the {model_type} base "
+                            "(its text model, which the bundle holds, is unchanged)")
 
 
 def read_any_adapter(path):
