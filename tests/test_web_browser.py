@@ -193,6 +193,55 @@ def test_stop_ends_the_answer_and_frees_its_slot(browser, srv, monkeypatch):
     ctx.close()
 
 
+def test_errors_show_in_the_answer_and_the_page_goes_on(browser, srv, monkeypatch):
+    """A request the server refuses (400, before any token) and one that fails while it streams (an error event
+    in the stream): each answer box shows the server's message, no script error, and the next prompt works."""
+    from epicode_edge.decoding import batch_loop
+    from epicode_edge.errors import NumericError
+
+    ctx = browser.new_context()
+    guard = Guard(ctx)
+    ctx.add_init_script(f"sessionStorage.setItem('epicode-key', {json.dumps(KEY)})")
+    page = ctx.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(srv.url + "/")
+    page.click("#open-settings")
+    page.fill("input[name=max_tokens]", "100000")  # beyond the server's limit (its context): a 400, not the page's
+    page.click("#settings button[value=ok]")
+    page.fill("#prompt", PROMPT)
+    page.press("#prompt", "Enter")
+    err = page.locator(".turn >> nth=-1 >> .answer.epicode .err")
+    err.wait_for(timeout=30_000)
+    assert "'max_tokens' is 100000, more than this server's limit" in err.inner_text()
+    page.click("#open-settings")
+    page.fill("input[name=max_tokens]", str(MAX))
+    page.click("#settings button[value=ok]")
+
+    pick, calls = batch_loop._pick, []
+
+    def failing_pick(q, *a, **k):  # the engine's logits turn bad after a few tokens of this answer
+        calls.append(1)
+        if len(calls) > 3:
+            raise NumericError("expert logits are not finite at position 12 (test)")
+        return pick(q, *a, **k)
+
+    monkeypatch.setattr(batch_loop, "_pick", failing_pick)
+    page.fill("#prompt", PROMPT)
+    page.press("#prompt", "Enter")
+    err = page.locator(".turn >> nth=-1 >> .answer.epicode .err")
+    err.wait_for(timeout=30_000)
+    assert "not finite at position 12" in err.inner_text()
+    assert page.locator(".turn >> nth=-1 >> .answer.epicode .ep-tok").count() == 3  # what came before stays
+    monkeypatch.setattr(batch_loop, "_pick", pick)
+    page.fill("#prompt", PROMPT)
+    page.press("#prompt", "Enter")
+    ans = _answer(page, "epicode")
+    assert ans.locator(".err").count() == 0 and ans.locator(".ep-tok").count() > 0
+    assert guard.outside == [] and errors == []
+    ctx.close()
+
+
 def _screenshots(browser, page, out: Path) -> None:
     """The page side by side with a changed pick's candidates open, light and dark."""
     out.mkdir(parents=True, exist_ok=True)
