@@ -2,6 +2,7 @@
 
     pair_dir(tmp_path_factory)    finetuned + inferior HF folders (tiny llama, 384-token vocab)
     bundle_dir(tmp_path_factory)  convert() of that pair: GGUF F32 + Q8_0 and MLX folders, mu = 0.5
+    f32_runtime(tmp_path_factory) its F32 models on llama.cpp, F32 KV cache, n_ctx 256
     ScriptBackend                 a numpy "engine" whose logits are a given function of the token history,
                                   for loop logic that random models cannot steer (UTF-8 splits, stop strings)
 """
@@ -40,6 +41,13 @@ def bundle_dir(tmp_path_factory) -> Path:
         convert(pair / "finetuned", pair / "inferior", out, mu=0.5, to=["gguf", "mlx"], quant=["F32", "Q8_0"])
         _BUILT["bundle"] = out
     return _BUILT["bundle"]
+
+
+def f32_runtime(tmp_path_factory):
+    """The shared bundle's F32 models on llama.cpp with an F32 KV cache (for exact checks), n_ctx 256."""
+    from epicode_edge.runtime import load
+
+    return load(bundle_dir(tmp_path_factory), quant="F32", n_ctx=256, n_threads=N_THREADS, kv_type="f32")
 
 
 # ----------------------------------------------------------------------------------------------

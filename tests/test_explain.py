@@ -14,7 +14,7 @@ from epicode_edge.cli import main
 from epicode_edge.decoding import batch_loop, loop
 from epicode_edge.decoding.contrastive import contrastive_scores, log_softmax
 from epicode_edge.errors import ParameterError
-from rt_models import N_THREADS, bundle_dir
+from rt_models import N_THREADS, bundle_dir, f32_runtime
 
 PROMPT = "What is 17 + 25?"
 LAM, ALPHA = 2.0, 0.2  # on the tiny bundle: changed picks, forced (skipped) picks and several candidates
@@ -22,9 +22,7 @@ LAM, ALPHA = 2.0, 0.2  # on the tiny bundle: changed picks, forced (skipped) pic
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
-    from epicode_edge.runtime import load
-
-    r = load(bundle_dir(tmp_path_factory), quant="F32", n_ctx=256, n_threads=N_THREADS, kv_type="f32")
+    r = f32_runtime(tmp_path_factory)
     yield r
     r.close()
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from epicode_edge.apps import serve
-from rt_models import N_THREADS, bundle_dir
+from rt_models import f32_runtime
 
 MAX = 12
 KEY = "test-key-123"
@@ -43,9 +43,7 @@ class _Running:
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
-    from epicode_edge.runtime import load
-
-    r = load(bundle_dir(tmp_path_factory), quant="F32", n_ctx=256, n_threads=N_THREADS, kv_type="f32")
+    r = f32_runtime(tmp_path_factory)
     yield r
     r.close()
 

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from rt_models import N_THREADS, bundle_dir
+from rt_models import f32_runtime
 from test_serve import _Running
 
 MAX = 10
@@ -19,9 +19,7 @@ LAM, ALPHA = 2.0, 0.2
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
-    from epicode_edge.runtime import load
-
-    r = load(bundle_dir(tmp_path_factory), quant="F32", n_ctx=256, n_threads=N_THREADS, kv_type="f32")
+    r = f32_runtime(tmp_path_factory)
     yield r
     r.close()
 

@@ -25,7 +25,7 @@ import pytest
 
 from epicode_edge.apps import serve
 from epicode_edge.errors import BackendError, ParameterError
-from rt_models import N_THREADS, bundle_dir
+from rt_models import N_THREADS, bundle_dir, f32_runtime
 
 QUANT = os.environ.get("SERVE_TEST_QUANT", "F32")
 MESSAGES = [{"role": "user", "content": "What is 17 + 25?"}]
@@ -52,9 +52,7 @@ class Live:
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
-    from epicode_edge.runtime import load
-
-    r = load(bundle_dir(tmp_path_factory), quant="F32", n_ctx=256, n_threads=N_THREADS, kv_type="f32")
+    r = f32_runtime(tmp_path_factory)
     yield r
     r.close()
 

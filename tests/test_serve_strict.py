@@ -13,16 +13,14 @@ import openai
 import pytest
 
 from epicode_edge.apps import serve
-from rt_models import N_THREADS, bundle_dir
+from rt_models import f32_runtime
 
 MESSAGES = [{"role": "user", "content": "What is 17 + 25?"}]
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    from epicode_edge.runtime import load
-
-    rt = load(bundle_dir(tmp_path_factory), quant="F32", n_ctx=256, n_threads=N_THREADS, kv_type="f32")
+    rt = f32_runtime(tmp_path_factory)
     served = serve.make_server(rt, serve.ServeConfig(name="tiny", parallel=2), port=0, log_level="error")
     thread = threading.Thread(target=served.run, daemon=True)
     thread.start()
