@@ -236,3 +236,47 @@ def test_release_during_a_call_closes_its_forms_at_the_end(bundle):
         list(g)
         again = dict(rt.stream_many([(0, p, s)], parallel=1))
         assert again[0].stats.expert_prefill_tokens == len(p)  # nothing was kept from the released call
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_shared_prefix_on_sliding_window_models(tmp_path, arch):
+    """Gemma's caches hold a sliding-window part beside the full one (llama.cpp's iSWA cache): the prefix
+    copy between slots covers both, and batched answers with a shared prefix equal one request at a time."""
+    torch = pytest.importorskip("torch")
+    T = pytest.importorskip("transformers")
+    from factory import make_spm_tokenizer
+
+    from epicode_edge.converters.convert import convert
+    from epicode_edge.runtime import load
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    cfg = T.Gemma2Config(**common) if arch == "gemma2" else \
+        T.Gemma3TextConfig(**common, layer_types=["sliding_attention", "full_attention"])
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    tok = make_spm_tokenizer(tmp_path / "tok")
+    g = torch.Generator().manual_seed(3)
+    dirs = []
+    for name in ("ft", "inf"):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g) if p.ndim == 1 else
+                        torch.randn(p.shape, generator=g) * (1.5 / p.shape[-1] ** 0.5))
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+        for f in tok.iterdir():
+            (tmp_path / name / f.name).write_bytes(f.read_bytes())
+        dirs.append(tmp_path / name)
+    bundle = convert(*dirs, tmp_path / "b", mu=0.5, to=["gguf"], quant=["F32"]).path
+    with load(bundle, n_ctx=256, n_threads=N_THREADS, kv_type="f32") as rt:
+        system = list(range(5, 40))  # longer than the sliding window
+        prompts = [system + [50 + i, 60 + i, 70 + i] for i in range(4)]
+        s = rt.settings(max_tokens=12, lam=1.0)
+        want = []
+        for p in prompts:
+            rt.expert.truncate(0), rt.amateur.truncate(0)
+            want.append(collect(rt.stream_ids(p, s)).tokens)
+        got = dict(rt.stream_many([(i, p, s) for i, p in enumerate(prompts)], parallel=3))
+        assert [got[i].tokens for i in range(4)] == want
+        # the first prompt decoded whole, the others copied its prefix (their last 3 positions computed)
+        assert [got[i].stats.expert_prefill_tokens for i in range(4)] == [len(prompts[0]), 3, 3, 3]
