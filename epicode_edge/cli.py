@@ -648,10 +648,13 @@ class _Bars:
 @click.option("--runs", type=int, default=1, show_default=True,
               help="Also N sampled runs (seeds 0..N-1) with a paired t-test across runs (N >= 2).")
 @click.option("--temp", type=float, default=0.7, show_default=True, help="Sampling temperature of the runs.")
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Items decoded together (continuous batching on llama.cpp and MLX; answers equal one at a "
+                   "time up to the rounding of batched kernels).")
 @constraint_options
 @runtime_options
-def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd_lam, alpha, runs, temp, engine,
-             overlap, constraint=None):
+def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd_lam, alpha, runs, temp, parallel,
+             engine, overlap, constraint=None):
     """Accuracy of finetuned, extrapolation only, CD only and EpiCoDe on the same items of DATA (JSONL of
     {"id", "prompt"|"messages", "answer"}), with 95% intervals and exact McNemar tests against finetuned."""
     from .apps.eval import evaluate
@@ -664,7 +667,7 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
     with _Bars() as bars:
         report = evaluate(bundle, data, out_dir=out_dir, max_tokens=max_tokens, extract=extract, limit=limit,
                           methods=methods, lam=lam, alpha=alpha, cd_lam=cd_lam, runs=runs, temp=temp,
-                          engine=engine, overlap=overlap, constraint=constraint, progress=bars)
+                          engine=engine, overlap=overlap, constraint=constraint, parallel=parallel, progress=bars)
     for w in report.warnings:
         click.echo(f"Warning: {w}", err=True)
     s = report.settings
@@ -702,10 +705,13 @@ def eval_cmd(bundle, data, out_dir, max_tokens, extract, limit, methods, lam, cd
 @click.option("--extract", default="last-number", show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N dev items.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Dev items decoded together (continuous batching on llama.cpp and MLX; answers equal one at a "
+                   "time up to the rounding of batched kernels).")
 @runtime_options(quant=click.option("--quant", default="Q8_0", show_default=True,
                                     help="GGUF quant of the bundles (converted at it, scored at it)."))
 def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha, with_inferior, cd, work_dir,
-             max_tokens, extract, limit, force, engine, overlap):
+             max_tokens, extract, limit, force, parallel, engine, overlap):
     """The paper's tuning: pick mu with the extrapolated model alone on DEV, then lambda at that mu; write
     the bundle with both. Interrupted? Run the same command again: finished grid points are kept."""
     from dataclasses import replace
@@ -726,8 +732,8 @@ def tune_cmd(finetuned, inferior, run, dev, out, base, mu_grid, lam_grid, alpha,
         result = tune(finetuned, inferior, dev, out, mu_grid=mu_grid, lam_grid=lam_grid, alpha=alpha,
                       with_inferior=with_inferior, base=base, cd=cd,
                       work_dir=work_dir, max_tokens=max_tokens,
-                      extract=extract, limit=limit, force=force, engine=engine, overlap=overlap, progress=bars,
-                      warn=warn)
+                      extract=extract, limit=limit, force=force, engine=engine, overlap=overlap, parallel=parallel,
+                      progress=bars, warn=warn)
     if result.resumed:
         click.echo(f"Resumed: {len(result.resumed)} grid points were already done ({result.work_dir / 'state.json'})")
     click.echo(result.table())

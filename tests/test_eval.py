@@ -93,6 +93,17 @@ def test_cli_eval_prints_table_and_warns(family, tmp_path):
     assert (tmp_path / "o" / "eval.jsonl").is_file()
 
 
+def test_cli_eval_parallel_gives_the_same_table(family, report, tmp_path):
+    """--parallel 3: all four rows (finetuned alone, CD against the inferior, ...) decoded together give the
+    same answers as one at a time."""
+    res = CliRunner().invoke(main, ["eval", str(family["bundle"]), str(family["data"]), "-o", str(tmp_path / "o"),
+                                    "--max-tokens", "12", "--extract", "exact", "--parallel", "3"])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (tmp_path / "o" / "eval.jsonl").read_text().splitlines()]
+    for m, r in report.results.items():
+        assert [x[m]["text"] for x in recs] == r.texts, m
+
+
 @pytest.mark.parametrize("line,msg", [
     ('{"id": "x", "prompt": "hi"}', "line 2: no 'answer' field"),
     ('{"id": "x", "answer": "1"}', "line 2: no 'prompt' or 'messages' field"),

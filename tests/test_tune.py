@@ -205,3 +205,17 @@ def test_tune_takes_the_engine_options(pair, tmp_path):
     r = CliRunner().invoke(main, args + ["--n-ctx", "256"], env={"EPICODE_EDGE_BACKEND": "mlx"})
     assert "EPICODE_EDGE_BACKEND=mlx is not applied" in r.output
     assert r.exit_code == 1 and "context of 256" in r.output.strip().splitlines()[-1]
+
+
+def test_parallel_scores_every_point_as_one_at_a_time(pair, expert_dev, tmp_path):
+    """tune --parallel: the dev items decoded together; every grid point's verdicts, and so the choice, as
+    one at a time."""
+    ft, inf, _ = pair
+    kw = dict(mu_grid="0.05,0.5", lam_grid="0.5,2", quant="F32", max_tokens=6, extract="exact", with_inferior=True)
+    one = tune(ft, inf, expert_dev, tmp_path / "a", **kw)
+    many = tune(ft, inf, expert_dev, tmp_path / "b", parallel=3, **kw)
+    assert {k: p.correct for k, p in many.points.items()} == {k: p.correct for k, p in one.points.items()}
+    assert (many.mu, many.lam, many.cd_lam) == (one.mu, one.lam, one.cd_lam)
+    res = CliRunner().invoke(main, ["tune", "--finetuned", str(ft), "--inferior", str(inf), "--dev",
+                                    str(expert_dev), "-o", str(tmp_path / "c"), "--parallel", "0"])
+    assert res.exit_code == 2 and "--parallel" in res.output

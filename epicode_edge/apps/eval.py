@@ -32,7 +32,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..engine_options import EngineOptions
 from ..errors import MissingExtraError, ParameterError, require
@@ -197,25 +197,26 @@ class EvalReport:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def score(generate: Callable[[Item], tuple], items: list[Item], extract: str, name: str,
+def score(answers: Callable[[list[Item]], Iterable[tuple[int, tuple]]], items: list[Item], extract: str, name: str,
           progress: ProgressFn | None = None, keep: Callable[[int, bool], bool] | None = None) -> MethodResult:
-    """Run one method over the items: generate(item) -> (text, tokens, changed picks[, trace]), trace a
-    callable giving the answer's per-token data; keep(i, correct) says which items' traces to keep."""
+    """Run one method over the items: answers(items) yields (index, (text, tokens, changed picks[, trace])) for
+    every item, in any order (runner: one at a time, or decoded together); trace a callable giving the
+    answer's per-token data; keep(i, correct) says which items' traces to keep."""
     extractor = tasks.make_extractor(extract)
     r = MethodResult(name)
+    n = len(items)
+    r.texts, r.extracted, r.correct = [""] * n, [None] * n, [False] * n
     t0 = time.perf_counter()
-    for i, item in enumerate(items):
-        text, n_tokens, changed, *trace = generate(item)
+    for done, (i, (text, n_tokens, changed, *trace)) in enumerate(answers(items), 1):
         got = extractor(text)
-        r.texts.append(text)
-        r.extracted.append(got)
-        r.correct.append(tasks.is_correct(got, item.answer, extract))
-        if trace and keep is not None and keep(i, r.correct[-1]):
+        r.texts[i], r.extracted[i] = text, got
+        r.correct[i] = tasks.is_correct(got, items[i].answer, extract)
+        if trace and keep is not None and keep(i, r.correct[i]):
             r.traces[i] = trace[0]()
         r.tokens += n_tokens
         r.changed += changed
         if progress:
-            progress(name, i + 1, len(items))
+            progress(name, done, n)
     r.seconds = time.perf_counter() - t0
     return r
 
@@ -233,6 +234,12 @@ def extraction_warnings(results: dict[str, MethodResult], extract: str) -> list[
             out.append(f"--extract {extract} found no answer in {missing} of {r.n} {name} outputs "
                        f"(counted as wrong)")
     return out
+
+
+def check_parallel(parallel) -> int:
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise ParameterError(f"parallel must be an integer >= 1, got {parallel!r}")
+    return parallel
 
 
 def check_methods(methods) -> list[str]:
@@ -261,7 +268,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
              limit: int | None = None, methods=METHODS, lam: float | None = None, alpha: float | None = None,
              cd_lam: float | None = None, runs: int = 1, temp: float = DEFAULT_TEMP,
              engine: EngineOptions | None = None, overlap: bool | None = None, constraint=None,
-             progress: ProgressFn | None = None, **engine_options) -> EvalReport:
+             parallel: int = 1, progress: ProgressFn | None = None, **engine_options) -> EvalReport:
     """Score the methods on the same items (greedy) and, with out_dir, write the JSONL, report and chart.
 
     lam / alpha default to the bundle's; cd_lam (the CD-only row's lambda) to tune's choice for it, else the
@@ -271,7 +278,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     runtime.EngineOptions or its fields as keywords (quant="Q4_0", n_threads=4), as load() takes it;
     overlap: the decoding setting of the contrastive rows (None: auto). constraint: structured output for
     every row (a decoding/constraint.py Constraint or a response_format object; score it with extract
-    "json:FIELD").
+    "json:FIELD"). parallel: items decoded together per method (Runtime.stream_many; 1: one at a time).
     """
     from ..converters.bundle import open_bundle
     from ..decoding.contrastive import check_alpha, check_lam
@@ -287,6 +294,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
         raise ParameterError(f"limit must be >= 1, got {limit!r}")
     if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
         raise ParameterError(f"runs must be an integer >= 1, got {runs!r}")
+    check_parallel(parallel)
     if runs > 1 and (not isinstance(temp, (int, float)) or not math.isfinite(temp) or temp <= 0):
         raise ParameterError(f"temp must be a number > 0 for sampled runs, got {temp!r}")
     b = open_bundle(bundle)
@@ -316,15 +324,15 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
             if m == "epicode" and ft is not None and not ft.skipped:
                 def keep(i, correct, ft=ft):
                     return correct != ft.correct[i]
-            results[m] = score(runner(rt, m, settings_of[m], max_tokens, explain=keep is not None), items,
-                               extract, m, progress, keep)
+            results[m] = score(runner(rt, m, settings_of[m], max_tokens, explain=keep is not None, parallel=parallel),
+                               items, extract, m, progress, keep)
             results[m].settings = dict(settings_of[m])
             for seed in range(runs if runs > 1 else 0):
                 s = dict(settings_of[m], temp=float(temp), seed=seed)
                 if m == "finetuned":
                     s["lam"] = 0.0  # the finetuned model as expert, alone
-                r = score(runner(rt, "sampled", s, max_tokens), items, extract, f"{m} run {seed + 1}/{runs}",
-                          progress)
+                r = score(runner(rt, "sampled", s, max_tokens, parallel=parallel), items, extract,
+                          f"{m} run {seed + 1}/{runs}", progress)
                 r.name, r.settings = m, s
                 sampled.setdefault(m, []).append(r)
             used_backend = rt.backend
@@ -334,7 +342,7 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     settings = {"bundle": str(b.path), "data": str(data), "mu": b.mu, "lam": lam, "alpha": alpha,
                 "cd_lam": cd_lam, "cd_lam_from": cd_lam_from, "max_tokens": max_tokens, "extract": extract,
                 "backend": used_backend, "quant": engine.quant, "amateur_quant": engine.amateur_quant,
-                "n_items": len(items), "runs": runs,
+                "n_items": len(items), "runs": runs, "parallel": parallel,
                 "constraint": None if constraint is None else cons["constraint"].as_response_format(),
                 "temp": temp if runs > 1 else None, "seconds": round(time.perf_counter() - t0, 2)}
     report = EvalReport(items, results, settings, runs=sampled)
@@ -353,15 +361,18 @@ def _load(b, engine, *, roles):
     return load(b.path, engine, roles=roles)
 
 
-def runner(rt, method: str, settings: dict, max_tokens: int, explain: bool = False):
-    """item -> (text, completion tokens, changed picks) for one method on a Runtime; explain: and a fourth
-    element, a callable giving the answer's tokens as decoding/explain.py's JSON ({"tokens", "tail"})."""
+def runner(rt, method: str, settings: dict, max_tokens: int, explain: bool = False, parallel: int = 1):
+    """answers(items) -> (index, (text, completion tokens, changed picks)) for one method on a Runtime, one item
+    at a time, or with parallel > 1 decoded together (Runtime.stream_many: the same picks up to the float
+    rounding of batched kernels) in completion order. explain: and a fourth element, a callable giving the
+    answer's tokens as decoding/explain.py's JSON ({"tokens", "tail"})."""
+    if parallel > 1:
+        return _batched_answers(rt, method, settings, max_tokens, explain, parallel)
     if method == "finetuned":
         def run(item: Item):
             r = rt.compare(item.chat(), max_tokens=max_tokens, **settings)
             return r.text, r.completion_tokens, 0
     elif explain:
-        from ..decoding.explain import explain_json
         from ..runtime import Collector
 
         def run(item: Item):
@@ -370,16 +381,44 @@ def runner(rt, method: str, settings: dict, max_tokens: int, explain: bool = Fal
                 got.add(ev)
                 if not ev.final:
                     steps.append((ev.text, ev.explain))
-            r, tail = got.result(), got.last.text  # the final event's text: what the stream held back
-
-            def trace():
-                return {"tokens": [explain_json(exp, rt.expert, text) for text, exp in steps], "tail": tail}
-            return r.text, r.completion_tokens, r.changed_tokens, trace
+            r = got.result()
+            return r.text, r.completion_tokens, r.changed_tokens, _trace(rt, steps, got.last.text)
     else:
         def run(item: Item):
             r = rt.generate(item.chat(), max_tokens=max_tokens, **settings)
             return r.text, r.completion_tokens, r.changed_tokens
-    return run
+    return lambda items: ((i, run(item)) for i, item in enumerate(items))
+
+
+def _trace(rt, steps: list, tail: str):
+    """The answer's tokens as decoding/explain.py's JSON, made when asked for; tail: the text the stream held
+    back until its end (a possible stop string)."""
+    from ..decoding.explain import explain_json
+
+    return lambda: {"tokens": [explain_json(exp, rt.expert, text) for text, exp in steps], "tail": tail}
+
+
+def _batched_answers(rt, method: str, settings: dict, max_tokens: int, explain: bool, parallel: int):
+    """runner's answers, `parallel` requests at a time: the finetuned row runs the amateur alone (greedy, as
+    compare()); the first failed request raises, as one at a time does."""
+    finetuned = method == "finetuned"
+    s = rt.settings(max_tokens=max_tokens, explain=explain and not finetuned, **settings)
+
+    def answers(items):
+        steps: dict[int, list] = {}
+        on_event = (lambda i, ev: steps.setdefault(i, []).append((ev.text, ev.explain))) if s.explain else None
+        requests = ((i, rt.encode(item.chat()), s) for i, item in enumerate(items))
+        for i, r in rt.stream_many(requests, parallel=min(parallel, max(len(items), 1)), on_event=on_event,
+                                   finetuned=finetuned, overlap=s.overlap):
+            if isinstance(r, BaseException):
+                raise r
+            if not s.explain:
+                yield i, (r.text, r.completion_tokens, 0 if finetuned else r.changed_tokens)
+                continue
+            mine = steps.pop(i, [])
+            shown = "".join(text for text, _ in mine)
+            yield i, (r.text, r.completion_tokens, r.changed_tokens, _trace(rt, mine, r.text[len(shown):]))
+    return answers
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -237,7 +237,8 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
          alpha: float = DEFAULT_ALPHA, with_inferior: bool = False, base=None, cd: bool | None = None,
          work_dir=None, extract: str = "last-number", max_tokens: int = 128, limit: int | None = None,
          force: bool = False, engine: EngineOptions | None = None, overlap: bool | None = None,
-         progress: ProgressFn | None = None, warn: WarnFn | None = None, **engine_options) -> TuneResult:
+         parallel: int = 1, progress: ProgressFn | None = None, warn: WarnFn | None = None,
+         **engine_options) -> TuneResult:
     """Pick mu (extrapolated model alone on dev, mu = 0 competing), then lambda (EpiCoDe at that mu), and,
     with cd, the CD-only row's own lambda; write the bundle `out` with that mu and lambda as its default.
     base: the base model when finetuned/inferior are PEFT LoRA adapters (a shared-base bundle, which always
@@ -245,12 +246,15 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     engine: how the bundles are loaded, a runtime.EngineOptions or its fields as keywords, as eval takes it;
     its quant (default Q8_0) is also the quant the bundles are converted at; with amateur_quant they are
     converted at both quants. Its backend is llama.cpp (auto means it: the bundles are GGUF).
-    overlap: the decoding setting of the contrastive points (None: auto).
-    Resumes from WORK/state.json (default work folder: OUT.tune). alpha = 0.1 is the paper's."""
+    overlap: the decoding setting of the contrastive points (None: auto). parallel: dev items decoded
+    together (as eval's; a point scored before with another value is reused: the picks differ only by the
+    rounding of batched kernels). Resumes from WORK/state.json (default work folder: OUT.tune). alpha = 0.1 is the paper's."""
     from ..converters.bundle import check_output
     from ..decoding.contrastive import check_alpha
+    from .eval import check_parallel
 
     engine = EngineOptions.of(engine, **engine_options)
+    check_parallel(parallel)
     if engine.backend not in ("auto", "llama.cpp"):
         raise ParameterError(f"tune converts GGUF bundles and scores them on llama.cpp: backend {engine.backend!r} "
                              "is not supported (use auto or llama.cpp)")
@@ -293,7 +297,8 @@ def tune(finetuned, inferior, dev, out, *, mu_grid=DEFAULT_MU_GRID, lam_grid=DEF
     if state.stale and warn:
         warn(f"{state.path}: made with other inputs or settings; starting afresh")
     run = _Runner(finetuned, inferior, items, work, state, with_inferior=with_inferior, base=base,
-                  extract=extract, max_tokens=max_tokens, engine=engine, overlap=overlap, progress=progress)
+                  extract=extract, max_tokens=max_tokens, engine=engine, overlap=overlap, parallel=parallel,
+                  progress=progress)
     resumed = [k for k in state.points]
 
     # 1-2. the baseline and the mu sweep (the extrapolated model alone); mu = 0 competes
@@ -345,11 +350,11 @@ class _Runner:
     """Converts the mu bundles (kept in WORK/mu-X) and scores grid points, storing each in the state."""
 
     def __init__(self, finetuned, inferior, items, work, state, *, with_inferior, base, extract, max_tokens,
-                 engine, overlap, progress):
+                 engine, overlap, progress, parallel: int = 1):
         self.finetuned, self.inferior, self.items, self.work, self.state = finetuned, inferior, items, work, state
         self.with_inferior, self.extract, self.max_tokens = with_inferior, extract, max_tokens
         self.base = base
-        self.engine, self.overlap, self.progress = engine, overlap, progress
+        self.engine, self.overlap, self.progress, self.parallel = engine, overlap, progress, parallel
         # the bundles hold the amateur's quant too (load() takes it from the bundle)
         self.quants = tuple(dict.fromkeys(q for q in (engine.quant, engine.amateur_quant) if q))
         self.points: dict[str, Point] = {}
@@ -417,7 +422,8 @@ class _Runner:
                     settings["overlap"] = bool(self.overlap)
             stage = f"score {key}"
             prog = (lambda _m, d, t: self.progress(stage, d, t)) if self.progress else None
-            r = score(runner(rt, method, settings, self.max_tokens), self.items, self.extract, key, prog)
+            r = score(runner(rt, method, settings, self.max_tokens, parallel=self.parallel), self.items, self.extract,
+                      key, prog)
         finally:
             rt.close()
         p = Point(key, kind, 0.0 if kind in ("finetuned", "cd") else mu, lam, r.correct, round(r.seconds, 2))
