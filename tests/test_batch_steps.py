@@ -280,3 +280,30 @@ def test_shared_prefix_on_sliding_window_models(tmp_path, arch):
         assert [got[i].tokens for i in range(4)] == want
         # the first prompt decoded whole, the others copied its prefix (their last 3 positions computed)
         assert [got[i].stats.expert_prefill_tokens for i in range(4)] == [len(prompts[0]), 3, 3, 3]
+
+
+def test_one_slot_calls_use_the_prompt_threads_and_several_slots_the_decode_threads(bundle, monkeypatch):
+    """A batched form runs one sequence's tokens with the single-sequence context's (decode, prompt) threads
+    (a prompt as fast as one request at a time runs it) and a call of several slots with the decode count for
+    both (all cores for a several-token call spin at barriers on a busy CPU)."""
+    import llama_cpp
+
+    from epicode_edge.runtime import load
+
+    with load(bundle, quant="F32", n_ctx=256, backend="llama.cpp", batch_steps="grouped") as rt:
+        e = rt.expert
+        gen, prompt = e._threads_at_load
+        applied, calls = [], []
+        real = llama_cpp.llama_set_n_threads
+        monkeypatch.setattr(llama_cpp, "llama_set_n_threads", lambda ctx, a, b: applied.append((a, b)) or real(ctx, a, b))
+        with e.multiseq(n_slots=3) as ms:
+            assert ms.threads == (gen, prompt)
+            run = ms._decode_rows
+            ms._decode_rows = lambda rows: calls.append((len({r[0] for r in rows}), ms._applied)) or run(rows)
+            p = [rt.encode(x, raw=True) for x in PROMPTS[:3]]
+            ms.decode([(0, p[0])])
+            ms.decode([(1, p[1][:3]), (2, p[2][:3])])  # two slots' prompts of one length: one call
+            ms.decode([(k, [5]) for k in range(3)])  # a step of three slots
+            ms.decode([(0, [6])])
+        assert calls == [(1, (gen, prompt)), (2, (gen, gen)), (3, (gen, gen)), (1, (gen, prompt))]
+        assert applied == ([] if gen == prompt else [(gen, gen), (gen, prompt)])  # set only when it changes

@@ -58,12 +58,10 @@ class MultiSeqLlamaCpp(MultiSeqBase):
         p.n_batch = p.n_ubatch = max(int(p.n_batch), p.n_seq_max)
         self._lib = lib
         self.n_threads_given = n_threads_given
-        if n_threads_given is None:
-            # A step of many slots is generation, not a long prompt: the engine's generation thread count for
-            # it too (llama-cpp-python: half the cores for generation, all for prompts). With all cores on a
-            # busy CPU the decode's threads wait at barriers for siblings the OS has descheduled (bench/batch.py).
-            p.n_threads_batch = p.n_threads
+        # (decode, prompt) threads as the single-sequence context has them; a call of several slots runs with
+        # the decode count for both (_use_threads)
         self.threads = self._threads_at_load = (int(p.n_threads), int(p.n_threads_batch))
+        self._applied = self.threads
         self._ctx = lib.llama_init_from_model(model, p)
         if not self._ctx:
             raise BackendError(f"{path}: llama.cpp cannot make a context with {n_slots} sequences "
@@ -85,6 +83,17 @@ class MultiSeqLlamaCpp(MultiSeqBase):
 
     def share_cores(self, parts: int) -> None:
         share_context_cores(self, parts)
+        self._applied = None  # set again at the next call (_use_threads)
+
+    def _use_threads(self, n_slots: int) -> None:
+        """One sequence's tokens: the single-sequence context's threads (a prompt with the prompt count, as one
+        request at a time runs it). Several slots' tokens at once are generation, not a long prompt: the decode
+        count (llama-cpp-python: half the cores; all cores on a busy CPU leave a decode's threads waiting at
+        barriers for siblings the OS has descheduled, bench/batch.py)."""
+        want = self.threads if n_slots == 1 else (self.threads[0],) * 2
+        if want != self._applied:
+            self._lib.llama_set_n_threads(self._ctx, *want)
+            self._applied = want
 
     def _timing_key(self):
         return self.threads
@@ -92,6 +101,7 @@ class MultiSeqLlamaCpp(MultiSeqBase):
     # -- engine hooks ------------------------------------------------------------------------------
     def _decode_group(self, slots: list[int], ids: list[list[int]], rows: list) -> list[np.ndarray]:
         # an entry's last token is an output position unless its rows are empty (no output layer for it)
+        self._use_threads(len(slots))
         wants = [r is None or r.size > 0 for r in rows]
         toks = [(s, t, self.n_past(s) + i, w and i == len(seq) - 1) for s, seq, w in zip(slots, ids, wants)
                 for i, t in enumerate(seq)]
