@@ -127,6 +127,7 @@ def _run(expert_ms, amateur_ms, vocab, queue, on_event, sync: bool, cancelled, p
     active: dict[int, _Seq] = {}
     exhausted = False
     held = None  # a request kept for the next step, to copy the prefix it shares with one admitted in this one
+    shared = 2  # overlap: the parts the cores are shared in (stream_many starts with 2: half each)
     while True:
         admitted: list[list[int]] = []  # prompts admitted at this step (not decoded yet)
         while free and not exhausted:  # admit new requests into free slots
@@ -163,6 +164,13 @@ def _run(expert_ms, amateur_ms, vocab, queue, on_event, sync: bool, cancelled, p
             if pair is None:
                 _forward(expert_ms, amateur_ms, seqs, sync)
             else:
+                # the cores are shared while some request reads the amateur; the expert alone (lambda 0) has
+                # them all, as one such request at a time has
+                parts = 2 if any(q.uses for q in seqs) else 1
+                if parts != shared:
+                    for ms in (expert_ms, amateur_ms):
+                        ms.share_cores(parts)
+                    shared = parts
                 _forward_overlapped(expert_ms, amateur_ms, seqs, pair)
         except Exception as e:  # an engine failure: every request in flight fails, the rest go on
             for seq in seqs:
@@ -270,8 +278,10 @@ def _forward_overlapped(expert_ms, amateur_ms, seqs: list[_Seq], pair: Overlap) 
     for every slot whose request uses it (whole logits: the candidates are not known yet)."""
     fed = [q for q in seqs if q.uses]
     entries = [(q.slot, q.pending) for q in fed]
-    xs, ys = pair.run(lambda: expert_ms.decode([(q.slot, q.feed) for q in seqs]),
-                      lambda: amateur_ms.decode(entries) if entries else [])
+    if entries:
+        xs, ys = pair.run(lambda: expert_ms.decode([(q.slot, q.feed) for q in seqs]), lambda: amateur_ms.decode(entries))
+    else:  # nothing for the amateur (lambda 0): no hand-off to the worker
+        xs, ys = expert_ms.decode([(q.slot, q.feed) for q in seqs]), []
     for q, x in zip(seqs, xs):
         check_finite(x, ROLES[0], expert_ms, expert_ms.n_past(q.slot) - 1)
         q.answer.stats.expert_prefill_tokens += len(q.feed) if q.answer.t_first is None else 0
