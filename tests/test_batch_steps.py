@@ -282,10 +282,11 @@ def test_shared_prefix_on_sliding_window_models(tmp_path, arch):
         assert [got[i].stats.expert_prefill_tokens for i in range(4)] == [len(prompts[0]), 3, 3, 3]
 
 
-def test_one_slot_calls_use_the_prompt_threads_and_several_slots_the_decode_threads(bundle, monkeypatch):
-    """A batched form runs one sequence's tokens with the single-sequence context's (decode, prompt) threads
-    (a prompt as fast as one request at a time runs it) and a call of several slots with the decode count for
-    both (all cores for a several-token call spin at barriers on a busy CPU)."""
+def test_prompts_use_the_prompt_threads_and_steps_of_several_slots_the_decode_threads(bundle, monkeypatch):
+    """A batched form runs prompts (several tokens per slot, one slot or more) with the single-sequence
+    context's (decode, prompt) threads, as fast as one request at a time runs them, and a step of several
+    slots with the decode count for both (llama.cpp counts it as a batch; all cores for it spin at barriers on
+    a busy CPU)."""
     import llama_cpp
 
     from epicode_edge.runtime import load
@@ -305,5 +306,5 @@ def test_one_slot_calls_use_the_prompt_threads_and_several_slots_the_decode_thre
             ms.decode([(1, p[1][:3]), (2, p[2][:3])])  # two slots' prompts of one length: one call
             ms.decode([(k, [5]) for k in range(3)])  # a step of three slots
             ms.decode([(0, [6])])
-        assert calls == [(1, (gen, prompt)), (2, (gen, gen)), (3, (gen, gen)), (1, (gen, prompt))]
+        assert calls == [(1, (gen, prompt)), (2, (gen, prompt)), (3, (gen, gen)), (1, (gen, prompt))]
         assert applied == ([] if gen == prompt else [(gen, gen), (gen, prompt)])  # set only when it changes

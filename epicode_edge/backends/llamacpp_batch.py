@@ -58,7 +58,7 @@ class MultiSeqLlamaCpp(MultiSeqBase):
         p.n_batch = p.n_ubatch = max(int(p.n_batch), p.n_seq_max)
         self._lib = lib
         self.n_threads_given = n_threads_given
-        # (decode, prompt) threads as the single-sequence context has them; a call of several slots runs with
+        # (decode, prompt) threads as the single-sequence context has them; a step of several slots runs with
         # the decode count for both (_use_threads)
         self.threads = self._threads_at_load = (int(p.n_threads), int(p.n_threads_batch))
         self._applied = self.threads
@@ -85,12 +85,12 @@ class MultiSeqLlamaCpp(MultiSeqBase):
         share_context_cores(self, parts)
         self._applied = None  # set again at the next call (_use_threads)
 
-    def _use_threads(self, n_slots: int) -> None:
-        """One sequence's tokens: the single-sequence context's threads (a prompt with the prompt count, as one
-        request at a time runs it). Several slots' tokens at once are generation, not a long prompt: the decode
-        count (llama-cpp-python: half the cores; all cores on a busy CPU leave a decode's threads waiting at
-        barriers for siblings the OS has descheduled, bench/batch.py)."""
-        want = self.threads if n_slots == 1 else (self.threads[0],) * 2
+    def _use_threads(self, n_slots: int, tokens_per_slot: int) -> None:
+        """Prompts (several tokens per slot): the single-sequence context's threads, the prompt count as one
+        request at a time runs them. One token of each of several slots is generation, though llama.cpp counts
+        the call as a batch: the decode count for it (llama-cpp-python: half the cores; all cores on a busy CPU
+        leave a decode's threads waiting at barriers for siblings the OS has descheduled, bench/batch.py)."""
+        want = (self.threads[0],) * 2 if n_slots > 1 and tokens_per_slot == 1 else self.threads
         if want != self._applied:
             self._lib.llama_set_n_threads(self._ctx, *want)
             self._applied = want
@@ -101,7 +101,7 @@ class MultiSeqLlamaCpp(MultiSeqBase):
     # -- engine hooks ------------------------------------------------------------------------------
     def _decode_group(self, slots: list[int], ids: list[list[int]], rows: list) -> list[np.ndarray]:
         # an entry's last token is an output position unless its rows are empty (no output layer for it)
-        self._use_threads(len(slots))
+        self._use_threads(len(slots), len(ids[0]))  # the entries of a group are of one length (multiseq.py)
         wants = [r is None or r.size > 0 for r in rows]
         toks = [(s, t, self.n_past(s) + i, w and i == len(seq) - 1) for s, seq, w in zip(slots, ids, wants)
                 for i, t in enumerate(seq)]
