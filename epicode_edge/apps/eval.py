@@ -309,16 +309,26 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
     results: dict[str, MethodResult] = {}
     sampled: dict[str, list[MethodResult]] = {}
     used_backend = engine.backend
+    plans = {}  # method -> (roles, engine) it runs on
     for m in methods:
-        roles = {"cd": ("amateur", "inferior"), "finetuned": ("amateur", "amateur")}.get(m, ("expert", "amateur"))
         if m == "cd" and "inferior" not in b.roles:
             results[m] = MethodResult(m, skipped="the bundle has no inferior model (make it with convert --with-inferior)")
             continue
+        roles = {"cd": ("amateur", "inferior"), "finetuned": ("amateur", "amateur")}.get(m, ("expert", "amateur"))
         if m == "finetuned" and runs == 1:
             roles = ("expert", "amateur")  # greedy: the amateur alone through compare(), no second copy
         # the finetuned row is the finetuned model at the main quant, whatever quant the contrast model has
-        rt = _load(b, replace(engine, amateur_quant=None) if m == "finetuned" else engine, roles=roles)
-        try:
+        plans[m] = (roles, replace(engine, amateur_quant=None) if m == "finetuned" else engine)
+    # rows that run on the same models one after another, so one loaded runtime (and its caches) serves them
+    order = sorted(plans, key=lambda m: list(plans.values()).index(plans[m]))
+    rt, loaded = None, None
+    try:
+        for m in order:
+            if plans[m] != loaded:
+                if rt is not None:
+                    rt.close()
+                    rt = None
+                rt, loaded = _load(b, plans[m][1], roles=plans[m][0]), plans[m]
             ft = results.get("finetuned")
             keep = None  # EpiCoDe's answers where finetuned got the other verdict: their tokens, for report.html
             if m == "epicode" and ft is not None and not ft.skipped:
@@ -336,7 +346,8 @@ def evaluate(bundle, data, *, out_dir=None, max_tokens: int = 128, extract: str 
                 r.name, r.settings = m, s
                 sampled.setdefault(m, []).append(r)
             used_backend = rt.backend
-        finally:
+    finally:
+        if rt is not None:
             rt.close()
     results = {m: results[m] for m in methods}
     settings = {"bundle": str(b.path), "data": str(data), "mu": b.mu, "lam": lam, "alpha": alpha,
