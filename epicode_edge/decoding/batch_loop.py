@@ -146,10 +146,10 @@ def _run(expert_ms, amateur_ms, vocab, queue, on_event, sync: bool, cancelled, p
             except Exception as e:  # a bad request fails alone
                 yield key, e
                 continue
-            admitted.append(list(ids))
             if seq.answer.reason is not None:  # max_tokens 0
                 yield key, _result(seq)
                 continue
+            admitted.append(list(ids))  # decoded at this step: a prefix to copy at the next
             active[free.pop()] = seq
         if cancelled is not None:
             for seq in [q for q in active.values() if cancelled(q.key)]:
