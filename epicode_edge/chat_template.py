@@ -7,6 +7,7 @@ fails with one InputError line instead of hanging or eating memory. Messages and
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 from .errors import InputError, ParameterError
@@ -27,11 +28,10 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
     Bounded: the output at RENDER_MAX_CHARS characters, repeat counts and widths at 10**7, and (in the main
     thread, where signals allow it) the time at RENDER_SECONDS; past a bound the render fails with InputError.
     """
-    env = _jinja_env()
     try:
         with _deadline(RENDER_SECONDS):
             parts, size = [], 0
-            for piece in env.from_string(template).generate(
+            for piece in _compiled(template).generate(
                     messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token or "",
                     eos_token=eos_token or "", **extra):
                 size += len(piece)
@@ -115,6 +115,12 @@ def _format_width_too_big(text: str) -> bool:
     import re
 
     return any(len(run) > 7 for run in re.findall(r"\d+", text)) and ("%" in text or "{" in text)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """The template compiled once (a few ms each time: every request renders its bundle's one template)."""
+    return _jinja_env().from_string(template)
 
 
 def _jinja_env():
