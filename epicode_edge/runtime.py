@@ -278,7 +278,9 @@ class Runtime:
         admitted ones go on decoding). Yields (key, Result or the exception that ended it) in completion order;
         on_event(key, Event) sees every streamed token; cancelled(key) ends a request (Cancelled) and frees its
         slot. finetuned=True decodes with the finetuned model (the amateur) alone, lambda 0. overlap: the two
-        models' decodes at the same time, half the cores each (see batch_overlaps; None: auto)."""
+        models' decodes at the same time, half the cores each (see batch_overlaps; None: auto). The batched
+        contexts (KV caches of `parallel` slots per model) stay open for the next call, whose prompts then find
+        their prefixes cached; release_batched() or close() frees them."""
         from .decoding.batch_loop import generate_batched
 
         if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:

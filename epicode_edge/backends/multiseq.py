@@ -111,6 +111,14 @@ class MultiSeqBase:
     def tokens(self, slot: int) -> list[int]:
         return list(self._held.ids[slot])
 
+    def shared_prefix(self, slot: int, ids: Sequence[int]) -> int:
+        """How many leading positions of the slot's cache equal ids (no copy of the cache's token list)."""
+        held, n = self._held.ids[slot], min(len(self._held.ids[slot]), len(ids))
+        k = 0
+        while k < n and held[k] == ids[k]:
+            k += 1
+        return k
+
     def truncate(self, slot: int, n: int = 0) -> None:
         """Keep the first n positions of a slot (0: the slot is empty, free for a new request)."""
         self._held.check_truncate(n, slot, f"slot {slot} ")

@@ -21,7 +21,8 @@ requests) and the engine can copy KV between slots, that prefix is copied instea
 apart: the first one's prompt is decoded, the others copy its prefix at the next step.
 
 Engine-free: expert_ms / amateur_ms are multi-sequence engines with decode([(slot, ids)]) -> [(V,) logits],
-truncate(slot, n), tokens(slot), n_past(slot), n_ctx (per slot) and n_slots (backends/multiseq.py).
+truncate(slot, n), tokens(slot), shared_prefix(slot, ids), copy_prefix(src, dst, n), n_past(slot), n_ctx (per
+slot) and n_slots (backends/multiseq.py).
 
 The amateur is fed "sync" by default: when any slot's pick needs its logits, every slot with unseen tokens
 is fed, so its entries keep one length and one engine call does them all (lazy feeding, as loop.py, gives
@@ -213,12 +214,12 @@ def _reuse(ms, slot: int, prompt: list[int]) -> list[int]:
     """Keep the slot's cached common prefix with the prompt (at most len - 1), or copy a longer one (by
     SHARE_MIN) from another slot where the engine can; the ids still to feed."""
     head = prompt[:-1]
-    k = common_prefix(ms.tokens(slot), head)
+    k = ms.shared_prefix(slot, head)
     src, best = _best_source(ms, head, slot)
     if src is not None and best >= k + SHARE_MIN:
         if ms.copy_prefix(src, slot, best):
             return prompt[best:]
-        k = common_prefix(ms.tokens(slot), head)  # a copy that failed half-way leaves the slot empty
+        k = ms.shared_prefix(slot, head)  # a copy that failed half-way leaves the slot empty
     ms.truncate(slot, k)
     return prompt[k:]
 
@@ -231,7 +232,7 @@ def _best_source(ms, head: list[int], slot: int) -> tuple[int | None, int]:
     best, src = 0, None
     for other in range(ms.n_slots):
         if other != slot:
-            j = common_prefix(ms.tokens(other), head)
+            j = ms.shared_prefix(other, head)
             if j > best:
                 best, src = j, other
     return src, best
@@ -244,7 +245,7 @@ def _wait_to_share(ms, ids, admitted: list[list[int]]) -> bool:
         return False
     head = list(ids)[:-1]
     pending = max(common_prefix(p, head) for p in admitted)
-    cached = max(common_prefix(ms.tokens(s), head) for s in range(ms.n_slots))
+    cached = max(ms.shared_prefix(s, head) for s in range(ms.n_slots))
     return pending >= cached + SHARE_MIN
 
 
